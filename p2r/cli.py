@@ -1,0 +1,239 @@
+"""The ``p2r`` command line.
+
+Conventions: every command is listed by ``p2r --help``; a user error is one line on stderr
+(``p2r: error: ...``) and exit code 2; long work shows a progress bar. Heavy imports (torch,
+vLLM) happen inside the commands so ``p2r --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+
+USER_ERROR_EXIT = 2
+
+
+class UserError(click.ClickException):
+    """An error the user can fix; printed as one line."""
+
+    exit_code = USER_ERROR_EXIT
+
+
+class _Group(click.Group):
+    """Turns usage and user errors into one readable line and a non-zero exit."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("p2r: aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            message = e.format_message()
+            if isinstance(e, click.UsageError) and e.ctx is not None:
+                message += f" (see '{e.ctx.command_path} --help')"
+            click.echo(f"p2r: error: {message}", err=True)
+            sys.exit(e.exit_code if e.exit_code else USER_ERROR_EXIT)
+
+
+def _user_errors(fn: Any) -> Any:
+    """Map the project's own validation errors to ``UserError`` (one line, exit 2)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from p2r.core.images import ImageError
+        from p2r.data.dataset import DataError
+
+        try:
+            return fn(*args, **kwargs)
+        except (DataError, ImageError, ValueError, FileNotFoundError) as e:
+            raise UserError(str(e)) from None
+
+    return wrapper
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """P2R Platform: perceive-to-reason visual reasoning - models, data, inference."""
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+@cli.group()
+def models() -> None:
+    """Build model checkpoints."""
+
+
+@models.command("tiny")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory to write the checkpoint to.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Weight initialisation seed.")
+@_user_errors
+def models_tiny(out: Path, seed: int) -> None:
+    """Write a tiny random-initialised Qwen3-VL checkpoint (for tests and the demo)."""
+    from p2r.models.tiny import write_tiny_model
+
+    path = write_tiny_model(out, seed=seed)
+    click.echo(f"wrote tiny Qwen3-VL checkpoint to {path}")
+
+
+# -------------------------------------------------------------------------------------- data
+
+
+@cli.group()
+def data() -> None:
+    """Build and check training data (P2R-10k parquet layout)."""
+
+
+@data.command("synth")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for train.parquet (and images/).")
+@click.option("--n", "n", type=click.IntRange(min=1), required=True, help="Number of samples.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--image-mode", type=click.Choice(["path", "bytes"]), default="path", show_default=True,
+              help="Store images as files under out/images (path) or inline in the parquet (bytes).")
+@_user_errors
+def data_synth(out: Path, n: int, seed: int, image_mode: str) -> None:
+    """Write a synthetic fine-grained VQA set with ground-truth answers and boxes."""
+    from p2r.data.dataset import write_synthetic
+
+    path = write_synthetic(out, n, seed=seed, image_mode=image_mode, progress=True)
+    click.echo(f"wrote {n} samples to {path}")
+
+
+@data.command("check")
+@click.argument("parquet", type=click.Path(path_type=Path))
+@click.option("--image-prefix", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory image paths are relative to (default: the parquet's directory).")
+@_user_errors
+def data_check(parquet: Path, image_prefix: Path | None) -> None:
+    """Validate a P2R-10k-layout parquet; report the first malformed row and field."""
+    from p2r.data.dataset import load_samples
+
+    samples = load_samples(parquet, image_prefix)
+    forms = Counter(s.form.value for s in samples)
+    click.echo(f"{len(samples)} valid rows: " + ", ".join(f"{k}={v}" for k, v in sorted(forms.items())))
+
+
+# --------------------------------------------------------------------------------- inference
+
+
+def _answer_one(
+    model: str, image_path: Path, question: str, form: str, out: Path, max_pixels: int
+) -> dict[str, Any]:
+    """Run one question through vLLM in P2R mode and save the annotated image."""
+    from p2r.core.flow import P2RConfig, Question, run_p2r
+    from p2r.core.generation import Sampling
+    from p2r.core.images import MIN_PIXELS, PixelBounds, decode_image
+    from p2r.core.prompts import AnswerForm
+    from p2r.services.engine import EngineLimits, OfflineEngine
+
+    if not image_path.is_file():
+        raise UserError(f"--image: no such file {image_path}")
+    if not question.strip():
+        raise UserError("--question is empty")
+    image = decode_image(image_path.read_bytes(), field="--image")
+    answer_form = AnswerForm.parse(form)
+    bounds = PixelBounds(MIN_PIXELS, max_pixels)
+    click.echo(f"starting vLLM on {model} ...", err=True)
+    engine = OfflineEngine(model, EngineLimits(max_model_len=16384, max_num_seqs=4))
+    config = P2RConfig(
+        bounds=bounds,
+        perceive=Sampling(max_tokens=128),
+        reason=Sampling(max_tokens=128),
+    )
+    started = time.perf_counter()
+    [result] = run_p2r([Question(image, question, answer_form)], engine, engine, config)
+    elapsed = time.perf_counter() - started
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.evidence.images[0].save(out)
+    return {
+        "question": question,
+        "answer_form": answer_form.value,
+        "perceiver_output": result.perceiver_output,
+        "regions": [r.to_json() for r in result.regions],
+        "with_evidence": result.evidence.with_evidence,
+        "crops": result.evidence.num_crops,
+        "reasoner_output": result.reasoner_output,
+        "answer": result.answer,
+        "annotated_image": str(out),
+        "seconds": round(elapsed, 2),
+    }
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    regions = result["regions"]
+    click.echo(f"question : {result['question']!r}")
+    if regions:
+        click.echo(f"regions  : {json.dumps(regions)}")
+    else:
+        click.echo("regions  : none valid in the perceiver reply -> reasoner answered without evidence")
+    click.echo(f"perceiver: {result['perceiver_output'][:200]!r}")
+    click.echo(f"crops    : {result['crops']}")
+    click.echo(f"answer   : {result['answer'][:200]!r}")
+    click.echo(f"annotated: {result['annotated_image']}")
+    click.echo(f"P2R took {result['seconds']} s (perceive + evidence + reason)")
+
+
+@cli.command("answer")
+@click.option("--model", required=True, help="Checkpoint directory (Hugging Face format).")
+@click.option("--image", "image_path", type=click.Path(path_type=Path), required=True)
+@click.option("--question", required=True)
+@click.option("--form", type=click.Choice(["mca", "na", "free_form"]), default="mca", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("annotated.png"),
+              show_default=True, help="Where to write the annotated image.")
+@click.option("--max-pixels", type=click.IntRange(min=4096), default=512 * 32 * 32, show_default=True,
+              help="smart_resize pixel budget per image (training uses 2097152).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_user_errors
+def answer(model: str, image_path: Path, question: str, form: str, out: Path, max_pixels: int,
+           as_json: bool) -> None:
+    """Answer one question about an image in P2R mode (perceive -> evidence -> reason)."""
+    result = _answer_one(model, image_path, question, form, out, max_pixels)
+    click.echo(json.dumps(result, indent=2)) if as_json else _print_result(result)
+
+
+@cli.command("demo")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("p2r-demo"),
+              show_default=True, help="Where the tiny model, data and outputs go.")
+@click.option("--index", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Which synthetic question to answer.")
+@_user_errors
+def demo(workdir: Path, index: int) -> None:
+    """Main job: build the tiny model and synthetic data, answer one question in P2R mode."""
+    from p2r.data.dataset import load_samples, write_synthetic
+    from p2r.models.tiny import write_tiny_model
+
+    model_dir = workdir / "tiny-model"
+    if not (model_dir / "config.json").is_file():
+        write_tiny_model(model_dir)
+    click.echo(f"tiny model : {model_dir}")
+    n = max(6, index + 1)
+    parquet = write_synthetic(workdir / "synthetic", n, progress=True)
+    sample = load_samples(parquet)[index]
+    image_path = sample.images[0].path
+    assert image_path is not None
+    click.echo(f"data       : {parquet} ({n} samples); answering #{index} "
+               f"[{sample.form.value}, truth {sample.ground_truth!r}]")
+    result = _answer_one(str(model_dir), image_path, sample.question, sample.form.value,
+                         workdir / "annotated.png", 512 * 32 * 32)
+    _print_result(result)
+
+
+def main() -> None:
+    """Console entry point."""
+    cli(prog_name="p2r")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Answer extraction from a reasoner reply (``<think>...</think><answer>...</answer>``)."""
+
+from __future__ import annotations
+
+import re
+
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+def extract_answer(text: str) -> str:
+    """Text inside the first ``<answer>...</answer>``, else the whole text; stripped."""
+    match = _ANSWER_RE.search(text)
+    return (match.group(1) if match else text).strip()
+
+
+def strip_think(text: str) -> str:
+    """``text`` without any ``<think>...</think>`` block (the verifier's reply is read so)."""
+    return _THINK_RE.sub("", text).strip()

@@ -1,0 +1,115 @@
+"""The P2R inference flow: perceive -> visual evidence -> reason (p2r-method.md).
+
+Batched end to end: all perceiver requests go out in one ``generate`` call, evidence is built
+per sample from the full-resolution image (crops are cut before any resizing, which is the
+point of cropping), and all reasoner requests go out in a second call. The perceiver and the
+reasoner may be the same generator (one engine called twice) or two services.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from p2r.core import prompts
+from p2r.core.answers import extract_answer
+from p2r.core.bbox import MAX_IMAGE_EVIDENCE, Region, parse_regions
+from p2r.core.evidence import Evidence, build_evidence
+from p2r.core.generation import ChatRequest, Generator, Sampling
+from p2r.core.images import TRAIN_BOUNDS, PixelBounds, resize_for_model
+from p2r.core.prompts import AnswerForm, Variant
+
+FROZEN_ROLE_MAX_TOKENS = 2048
+"""Frozen perceiver/reasoner services in training: temperature 0, max 2048 new tokens."""
+
+
+@dataclass(frozen=True)
+class P2RConfig:
+    """Settings of one P2R pass; the defaults are the training-time frozen-role settings."""
+
+    bounds: PixelBounds = TRAIN_BOUNDS
+    variant: Variant = "train"
+    perceive: Sampling = field(default_factory=lambda: Sampling(max_tokens=FROZEN_ROLE_MAX_TOKENS))
+    reason: Sampling = field(default_factory=lambda: Sampling(max_tokens=FROZEN_ROLE_MAX_TOKENS))
+    max_crops: int = MAX_IMAGE_EVIDENCE
+
+
+@dataclass(frozen=True)
+class Question:
+    """One P2R input."""
+
+    image: Image.Image
+    question: str
+    form: AnswerForm
+
+
+@dataclass
+class P2RResult:
+    """Everything a P2R pass produced for one question, kept for logs, rewards and reports."""
+
+    perceiver_output: str
+    regions: list[Region]
+    evidence: Evidence
+    reasoner_output: str
+
+    @property
+    def answer(self) -> str:
+        return extract_answer(self.reasoner_output)
+
+
+def perceiver_request(
+    image: Image.Image, question: str, bounds: PixelBounds, variant: Variant = "train"
+) -> ChatRequest:
+    """The perceiver sees the resized original and the perceiver prompt."""
+    text = prompts.perceiver_text(question, variant)
+    return ChatRequest(prompts.chat_messages(text, 1), [resize_for_model(image, bounds)])
+
+
+def reasoner_request(
+    evidence: Evidence,
+    question: str,
+    form: AnswerForm,
+    bounds: PixelBounds,
+    variant: Variant = "train",
+) -> ChatRequest:
+    """The reasoner sees the evidence images (each resized with the same bounds) and its prompt."""
+    text = prompts.reasoner_text(question, form, with_evidence=evidence.with_evidence, variant=variant)
+    images = [resize_for_model(im, bounds) for im in evidence.images]
+    return ChatRequest(prompts.chat_messages(text, len(images)), images)
+
+
+def evidence_for(image: Image.Image, perceiver_output: str, max_crops: int) -> Evidence:
+    """Parse a perceiver reply and build the evidence it points at (or the fallback)."""
+    return build_evidence(image, parse_regions(perceiver_output), max_crops)
+
+
+def run_p2r(
+    questions: Sequence[Question],
+    perceiver: Generator,
+    reasoner: Generator,
+    config: P2RConfig | None = None,
+) -> list[P2RResult]:
+    """Answer ``questions`` in P2R mode: one batched perceive call, one batched reason call."""
+    config = config or P2RConfig()
+    if not questions:
+        return []
+    perceived = perceiver.generate(
+        [perceiver_request(q.image, q.question, config.bounds, config.variant) for q in questions],
+        config.perceive,
+    )
+    evidences = [
+        evidence_for(q.image, out[0], config.max_crops) for q, out in zip(questions, perceived, strict=True)
+    ]
+    reasoned = reasoner.generate(
+        [
+            reasoner_request(ev, q.question, q.form, config.bounds, config.variant)
+            for q, ev in zip(questions, evidences, strict=True)
+        ],
+        config.reason,
+    )
+    return [
+        P2RResult(p[0], ev.regions, ev, r[0])
+        for p, ev, r in zip(perceived, evidences, reasoned, strict=True)
+    ]

@@ -1,0 +1,93 @@
+"""Image decoding and the model-side resize (Qwen ``smart_resize``, factor 32).
+
+Every image a model receives (original, annotated, crops) goes through ``resize_for_model`` with
+the same pixel bounds, as in the reference runs; decoding errors become ``ImageError`` with a
+message that names what was wrong, so servers and loaders can report it to the user.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+RESIZE_FACTOR = 32
+"""Qwen3-VL: 16-pixel patches merged 2x2."""
+MIN_PIXELS = 4 * 32 * 32
+TRAIN_MAX_PIXELS = 2_097_152
+EVAL_MIN_PIXELS = 16 * 32 * 32
+EVAL_MAX_PIXELS = 4096 * 32 * 32
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: empty, undecodable, or beyond a configured limit."""
+
+
+@dataclass(frozen=True)
+class PixelBounds:
+    """min/max pixel budget handed to ``smart_resize``."""
+
+    min_pixels: int = MIN_PIXELS
+    max_pixels: int = TRAIN_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError(
+                f"pixel bounds need 0 < min_pixels <= max_pixels, "
+                f"got {self.min_pixels} and {self.max_pixels}"
+            )
+
+
+TRAIN_BOUNDS = PixelBounds(MIN_PIXELS, TRAIN_MAX_PIXELS)
+EVAL_BOUNDS = PixelBounds(EVAL_MIN_PIXELS, EVAL_MAX_PIXELS)
+
+
+def decode_image(data: bytes, *, field: str = "image", max_pixels: int | None = None) -> Image.Image:
+    """Decode encoded bytes (JPEG/PNG/WebP/...) into an RGB image.
+
+    ``max_pixels`` guards against decompression bombs before the pixels are materialised.
+    """
+    if not data:
+        raise ImageError(f"{field}: image is empty (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise ImageError(
+                f"{field}: image has {image.width}x{image.height} = "
+                f"{image.width * image.height} pixels, over the limit of {max_pixels}"
+            )
+        image.load()
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{field}: cannot decode image ({len(data)} bytes): {e}") from None
+    return image.convert("RGB")
+
+
+def encode_image(image: Image.Image, fmt: str = "PNG") -> bytes:
+    """Encode an image to bytes (PNG by default: lossless, so tests compare exact pixels)."""
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def model_size(width: int, height: int, bounds: PixelBounds) -> tuple[int, int]:
+    """(width, height) after ``smart_resize``: multiples of 32 within the pixel bounds."""
+    try:
+        h, w = smart_resize(
+            height, width, factor=RESIZE_FACTOR,
+            min_pixels=bounds.min_pixels, max_pixels=bounds.max_pixels,
+        )
+    except ValueError as e:  # aspect ratio beyond 200:1
+        raise ImageError(f"image {width}x{height} cannot be resized for the model: {e}") from None
+    return w, h
+
+
+def resize_for_model(image: Image.Image, bounds: PixelBounds) -> Image.Image:
+    """Resize to the ``smart_resize`` target (bicubic, as qwen-vl-utils does)."""
+    size = model_size(image.width, image.height, bounds)
+    if size == image.size:
+        return image
+    return image.resize(size, Image.Resampling.BICUBIC)

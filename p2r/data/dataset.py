@@ -1,0 +1,223 @@
+"""The P2R-10k training layout (veRL parquet): writing it, and reading it strictly.
+
+Columns: ``data_source``; ``prompt`` (chat messages whose user content holds ``<image>`` tags
+and the question); ``images`` (a list of ``{"bytes": ...}`` or ``{"path": ...}``, paths relative
+to an image prefix); ``reward_model.ground_truth``; ``extra_info.answer_form`` and
+``extra_info.index``. Synthetic rows add ``extra_info.gt_bboxes`` and ``extra_info.category``.
+
+A malformed row is a ``DataError`` that names the row and the field, because a training run
+that silently skips or mis-reads rows corrupts its reward signal without anyone noticing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from p2r.core.images import ImageError, decode_image, encode_image
+from p2r.core.prompts import AnswerForm, question_from_prompt
+from p2r.data.synth import DATA_SOURCE, make_sample
+
+REQUIRED_COLUMNS = ("prompt", "images", "reward_model", "extra_info")
+
+
+class DataError(ValueError):
+    """A row of a data file that does not follow the layout; the message names row and field."""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image as the parquet holds it: inline bytes, or a path under the image prefix."""
+
+    data: bytes | None = None
+    path: Path | None = None
+
+    def load(self) -> Image.Image:
+        if self.data is not None:
+            return decode_image(self.data)
+        assert self.path is not None
+        return decode_image(self.path.read_bytes(), field=str(self.path))
+
+
+@dataclass
+class Sample:
+    """One training/eval question, validated."""
+
+    index: int
+    question: str
+    ground_truth: str
+    form: AnswerForm
+    images: list[ImageRef]
+    data_source: str = ""
+    category: str = ""
+    gt_bboxes: list[list[float]] = field(default_factory=list)
+    row: int = 0
+
+    def load_image(self) -> Image.Image:
+        """The sample's (first) image, decoded; errors name the row."""
+        try:
+            return self.images[0].load()
+        except (ImageError, OSError) as e:
+            raise DataError(f"row {self.row}: field 'images[0]': {e}") from None
+
+
+# ---------------------------------------------------------------------------------- writing
+
+
+def synth_rows(
+    out: Path, n: int, seed: int = 0, image_mode: str = "path", progress: bool = False
+) -> list[dict[str, Any]]:
+    """Build ``n`` synthetic rows; with ``image_mode="path"`` the PNGs go to ``out/images``."""
+    if image_mode not in ("path", "bytes"):
+        raise ValueError(f"image_mode must be 'path' or 'bytes', got {image_mode!r}")
+    rows = []
+    for i in tqdm(range(n), desc="synthesising", disable=not progress, unit="sample"):
+        s = make_sample(i, seed)
+        png = encode_image(s.image)
+        if image_mode == "path":
+            rel = f"images/{i:06d}.png"
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_bytes(png)
+            image = {"bytes": None, "path": rel}
+        else:
+            image = {"bytes": png, "path": None}
+        rows.append(
+            {
+                "data_source": DATA_SOURCE,
+                "prompt": [{"role": "user", "content": "<image>" + s.question}],
+                "images": [image],
+                "ability": "fine-grained-perception",
+                "reward_model": {"ground_truth": s.answer, "style": "rule"},
+                "extra_info": {
+                    "answer_form": s.form.value,
+                    "index": i,
+                    "category": s.category,
+                    "gt_bboxes": s.gt_boxes,
+                    "question": s.question,
+                },
+            }
+        )
+    return rows
+
+
+def write_synthetic(
+    out: Path | str, n: int, seed: int = 0, image_mode: str = "path", progress: bool = False
+) -> Path:
+    """Write ``out/train.parquet`` (and ``out/images/`` for path mode); return the parquet path."""
+    if n < 1:
+        raise ValueError(f"--n must be at least 1, got {n}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(synth_rows(out, n, seed, image_mode, progress))
+    path = out / "train.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+def _get(row: dict[str, Any], i: int, dotted: str, kind: type | tuple[type, ...]) -> Any:
+    value: Any = row
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value or value[part] is None:
+            raise DataError(f"row {i}: field '{dotted}' is missing")
+        value = value[part]
+    if not isinstance(value, kind):
+        raise DataError(f"row {i}: field '{dotted}' has type {type(value).__name__}")
+    return value
+
+
+def _user_text(prompt: Any, i: int) -> str:
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise DataError(f"row {i}: field 'prompt' must be a non-empty list of chat messages")
+    for message in prompt:
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            raise DataError(f"row {i}: field 'prompt' user message content must be a string")
+    raise DataError(f"row {i}: field 'prompt' has no user message")
+
+
+def _image_ref(item: Any, i: int, j: int, prefix: Path) -> ImageRef:
+    name = f"images[{j}]"
+    if not isinstance(item, dict):
+        raise DataError(f"row {i}: field '{name}' must be a {{'bytes'|'path': ...}} struct")
+    data, path = item.get("bytes"), item.get("path")
+    if data:
+        if not isinstance(data, (bytes, bytearray)):
+            raise DataError(f"row {i}: field '{name}.bytes' must be binary")
+        return ImageRef(data=bytes(data))
+    if path:
+        full = Path(path) if Path(path).is_absolute() else prefix / path
+        if not full.is_file():
+            raise DataError(f"row {i}: field '{name}.path': no file at {full}")
+        return ImageRef(path=full)
+    raise DataError(f"row {i}: field '{name}' has neither bytes nor path")
+
+
+def parse_row(row: dict[str, Any], i: int, image_prefix: Path) -> Sample:
+    """Validate one row and turn it into a Sample."""
+    question = question_from_prompt(_user_text(row.get("prompt"), i))
+    if not question:
+        raise DataError(f"row {i}: field 'prompt' holds no question text")
+    images = row.get("images")
+    if not isinstance(images, (list, tuple)) or not images:
+        raise DataError(f"row {i}: field 'images' must be a non-empty list")
+    refs = [_image_ref(item, i, j, image_prefix) for j, item in enumerate(images)]
+    truth = _get(row, i, "reward_model.ground_truth", (str, int, float))
+    if isinstance(truth, bool) or not str(truth).strip():
+        raise DataError(f"row {i}: field 'reward_model.ground_truth' is empty")
+    form_text = _get(row, i, "extra_info.answer_form", str)
+    try:
+        form = AnswerForm.parse(form_text)
+    except ValueError as e:
+        raise DataError(f"row {i}: field 'extra_info.answer_form': {e}") from None
+    index = _get(row, i, "extra_info.index", int)
+    extra = row["extra_info"]
+    boxes = extra.get("gt_bboxes") or []
+    if not all(isinstance(b, (list, tuple)) and len(b) == 4 for b in boxes):
+        raise DataError(f"row {i}: field 'extra_info.gt_bboxes' must hold [x1, y1, x2, y2] lists")
+    return Sample(
+        index=index,
+        question=question,
+        ground_truth=str(truth).strip(),
+        form=form,
+        images=refs,
+        data_source=str(row.get("data_source") or ""),
+        category=str(extra.get("category") or ""),
+        gt_bboxes=[[float(c) for c in b] for b in boxes],
+        row=i,
+    )
+
+
+def iter_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows of a parquet file as plain dicts, one record batch at a time."""
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise DataError(f"{path}: not a readable parquet file: {e}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in parquet.schema_arrow.names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    for batch in parquet.iter_batches(batch_size=256):
+        yield from batch.to_pylist()
+
+
+def load_samples(path: Path | str, image_prefix: Path | str | None = None) -> list[Sample]:
+    """Every row of a P2R-10k-layout parquet, validated; image paths resolve under the prefix
+    (default: the parquet's folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    prefix = Path(image_prefix) if image_prefix is not None else path.parent
+    return [parse_row(row, i, prefix) for i, row in enumerate(iter_rows(path))]
+

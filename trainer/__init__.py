@@ -1,0 +1,1 @@
+"""PRA-GRPO trainer (``p2r.trainer``)."""
