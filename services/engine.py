@@ -54,6 +54,8 @@ class OfflineEngine:
         # demo within a laptop's memory. A deployment sets its own.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.limits.kv_cache_gib))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # Logs belong on stderr: stdout carries results (``p2r answer --json``).
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         from vllm import LLM
 
         self.model = model

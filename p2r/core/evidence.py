@@ -51,11 +51,16 @@ def crop_box(region: Region, width: int, height: int) -> tuple[int, int, int, in
     """
     pad_x = min(CROP_PADDING_FRACTION, CROP_PADDING_PIXELS / width)
     pad_y = min(CROP_PADDING_FRACTION, CROP_PADDING_PIXELS / height)
-    x1 = max(0.0, region.x1 / COORD_SCALE - pad_x)
-    y1 = max(0.0, region.y1 / COORD_SCALE - pad_y)
-    x2 = min(1.0, region.x2 / COORD_SCALE + pad_x)
-    y2 = min(1.0, region.y2 / COORD_SCALE + pad_y)
+    x1 = _clamp(region.x1 / COORD_SCALE - pad_x)
+    y1 = _clamp(region.y1 / COORD_SCALE - pad_y)
+    x2 = _clamp(region.x2 / COORD_SCALE + pad_x)
+    y2 = _clamp(region.y2 / COORD_SCALE + pad_y)
     return int(x1 * width), int(y1 * height), int(x2 * width), int(y2 * height)
+
+
+def _clamp(value: float) -> float:
+    """Clamp a normalised coordinate to [0, 1] (both ends: a box may lie wholly outside)."""
+    return min(1.0, max(0.0, value))
 
 
 def crop(image: Image.Image, region: Region) -> Image.Image | None:

@@ -1,0 +1,95 @@
+"""The ``p2r`` command as a user runs it: listed commands, one-line errors, real outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+P2R = [sys.executable, "-m", "p2r.cli"]
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    return subprocess.run([*P2R, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_help_lists_every_command() -> None:
+    out = run("--help")
+    assert out.returncode == 0
+    for command in ("answer", "data", "demo", "models"):
+        assert command in out.stdout
+    assert "synth" in run("data", "--help").stdout and "check" in run("data", "--help").stdout
+    assert "tiny" in run("models", "--help").stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("bogus",), "p2r: error: No such command 'bogus'. (see 'p2r --help')"),
+        (("data", "synth", "--out", "/tmp/x", "--n", "0"), "p2r: error: Invalid value for '--n'"),
+        (("data", "check", "/nonexistent.parquet"), "p2r: error: /nonexistent.parquet: no such data file"),
+        (("answer", "--model", "m", "--image", "/nonexistent.png", "--question", "q"),
+         "p2r: error: --image: no such file /nonexistent.png"),
+    ],
+)
+def test_errors_are_one_line_and_exit_2(args: tuple[str, ...], message: str) -> None:
+    out = run(*args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), out.stderr
+
+
+def test_bad_image_and_empty_question_are_clear(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    out = run("answer", "--model", "m", "--image", str(bad), "--question", "q")
+    assert out.returncode == 2 and out.stderr.startswith("p2r: error: --image: cannot decode image")
+    out = run("answer", "--model", "m", "--image", str(bad), "--question", "  ")
+    assert out.returncode == 2 and out.stderr.strip() == "p2r: error: --question is empty"
+
+
+def test_models_tiny_and_data_commands(tmp_path: Path) -> None:
+    out = run("models", "tiny", "--out", str(tmp_path / "m"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    out = run("data", "synth", "--out", str(tmp_path / "d"), "--n", "4", "--image-mode", "bytes")
+    assert out.returncode == 0 and "wrote 4 samples" in out.stdout
+    out = run("data", "check", str(tmp_path / "d" / "train.parquet"))
+    assert out.returncode == 0 and out.stdout.strip() == "4 valid rows: free_form=1, mca=2, na=1"
+
+
+def test_data_check_reports_malformed_row(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = {"prompt": [{"role": "user", "content": "<image>Q?"}], "images": [{"path": "missing.png"}],
+           "reward_model": {"ground_truth": "A"}, "extra_info": {"answer_form": "mca", "index": 0}}
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "t.parquet")
+    out = run("data", "check", str(tmp_path / "t.parquet"))
+    assert out.returncode == 2
+    assert out.stderr.startswith("p2r: error: row 0: field 'images[0].path': no file at")
+
+
+@pytest.mark.engine
+def test_demo_is_the_main_job(tmp_path: Path) -> None:
+    out = run("demo", "--workdir", str(tmp_path), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "answer   :" in out.stdout and "regions  :" in out.stdout
+    assert (tmp_path / "annotated.png").is_file()
+    assert (tmp_path / "tiny-model" / "config.json").is_file()
+
+
+@pytest.mark.engine
+def test_answer_json_output(tmp_path: Path, tiny_model_dir: Path, synthetic_dir: Path) -> None:
+    out = run("answer", "--model", str(tiny_model_dir), "--image", str(synthetic_dir / "images" / "000001.png"),
+              "--question", "How many red circles are there?", "--form", "na", "--out",
+              str(tmp_path / "a.png"), "--json", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["answer_form"] == "na" and result["annotated_image"] == str(tmp_path / "a.png")
+    assert isinstance(result["regions"], list) and (tmp_path / "a.png").is_file()

@@ -1,0 +1,70 @@
+"""Decoding and the model-side smart resize (factor 32)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from p2r.core.images import (
+    EVAL_BOUNDS,
+    TRAIN_BOUNDS,
+    ImageError,
+    PixelBounds,
+    decode_image,
+    encode_image,
+    model_size,
+    resize_for_model,
+)
+
+
+def test_smart_resize_hand_computed() -> None:
+    # 2048x2048 = 4.19 Mpx > 2,097,152: beta = sqrt(2), floor(2048 / 1.4142 / 32) * 32 = 1440.
+    assert model_size(2048, 2048, TRAIN_BOUNDS) == (1440, 1440)
+    # Within the budget: rounded to multiples of 32.
+    assert model_size(1000, 500, TRAIN_BOUNDS) == (992, 512)
+    # Below min_pixels (4 * 32 * 32): scaled up, ceil to 32 -> 64 x 64.
+    assert model_size(10, 10, TRAIN_BOUNDS) == (64, 64)
+    # Evaluation bounds: min 16 * 32 * 32 = 16384 px.
+    assert model_size(50, 50, EVAL_BOUNDS) == (128, 128)
+
+
+def test_resize_for_model_respects_budget() -> None:
+    out = resize_for_model(Image.new("RGB", (2560, 1920)), TRAIN_BOUNDS)
+    assert out.width % 32 == 0 and out.height % 32 == 0
+    assert out.width * out.height <= TRAIN_BOUNDS.max_pixels
+    same = Image.new("RGB", (640, 480))
+    assert resize_for_model(same, TRAIN_BOUNDS) is same
+
+
+def test_extreme_aspect_ratio_is_a_clear_error() -> None:
+    with pytest.raises(ImageError, match="cannot be resized"):
+        model_size(10000, 10, TRAIN_BOUNDS)
+
+
+def test_bounds_validated() -> None:
+    with pytest.raises(ValueError, match="min_pixels <= max_pixels"):
+        PixelBounds(100, 10)
+
+
+def test_decode_round_trip_and_formats() -> None:
+    image = Image.new("RGB", (31, 17), (1, 2, 3))
+    for fmt in ("PNG", "JPEG", "WEBP"):
+        buf = io.BytesIO()
+        image.save(buf, format=fmt)
+        assert decode_image(buf.getvalue()).size == (31, 17)
+    rgba = Image.new("RGBA", (4, 4))
+    assert decode_image(encode_image(rgba)).mode == "RGB"
+
+
+def test_decode_errors_name_the_field() -> None:
+    with pytest.raises(ImageError, match=r"^image: image is empty \(0 bytes\)"):
+        decode_image(b"")
+    with pytest.raises(ImageError, match=r"^photo: cannot decode image"):
+        decode_image(b"definitely not an image", field="photo")
+    truncated = encode_image(Image.new("RGB", (64, 64)), "JPEG")[:40]
+    with pytest.raises(ImageError, match="cannot decode"):
+        decode_image(truncated)
+    with pytest.raises(ImageError, match="over the limit of 100"):
+        decode_image(encode_image(Image.new("RGB", (20, 20))), max_pixels=100)
