@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 STAMP=.venv/.p2r-install-stamp
-want=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml setup.py scripts/install.sh proto/p2r/v1/*.proto | sha256sum | cut -d' ' -f1)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && .venv/bin/python -c "import vllm, p2r" 2>/dev/null; then
   exit 0

