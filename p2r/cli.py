@@ -230,6 +230,46 @@ def demo(workdir: Path, index: int) -> None:
     _print_result(result)
 
 
+# ------------------------------------------------------------------------------------- serve
+
+
+@cli.command("serve")
+@click.argument("roles", nargs=-1, required=True,
+                type=click.Choice(["perceiver", "reasoner", "verifier", "gateway"]))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="YAML config file (P2R_* environment variables override it; flags override both).")
+@click.option("--model", default=None, help="Checkpoint: directory, file:// or s3:// URI.")
+@click.option("--host", default=None, help="Bind address (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="gRPC port (0 = any free port).")
+@click.option("--metrics-port", type=int, default=None, help="Prometheus port (0 = any free port).")
+@click.option("--http-port", type=int, default=None, help="Gateway HTTP facade port.")
+@_user_errors
+def serve(roles: tuple[str, ...], config_path: Path | None, model: str | None, host: str | None,
+          port: int | None, metrics_port: int | None, http_port: int | None) -> None:
+    """Serve roles over gRPC on one vLLM engine: perceiver, reasoner, verifier, gateway."""
+    import asyncio
+    import logging
+
+    from pydantic import ValidationError
+
+    from p2r.services.checkpoints import CheckpointError
+    from p2r.services.config import load_config
+    from p2r.services.server import serve as run_server
+
+    try:
+        config = load_config(config_path, roles=list(dict.fromkeys(roles)), model=model, host=host, port=port,
+                             metrics_port=metrics_port, http_port=http_port)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise UserError(f"{where}: {first['msg']}") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(run_server(config))
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+
+
 def main() -> None:
     """Console entry point."""
     cli(prog_name="p2r")

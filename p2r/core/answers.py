@@ -6,12 +6,19 @@ import re
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
+_THINK_BODY_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
 def extract_answer(text: str) -> str:
     """Text inside the first ``<answer>...</answer>``, else the whole text; stripped."""
     match = _ANSWER_RE.search(text)
     return (match.group(1) if match else text).strip()
+
+
+def extract_reasoning(text: str) -> str:
+    """Text inside the first ``<think>...</think>``, stripped; empty when there is none."""
+    match = _THINK_BODY_RE.search(text)
+    return match.group(1).strip() if match else ""
 
 
 def strip_think(text: str) -> str:

@@ -101,6 +101,27 @@ def parse_regions(text: str) -> list[Region]:
     return regions
 
 
+BBOX_LIST_SCHEMA: dict[str, Any] = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {
+            "bbox_2d": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0, "maximum": int(COORD_SCALE)},
+                "minItems": 4,
+                "maxItems": 4,
+            },
+            "label": {"type": "string", "minLength": 1, "maxLength": 64},
+        },
+        "required": ["bbox_2d", "label"],
+        "additionalProperties": False,
+    },
+    "maxItems": 8,
+}
+"""JSON schema of a perceiver reply, for structured (constrained) decoding behind a flag."""
+
+
 def iou(a: Region, b: Region) -> float:
     """Intersection over union of two boxes in the same coordinate system."""
     ix = max(0.0, min(a.x2, b.x2) - max(a.x1, b.x1))

@@ -20,6 +20,8 @@ class ChatRequest:
 
     messages: list[dict[str, Any]]
     images: list[Image.Image] = field(default_factory=list)
+    # Extra chat-template switches, e.g. {"enable_thinking": False} for the verifier.
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

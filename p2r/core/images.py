@@ -61,7 +61,11 @@ def decode_image(data: bytes, *, field: str = "image", max_pixels: int | None = 
         image.load()
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"{field}: cannot decode image ({len(data)} bytes): not a JPEG, PNG, WebP or other known format"
+        ) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"{field}: cannot decode image ({len(data)} bytes): {e}") from None
     return image.convert("RGB")
 

@@ -1,0 +1,109 @@
+"""Server configuration: a YAML file, overridden by ``P2R_*`` environment variables.
+
+Everything a deployment tunes lives here with its default; the Helm chart's values map onto
+these names one to one (``P2R_MAX_IN_FLIGHT``, ``P2R_LIMITS__MAX_MODEL_LEN``, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+Role = Literal["perceiver", "reasoner", "verifier", "gateway"]
+ROLES: tuple[Role, ...] = ("perceiver", "reasoner", "verifier", "gateway")
+
+
+class Limits(BaseModel):
+    """Engine limits of this server's model (vLLM arguments of the same names)."""
+
+    max_model_len: int = Field(8192, ge=256)
+    max_num_seqs: int = Field(16, ge=1)
+    max_images_per_prompt: int = Field(4, ge=1, description="reasoner needs 1 + max crops = 4")
+    kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+
+
+class ServeConfig(BaseSettings):
+    """``p2r serve`` settings. Env: ``P2R_<FIELD>``, nested with ``__``."""
+
+    model_config = SettingsConfigDict(env_prefix="P2R_", env_nested_delimiter="__", extra="forbid")
+
+    roles: list[Role] = Field(default_factory=lambda: ["gateway"])
+    model: str | None = Field(None, description="checkpoint dir, file:// or s3:// URI; none for a remote gateway")
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535, description="gRPC; 0 picks a free port")
+    metrics_port: int | None = Field(9090, ge=0, le=65535, description="Prometheus; null disables")
+    http_port: int | None = Field(None, ge=0, le=65535, description="gateway HTTP facade; null disables")
+    seed: int = 0
+    limits: Limits = Field(default_factory=Limits)
+
+    # Input and overload protection
+    max_in_flight: int = Field(256, ge=1, description="admitted work items; beyond -> RESOURCE_EXHAUSTED")
+    max_batch_items: int = Field(1024, ge=1)
+    max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(100_000_000, ge=1, description="decoded width x height")
+    max_question_chars: int = Field(16_384, ge=1)
+
+    # Model-side resize (Qwen smart_resize) and defaults per role
+    min_pixels: int = Field(4 * 32 * 32, ge=1)
+    max_pixels: int = Field(2_097_152, ge=1)
+    perceive_max_tokens: int = Field(2048, ge=1)
+    reason_max_tokens: int = Field(2048, ge=1)
+    verify_max_tokens: int = Field(64, ge=1)
+    structured_perceiver: bool = Field(False, description="constrain perceiver output to the bbox JSON schema")
+
+    # Gateway: where perceiver / reasoner live. "local" = the engine in this process.
+    perceiver_endpoint: str = "local"
+    reasoner_endpoint: str = "local"
+
+    grace_period_s: float = Field(30.0, ge=0, description="SIGTERM: drain in-flight requests this long")
+    checkpoint_cache: Path = Field(Path.home() / ".cache" / "p2r" / "checkpoints")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        engine_roles = {"perceiver", "reasoner", "verifier"} & set(self.roles)
+        local_gateway = "gateway" in self.roles and "local" in (self.perceiver_endpoint, self.reasoner_endpoint)
+        if (engine_roles or local_gateway) and not self.model:
+            raise ValueError("a model is required for the perceiver, reasoner and verifier roles and a local gateway")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError("min_pixels must not exceed max_pixels")
+        return self
+
+    @property
+    def needs_engine(self) -> bool:
+        return self.model is not None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: command-line flags > environment > config file.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _CONFIG_FILE.path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=_CONFIG_FILE.path))
+        return tuple(sources)
+
+
+class _ConfigFile:
+    path: Path | None = None
+
+
+_CONFIG_FILE = _ConfigFile()
+
+
+def load_config(path: Path | None = None, **overrides: object) -> ServeConfig:
+    """Config from ``path`` (YAML), then env, then ``overrides`` (command-line flags)."""
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"--config: no such file {path}")
+    _CONFIG_FILE.path = path
+    try:
+        return ServeConfig(**{k: v for k, v in overrides.items() if v is not None})
+    finally:
+        _CONFIG_FILE.path = None

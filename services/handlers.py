@@ -1,0 +1,270 @@
+"""Role logic of the servers, on p2r.v1 messages, independent of the transport.
+
+Each role validates a request completely before any work starts (so a batch with one bad item
+fails as a whole, naming ``requests[i].field``), does the CPU-heavy image work in a thread, and
+awaits the shared ``AsyncEngine``. The gateway's ``answer`` composes perceive and reason through
+``RoleBackend`` objects that are either this process's handlers or remote gRPC stubs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from p2r.services import metrics
+from p2r.services.config import ServeConfig
+from p2r.services.engine import AsyncEngine, GenerationOut
+from PIL import Image
+
+from p2r.core import prompts
+from p2r.core.answers import extract_answer, extract_reasoning
+from p2r.core.bbox import BBOX_LIST_SCHEMA, Region, parse_regions
+from p2r.core.evidence import build_evidence
+from p2r.core.flow import perceiver_request, reasoner_request
+from p2r.core.generation import ChatRequest, Sampling
+from p2r.core.grading import verifier_says_yes
+from p2r.core.images import ImageError, PixelBounds, decode_image
+from p2r.core.prompts import AnswerForm
+from p2r.v1 import p2r_pb2 as pb
+
+_FORMS = {
+    pb.ANSWER_FORM_MCA: AnswerForm.MCA,
+    pb.ANSWER_FORM_NA: AnswerForm.NA,
+    pb.ANSWER_FORM_FREE_FORM: AnswerForm.FREE_FORM,
+}
+FORM_TO_PB = {v: k for k, v in _FORMS.items()}
+
+
+class InvalidArgument(ValueError):
+    """A request field that is wrong; the message starts with the field's path."""
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for the engine."""
+
+    chat: ChatRequest
+    sampling: Sampling
+    extra: dict[str, Any]
+
+
+class Handlers:
+    """Perceiver, reasoner and verifier over one engine (``engine`` is None on a remote gateway)."""
+
+    def __init__(self, config: ServeConfig, engine: AsyncEngine | None) -> None:
+        self.config = config
+        self.engine = engine
+        self.bounds = PixelBounds(config.min_pixels, config.max_pixels)
+
+    # ------------------------------------------------------------------------------ validation
+
+    def sampling(self, params: pb.SamplingParams, field: str, default_max_tokens: int) -> Sampling:
+        try:
+            return Sampling(
+                n=params.n if params.HasField("n") else 1,
+                temperature=params.temperature if params.HasField("temperature") else 0.0,
+                top_p=params.top_p if params.HasField("top_p") else 1.0,
+                max_tokens=params.max_tokens if params.HasField("max_tokens") else default_max_tokens,
+                seed=params.seed if params.HasField("seed") else None,
+                repetition_penalty=params.repetition_penalty if params.HasField("repetition_penalty") else 1.0,
+            )
+        except ValueError as e:
+            raise InvalidArgument(f"{field}: {e}") from None
+
+    def image(self, data: bytes, field: str) -> Image.Image:
+        if len(data) > self.config.max_image_bytes:
+            raise InvalidArgument(
+                f"{field}: image is {len(data)} bytes, over the limit of {self.config.max_image_bytes} bytes"
+            )
+        try:
+            return decode_image(data, field=field, max_pixels=self.config.max_image_pixels)
+        except ImageError as e:
+            raise InvalidArgument(str(e)) from None
+
+    def question(self, text: str, field: str) -> str:
+        if not text.strip():
+            raise InvalidArgument(f"{field}: question is empty")
+        if len(text) > self.config.max_question_chars:
+            raise InvalidArgument(f"{field}: question has {len(text)} characters, over the limit of "
+                                  f"{self.config.max_question_chars}")
+        return text
+
+    @staticmethod
+    def form(value: int, field: str) -> AnswerForm:
+        if value not in _FORMS:
+            raise InvalidArgument(f"{field}: answer_form must be MCA, NA or FREE_FORM")
+        return _FORMS[value]
+
+    @staticmethod
+    def variant(value: int) -> prompts.Variant:
+        return "eval" if value == pb.PROMPT_VARIANT_EVAL else "train"
+
+    @staticmethod
+    def regions(items: Any, field: str) -> list[Region]:
+        out = []
+        for i, r in enumerate(items):
+            if not (r.x1 < r.x2 and r.y1 < r.y2):
+                raise InvalidArgument(f"{field}.regions[{i}]: a region needs x1 < x2 and y1 < y2")
+            out.append(Region(r.x1, r.y1, r.x2, r.y2, r.label or None))
+        return out
+
+    def _need_engine(self) -> AsyncEngine:
+        if self.engine is None:
+            raise RuntimeError("this server has no model loaded for that role")
+        return self.engine
+
+    # ------------------------------------------------------------------------------- prepare
+
+    def prepare_perceive(self, req: pb.PerceiveRequest, field: str) -> Prepared:
+        question = self.question(req.question, f"{field}question")
+        sampling = self.sampling(req.sampling, f"{field}sampling", self.config.perceive_max_tokens)
+        image = self.image(req.image, f"{field}image")
+        chat = perceiver_request(image, question, self.bounds, self.variant(req.variant))
+        structured = req.structured or self.config.structured_perceiver
+        schema = BBOX_LIST_SCHEMA if structured else None
+        return Prepared(chat, sampling, {"schema": schema})
+
+    def prepare_reason(self, req: pb.ReasonRequest, field: str) -> Prepared:
+        question = self.question(req.question, f"{field}question")
+        form = self.form(req.answer_form, f"{field}answer_form")
+        sampling = self.sampling(req.sampling, f"{field}sampling", self.config.reason_max_tokens)
+        regions = self.regions(req.regions, field.rstrip("."))
+        image = self.image(req.image, f"{field}image")
+        started = time.perf_counter()
+        evidence = build_evidence(image, regions)
+        chat = reasoner_request(evidence, question, form, self.bounds, self.variant(req.variant))
+        return Prepared(chat, sampling, {"evidence": evidence, "evidence_s": time.perf_counter() - started})
+
+    def prepare_verify(self, req: pb.VerifyRequest, field: str) -> Prepared:
+        question = self.question(req.question, f"{field}question")
+        if not req.ground_truth.strip():
+            raise InvalidArgument(f"{field}ground_truth: empty")
+        text = prompts.verifier_text(question, req.ground_truth, req.answer)
+        chat = ChatRequest(
+            prompts.chat_messages(text, 0, system=prompts.VERIFIER_SYSTEM_PROMPT),
+            template_kwargs={"enable_thinking": False},
+        )
+        return Prepared(chat, Sampling(temperature=0.0, max_tokens=self.config.verify_max_tokens), {})
+
+    # ----------------------------------------------------------------------------------- run
+
+    async def _generate(self, role: str, prepared: Prepared) -> GenerationOut:
+        out = await self._need_engine().generate(prepared.chat, prepared.sampling, prepared.extra.get("schema"))
+        metrics.QUEUE_LATENCY.labels(role).observe(out.queue_s)
+        metrics.ENGINE_LATENCY.labels(role).observe(out.engine_s)
+        metrics.TOKENS.labels(role).inc(sum(c.num_tokens for c in out.completions))
+        metrics.IMAGES.labels(role).inc(len(prepared.chat.images))
+        return out
+
+    @staticmethod
+    def _completions(out: GenerationOut) -> list[pb.Completion]:
+        return [pb.Completion(text=c.text, num_tokens=c.num_tokens, finish_reason=c.finish_reason)
+                for c in out.completions]
+
+    async def run_perceive(self, req: pb.PerceiveRequest, prepared: Prepared, started: float) -> pb.PerceiveResult:
+        out = await self._generate("perceiver", prepared)
+        regions = [
+            pb.RegionList(regions=[pb.Region(x1=r.x1, y1=r.y1, x2=r.x2, y2=r.y2, label=r.label or "")
+                                   for r in parse_regions(c.text)])
+            for c in out.completions
+        ]
+        return pb.PerceiveResult(
+            id=req.id, completions=self._completions(out), regions=regions,
+            timings=pb.Timings(queue_ms=_ms(out.queue_s), engine_ms=_ms(out.engine_s),
+                               total_ms=_ms(time.perf_counter() - started)),
+        )
+
+    async def run_reason(self, req: pb.ReasonRequest, prepared: Prepared, started: float) -> pb.ReasonResult:
+        out = await self._generate("reasoner", prepared)
+        evidence = prepared.extra["evidence"]
+        return pb.ReasonResult(
+            id=req.id, completions=self._completions(out),
+            answers=[extract_answer(c.text) for c in out.completions],
+            with_evidence=evidence.with_evidence, num_crops=evidence.num_crops,
+            timings=pb.Timings(queue_ms=_ms(out.queue_s), engine_ms=_ms(out.engine_s),
+                               total_ms=_ms(time.perf_counter() - started),
+                               evidence_ms=_ms(prepared.extra["evidence_s"])),
+        )
+
+    async def run_verify(self, req: pb.VerifyRequest, prepared: Prepared, started: float) -> pb.VerifyResult:
+        out = await self._generate("verifier", prepared)
+        reply = out.completions[0].text
+        return pb.VerifyResult(
+            id=req.id, correct=verifier_says_yes(reply), reply=reply,
+            timings=pb.Timings(queue_ms=_ms(out.queue_s), engine_ms=_ms(out.engine_s),
+                               total_ms=_ms(time.perf_counter() - started)),
+        )
+
+    async def batch(
+        self,
+        requests: list[Any],
+        prepare: Callable[[Any, str], Prepared],
+        run: Callable[[Any, Prepared, float], Awaitable[Any]],
+        single: bool = False,
+    ) -> list[Any]:
+        """Validate every item (in a thread: decoding and cropping are CPU work), then run all
+        of them concurrently on the engine."""
+        started = time.perf_counter()
+
+        def prepare_all() -> list[Prepared]:
+            return [prepare(r, "" if single else f"requests[{i}].") for i, r in enumerate(requests)]
+
+        prepared = await asyncio.to_thread(prepare_all)
+        return list(await asyncio.gather(*(run(r, p, started) for r, p in zip(requests, prepared, strict=True))))
+
+    async def perceive(self, req: pb.PerceiveRequest) -> pb.PerceiveResult:
+        [result] = await self.batch([req], self.prepare_perceive, self.run_perceive, single=True)
+        return result
+
+    async def reason(self, req: pb.ReasonRequest) -> pb.ReasonResult:
+        [result] = await self.batch([req], self.prepare_reason, self.run_reason, single=True)
+        return result
+
+
+class RoleBackend(Protocol):
+    """Where the gateway sends perceive and reason calls: local handlers or a remote server."""
+
+    async def perceive(self, req: pb.PerceiveRequest) -> pb.PerceiveResult: ...
+
+    async def reason(self, req: pb.ReasonRequest) -> pb.ReasonResult: ...
+
+
+async def answer(
+    req: pb.AnswerRequest, handlers: Handlers, perceiver: RoleBackend, reasoner: RoleBackend
+) -> pb.AnswerResponse:
+    """``P2R.Answer``: perceive, then reason on the evidence (built by the reasoner role from
+    the image and the regions), exactly the flow of the method notes."""
+    started = time.perf_counter()
+    handlers.question(req.question, "question")
+    handlers.form(req.answer_form, "answer_form")
+    if not req.image:
+        raise InvalidArgument("image: image is empty (0 bytes)")
+    for name in ("perceive_sampling", "reason_sampling"):
+        params = getattr(req, name)
+        if params.HasField("n") and params.n != 1:
+            raise InvalidArgument(f"{name}.n: Answer returns one answer; use Perceive/Reason for n > 1")
+    perceived = await perceiver.perceive(pb.PerceiveRequest(
+        id=req.id, image=req.image, question=req.question, sampling=req.perceive_sampling, variant=req.variant))
+    perceive_done = time.perf_counter()
+    regions = perceived.regions[0].regions if perceived.regions else []
+    reasoned = await reasoner.reason(pb.ReasonRequest(
+        id=req.id, image=req.image, question=req.question, answer_form=req.answer_form, regions=regions,
+        sampling=req.reason_sampling, variant=req.variant))
+    done = time.perf_counter()
+    output = reasoned.completions[0].text
+    evidence_ms = reasoned.timings.evidence_ms
+    return pb.AnswerResponse(
+        id=req.id, regions=regions, perceiver_output=perceived.completions[0].text,
+        answer=extract_answer(output), reasoning=extract_reasoning(output), reasoner_output=output,
+        with_evidence=reasoned.with_evidence, num_crops=reasoned.num_crops,
+        timings=pb.AnswerTimings(
+            perceive_ms=_ms(perceive_done - started), evidence_ms=evidence_ms,
+            reason_ms=max(0.0, _ms(done - perceive_done) - evidence_ms), total_ms=_ms(done - started)),
+    )

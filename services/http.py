@@ -1,0 +1,80 @@
+"""HTTP facade of the gateway (FastAPI): ``POST /v1/answer`` for curl and browsers, plus the
+probes ``/healthz`` (process alive) and ``/readyz`` (model loaded and answering).
+
+It calls the same ``answer`` flow as the gRPC ``P2R.Answer`` and maps its errors to HTTP:
+400 bad input, 429 overload, 504 deadline, 502 upstream role failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Annotated
+
+import grpc
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.responses import JSONResponse
+from google.protobuf.json_format import MessageToDict
+from p2r.services import metrics
+from p2r.services.handlers import FORM_TO_PB, InvalidArgument, answer
+
+from p2r.core.prompts import AnswerForm
+from p2r.v1 import p2r_pb2 as pb
+
+if TYPE_CHECKING:
+    from p2r.services.server import Server
+
+
+def create_app(server: Server) -> FastAPI:
+    from p2r.services.server import Overloaded
+
+    app = FastAPI(title="P2R gateway", version="1")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        ready = server.ready
+        return JSONResponse({"ready": ready, "checkpoint": server.checkpoint}, status_code=200 if ready else 503)
+
+    @app.post("/v1/answer")
+    async def answer_http(
+        image: Annotated[UploadFile, File(description="JPEG, PNG or WebP")],
+        question: Annotated[str, Form()],
+        answer_form: Annotated[str, Form()] = "mca",
+        timeout_s: Annotated[float, Form(gt=0)] = 300.0,
+    ) -> dict:
+        if not server.ready:
+            raise HTTPException(503, "not ready")
+        try:
+            form = AnswerForm.parse(answer_form)
+        except ValueError as e:
+            raise HTTPException(400, f"answer_form: {e}") from None
+        data = await image.read(server.config.max_image_bytes + 1)
+        if len(data) > server.config.max_image_bytes:
+            raise HTTPException(400, f"image: over the limit of {server.config.max_image_bytes} bytes")
+        request = pb.AnswerRequest(image=data, question=question, answer_form=FORM_TO_PB[form])
+        perceiver, reasoner = server.backends()
+        assert server.handlers is not None
+        code = "OK"
+        try:
+            with server.admission.admit(1):
+                result = await asyncio.wait_for(answer(request, server.handlers, perceiver, reasoner), timeout_s)
+        except InvalidArgument as e:
+            code = "INVALID_ARGUMENT"
+            raise HTTPException(400, str(e)) from None
+        except Overloaded as e:
+            code = "RESOURCE_EXHAUSTED"
+            raise HTTPException(429, str(e)) from None
+        except TimeoutError:
+            code = "DEADLINE_EXCEEDED"
+            raise HTTPException(504, f"no answer within {timeout_s} s") from None
+        except grpc.aio.AioRpcError as e:
+            code = e.code().name
+            raise HTTPException(502, f"upstream: {e.details()}") from None
+        finally:
+            metrics.REQUESTS.labels("http_answer", code).inc()
+        return MessageToDict(result, preserving_proto_field_name=True)
+
+    return app

@@ -1,0 +1,380 @@
+"""``p2r serve``: the gRPC server (role services, P2R gateway, admin, health, reflection),
+the Prometheus endpoint and, on the gateway, the HTTP facade - one process, one event loop.
+
+Every RPC goes through ``Server.call``: admission control (work items beyond
+``max_in_flight`` are refused with RESOURCE_EXHAUSTED at once), the client's deadline (the
+engine request is aborted when it passes), error-to-status mapping and metrics. SIGTERM flips
+health to NOT_SERVING, stops accepting RPCs and drains in-flight ones for ``grace_period_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from p2r.services import metrics
+from p2r.services.checkpoints import CheckpointError, resolve_checkpoint
+from p2r.services.client import aio_channel
+from p2r.services.config import ServeConfig
+from p2r.services.engine import AsyncEngine, EngineLimits
+from p2r.services.handlers import Handlers, InvalidArgument, RoleBackend, answer
+
+from p2r.v1 import p2r_pb2 as pb
+from p2r.v1 import p2r_pb2_grpc as pb_grpc
+
+log = logging.getLogger("p2r.serve")
+
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+"""Batches of hundreds of full-resolution images fit in one call."""
+
+SERVICE_NAMES = {
+    "perceiver": "p2r.v1.Perceiver",
+    "reasoner": "p2r.v1.Reasoner",
+    "verifier": "p2r.v1.Verifier",
+    "gateway": "p2r.v1.P2R",
+}
+
+
+class Overloaded(Exception):
+    """More work than the admission limit."""
+
+
+class Admission:
+    """Counts admitted work items; refuses, instead of queueing, beyond the limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        metrics.MAX_IN_FLIGHT.set(limit)
+
+    @contextlib.contextmanager
+    def admit(self, items: int):  # type: ignore[no-untyped-def]
+        if self.in_flight + items > self.limit:
+            metrics.REJECTED.inc(items)
+            raise Overloaded(
+                f"server is at capacity: {self.in_flight} work items in flight, {items} more requested, "
+                f"limit {self.limit}; retry with backoff"
+            )
+        self.in_flight += items
+        metrics.IN_FLIGHT.set(self.in_flight)
+        try:
+            yield
+        finally:
+            self.in_flight -= items
+            metrics.IN_FLIGHT.set(self.in_flight)
+
+
+class RemoteRole:
+    """A perceiver or reasoner on another server, for a gateway that does not host it."""
+
+    def __init__(self, target: str) -> None:
+        self.channel = aio_channel(target)
+        self.perceiver = pb_grpc.PerceiverStub(self.channel)
+        self.reasoner = pb_grpc.ReasonerStub(self.channel)
+
+    async def perceive(self, req: pb.PerceiveRequest) -> pb.PerceiveResult:
+        return await self.perceiver.Perceive(req, timeout=_remaining())
+
+    async def reason(self, req: pb.ReasonRequest) -> pb.ReasonResult:
+        return await self.reasoner.Reason(req, timeout=_remaining())
+
+
+# The deadline of the RPC being served, so calls to remote roles inherit what is left of it.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("p2r_deadline", default=None)
+
+
+def _remaining() -> float | None:
+    deadline = _deadline.get()
+    return None if deadline is None else max(0.001, deadline - time.monotonic())
+
+
+class Server:
+    """All services of one ``p2r serve`` process."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.engine: AsyncEngine | None = None
+        self.handlers: Handlers | None = None
+        self.admission = Admission(config.max_in_flight)
+        self.grpc: grpc.aio.Server | None = None
+        self.health = health_aio.HealthServicer()
+        self.checkpoint = ""
+        self.ready = False
+        self.failed = False
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._reload_lock = asyncio.Lock()
+        self._http: Any = None
+        self._backends: tuple[RoleBackend, RoleBackend] | None = None
+        self._stopped = asyncio.Event()
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    def load_engine(self) -> None:
+        if self.config.model is None:
+            self.handlers = Handlers(self.config, None)
+            return
+        path = resolve_checkpoint(self.config.model, self.config.checkpoint_cache)
+        limits = EngineLimits(**self.config.limits.model_dump())
+        self.engine = AsyncEngine(str(path), limits, seed=self.config.seed)
+        self.handlers = Handlers(self.config, self.engine)
+        self.checkpoint = self.config.model
+        metrics.CHECKPOINT.info({"uri": self.checkpoint})
+
+    def backends(self) -> tuple[RoleBackend, RoleBackend]:
+        """The gateway's perceiver and reasoner: this process's handlers, or remote servers."""
+        assert self.handlers is not None
+        if self._backends is None:
+
+            def pick(endpoint: str) -> RoleBackend:
+                return self.handlers if endpoint == "local" else RemoteRole(endpoint)  # type: ignore[return-value]
+
+            self._backends = (pick(self.config.perceiver_endpoint), pick(self.config.reasoner_endpoint))
+        return self._backends
+
+    async def start(self) -> None:
+        """Load the model, then open the ports; health turns SERVING only when all is ready."""
+        if self.config.metrics_port is not None:
+            self.metrics_port = metrics.serve_metrics(self.config.metrics_port, self.config.host)
+        self.load_engine()
+        self.grpc = grpc.aio.server(options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ])
+        names = [SERVICE_NAMES[r] for r in self.config.roles]
+        servicers = _Servicers(self)
+        if "perceiver" in self.config.roles:
+            pb_grpc.add_PerceiverServicer_to_server(servicers.perceiver, self.grpc)
+        if "reasoner" in self.config.roles:
+            pb_grpc.add_ReasonerServicer_to_server(servicers.reasoner, self.grpc)
+        if "verifier" in self.config.roles:
+            pb_grpc.add_VerifierServicer_to_server(servicers.verifier, self.grpc)
+        if "gateway" in self.config.roles:
+            pb_grpc.add_P2RServicer_to_server(servicers.gateway, self.grpc)
+        pb_grpc.add_AdminServicer_to_server(servicers.admin, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            [*names, "p2r.v1.Admin", health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], self.grpc)
+        self.port = self.grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        await self.grpc.start()
+        if "gateway" in self.config.roles and self.config.http_port is not None:
+            await self._start_http()
+        for name in ["", *names, "p2r.v1.Admin"]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.ready = True
+        log.info("p2r serve: %s on %s:%d ready", ",".join(self.config.roles), self.config.host, self.port)
+
+    async def _start_http(self) -> None:
+        import uvicorn
+        from p2r.services.http import create_app
+
+        app = create_app(self)
+        config = uvicorn.Config(app, host=self.config.host, port=self.config.http_port or 0,
+                                log_level="warning", lifespan="off")
+        self._http = uvicorn.Server(config)
+        self._http.install_signal_handlers = lambda: None  # SIGTERM is ours
+        asyncio.get_running_loop().create_task(self._http.serve())
+        while not self._http.started:
+            await asyncio.sleep(0.01)
+        self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting RPCs, drain in-flight ones for the grace period, release the engine."""
+        if self._stopped.is_set():
+            return
+        self.ready = False
+        await self.health.enter_graceful_shutdown()
+        grace = self.config.grace_period_s if grace is None else grace
+        log.info("p2r serve: draining (grace %.1f s, %d items in flight)", grace, self.admission.in_flight)
+        if self.grpc is not None:
+            await self.grpc.stop(grace)
+        if self._http is not None:
+            self._http.should_exit = True
+        if self.engine is not None:
+            self.engine.shutdown()
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    # ----------------------------------------------------------------------------- calls
+
+    async def call(
+        self, method: str, context: grpc.aio.ServicerContext, items: int, work: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        """Run one RPC: admission, deadline, status mapping, metrics."""
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        message = ""
+        remaining = context.time_remaining()
+        token = _deadline.set(None if remaining is None else time.monotonic() + remaining)
+        try:
+            with self.admission.admit(items):
+                if remaining is None:
+                    return await work()
+                return await asyncio.wait_for(work(), timeout=remaining)
+        except Overloaded as e:
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+        except TimeoutError:
+            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, f"{method}: deadline exceeded; engine request aborted"
+        except InvalidArgument as e:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        except CheckpointError as e:
+            code, message = grpc.StatusCode.FAILED_PRECONDITION, str(e)
+        except grpc.aio.AioRpcError as e:  # a remote role failed: pass its status through
+            code, message = e.code(), f"upstream: {e.details()}"
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as e:
+            log.exception("%s failed", method)
+            code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
+            if self.engine is not None and self.engine.llm.errored:
+                # A dead engine does not come back: report NOT_SERVING and exit non-zero so the
+                # orchestrator restarts the process.
+                code = grpc.StatusCode.UNAVAILABLE
+                self.failed = True
+                asyncio.get_running_loop().create_task(self.stop(grace=0))
+        finally:
+            _deadline.reset(token)
+            metrics.REQUESTS.labels(method, code.name).inc()
+            metrics.LATENCY.labels(method).observe(time.perf_counter() - started)
+        await context.abort(code, message)
+
+    async def reload(self, uri: str) -> float:
+        """Load a checkpoint into the running engine (one reload at a time)."""
+        if self.engine is None:
+            raise InvalidArgument("uri: this server has no engine to load a checkpoint into")
+        async with self._reload_lock:
+            started = time.perf_counter()
+            try:
+                path = await asyncio.to_thread(resolve_checkpoint, uri, self.config.checkpoint_cache)
+                await self.engine.reload_weights(str(path))
+            except Exception:
+                metrics.RELOADS.labels("failed").inc()
+                raise
+            metrics.RELOADS.labels("ok").inc()
+            self.checkpoint = uri
+            metrics.CHECKPOINT.info({"uri": uri})
+            return time.perf_counter() - started
+
+
+class _Servicers:
+    """Thin gRPC adapters: each method is one ``Server.call`` around a handler."""
+
+    def __init__(self, server: Server) -> None:
+        self.perceiver = _Perceiver(server)
+        self.reasoner = _Reasoner(server)
+        self.verifier = _Verifier(server)
+        self.gateway = _Gateway(server)
+        self.admin = _Admin(server)
+
+
+def _batch_size(requests: Any, limit: int) -> int:
+    if not requests:
+        raise InvalidArgument("requests: the batch is empty")
+    if len(requests) > limit:
+        raise InvalidArgument(f"requests: {len(requests)} items, over the batch limit of {limit}")
+    return len(requests)
+
+
+class _Base:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    @property
+    def h(self) -> Handlers:
+        assert self.server.handlers is not None
+        return self.server.handlers
+
+    async def _batch(self, method: str, context: Any, requests: Any, prepare: Any, run: Any) -> list[Any]:
+        try:
+            n = _batch_size(requests, self.server.config.max_batch_items)
+        except InvalidArgument as e:
+            metrics.REQUESTS.labels(method, "INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return await self.server.call(method, context, n, lambda: self.h.batch(list(requests), prepare, run))
+
+
+class _Perceiver(_Base, pb_grpc.PerceiverServicer):
+    async def Perceive(self, request: pb.PerceiveRequest, context: Any) -> pb.PerceiveResult:
+        return await self.server.call("Perceive", context, 1, lambda: self.h.perceive(request))
+
+    async def PerceiveBatch(self, request: pb.PerceiveBatchRequest, context: Any) -> pb.PerceiveBatchResponse:
+        results = await self._batch("PerceiveBatch", context, request.requests, self.h.prepare_perceive,
+                                    self.h.run_perceive)
+        return pb.PerceiveBatchResponse(results=results)
+
+
+class _Reasoner(_Base, pb_grpc.ReasonerServicer):
+    async def Reason(self, request: pb.ReasonRequest, context: Any) -> pb.ReasonResult:
+        return await self.server.call("Reason", context, 1, lambda: self.h.reason(request))
+
+    async def ReasonBatch(self, request: pb.ReasonBatchRequest, context: Any) -> pb.ReasonBatchResponse:
+        results = await self._batch("ReasonBatch", context, request.requests, self.h.prepare_reason,
+                                    self.h.run_reason)
+        return pb.ReasonBatchResponse(results=results)
+
+
+class _Verifier(_Base, pb_grpc.VerifierServicer):
+    async def Verify(self, request: pb.VerifyRequest, context: Any) -> pb.VerifyResult:
+        async def work() -> pb.VerifyResult:
+            [result] = await self.h.batch([request], self.h.prepare_verify, self.h.run_verify, single=True)
+            return result
+
+        return await self.server.call("Verify", context, 1, work)
+
+    async def VerifyBatch(self, request: pb.VerifyBatchRequest, context: Any) -> pb.VerifyBatchResponse:
+        results = await self._batch("VerifyBatch", context, request.requests, self.h.prepare_verify,
+                                    self.h.run_verify)
+        return pb.VerifyBatchResponse(results=results)
+
+
+class _Gateway(_Base, pb_grpc.P2RServicer):
+    async def Answer(self, request: pb.AnswerRequest, context: Any) -> pb.AnswerResponse:
+        perceiver, reasoner = self.server.backends()
+        return await self.server.call("Answer", context, 1, lambda: answer(request, self.h, perceiver, reasoner))
+
+
+class _Admin(_Base, pb_grpc.AdminServicer):
+    async def LoadCheckpoint(self, request: pb.LoadCheckpointRequest, context: Any) -> pb.LoadCheckpointResponse:
+        async def work() -> pb.LoadCheckpointResponse:
+            if not request.uri:
+                raise InvalidArgument("uri: required")
+            seconds = await self.server.reload(request.uri)
+            return pb.LoadCheckpointResponse(uri=request.uri, seconds=seconds)
+
+        # A reload is admin work, not request work: it takes no admission slot.
+        return await self.server.call("LoadCheckpoint", context, 0, work)
+
+    async def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusResponse:
+        s = self.server
+        return pb.StatusResponse(checkpoint=s.checkpoint, roles=list(s.config.roles),
+                                 in_flight=s.admission.in_flight, max_in_flight=s.admission.limit)
+
+
+async def serve(config: ServeConfig) -> None:
+    """Run until SIGTERM/SIGINT, then drain and exit."""
+    server = Server(config)
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stopping.append(loop.create_task(server.stop())))
+    await server.start()
+    print(f"p2r serve ready: grpc={config.host}:{server.port} metrics={server.metrics_port} "
+          f"http={server.http_port} roles={','.join(config.roles)}", flush=True)
+    await server.wait()
+    if server.failed:
+        raise SystemExit("p2r serve: the engine died; exiting so the process is restarted")
