@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from p2r.services import metrics
+
 from p2r.core.generation import ChatRequest, Sampling
 
 if TYPE_CHECKING:
@@ -164,8 +166,13 @@ class AsyncEngine:
     async def generate(
         self, request: ChatRequest, sampling: Sampling, json_schema: dict[str, Any] | None = None
     ) -> GenerationOut:
+        from vllm.sampling_params import RequestOutputKind
+
         prompt = self.renderer.render(request)
         params = sampling_params(sampling, json_schema)
+        # One final output holding all n completions (cumulative outputs of a parallel-sampling
+        # request can hold only the completion that changed).
+        params.output_kind = RequestOutputKind.FINAL_ONLY
         request_id = f"p2r-{next(self._ids)}"
         final = None
         started = time.monotonic()
@@ -175,6 +182,7 @@ class AsyncEngine:
         except BaseException:
             if final is None or not final.finished:
                 self.aborted += 1
+                metrics.ABORTED.inc()
                 await self.llm.abort(request_id)
             raise
         assert final is not None

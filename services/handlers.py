@@ -111,7 +111,7 @@ class Handlers:
         out = []
         for i, r in enumerate(items):
             if not (r.x1 < r.x2 and r.y1 < r.y2):
-                raise InvalidArgument(f"{field}.regions[{i}]: a region needs x1 < x2 and y1 < y2")
+                raise InvalidArgument(f"{field}regions[{i}]: a region needs x1 < x2 and y1 < y2")
             out.append(Region(r.x1, r.y1, r.x2, r.y2, r.label or None))
         return out
 
@@ -135,7 +135,7 @@ class Handlers:
         question = self.question(req.question, f"{field}question")
         form = self.form(req.answer_form, f"{field}answer_form")
         sampling = self.sampling(req.sampling, f"{field}sampling", self.config.reason_max_tokens)
-        regions = self.regions(req.regions, field.rstrip("."))
+        regions = self.regions(req.regions, field)
         image = self.image(req.image, f"{field}image")
         started = time.perf_counter()
         evidence = build_evidence(image, regions)

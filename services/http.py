@@ -75,6 +75,6 @@ def create_app(server: Server) -> FastAPI:
             raise HTTPException(502, f"upstream: {e.details()}") from None
         finally:
             metrics.REQUESTS.labels("http_answer", code).inc()
-        return MessageToDict(result, preserving_proto_field_name=True)
+        return MessageToDict(result, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
     return app

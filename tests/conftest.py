@@ -35,3 +35,60 @@ def engine(tiny_model_dir: Path) -> Iterator[object]:
     eng = OfflineEngine(str(tiny_model_dir), EngineLimits(max_model_len=8192, max_num_seqs=8))
     yield eng
     del eng
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict[str, str]]:
+    """A real S3-protocol server (moto) on loopback; yields the env a client needs."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield {"P2R_S3_ENDPOINT": f"{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def second_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same architecture as ``tiny_model_dir``, other weights: for checkpoint reloads."""
+    from p2r.models.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-model-1"), seed=1)
+
+
+SERVE_CONFIG = """\
+max_in_flight: 64
+max_image_bytes: 2000000
+max_image_pixels: 20000000
+max_pixels: 262144
+perceive_max_tokens: 64
+reason_max_tokens: 64
+grace_period_s: 60
+limits:
+  max_model_len: 8192
+  max_num_seqs: 16
+"""
+
+
+@pytest.fixture(scope="session")
+def serve_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("serve") / "serve.yaml"
+    path.write_text(SERVE_CONFIG)
+    return path
+
+
+@pytest.fixture(scope="session")
+def role_server(tiny_model_dir: Path, serve_config: Path, s3_server: dict[str, str],
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One real server hosting every role on one engine over the tiny model."""
+    from tests.servers import start_server
+
+    cache = tmp_path_factory.mktemp("ckpt-cache")
+    server = start_server(
+        ["perceiver", "reasoner", "verifier", "gateway", "--model", str(tiny_model_dir), "--http-port", "0"],
+        env={**s3_server, "P2R_CHECKPOINT_CACHE": str(cache)}, config=serve_config,
+    )
+    yield server
+    server.stop()

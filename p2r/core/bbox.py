@@ -112,7 +112,9 @@ BBOX_LIST_SCHEMA: dict[str, Any] = {
                 "minItems": 4,
                 "maxItems": 4,
             },
-            "label": {"type": "string", "minLength": 1, "maxLength": 64},
+            # Printable text only: grammar backends otherwise admit raw control characters,
+            # which strict JSON parsers (and so the reward's parser) reject.
+            "label": {"type": "string", "pattern": "^[ -~]{1,64}$"},
         },
         "required": ["bbox_2d", "label"],
         "additionalProperties": False,

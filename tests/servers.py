@@ -1,0 +1,64 @@
+"""Starting real ``p2r serve`` processes for tests (loopback only, ports picked by the OS)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+READY = re.compile(r"p2r serve ready: grpc=(\S+) metrics=(\S+) http=(\S+)")
+
+
+@dataclass
+class ServerProc:
+    proc: subprocess.Popen[str]
+    target: str
+    metrics_port: int | None
+    http_port: int | None
+    log: list[str] = field(default_factory=list)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_server(args: list[str], env: dict[str, str] | None = None, config: Path | None = None,
+                 timeout: float = 240) -> ServerProc:
+    cmd = [sys.executable, "-m", "p2r.cli", "serve", *args, "--port", "0", "--metrics-port", "0"]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
+    log: list[str] = []
+    found: list[re.Match[str]] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.append(line)
+            if not found and (m := READY.search(line)):
+                found.append(m)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not found:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("server did not start:\n" + "".join(log[-60:]))
+        time.sleep(0.2)
+    m = found[0]
+    metrics_port = None if m.group(2) == "None" else int(m.group(2))
+    http_port = None if m.group(3) == "None" else int(m.group(3))
+    return ServerProc(proc, m.group(1), metrics_port, http_port, log)

@@ -1,0 +1,403 @@
+"""The gRPC services against real servers on loopback with the tiny model: every RPC, health,
+reflection, bad input, deadlines, overload, reload under load, metrics, HTTP, SIGTERM drain."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import jsonschema
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from p2r.services.checkpoints import sha256_file
+from p2r.services.client import Client, channel_options
+from PIL import Image
+
+from p2r.core.bbox import BBOX_LIST_SCHEMA, parse_regions
+from p2r.v1 import p2r_pb2 as pb
+from tests.servers import ServerProc, start_server
+
+pytestmark = pytest.mark.engine
+
+
+def png(size: tuple[int, int] = (640, 480), colour: str = "white") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client(role_server: ServerProc) -> Client:
+    c = Client(role_server.target, timeout_s=120)
+    c.wait_ready()
+    return c
+
+
+@pytest.fixture(scope="module")
+def synth_image(synthetic_dir: Path) -> bytes:
+    return (synthetic_dir / "images" / "000000.png").read_bytes()
+
+
+def sampling(**kw: float) -> pb.SamplingParams:
+    return pb.SamplingParams(**kw)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------ RPCs
+
+
+def test_answer_runs_perceive_then_reason(client: Client, synth_image: bytes) -> None:
+    r = client.answer(pb.AnswerRequest(id="q1", image=synth_image, question="What colour is the square?",
+                                       answer_form=pb.ANSWER_FORM_MCA,
+                                       perceive_sampling=sampling(max_tokens=16),
+                                       reason_sampling=sampling(max_tokens=16)))
+    assert r.id == "q1" and r.perceiver_output and r.reasoner_output
+    assert r.with_evidence == (r.num_crops > 0)
+    assert r.timings.total_ms >= r.timings.perceive_ms > 0 and r.timings.reason_ms > 0
+
+
+def test_perceive_batch_n_completions_and_regions(client: Client, synth_image: bytes) -> None:
+    reqs = [pb.PerceiveRequest(id=str(i), image=synth_image, question="Where is the text?",
+                               sampling=sampling(n=2, temperature=1.0, seed=i, max_tokens=8)) for i in range(6)]
+    results = client.perceive_batch(reqs)
+    assert [r.id for r in results] == [str(i) for i in range(6)]
+    for r in results:
+        assert len(r.completions) == 2 and len(r.regions) == 2
+        assert all(c.num_tokens > 0 and c.finish_reason in ("stop", "length") for c in r.completions)
+    again = client.perceive_batch(reqs[:1])  # per-request seeds make sampling reproducible
+    assert [c.text for c in again[0].completions] == [c.text for c in results[0].completions]
+
+
+def test_reason_builds_evidence_server_side(client: Client, synth_image: bytes) -> None:
+    regions = [pb.Region(x1=100 * i, y1=100, x2=100 * i + 50, y2=160, label=f"r{i}") for i in range(1, 6)]
+    with_ev, without, outside = client.reason_batch([
+        pb.ReasonRequest(image=synth_image, question="Q?", answer_form=pb.ANSWER_FORM_NA, regions=regions,
+                         sampling=sampling(max_tokens=8)),
+        pb.ReasonRequest(image=synth_image, question="Q?", answer_form=pb.ANSWER_FORM_NA,
+                         sampling=sampling(max_tokens=8)),
+        pb.ReasonRequest(image=synth_image, question="Q?", answer_form=pb.ANSWER_FORM_FREE_FORM,
+                         regions=[pb.Region(x1=1200, y1=0, x2=1500, y2=100, label="off")],
+                         sampling=sampling(max_tokens=8)),
+    ])
+    assert (with_ev.with_evidence, with_ev.num_crops) == (True, 3)
+    assert (without.with_evidence, without.num_crops) == (False, 0)
+    assert (outside.with_evidence, outside.num_crops) == (False, 0)
+    assert with_ev.timings.evidence_ms > 0 and len(with_ev.answers) == 1
+
+
+def test_verify_batch(client: Client) -> None:
+    results = client.verify_batch([pb.VerifyRequest(id="v", question="What?", ground_truth="cat", answer="a cat")])
+    assert results[0].id == "v" and isinstance(results[0].correct, bool)
+    assert results[0].correct == ("yes" in re.sub(r"<think>.*?</think>", "", results[0].reply, flags=re.S).lower())
+
+
+def test_structured_perceiver_output_matches_the_schema(client: Client, synth_image: bytes) -> None:
+    reqs = [pb.PerceiveRequest(image=synth_image, question="Where?", structured=True,
+                               sampling=sampling(temperature=1.0, seed=s, max_tokens=400)) for s in range(4)]
+    checked = 0
+    for r in client.perceive_batch(reqs):
+        c = r.completions[0]
+        if c.finish_reason == "stop":
+            jsonschema.validate(json.loads(c.text), BBOX_LIST_SCHEMA)
+            # the schema cannot say x1 < x2: the regions are the valid boxes among them
+            assert len(r.regions[0].regions) == len(parse_regions(c.text))
+            checked += 1
+    assert checked >= 1, "no constrained completion finished within max_tokens"
+
+
+def test_admin_status(client: Client, tiny_model_dir: Path) -> None:
+    s = client.status()
+    assert s.checkpoint == str(tiny_model_dir) and set(s.roles) == {"perceiver", "reasoner", "verifier", "gateway"}
+    assert s.max_in_flight == 64
+
+
+# --------------------------------------------------------------------- health, reflection
+
+
+def test_health_protocol(client: Client) -> None:
+    stub = health_pb2_grpc.HealthStub(client.channel)
+    for service in ("", "p2r.v1.Perceiver", "p2r.v1.Reasoner", "p2r.v1.Verifier", "p2r.v1.P2R"):
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_server_reflection(client: Client) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    db = ProtoReflectionDescriptorDatabase(client.channel)
+    services = set(db.get_services())
+    assert {"p2r.v1.Perceiver", "p2r.v1.Reasoner", "p2r.v1.Verifier", "p2r.v1.P2R", "p2r.v1.Admin",
+            "grpc.health.v1.Health"} <= services
+    assert db.FindFileContainingSymbol("p2r.v1.AnswerRequest").package == "p2r.v1"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _code(fn) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as err:
+        fn()
+    return err.value.code(), err.value.details()
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "details"),
+    [
+        ({"image": b""}, "image: image is empty (0 bytes)"),
+        ({"image": b"GIF89a-not-really"}, "image: cannot decode image"),
+        ({"image": b"\x00" * 2_000_001}, "image: image is 2000001 bytes, over the limit of 2000000 bytes"),
+        ({"image": png((5000, 5000))}, "image: image has 5000x5000 = 25000000 pixels, over the limit of 20000000"),
+        ({"question": "   "}, "question: question is empty"),
+        ({"answer_form": pb.ANSWER_FORM_UNSPECIFIED}, "answer_form: answer_form must be MCA, NA or FREE_FORM"),
+        ({"sampling": pb.SamplingParams(top_p=0.0)}, "sampling: top_p must be in (0, 1]"),
+        ({"regions": [pb.Region(x1=5, y1=5, x2=1, y2=9)]}, "regions[0]: a region needs x1 < x2 and y1 < y2"),
+    ],
+)
+def test_bad_reason_input_is_invalid_argument(client: Client, request_kwargs: dict, details: str) -> None:
+    base = {"image": png(), "question": "Q?", "answer_form": pb.ANSWER_FORM_MCA}
+    req = pb.ReasonRequest(**{**base, **request_kwargs})
+    code, message = _code(lambda: client.reasoner.Reason(req, timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and message.startswith(details), message
+
+
+def test_bad_item_in_a_batch_is_named(client: Client) -> None:
+    good = pb.PerceiveRequest(image=png(), question="Q?")
+    bad = pb.PerceiveRequest(image=b"", question="Q?")
+    code, message = _code(lambda: client.perceive_batch([good, good, bad]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and message == "requests[2].image: image is empty (0 bytes)"
+    code, message = _code(lambda: client.perceive_batch([]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "empty" in message
+
+
+def test_answer_rejects_bad_input(client: Client) -> None:
+    code, message = _code(lambda: client.answer(pb.AnswerRequest(image=png(), question="", answer_form=1)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and message == "question: question is empty"
+    code, message = _code(lambda: client.answer(pb.AnswerRequest(image=b"", question="Q", answer_form=1)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and message.startswith("image:")
+
+
+# ------------------------------------------------------------------- deadline and overload
+
+
+def _scrape(port: int | None) -> str:
+    assert port is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def _value(text: str, name: str) -> float:
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def test_deadline_exceeded_aborts_the_engine_request(client: Client, role_server: ServerProc) -> None:
+    before = _value(_scrape(role_server.metrics_port), "p2r_engine_aborted_requests_total")
+    req = pb.PerceiveRequest(image=png(), question="Q?", sampling=sampling(temperature=1.0, max_tokens=6000))
+    started = time.monotonic()
+    code, _ = _code(lambda: client.perceiver.Perceive(req, timeout=0.5))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - started < 5
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        text = _scrape(role_server.metrics_port)
+        if (_value(text, "p2r_engine_aborted_requests_total") > before
+                and _value(text, "vllm:num_requests_running") == 0):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the engine request was not aborted after the deadline")
+
+
+def test_overload_is_resource_exhausted_quickly(client: Client) -> None:
+    # One batch larger than the admission limit (64) is refused outright.
+    too_many = [pb.PerceiveRequest(image=png((64, 64)), question="Q?") for _ in range(65)]
+    started = time.monotonic()
+    code, message = _code(lambda: client.perceiver.PerceiveBatch(pb.PerceiveBatchRequest(requests=too_many),
+                                                                 timeout=60, wait_for_ready=True))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 64" in message
+    # While 60 items are in flight, 10 more are refused at once instead of queueing.
+    slow = [pb.PerceiveRequest(image=png((64, 64)), question="Q?", sampling=sampling(temperature=1.0, max_tokens=400))
+            for _ in range(60)]
+    no_retry = grpc.insecure_channel(client.target, options=[("grpc.enable_retries", 0)])
+    from p2r.v1 import p2r_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.PerceiverStub(no_retry)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(stub.PerceiveBatch, pb.PerceiveBatchRequest(requests=slow), timeout=120)
+        deadline = time.monotonic() + 10
+        while client.status().in_flight < 60 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = time.monotonic()
+        code, _ = _code(lambda: stub.PerceiveBatch(pb.PerceiveBatchRequest(requests=slow[:10]), timeout=60))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - started < 2
+        assert len(running.result().results) == 60
+    no_retry.close()
+
+
+def test_client_retries_only_retryable_codes() -> None:
+    config = json.loads(dict(channel_options())["grpc.service_config"])
+    policy = config["methodConfig"][0]["retryPolicy"]
+    assert policy["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
+    assert policy["backoffMultiplier"] == 2.0 and policy["maxAttempts"] == 5
+    # Against a port nobody listens on: UNAVAILABLE after the retries, within the deadline.
+    with Client("127.0.0.1:1", timeout_s=3) as c:
+        started = time.monotonic()
+        code, _ = _code(lambda: c.status())
+        assert code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 10
+
+
+# --------------------------------------------------------------------------------- reload
+
+
+def _upload(model_dir: Path, s3: dict[str, str], bucket: str, prefix: str, with_manifest: bool) -> str:
+    from minio import Minio
+
+    client = Minio(s3["P2R_S3_ENDPOINT"], access_key=s3["AWS_ACCESS_KEY_ID"],
+                   secret_key=s3["AWS_SECRET_ACCESS_KEY"], secure=False)
+    if not client.bucket_exists(bucket):
+        client.make_bucket(bucket)
+    files = sorted(p for p in model_dir.iterdir() if p.is_file())
+    for f in files:
+        client.fput_object(bucket, f"{prefix}/{f.name}", str(f))
+    if with_manifest:
+        manifest = json.dumps({"files": {f.name: sha256_file(f) for f in files}}).encode()
+        client.put_object(bucket, f"{prefix}/manifest.json", io.BytesIO(manifest), len(manifest))
+    return f"s3://{bucket}/{prefix}/"
+
+
+def test_reload_under_load_drops_nothing(client: Client, tiny_model_dir: Path, second_model_dir: Path,
+                                         s3_server: dict[str, str], synth_image: bytes) -> None:
+    probe = [pb.PerceiveRequest(image=synth_image, question="Where?",
+                                sampling=sampling(temperature=1.0, seed=11, max_tokens=24))]
+
+    def texts() -> list[str]:
+        return [r.completions[0].text for r in client.perceive_batch(probe)]
+
+    original = texts()
+    failures: list[Exception] = []
+    done = 0
+    stop = threading.Event()
+
+    def load() -> None:
+        nonlocal done
+        while not stop.is_set():
+            try:
+                client.reason_batch([pb.ReasonRequest(image=png(), question="Q?", answer_form=1,
+                                                      sampling=sampling(max_tokens=16)) for _ in range(4)])
+                done += 1
+            except Exception as e:
+                failures.append(e)
+
+    workers = [threading.Thread(target=load) for _ in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(1.0)
+        s3_uri = _upload(second_model_dir, s3_server, "ckpts", "seed1", with_manifest=True)
+        assert client.load_checkpoint(s3_uri).uri == s3_uri
+        assert client.status().checkpoint == s3_uri
+        swapped = texts()
+        time.sleep(0.5)
+        client.load_checkpoint(f"file://{tiny_model_dir}")
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    assert failures == [] and done > 0
+    assert swapped != original, "the reload did not change the served weights"
+    assert texts() == original, "reloading the original weights must restore its outputs exactly"
+
+
+def test_reload_refuses_incomplete_or_missing_checkpoints(client: Client, second_model_dir: Path,
+                                                          s3_server: dict[str, str], tmp_path: Path) -> None:
+    partial = _upload(second_model_dir, s3_server, "ckpts", "partial", with_manifest=False)
+    code, message = _code(lambda: client.load_checkpoint(partial))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "no manifest.json" in message
+    code, message = _code(lambda: client.load_checkpoint(str(tmp_path / "nope")))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "no such directory" in message
+    code, _ = _code(lambda: client.load_checkpoint(""))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ------------------------------------------------------------------------- metrics, HTTP
+
+
+def test_metrics_after_traffic(client: Client, role_server: ServerProc, tiny_model_dir: Path) -> None:
+    client.answer(pb.AnswerRequest(image=png(), question="Q?", answer_form=pb.ANSWER_FORM_MCA,
+                                   perceive_sampling=sampling(max_tokens=8), reason_sampling=sampling(max_tokens=8)))
+    text = _scrape(role_server.metrics_port)
+    for name in ("p2r_requests_total", "p2r_request_latency_seconds_count", "p2r_queue_latency_seconds_count",
+                 "p2r_engine_latency_seconds_count", "p2r_generated_tokens_total", "p2r_images_processed_total",
+                 "vllm:generation_tokens_total", "p2r_max_in_flight_items"):
+        assert _value(text, name) > 0, name
+    assert 'p2r_requests_total{code="OK",method="Answer"}' in text
+    assert 'code="INVALID_ARGUMENT"' in text
+    for gauge in ("p2r_in_flight_items", "vllm:kv_cache_usage_perc", "vllm:num_requests_waiting"):
+        assert re.search(rf"^{re.escape(gauge)}(\{{[^}}]*\}})? ", text, re.M), gauge
+    assert re.search(r'^p2r_checkpoint_info\{uri="[^"]+"\} 1\.0$', text, re.M)
+
+
+def test_http_facade(role_server: ServerProc, synth_image: bytes) -> None:
+    import httpx
+
+    base = f"http://127.0.0.1:{role_server.http_port}"
+    assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{base}/readyz").status_code == 200
+    ok = httpx.post(f"{base}/v1/answer", files={"image": ("a.png", synth_image, "image/png")},
+                    data={"question": "What colour?", "answer_form": "mca"}, timeout=120)
+    assert ok.status_code == 200 and "answer" in ok.json() and "timings" in ok.json()
+    bad = httpx.post(f"{base}/v1/answer", files={"image": ("a.png", b"nope", "image/png")},
+                     data={"question": "Q"}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["detail"].startswith("image: cannot decode image")
+    form = httpx.post(f"{base}/v1/answer", files={"image": ("a.png", synth_image, "image/png")},
+                      data={"question": "Q", "answer_form": "essay"}, timeout=60)
+    assert form.status_code == 400 and "unknown answer form 'essay'" in form.json()["detail"]
+    missing = httpx.post(f"{base}/v1/answer", data={"question": "Q"}, timeout=60)
+    assert missing.status_code == 422
+
+
+# -------------------------------------------------------------------- gateway, SIGTERM
+
+
+def test_remote_gateway_composes_remote_roles(role_server: ServerProc, synth_image: bytes) -> None:
+    gateway = start_server(["gateway"], env={"P2R_PERCEIVER_ENDPOINT": role_server.target,
+                                             "P2R_REASONER_ENDPOINT": role_server.target})
+    try:
+        with Client(gateway.target, timeout_s=120) as c:
+            r = c.answer(pb.AnswerRequest(image=synth_image, question="Q?", answer_form=pb.ANSWER_FORM_NA,
+                                          perceive_sampling=sampling(max_tokens=8),
+                                          reason_sampling=sampling(max_tokens=8)))
+            assert r.perceiver_output and r.reasoner_output
+            code, message = _code(lambda: c.answer(pb.AnswerRequest(image=b"xx", question="Q", answer_form=1)))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "upstream" in message
+    finally:
+        assert gateway.stop() == 0
+
+
+def test_sigterm_drains_in_flight_requests(tiny_model_dir: Path, serve_config: Path) -> None:
+    server = start_server(["reasoner", "--model", str(tiny_model_dir)], config=serve_config)
+    try:
+        c = Client(server.target, timeout_s=120)
+        c.wait_ready()
+        reqs = [pb.ReasonRequest(image=png(), question="Q?", answer_form=1,
+                                 sampling=sampling(temperature=1.0, max_tokens=1500, seed=i)) for i in range(4)]
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(c.reason_batch, reqs)
+            deadline = time.monotonic() + 20
+            while c.status().in_flight < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            server.proc.terminate()  # SIGTERM
+            results = running.result(timeout=120)
+        assert len(results) == 4 and all(r.completions[0].num_tokens > 0 for r in results)
+        assert server.proc.wait(60) == 0
+        code, _ = _code(lambda: Client(server.target, timeout_s=2).status())
+        assert code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(timeout=10)
