@@ -270,6 +270,36 @@ def serve(roles: tuple[str, ...], config_path: Path | None, model: str | None, h
         raise UserError(str(e)) from None
 
 
+@cli.command("ask")
+@click.option("--target", default="127.0.0.1:50051", show_default=True, help="Gateway gRPC address.")
+@click.option("--image", "image_path", type=click.Path(path_type=Path), required=True)
+@click.option("--question", required=True)
+@click.option("--form", type=click.Choice(["mca", "na", "free_form"]), default="mca", show_default=True)
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.001), default=300.0, show_default=True,
+              help="Deadline in seconds.")
+@_user_errors
+def ask(target: str, image_path: Path, question: str, form: str, timeout_s: float) -> None:
+    """Ask a running gateway (P2R.Answer over gRPC); prints the response as JSON."""
+    import grpc
+    from google.protobuf.json_format import MessageToJson
+
+    from p2r.core.prompts import AnswerForm
+    from p2r.services.client import Client
+    from p2r.services.handlers import FORM_TO_PB
+    from p2r.v1 import p2r_pb2 as pb
+
+    if not image_path.is_file():
+        raise UserError(f"--image: no such file {image_path}")
+    request = pb.AnswerRequest(image=image_path.read_bytes(), question=question,
+                               answer_form=FORM_TO_PB[AnswerForm.parse(form)])
+    try:
+        with Client(target, timeout_s=timeout_s) as client:
+            response = client.answer(request)
+    except grpc.RpcError as e:
+        raise UserError(f"{target}: {e.code().name}: {e.details()}") from None
+    click.echo(MessageToJson(response, preserving_proto_field_name=True))
+
+
 def main() -> None:
     """Console entry point."""
     cli(prog_name="p2r")

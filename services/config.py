@@ -45,6 +45,7 @@ class ServeConfig(BaseSettings):
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(100_000_000, ge=1, description="decoded width x height")
     max_question_chars: int = Field(16_384, ge=1)
+    decoded_image_cache: int = Field(32, ge=0, description="decoded images kept by content hash")
 
     # Model-side resize (Qwen smart_resize) and defaults per role
     min_pixels: int = Field(4 * 32 * 32, ge=1)

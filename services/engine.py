@@ -15,9 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from p2r.services import metrics
-
 from p2r.core.generation import ChatRequest, Sampling
+from p2r.services import metrics
 
 if TYPE_CHECKING:
     from vllm import SamplingParams

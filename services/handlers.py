@@ -9,14 +9,14 @@ awaits the shared ``AsyncEngine``. The gateway's ``answer`` composes perceive an
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from p2r.services import metrics
-from p2r.services.config import ServeConfig
-from p2r.services.engine import AsyncEngine, GenerationOut
 from PIL import Image
 
 from p2r.core import prompts
@@ -26,8 +26,11 @@ from p2r.core.evidence import build_evidence
 from p2r.core.flow import perceiver_request, reasoner_request
 from p2r.core.generation import ChatRequest, Sampling
 from p2r.core.grading import verifier_says_yes
-from p2r.core.images import ImageError, PixelBounds, decode_image
+from p2r.core.images import ImageError, PixelBounds, load_image, open_image
 from p2r.core.prompts import AnswerForm
+from p2r.services import metrics
+from p2r.services.config import ServeConfig
+from p2r.services.engine import AsyncEngine, GenerationOut
 from p2r.v1 import p2r_pb2 as pb
 
 _FORMS = {
@@ -62,6 +65,11 @@ class Handlers:
         self.config = config
         self.engine = engine
         self.bounds = PixelBounds(config.min_pixels, config.max_pixels)
+        # Decoded images by content hash: a gateway's perceive and reason calls, and a
+        # trainer's rollouts of one prompt, send the same image; decode it once. Images are
+        # never modified in place (evidence drawing copies), so sharing is safe.
+        self._decoded: OrderedDict[bytes, Image.Image] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------ validation
 
@@ -79,14 +87,33 @@ class Handlers:
             raise InvalidArgument(f"{field}: {e}") from None
 
     def image(self, data: bytes, field: str) -> Image.Image:
+        """Check size, format and pixel count from the header; pixels are decoded later."""
         if len(data) > self.config.max_image_bytes:
             raise InvalidArgument(
                 f"{field}: image is {len(data)} bytes, over the limit of {self.config.max_image_bytes} bytes"
             )
         try:
-            return decode_image(data, field=field, max_pixels=self.config.max_image_pixels)
+            return open_image(data, field=field, max_pixels=self.config.max_image_pixels)
         except ImageError as e:
             raise InvalidArgument(str(e)) from None
+
+    def pixels(self, image: Image.Image, data: bytes, field: str) -> Image.Image:
+        """Decoded RGB pixels, from the cache when the same bytes were decoded recently."""
+        key = hashlib.blake2b(data, digest_size=16).digest()
+        with self._cache_lock:
+            cached = self._decoded.get(key)
+            if cached is not None:
+                self._decoded.move_to_end(key)
+                return cached
+        try:
+            rgb = load_image(image, field=field)
+        except ImageError as e:
+            raise InvalidArgument(str(e)) from None
+        with self._cache_lock:
+            self._decoded[key] = rgb
+            while len(self._decoded) > self.config.decoded_image_cache:
+                self._decoded.popitem(last=False)
+        return rgb
 
     def question(self, text: str, field: str) -> str:
         if not text.strip():
@@ -122,27 +149,41 @@ class Handlers:
 
     # ------------------------------------------------------------------------------- prepare
 
-    def prepare_perceive(self, req: pb.PerceiveRequest, field: str) -> Prepared:
+    # Each prepare_* validates its request completely and cheaply (image headers only) and
+    # returns the heavy part - decoding, evidence, resizing - as a function run later in a
+    # worker thread, so a batch is rejected before any work and then pipelined item by item.
+
+    def prepare_perceive(self, req: pb.PerceiveRequest, field: str) -> Callable[[], Prepared]:
         question = self.question(req.question, f"{field}question")
         sampling = self.sampling(req.sampling, f"{field}sampling", self.config.perceive_max_tokens)
         image = self.image(req.image, f"{field}image")
-        chat = perceiver_request(image, question, self.bounds, self.variant(req.variant))
         structured = req.structured or self.config.structured_perceiver
         schema = BBOX_LIST_SCHEMA if structured else None
-        return Prepared(chat, sampling, {"schema": schema})
+        variant = self.variant(req.variant)
 
-    def prepare_reason(self, req: pb.ReasonRequest, field: str) -> Prepared:
+        def build() -> Prepared:
+            chat = perceiver_request(self.pixels(image, req.image, f"{field}image"), question, self.bounds, variant)
+            return Prepared(chat, sampling, {"schema": schema})
+
+        return build
+
+    def prepare_reason(self, req: pb.ReasonRequest, field: str) -> Callable[[], Prepared]:
         question = self.question(req.question, f"{field}question")
         form = self.form(req.answer_form, f"{field}answer_form")
         sampling = self.sampling(req.sampling, f"{field}sampling", self.config.reason_max_tokens)
         regions = self.regions(req.regions, field)
         image = self.image(req.image, f"{field}image")
-        started = time.perf_counter()
-        evidence = build_evidence(image, regions)
-        chat = reasoner_request(evidence, question, form, self.bounds, self.variant(req.variant))
-        return Prepared(chat, sampling, {"evidence": evidence, "evidence_s": time.perf_counter() - started})
+        variant = self.variant(req.variant)
 
-    def prepare_verify(self, req: pb.VerifyRequest, field: str) -> Prepared:
+        def build() -> Prepared:
+            started = time.perf_counter()
+            evidence = build_evidence(self.pixels(image, req.image, f"{field}image"), regions)
+            chat = reasoner_request(evidence, question, form, self.bounds, variant)
+            return Prepared(chat, sampling, {"evidence": evidence, "evidence_s": time.perf_counter() - started})
+
+        return build
+
+    def prepare_verify(self, req: pb.VerifyRequest, field: str) -> Callable[[], Prepared]:
         question = self.question(req.question, f"{field}question")
         if not req.ground_truth.strip():
             raise InvalidArgument(f"{field}ground_truth: empty")
@@ -151,7 +192,8 @@ class Handlers:
             prompts.chat_messages(text, 0, system=prompts.VERIFIER_SYSTEM_PROMPT),
             template_kwargs={"enable_thinking": False},
         )
-        return Prepared(chat, Sampling(temperature=0.0, max_tokens=self.config.verify_max_tokens), {})
+        prepared = Prepared(chat, Sampling(temperature=0.0, max_tokens=self.config.verify_max_tokens), {})
+        return lambda: prepared
 
     # ----------------------------------------------------------------------------------- run
 
@@ -205,19 +247,24 @@ class Handlers:
     async def batch(
         self,
         requests: list[Any],
-        prepare: Callable[[Any, str], Prepared],
+        prepare: Callable[[Any, str], Callable[[], Prepared]],
         run: Callable[[Any, Prepared, float], Awaitable[Any]],
         single: bool = False,
     ) -> list[Any]:
-        """Validate every item (in a thread: decoding and cropping are CPU work), then run all
-        of them concurrently on the engine."""
+        """Validate every item, then decode and generate each item as soon as it is ready: the
+        engine starts on the first item while later images are still being cropped."""
         started = time.perf_counter()
+        builders = [prepare(r, "" if single else f"requests[{i}].") for i, r in enumerate(requests)]
 
-        def prepare_all() -> list[Prepared]:
-            return [prepare(r, "" if single else f"requests[{i}].") for i, r in enumerate(requests)]
+        async def one(request: Any, build: Callable[[], Prepared]) -> Any:
+            return await run(request, await asyncio.to_thread(build), started)
 
-        prepared = await asyncio.to_thread(prepare_all)
-        return list(await asyncio.gather(*(run(r, p, started) for r, p in zip(requests, prepared, strict=True))))
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(r, b)) for r, b in zip(requests, builders, strict=True)]
+        except BaseExceptionGroup as eg:  # one failed item fails the call; the rest were cancelled
+            raise eg.exceptions[0] from None
+        return [t.result() for t in tasks]
 
     async def perceive(self, req: pb.PerceiveRequest) -> pb.PerceiveResult:
         [result] = await self.batch([req], self.prepare_perceive, self.run_perceive, single=True)

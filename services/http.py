@@ -14,10 +14,10 @@ import grpc
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import JSONResponse
 from google.protobuf.json_format import MessageToDict
-from p2r.services import metrics
-from p2r.services.handlers import FORM_TO_PB, InvalidArgument, answer
 
 from p2r.core.prompts import AnswerForm
+from p2r.services import metrics
+from p2r.services.handlers import FORM_TO_PB, InvalidArgument, answer
 from p2r.v1 import p2r_pb2 as pb
 
 if TYPE_CHECKING:

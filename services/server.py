@@ -22,13 +22,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+
 from p2r.services import metrics
 from p2r.services.checkpoints import CheckpointError, resolve_checkpoint
 from p2r.services.client import aio_channel
 from p2r.services.config import ServeConfig
 from p2r.services.engine import AsyncEngine, EngineLimits
 from p2r.services.handlers import Handlers, InvalidArgument, RoleBackend, answer
-
 from p2r.v1 import p2r_pb2 as pb
 from p2r.v1 import p2r_pb2_grpc as pb_grpc
 
@@ -178,6 +178,7 @@ class Server:
 
     async def _start_http(self) -> None:
         import uvicorn
+
         from p2r.services.http import create_app
 
         app = create_app(self)

@@ -21,7 +21,7 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 def test_help_lists_every_command() -> None:
     out = run("--help")
     assert out.returncode == 0
-    for command in ("answer", "data", "demo", "models"):
+    for command in ("answer", "ask", "data", "demo", "models", "serve"):
         assert command in out.stdout
     assert "synth" in run("data", "--help").stdout and "check" in run("data", "--help").stdout
     assert "tiny" in run("models", "--help").stdout
@@ -35,6 +35,9 @@ def test_help_lists_every_command() -> None:
         (("data", "check", "/nonexistent.parquet"), "p2r: error: /nonexistent.parquet: no such data file"),
         (("answer", "--model", "m", "--image", "/nonexistent.png", "--question", "q"),
          "p2r: error: --image: no such file /nonexistent.png"),
+        (("serve", "perceiver"), "p2r: error: config: Value error, a model is required"),
+        (("serve", "gateway", "--config", "/nonexistent.yaml"), "p2r: error: --config: no such file"),
+        (("serve", "oracle"), "p2r: error: Invalid value for '{perceiver|reasoner|verifier|gateway}...': 'oracle'"),
     ],
 )
 def test_errors_are_one_line_and_exit_2(args: tuple[str, ...], message: str) -> None:

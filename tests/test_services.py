@@ -16,11 +16,11 @@ import grpc
 import jsonschema
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from p2r.services.checkpoints import sha256_file
-from p2r.services.client import Client, channel_options
 from PIL import Image
 
 from p2r.core.bbox import BBOX_LIST_SCHEMA, parse_regions
+from p2r.services.checkpoints import sha256_file
+from p2r.services.client import Client, channel_options
 from p2r.v1 import p2r_pb2 as pb
 from tests.servers import ServerProc, start_server
 
@@ -91,7 +91,10 @@ def test_reason_builds_evidence_server_side(client: Client, synth_image: bytes) 
     assert with_ev.timings.evidence_ms > 0 and len(with_ev.answers) == 1
 
 
-def test_verify_batch(client: Client) -> None:
+def test_verify_unary_and_batch(client: Client) -> None:
+    single = client.verifier.Verify(pb.VerifyRequest(id="u", question="What?", ground_truth="cat", answer="cat"),
+                                    timeout=60)
+    assert single.id == "u" and single.timings.engine_ms > 0
     results = client.verify_batch([pb.VerifyRequest(id="v", question="What?", ground_truth="cat", answer="a cat")])
     assert results[0].id == "v" and isinstance(results[0].correct, bool)
     assert results[0].correct == ("yes" in re.sub(r"<think>.*?</think>", "", results[0].reply, flags=re.S).lower())
@@ -401,3 +404,21 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir: Path, serve_config: P
         assert code == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop(timeout=10)
+
+
+def test_cli_ask_uses_the_client(role_server: ServerProc, synthetic_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    image = synthetic_dir / "images" / "000002.png"
+    out = subprocess.run([sys.executable, "-m", "p2r.cli", "ask", "--target", role_server.target, "--image",
+                          str(image), "--question", "What word?", "--form", "free_form"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "perceiver_output" in json.loads(out.stdout)
+    out = subprocess.run([sys.executable, "-m", "p2r.cli", "ask", "--target", "127.0.0.1:1", "--image", str(image),
+                          "--question", "Q", "--timeout", "2"], capture_output=True, text=True, timeout=60)
+    # nobody listens there: retried while UNAVAILABLE, until the 2 s deadline runs out
+    assert out.returncode == 2
+    assert re.match(r"p2r: error: 127\.0\.0\.1:1: (UNAVAILABLE|DEADLINE_EXCEEDED): ", out.stderr)
+    assert len(out.stderr.strip().splitlines()) == 1

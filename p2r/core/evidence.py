@@ -68,7 +68,12 @@ def crop(image: Image.Image, region: Region) -> Image.Image | None:
     left, top, right, bottom = crop_box(region, image.width, image.height)
     if right <= left or bottom <= top:
         return None
-    return image.convert("RGB").crop((left, top, right, bottom))
+    return _rgb(image).crop((left, top, right, bottom))
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB, converting (a full copy) only when it is not RGB already."""
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 @dataclass
@@ -92,7 +97,8 @@ def build_evidence(
     image: Image.Image, regions: list[Region], max_crops: int = MAX_IMAGE_EVIDENCE
 ) -> Evidence:
     """Annotated image plus up to ``max_crops`` crops, or the no-evidence fallback."""
+    image = _rgb(image)
     crops = [c for c in (crop(image, r) for r in regions[:max_crops]) if c is not None]
     if not crops:
-        return Evidence(images=[image.convert("RGB")], with_evidence=False, regions=regions)
+        return Evidence(images=[image], with_evidence=False, regions=regions)
     return Evidence(images=[highlight(image, regions), *crops], with_evidence=True, regions=regions)

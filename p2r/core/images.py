@@ -44,30 +44,42 @@ TRAIN_BOUNDS = PixelBounds(MIN_PIXELS, TRAIN_MAX_PIXELS)
 EVAL_BOUNDS = PixelBounds(EVAL_MIN_PIXELS, EVAL_MAX_PIXELS)
 
 
-def decode_image(data: bytes, *, field: str = "image", max_pixels: int | None = None) -> Image.Image:
-    """Decode encoded bytes (JPEG/PNG/WebP/...) into an RGB image.
+def open_image(data: bytes, *, field: str = "image", max_pixels: int | None = None) -> Image.Image:
+    """Read the header of encoded image bytes: format and size are checked, pixels not decoded.
 
-    ``max_pixels`` guards against decompression bombs before the pixels are materialised.
+    Cheap, so a server can validate a whole batch before decoding any of it; ``max_pixels``
+    guards against decompression bombs before the pixels are materialised.
     """
     if not data:
         raise ImageError(f"{field}: image is empty (0 bytes)")
     try:
         image = Image.open(io.BytesIO(data))
-        if max_pixels is not None and image.width * image.height > max_pixels:
-            raise ImageError(
-                f"{field}: image has {image.width}x{image.height} = "
-                f"{image.width * image.height} pixels, over the limit of {max_pixels}"
-            )
-        image.load()
-    except ImageError:
-        raise
     except UnidentifiedImageError:
         raise ImageError(
             f"{field}: cannot decode image ({len(data)} bytes): not a JPEG, PNG, WebP or other known format"
         ) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"{field}: cannot decode image ({len(data)} bytes): {e}") from None
-    return image.convert("RGB")
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise ImageError(
+            f"{field}: image has {image.width}x{image.height} = "
+            f"{image.width * image.height} pixels, over the limit of {max_pixels}"
+        )
+    return image
+
+
+def load_image(image: Image.Image, *, field: str = "image") -> Image.Image:
+    """Decode the pixels of an opened image into RGB; truncated or corrupt data is an ImageError."""
+    try:
+        image.load()
+        return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{field}: cannot decode image: {e}") from None
+
+
+def decode_image(data: bytes, *, field: str = "image", max_pixels: int | None = None) -> Image.Image:
+    """Decode encoded bytes (JPEG/PNG/WebP/...) into an RGB image."""
+    return load_image(open_image(data, field=field, max_pixels=max_pixels), field=field)
 
 
 def encode_image(image: Image.Image, fmt: str = "PNG") -> bytes:
