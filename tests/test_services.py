@@ -313,9 +313,11 @@ def test_reload_under_load_drops_nothing(client: Client, tiny_model_dir: Path, s
         stop.set()
         for w in workers:
             w.join()
-    assert failures == [] and done > 0
+    assert failures == [], failures
+    assert done > 0
     assert swapped != original, "the reload did not change the served weights"
-    assert texts() == original, "reloading the original weights must restore its outputs exactly"
+    restored = texts()
+    assert restored == original, f"reloading the original weights must restore its outputs: {restored} != {original}"
 
 
 def test_reload_refuses_incomplete_or_missing_checkpoints(client: Client, second_model_dir: Path,
