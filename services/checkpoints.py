@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,6 +20,9 @@ MANIFEST = "manifest.json"
 
 class CheckpointError(ValueError):
     """A checkpoint URI that cannot be used; the message says why."""
+
+
+STEP_PREFIX = "step-"
 
 
 def sha256_file(path: Path) -> str:
@@ -94,3 +98,93 @@ def resolve_checkpoint(uri: str, cache_dir: Path) -> Path:
     elif "://" in uri:
         raise CheckpointError(f"{uri}: unsupported scheme (use a path, file:// or s3://)")
     return verify_checkpoint_dir(Path(uri))
+
+
+# ------------------------------------------------------------------------------------ writing
+
+
+def write_manifest(checkpoint_dir: Path, **meta: object) -> Path:
+    """Hash every file of a finished local checkpoint into ``manifest.json`` (written last)."""
+    files = {p.name: sha256_file(p) for p in sorted(checkpoint_dir.iterdir()) if p.is_file() and p.name != MANIFEST}
+    manifest = checkpoint_dir / MANIFEST
+    tmp = manifest.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"files": files, **meta}, indent=1))
+    tmp.replace(manifest)
+    return manifest
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if not parsed.netloc:
+        raise CheckpointError(f"{uri}: expected s3://BUCKET/PREFIX")
+    return parsed.netloc, parsed.path.strip("/")
+
+
+def upload_checkpoint(local_dir: Path, uri: str) -> str:
+    """Copy a local checkpoint (with its manifest) to ``file://...`` or ``s3://...``.
+
+    The manifest goes last, so a reader that finds it finds every file it lists; an upload
+    interrupted before that point leaves a prefix without a manifest, which is never loaded.
+    """
+    manifest = local_dir / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f"{local_dir}: write the manifest before uploading")
+    names = [n for n in json.loads(manifest.read_text())["files"]] + [MANIFEST]
+    if uri.startswith("s3://"):
+        from minio.error import S3Error
+
+        bucket, prefix = _split_s3(uri)
+        client = s3_client()
+        try:
+            if not client.bucket_exists(bucket):
+                client.make_bucket(bucket)
+            for name in names:
+                client.fput_object(bucket, f"{prefix}/{name}", str(local_dir / name),
+                                   part_size=64 * 1024 * 1024, num_parallel_uploads=4)
+        except S3Error as e:
+            raise CheckpointError(f"{uri}: {e.code}: {e.message}") from None
+        return uri
+    target = Path(urlparse(uri).path if uri.startswith("file://") else uri)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        tmp = target / f".{name}.partial"
+        shutil.copyfile(local_dir / name, tmp)
+        tmp.replace(target / name)
+    return uri
+
+
+def complete_checkpoints(root_uri: str) -> list[tuple[int, str]]:
+    """``(step, uri)`` of every ``step-N`` checkpoint under ``root_uri`` that has its manifest,
+    oldest first. Files are verified against the manifest when a checkpoint is resolved."""
+    found: list[tuple[int, str]] = []
+    if root_uri.startswith("s3://"):
+        from minio.error import S3Error
+
+        bucket, prefix = _split_s3(root_uri)
+        base = f"{prefix}/" if prefix else ""
+        try:
+            names = [o.object_name for o in s3_client().list_objects(bucket, prefix=base, recursive=True)]
+        except S3Error as e:
+            if e.code == "NoSuchBucket":
+                return []
+            raise CheckpointError(f"{root_uri}: {e.code}: {e.message}") from None
+        for name in names:
+            parts = name[len(base):].split("/")
+            if len(parts) == 2 and parts[1] == MANIFEST and parts[0].startswith(STEP_PREFIX):
+                step = parts[0][len(STEP_PREFIX):]
+                if step.isdigit():
+                    found.append((int(step), f"s3://{bucket}/{base}{parts[0]}/"))
+    else:
+        root = Path(urlparse(root_uri).path if root_uri.startswith("file://") else root_uri)
+        if root.is_dir():
+            for d in root.iterdir():
+                step = d.name[len(STEP_PREFIX):]
+                if d.name.startswith(STEP_PREFIX) and step.isdigit() and (d / MANIFEST).is_file():
+                    found.append((int(step), str(d)))
+    return sorted(found)
+
+
+def latest_checkpoint(root_uri: str) -> str | None:
+    """The newest complete checkpoint under ``root_uri`` (``--resume auto``), or None."""
+    found = complete_checkpoints(root_uri)
+    return found[-1][1] if found else None
