@@ -300,6 +300,37 @@ def ask(target: str, image_path: Path, question: str, form: str, timeout_s: floa
     click.echo(MessageToJson(response, preserving_proto_field_name=True))
 
 
+@cli.command("train")
+@click.option("--role", type=click.Choice(["perceiver", "reasoner"]), required=True)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="YAML training config (P2R_TRAIN_* environment variables override it).")
+@click.option("--resume", default=None, help="'auto' (newest complete checkpoint under output) or a URI.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None)
+@_user_errors
+def train(role: str, config_path: Path, resume: str | None, max_steps: int | None) -> None:
+    """Run one PRA-GRPO stage (perceiver = stage 1, reasoner = stage 2)."""
+    import logging
+
+    from pydantic import ValidationError
+
+    from p2r.services.checkpoints import CheckpointError
+    from p2r.trainer.config import load_train_config
+    from p2r.trainer.loop import Trainer
+
+    try:
+        config = load_train_config(config_path, role=role, max_steps=max_steps)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise UserError(f"{'.'.join(str(p) for p in first['loc']) or 'config'}: {first['msg']}") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        result = Trainer(config, resume=resume).run()
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    click.echo(json.dumps({"checkpoint": result["checkpoint"], "steps": result["steps"],
+                           "param_digest": result["param_digest"]}))
+
+
 def main() -> None:
     """Console entry point."""
     cli(prog_name="p2r")

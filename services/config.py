@@ -7,7 +7,7 @@ these names one to one (``P2R_MAX_IN_FLIGHT``, ``P2R_LIMITS__MAX_MODEL_LEN``, ..
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal, Self
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
@@ -25,7 +25,38 @@ class Limits(BaseModel):
     kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU")
 
 
-class ServeConfig(BaseSettings):
+class YamlSettings(BaseSettings):
+    """Settings read from a YAML file, overridden by environment variables, overridden by
+    explicit values (command-line flags)."""
+
+    _yaml_file: ClassVar[Path | None] = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls._yaml_file))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: object) -> Self:
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"--config: no such file {path}")
+        cls._yaml_file = path
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            cls._yaml_file = None
+
+
+class ServeConfig(YamlSettings):
     """``p2r serve`` settings. Env: ``P2R_<FIELD>``, nested with ``__``."""
 
     model_config = SettingsConfigDict(env_prefix="P2R_", env_nested_delimiter="__", extra="forbid")
@@ -76,35 +107,7 @@ class ServeConfig(BaseSettings):
     def needs_engine(self) -> bool:
         return self.model is not None
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Precedence: command-line flags > environment > config file.
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if _CONFIG_FILE.path is not None:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=_CONFIG_FILE.path))
-        return tuple(sources)
-
-
-class _ConfigFile:
-    path: Path | None = None
-
-
-_CONFIG_FILE = _ConfigFile()
-
 
 def load_config(path: Path | None = None, **overrides: object) -> ServeConfig:
     """Config from ``path`` (YAML), then env, then ``overrides`` (command-line flags)."""
-    if path is not None and not path.is_file():
-        raise FileNotFoundError(f"--config: no such file {path}")
-    _CONFIG_FILE.path = path
-    try:
-        return ServeConfig(**{k: v for k, v in overrides.items() if v is not None})
-    finally:
-        _CONFIG_FILE.path = None
+    return ServeConfig.load(path, **overrides)

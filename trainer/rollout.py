@@ -20,6 +20,8 @@ import torch
 from p2r.core.generation import ChatRequest, Sampling
 from p2r.services.engine import EngineLimits, PromptRenderer, configure_vllm_env, engine_kwargs, sampling_params
 
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
 
 @dataclass(frozen=True)
 class Rollout:
@@ -63,7 +65,12 @@ class RolloutEngine:
                 os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
             else:
                 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
-        self.renderer = PromptRenderer(self.llm.get_tokenizer(), self.limits.max_images_per_prompt)
+        tokenizer = self.llm.get_tokenizer()
+        self.renderer = PromptRenderer(tokenizer, self.limits.max_images_per_prompt)
+        # A response must never contain vision placeholders: the model would then expect image
+        # features for them (a trained checkpoint never emits them; a young policy might).
+        ids = {tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+        self.banned = {i: -100.0 for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id}
         self.weight_version = 0
 
     def sample(self, requests: Sequence[ChatRequest], sampling: Sampling) -> list[list[Rollout]]:
@@ -72,6 +79,7 @@ class RolloutEngine:
             return []
         params = sampling_params(sampling)
         params.logprobs = 0  # the sampled token's own log-prob
+        params.logit_bias = dict(self.banned)
         outputs = self.llm.generate([self.renderer.render(r) for r in requests], params, use_tqdm=False)
         result = []
         for out in outputs:

@@ -1,0 +1,80 @@
+"""``p2r train`` configuration (YAML file; ``P2R_TRAIN_*`` environment overrides).
+
+Defaults are the reference runs (p2r-method.md §Training hyper-parameters) where they apply
+to every machine; batch sizes and lengths are set per run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from p2r.services.config import YamlSettings
+from p2r.trainer.grpo import Aggregation
+
+
+class TrainConfig(YamlSettings):
+    model_config = SettingsConfigDict(env_prefix="P2R_TRAIN_", env_nested_delimiter="__", extra="forbid")
+
+    role: Literal["perceiver", "reasoner"]
+    model: str = Field(description="initial policy checkpoint (dir, file:// or s3://)")
+    data: Path = Field(description="P2R-10k-layout parquet")
+    image_prefix: Path | None = None
+    output: str = Field(description="checkpoint root: a directory, file:// or s3:// URI")
+    workdir: Path = Field(Path("p2r-train"), description="local scratch: metrics, checkpoint staging")
+
+    # Frozen services (host:port). Perceiver stage needs the reasoner; reasoner stage the perceiver.
+    reasoner_endpoint: str | None = None
+    perceiver_endpoint: str | None = None
+    verifier_endpoint: str | None = None
+    reward_plugin: str | None = Field(None, description="module:function(sample, response) -> float; "
+                                                        "replaces the role reward")
+
+    # GRPO
+    rollouts_per_prompt: int = Field(8, ge=1)
+    prompts_per_step: int = Field(64, ge=1, description="global, across ranks")
+    learning_rate: float = Field(1e-6, gt=0)
+    weight_decay: float = 0.0
+    max_grad_norm: float = Field(1.0, gt=0)
+    kl_coef: float = Field(0.01, ge=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.2, ge=0)
+    norm_adv_by_std: bool = True
+    aggregation: Aggregation = "token-mean"
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    seed: int = 0
+
+    # Lengths and images
+    max_response_tokens: int = Field(1024, ge=1)
+    max_model_len: int = Field(4096, ge=256)
+    max_pixels: int = Field(2_097_152, ge=1024)
+    frozen_max_tokens: int = Field(2048, ge=1, description="frozen perceiver/reasoner: temperature 0")
+
+    # Reward calls
+    reward_batch_size: int = Field(64, ge=1, description="items per batch RPC")
+    reward_concurrency: int = Field(4, ge=1, description="batch RPCs in flight at once")
+    reward_retries: int = Field(3, ge=0)
+    service_timeout_s: float = Field(600.0, gt=0)
+
+    save_every: int = Field(30, ge=1)
+    kv_cache_gib: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.reward_plugin is None:
+            if self.role == "perceiver" and not self.reasoner_endpoint:
+                raise ValueError("the perceiver stage needs reasoner_endpoint (or a reward_plugin)")
+            if self.role == "reasoner" and not self.perceiver_endpoint:
+                raise ValueError("the reasoner stage needs perceiver_endpoint (or a reward_plugin)")
+        return self
+
+
+def load_train_config(path: Path | None, **overrides: object) -> TrainConfig:
+    return TrainConfig.load(path, **overrides)
