@@ -115,21 +115,16 @@ def bench_offline(model: Path, samples: list[Any], max_tokens: int) -> dict[str,
     return {"reason": (reason_wall, reason_tokens), "prep": prep_wall, "p2r": p2r_wall}
 
 
-def start_ours(model: Path, tmp: Path) -> tuple[subprocess.Popen[str], str]:
+def start_ours(model: Path, tmp: Path) -> tuple[Any, str]:
+    from p2r.services.launch import start_server
+
     config = tmp / "serve.yaml"
     config.write_text(json.dumps({
         "max_pixels": MAX_PIXELS, "max_in_flight": 4096, "limits": {"max_model_len": MAX_MODEL_LEN,
                                                                     "max_num_seqs": MAX_NUM_SEQS}}))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "p2r.cli", "serve", "reasoner", "perceiver", "gateway", "--model", str(model),
-         "--port", "0", "--metrics-port", "0", "--config", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"})
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("p2r serve ready: grpc="):
-            return proc, line.split()[3].removeprefix("grpc=")
-    raise RuntimeError("p2r serve did not start")
+    server = start_server(["reasoner", "perceiver", "gateway", "--model", str(model)], config=config,
+                          env={"VLLM_CPU_KVCACHE_SPACE": "2"})
+    return server, server.target
 
 
 def bench_ours(model: Path, samples: list[Any], max_tokens: int, tmp: Path, limits: dict[str, float],
@@ -138,7 +133,7 @@ def bench_ours(model: Path, samples: list[Any], max_tokens: int, tmp: Path, limi
     from p2r.services.handlers import FORM_TO_PB
     from p2r.v1 import p2r_pb2 as pb
 
-    proc, target = start_ours(model, tmp)
+    server, target = start_ours(model, tmp)
     rows = []
     try:
         client = Client(target, timeout_s=600)
@@ -176,8 +171,7 @@ def bench_ours(model: Path, samples: list[Any], max_tokens: int, tmp: Path, limi
             wall, lat, _ = _timed(one_answer, answer, c)
             rows.append(_row(f"ours gRPC P2R.Answer, concurrency {c}", len(answer), wall, lat, 0, limits["p2r"]))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(120)
+        server.stop()
     return rows
 
 

@@ -83,7 +83,7 @@ def serve_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def role_server(tiny_model_dir: Path, serve_config: Path, s3_server: dict[str, str],
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """One real server hosting every role on one engine over the tiny model."""
-    from tests.servers import start_server
+    from p2r.services.launch import start_server
 
     cache = tmp_path_factory.mktemp("ckpt-cache")
     server = start_server(

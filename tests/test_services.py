@@ -21,8 +21,8 @@ from PIL import Image
 from p2r.core.bbox import BBOX_LIST_SCHEMA, parse_regions
 from p2r.services.checkpoints import sha256_file
 from p2r.services.client import Client, channel_options
+from p2r.services.launch import ServerProc, start_server
 from p2r.v1 import p2r_pb2 as pb
-from tests.servers import ServerProc, start_server
 
 pytestmark = pytest.mark.engine
 

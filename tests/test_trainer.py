@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from p2r.services.checkpoints import MANIFEST, complete_checkpoints
-from tests.servers import ServerProc
+from p2r.services.launch import ServerProc
 
 pytestmark = pytest.mark.engine
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,3 +153,19 @@ def test_sigkill_then_resume_auto(tmp_path: Path, tiny_model_dir: Path, syntheti
     assert result["steps"] == done + 2
     assert [r["step"] for r in metrics(work)[-2:]] == [done + 1, done + 2]  # continued, not restarted
     assert [s for s, _ in complete_checkpoints(str(output))][-1] == done + 2
+
+
+def test_unreachable_reasoner_drops_samples_instead_of_scoring_zero(synthetic_dir: Path) -> None:
+    from p2r.data.dataset import load_samples
+    from p2r.trainer.config import TrainConfig
+    from p2r.trainer.rewards import PerceiverReward
+
+    cfg = TrainConfig(role="perceiver", model="m", data=synthetic_dir / "train.parquet", output="o",
+                      reasoner_endpoint="127.0.0.1:1", reward_retries=1, service_timeout_s=2)
+    samples = load_samples(synthetic_dir / "train.parquet")[:2]
+    replies = [['[{"bbox_2d": [1, 2, 30, 40], "label": "a"}]', '[{"bbox_2d": [1, 2, 3, 4]}]'],
+               ["[]", '[{"bbox_2d": [1, 2, 30, 40], "label": "a"}]']]
+    rewards, stats = PerceiverReward(cfg)(samples, replies)
+    # the unlabelled box is penalised without any call; everything else needed the reasoner
+    assert rewards == [[None, 0.0], [None, None]]
+    assert stats.dropped == 3 and stats.penalised == 1 and stats.service_calls == 1

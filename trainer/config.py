@@ -64,6 +64,7 @@ class TrainConfig(YamlSettings):
     service_timeout_s: float = Field(600.0, gt=0)
 
     save_every: int = Field(30, ge=1)
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus on rank 0; null disables")
     kv_cache_gib: int = Field(1, ge=1)
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ behaviour policy is the current one: old log-probs are the detached current ones
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -90,11 +91,14 @@ class Trainer:
         base = resolve_checkpoint(cfg.model, self.cache_dir / f"rank{self.rank}")
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         self.processor = AutoProcessor.from_pretrained(base)
-        self.model = Qwen3VLForConditionalGeneration.from_pretrained(start, dtype=dtype)
+        attention = {}
+        if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+            attention = {"attn_implementation": "flash_attention_2"}
+        self.model = Qwen3VLForConditionalGeneration.from_pretrained(start, dtype=dtype, **attention)
         self.model.train()
         self.ref = None
         if cfg.kl_coef > 0:
-            self.ref = Qwen3VLForConditionalGeneration.from_pretrained(base, dtype=dtype).eval()
+            self.ref = Qwen3VLForConditionalGeneration.from_pretrained(base, dtype=dtype, **attention).eval()
             self.ref.requires_grad_(False)
         self.optimiser = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate,
                                            weight_decay=cfg.weight_decay)
@@ -119,6 +123,11 @@ class Trainer:
             self.reward = ReasonerReward(cfg)
         self.perceiver = PerceiverCache(cfg) if cfg.role == "reasoner" and cfg.perceiver_endpoint else None
         self.metrics_path = cfg.workdir / "metrics.jsonl"
+        self.gauges: dict[str, Any] = {}
+        if cfg.metrics_port is not None and self.rank == 0:
+            from p2r.services.metrics import serve_metrics
+
+            self.metrics_port = serve_metrics(cfg.metrics_port)
 
     # ------------------------------------------------------------------------------ prompts
 
@@ -268,12 +277,23 @@ class Trainer:
             if self.rank == 0:
                 with self.metrics_path.open("a") as f:
                     f.write(json.dumps(last) + "\n")
+                self.export(last)
                 log.info("step %d reward %.3f", last["step"], last["reward_mean"] or 0.0)
             if self.pos.step % self.cfg.save_every == 0:
                 saved = self.save()
         if not saved or not saved.endswith(f"step-{self.pos.step}"):
             saved = self.save()
         return {"checkpoint": saved, "steps": self.pos.step, "last": last, "param_digest": self.param_digest()}
+
+    def export(self, row: dict[str, Any]) -> None:
+        """Mirror a step's numbers as Prometheus gauges ``p2r_train_<name>`` (rank 0)."""
+        from prometheus_client import Gauge
+
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if key not in self.gauges:
+                    self.gauges[key] = Gauge(f"p2r_train_{key}", f"PRA-GRPO step metric {key}")
+                self.gauges[key].set(value)
 
     def param_digest(self) -> str:
         """sha256 over every parameter: equal on all ranks when gradients were reduced right."""

@@ -163,6 +163,7 @@ class PerceiverReward:
                                      regions=[pb.Region(x1=r.x1, y1=r.y1, x2=r.x2, y2=r.y2, label=r.label or "")
                                               for r in regions], sampling=params)
                     for s, regions in calls]
+        stats.extra["reasoner_requests"] = len(requests)
         results = batched_calls(self.reasoner.reason_batch, requests, self.cfg.reward_batch_size,
                                 self.cfg.reward_concurrency, self.cfg.reward_retries, stats)
         graded = grade([(s, None if res is None else res.completions[0].text) for (s, _), res

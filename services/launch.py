@@ -1,4 +1,9 @@
-"""Starting real ``p2r serve`` processes for tests (loopback only, ports picked by the OS)."""
+"""Starting ``p2r serve`` as a child process and waiting until it answers.
+
+Used by the local pipeline, the benchmarks and the tests: the server prints one ready line
+(``p2r serve ready: grpc=HOST:PORT metrics=PORT http=PORT``) once its model is loaded and its
+health is SERVING, and that line is the handshake. Ports default to 0 (picked by the OS).
+"""
 
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ class ServerProc:
 
 def start_server(args: list[str], env: dict[str, str] | None = None, config: Path | None = None,
                  timeout: float = 240) -> ServerProc:
+    """Run ``p2r serve ARGS...`` and return once it is ready (RuntimeError with its log if not)."""
     cmd = [sys.executable, "-m", "p2r.cli", "serve", *args, "--port", "0", "--metrics-port", "0"]
     if config is not None:
         cmd += ["--config", str(config)]
