@@ -39,15 +39,32 @@ def engine(tiny_model_dir: Path) -> Iterator[object]:
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[dict[str, str]]:
-    """A real S3-protocol server (moto) on loopback; yields the env a client needs."""
-    from moto.server import ThreadedMotoServer
+    """A real S3-protocol server (moto) on loopback, in its own process; yields the env a client
+    needs. (In-process, moto would import Flask, whose context proxies break vLLM's module scan
+    when a test later starts an in-process engine.)"""
+    import socket
+    import subprocess
+    import sys
+    import time
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield {"P2R_S3_ENDPOINT": f"{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.1)
+    yield {"P2R_S3_ENDPOINT": f"127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    server.stop()
+    proc.terminate()
+    proc.wait(10)
 
 
 @pytest.fixture(scope="session")
