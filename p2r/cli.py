@@ -61,6 +61,12 @@ def _user_errors(fn: Any) -> Any:
     return wrapper
 
 
+def _config_error(error: Any) -> UserError:
+    """A pydantic ValidationError as one line: the first bad field and what is wrong with it."""
+    first = error.errors()[0]
+    return UserError(f"{'.'.join(str(p) for p in first['loc']) or 'config'}: {first['msg']}")
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """P2R Platform: perceive-to-reason visual reasoning - models, data, inference."""
@@ -260,9 +266,7 @@ def serve(roles: tuple[str, ...], config_path: Path | None, model: str | None, h
         config = load_config(config_path, roles=list(dict.fromkeys(roles)), model=model, host=host, port=port,
                              metrics_port=metrics_port, http_port=http_port)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
-        raise UserError(f"{where}: {first['msg']}") from None
+        raise _config_error(e) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         asyncio.run(run_server(config))
@@ -320,8 +324,7 @@ def train(role: str, config_path: Path, resume: str | None, max_steps: int | Non
     try:
         config = load_train_config(config_path, role=role, max_steps=max_steps)
     except ValidationError as e:
-        first = e.errors()[0]
-        raise UserError(f"{'.'.join(str(p) for p in first['loc']) or 'config'}: {first['msg']}") from None
+        raise _config_error(e) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         result = Trainer(config, resume=resume).run()

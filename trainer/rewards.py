@@ -17,9 +17,8 @@ from typing import Any, Protocol
 import grpc
 
 from p2r.core.bbox import Region, parse_regions
-from p2r.core.grading import GradeItem, VerifyRequest, grade_rule
+from p2r.core.grading import GradeItem, VerifyRequest, grade_batch
 from p2r.core.images import encode_image
-from p2r.core.prompts import AnswerForm
 from p2r.core.rewards import perceiver_penalty
 from p2r.data.dataset import Sample
 from p2r.services.client import Client
@@ -80,32 +79,36 @@ def batched_calls(
     return [r for chunk in results for r in chunk]
 
 
+class ServiceVerifier:
+    """The verifier service behind ``FreeFormVerifier``: batch RPCs with bounded concurrency;
+    a batch still failing after its retries gives None verdicts."""
+
+    def __init__(self, client: Client, cfg: Any, stats: RewardStats) -> None:
+        self.client, self.cfg, self.stats = client, cfg, stats
+
+    def verify_batch(self, requests: Sequence[VerifyRequest]) -> list[bool | None]:
+        verdicts = batched_calls(
+            lambda chunk: self.client.verify_batch([pb.VerifyRequest(question=r.question, ground_truth=r.ground_truth,
+                                                                     answer=r.answer) for r in chunk]),
+            list(requests), self.cfg.reward_batch_size, self.cfg.reward_concurrency, self.cfg.reward_retries,
+            self.stats)
+        return [None if v is None else v.correct for v in verdicts]
+
+
 def grade(
     items: list[tuple[Sample, str | None]], verifier: Client | None, cfg: Any, stats: RewardStats
 ) -> list[float | None]:
-    """Grade replies (None stays None): rules for mca/na, the verifier service for free_form."""
+    """Grade replies (a missing reply stays None) with ``grade_batch``: rules for mca/na, the
+    verifier service for free_form."""
+    present = [i for i, (_, reply) in enumerate(items) if reply is not None]
+    graded = grade_batch(
+        [GradeItem(items[i][1] or "", items[i][0].ground_truth, items[i][0].form, items[i][0].question)
+         for i in present],
+        ServiceVerifier(verifier, cfg, stats) if verifier is not None else None,
+    )
     out: list[float | None] = [None] * len(items)
-    free: list[int] = []
-    for i, (sample, reply) in enumerate(items):
-        if reply is None:
-            continue
-        if sample.form is AnswerForm.FREE_FORM:
-            free.append(i)
-        else:
-            out[i] = float(grade_rule(GradeItem(reply, sample.ground_truth, sample.form)))
-    if free:
-        if verifier is None:
-            raise ValueError("free_form samples need verifier_endpoint")
-        from p2r.core.answers import extract_answer
-
-        requests = [VerifyRequest(items[i][0].question, items[i][0].ground_truth, extract_answer(items[i][1] or ""))
-                    for i in free]
-        verdicts = batched_calls(
-            lambda chunk: verifier.verify_batch([pb.VerifyRequest(question=r.question, ground_truth=r.ground_truth,
-                                                                  answer=r.answer) for r in chunk]),
-            requests, cfg.reward_batch_size, cfg.reward_concurrency, cfg.reward_retries, stats)
-        for i, v in zip(free, verdicts, strict=True):
-            out[i] = None if v is None else float(v.correct)
+    for i, verdict in zip(present, graded, strict=True):
+        out[i] = None if verdict is None else float(verdict)
     return out
 
 

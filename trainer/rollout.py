@@ -18,7 +18,14 @@ from typing import Any
 import torch
 
 from p2r.core.generation import ChatRequest, Sampling
-from p2r.services.engine import EngineLimits, PromptRenderer, configure_vllm_env, engine_kwargs, sampling_params
+from p2r.services.engine import (
+    EngineLimits,
+    PromptRenderer,
+    configure_vllm_env,
+    engine_kwargs,
+    sampling_params,
+    with_tied_head,
+)
 
 VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 
@@ -35,13 +42,9 @@ class Rollout:
 
 def named_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Every parameter and buffer under its checkpoint name, tied output head included."""
-    tensors = dict(model.state_dict())
-    config = getattr(model, "config", None)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    if tied and "lm_head.weight" not in tensors:
-        embed = next(k for k in tensors if k.endswith("embed_tokens.weight"))
-        tensors["lm_head.weight"] = tensors[embed]
-    return [(name, t.detach()) for name, t in tensors.items()]
+    tensors = {name: t.detach() for name, t in model.state_dict().items()}
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    return with_tied_head(tensors, tied)
 
 
 def _load_into_worker(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
-_THINK_BODY_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
 def extract_answer(text: str) -> str:
@@ -17,7 +16,7 @@ def extract_answer(text: str) -> str:
 
 def extract_reasoning(text: str) -> str:
     """Text inside the first ``<think>...</think>``, stripped; empty when there is none."""
-    match = _THINK_BODY_RE.search(text)
+    match = _THINK_RE.search(text)
     return match.group(1).strip() if match else ""
 
 

@@ -76,9 +76,11 @@ class VerifyRequest:
 
 
 class FreeFormVerifier(Protocol):
-    """Grades free-form answers in batches (one network round trip for many samples)."""
+    """Grades free-form answers in batches (one network round trip for many samples). A verdict
+    of None means "could not be graded" (the service kept failing): the caller drops that sample
+    rather than scoring it."""
 
-    def verify_batch(self, requests: Sequence[VerifyRequest]) -> list[bool]: ...
+    def verify_batch(self, requests: Sequence[VerifyRequest]) -> list[bool | None]: ...
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,9 @@ def grade_batch(
     items: Sequence[GradeItem],
     verifier: FreeFormVerifier | None = None,
     letters: str = TRAIN_LETTERS,
-) -> list[bool]:
-    """Grade many replies; all free-form ones go to the verifier in one batch call."""
+) -> list[bool | None]:
+    """Grade many replies; all free-form ones go to the verifier in one batch call. None where
+    the verifier could not grade."""
     results: list[bool | None] = [None] * len(items)
     free: list[int] = []
     for i, item in enumerate(items):
@@ -128,5 +131,5 @@ def grade_batch(
         if len(verdicts) != len(free):
             raise RuntimeError(f"verifier returned {len(verdicts)} verdicts for {len(free)} answers")
         for i, verdict in zip(free, verdicts, strict=True):
-            results[i] = bool(verdict)
-    return [bool(r) for r in results]
+            results[i] = None if verdict is None else bool(verdict)
+    return results
