@@ -206,12 +206,15 @@ class AsyncEngine:
         """Swap weights in place from a local Hugging Face checkpoint directory.
 
         The scheduler is paused in ``wait`` mode: running requests finish on the old weights,
-        new ones queue until the swap is done, and none is dropped.
+        new ones queue until the swap is done, and none is dropped. Only the caches that depend
+        on the weights are reset (prefix KV blocks, vision-encoder outputs). The multimodal
+        processor cache is left alone: processed pixels do not depend on the weights, and
+        clearing it while requests keep arriving desynchronises its frontend and engine halves
+        (a request then fails with EngineGenerateError - seen under load).
         """
-        await self.llm.pause_generation(mode="wait")
+        await self.llm.pause_generation(mode="wait", clear_cache=False)
         try:
             await self.llm.collective_rpc("p2r_reload_from_dir", args=(checkpoint_dir,))
-            # Scheduler-side caches indexed on the old weights (prefix KV, vision-encoder outputs).
             await self.llm.reset_prefix_cache()
             await self.llm.reset_encoder_cache()
         finally:
