@@ -89,6 +89,27 @@ def download_s3(uri: str, cache_dir: Path) -> Path:
     return verify_checkpoint_dir(target)
 
 
+def download_prefix(uri: str, target: Path) -> list[Path]:
+    """Mirror every object under ``s3://bucket/prefix`` into ``target`` (data sets, eval outputs:
+    no manifest involved); returns the local files. A missing bucket or prefix gives []."""
+    from minio.error import S3Error
+
+    bucket, prefix = _split_s3(uri)
+    base = f"{prefix}/" if prefix else ""
+    client = s3_client()
+    files: list[Path] = []
+    try:
+        for obj in client.list_objects(bucket, prefix=base, recursive=True):
+            local = target / obj.object_name[len(base):]
+            client.fget_object(bucket, obj.object_name, str(local))
+            files.append(local)
+    except S3Error as e:
+        if e.code == "NoSuchBucket":
+            return []
+        raise CheckpointError(f"{uri}: {e.code}: {e.message}") from None
+    return files
+
+
 def resolve_checkpoint(uri: str, cache_dir: Path) -> Path:
     """A verified local directory for ``uri``."""
     if uri.startswith("s3://"):
@@ -130,6 +151,12 @@ def upload_checkpoint(local_dir: Path, uri: str) -> str:
     if not manifest.is_file():
         raise CheckpointError(f"{local_dir}: write the manifest before uploading")
     names = [n for n in json.loads(manifest.read_text())["files"]] + [MANIFEST]
+    return put_files(local_dir, names, uri)
+
+
+def put_files(local_dir: Path, names: list[str], uri: str) -> str:
+    """Copy ``names`` (in order) from ``local_dir`` to ``file://...``, a path or ``s3://...``;
+    large files go up as parallel multipart uploads. Each local copy lands whole (rename)."""
     if uri.startswith("s3://"):
         from minio.error import S3Error
 

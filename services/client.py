@@ -14,11 +14,28 @@ from typing import Any
 
 import grpc
 
+from p2r.core.bbox import Region
+from p2r.core.generation import Sampling
 from p2r.v1 import p2r_pb2 as pb
 from p2r.v1 import p2r_pb2_grpc as pb_grpc
 
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 RETRYABLE_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+
+
+def sampling_to_pb(sampling: Sampling) -> pb.SamplingParams:
+    """Every field set explicitly, so the server's role defaults never apply by accident."""
+    return pb.SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                             max_tokens=sampling.max_tokens, repetition_penalty=sampling.repetition_penalty,
+                             **({"seed": sampling.seed} if sampling.seed is not None else {}))
+
+
+def region_to_pb(region: Region) -> pb.Region:
+    return pb.Region(x1=region.x1, y1=region.y1, x2=region.x2, y2=region.y2, label=region.label or "")
+
+
+def region_from_pb(region: pb.Region) -> Region:
+    return Region(region.x1, region.y1, region.x2, region.y2, region.label or None)
 
 
 @dataclass(frozen=True)

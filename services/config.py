@@ -12,6 +12,8 @@ from typing import ClassVar, Literal, Self
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from p2r.core.flow import VERIFIER_MAX_TOKENS
+
 Role = Literal["perceiver", "reasoner", "verifier", "gateway"]
 ROLES: tuple[Role, ...] = ("perceiver", "reasoner", "verifier", "gateway")
 
@@ -83,7 +85,7 @@ class ServeConfig(YamlSettings):
     max_pixels: int = Field(2_097_152, ge=1)
     perceive_max_tokens: int = Field(2048, ge=1)
     reason_max_tokens: int = Field(2048, ge=1)
-    verify_max_tokens: int = Field(64, ge=1)
+    verify_max_tokens: int = Field(VERIFIER_MAX_TOKENS, ge=1)
     structured_perceiver: bool = Field(False, description="constrain perceiver output to the bbox JSON schema")
 
     # Gateway: where perceiver / reasoner live. "local" = the engine in this process.

@@ -23,12 +23,13 @@ from p2r.core import prompts
 from p2r.core.answers import extract_answer, extract_reasoning
 from p2r.core.bbox import BBOX_LIST_SCHEMA, Region, parse_regions
 from p2r.core.evidence import build_evidence
-from p2r.core.flow import perceiver_request, reasoner_request
+from p2r.core.flow import perceiver_request, reasoner_request, verifier_request
 from p2r.core.generation import ChatRequest, Sampling
 from p2r.core.grading import verifier_says_yes
 from p2r.core.images import ImageError, PixelBounds, load_image, open_image
 from p2r.core.prompts import AnswerForm
 from p2r.services import metrics
+from p2r.services.client import region_to_pb
 from p2r.services.config import ServeConfig
 from p2r.services.engine import AsyncEngine, GenerationOut
 from p2r.v1 import p2r_pb2 as pb
@@ -187,11 +188,7 @@ class Handlers:
         question = self.question(req.question, f"{field}question")
         if not req.ground_truth.strip():
             raise InvalidArgument(f"{field}ground_truth: empty")
-        text = prompts.verifier_text(question, req.ground_truth, req.answer)
-        chat = ChatRequest(
-            prompts.chat_messages(text, 0, system=prompts.VERIFIER_SYSTEM_PROMPT),
-            template_kwargs={"enable_thinking": False},
-        )
+        chat = verifier_request(question, req.ground_truth, req.answer)
         prepared = Prepared(chat, Sampling(temperature=0.0, max_tokens=self.config.verify_max_tokens), {})
         return lambda: prepared
 
@@ -213,8 +210,7 @@ class Handlers:
     async def run_perceive(self, req: pb.PerceiveRequest, prepared: Prepared, started: float) -> pb.PerceiveResult:
         out = await self._generate("perceiver", prepared)
         regions = [
-            pb.RegionList(regions=[pb.Region(x1=r.x1, y1=r.y1, x2=r.x2, y2=r.y2, label=r.label or "")
-                                   for r in parse_regions(c.text)])
+            pb.RegionList(regions=[region_to_pb(r) for r in parse_regions(c.text)])
             for c in out.completions
         ]
         return pb.PerceiveResult(

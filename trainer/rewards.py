@@ -21,7 +21,7 @@ from p2r.core.grading import GradeItem, VerifyRequest, grade_batch
 from p2r.core.images import encode_image
 from p2r.core.rewards import perceiver_penalty
 from p2r.data.dataset import Sample
-from p2r.services.client import Client
+from p2r.services.client import Client, region_to_pb
 from p2r.services.handlers import FORM_TO_PB
 from p2r.v1 import p2r_pb2 as pb
 
@@ -163,8 +163,7 @@ class PerceiverReward:
                 slots.append((i, j, unique[key]))
         params = pb.SamplingParams(temperature=0.0, max_tokens=self.cfg.frozen_max_tokens)
         requests = [pb.ReasonRequest(image=self.images(s), question=s.question, answer_form=FORM_TO_PB[s.form],
-                                     regions=[pb.Region(x1=r.x1, y1=r.y1, x2=r.x2, y2=r.y2, label=r.label or "")
-                                              for r in regions], sampling=params)
+                                     regions=[region_to_pb(r) for r in regions], sampling=params)
                     for s, regions in calls]
         stats.extra["reasoner_requests"] = len(requests)
         results = batched_calls(self.reasoner.reason_batch, requests, self.cfg.reward_batch_size,

@@ -80,6 +80,17 @@ def reasoner_request(
     return ChatRequest(prompts.chat_messages(text, len(images)), images)
 
 
+VERIFIER_MAX_TOKENS = 64
+"""The verifier: temperature 0, max 64 new tokens, thinking disabled (p2r-method.md §Prompts)."""
+
+
+def verifier_request(question: str, ground_truth: str, answer: str) -> ChatRequest:
+    """The verifier's chat: its own system prompt, no image, thinking switched off."""
+    text = prompts.verifier_text(question, ground_truth, answer)
+    return ChatRequest(prompts.chat_messages(text, 0, system=prompts.VERIFIER_SYSTEM_PROMPT),
+                       template_kwargs={"enable_thinking": False})
+
+
 def evidence_for(image: Image.Image, perceiver_output: str, max_crops: int) -> Evidence:
     """Parse a perceiver reply and build the evidence it points at (or the fallback)."""
     return build_evidence(image, parse_regions(perceiver_output), max_crops)

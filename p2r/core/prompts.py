@@ -93,6 +93,24 @@ def reasoner_text(
     return pre.format(question=question) + post
 
 
+# Default (direct-answer) evaluation mode: the benchmarks' own answer instruction after the
+# question - V* ships exactly the mca line at the end of its ``text`` - and lmms-eval's standard
+# lines for numeric and free-form questions.
+_DIRECT_POST = {
+    AnswerForm.MCA: "Answer with the option's letter from the given choices directly.",
+    AnswerForm.NA: "Answer the question using a single number.",
+    AnswerForm.FREE_FORM: "Answer the question using a single word or phrase.",
+}
+V_STAR_SUFFIX = _DIRECT_POST[AnswerForm.MCA]
+"""The instruction V* Bench appends to every ``text``; the evaluation removes it from the question."""
+
+
+def direct_text(question: str, form: AnswerForm | str) -> str:
+    """The default-mode user text: the question (options included), then the answer line."""
+    form = AnswerForm.parse(form) if isinstance(form, str) else form
+    return f"{question}\n{_DIRECT_POST[form]}"
+
+
 def verifier_text(question: str, ground_truth: str, answer: str) -> str:
     """The verifier's user text (no image)."""
     return _VERIFIER_TEMPLATE.format(question=question, ground_truth=ground_truth, answer=answer)
