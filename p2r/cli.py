@@ -12,7 +12,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
@@ -26,7 +26,24 @@ class UserError(click.ClickException):
 
 
 class _Group(click.Group):
-    """Turns usage and user errors into one readable line and a non-zero exit."""
+    """Turns usage and user errors into one readable line and a non-zero exit.
+
+    Commands that live in their own package (``eval``, ``pipeline``) are registered in
+    ``LAZY`` as ``module:attribute`` and imported only when listed or run: no import cycle with
+    this module, and ``p2r --help`` stays instant."""
+
+    LAZY: ClassVar[dict[str, str]] = {"eval": "p2r.eval.cli:eval_command"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.LAZY and name not in self.commands:
+            import importlib
+
+            module, attr = self.LAZY[name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         try:

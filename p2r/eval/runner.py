@@ -1,0 +1,142 @@
+"""Running an evaluation: fixed chunks, in one process or over Ray Data, with resume.
+
+The sample list is cut into fixed chunks of ``batch_size`` in benchmark order, and a chunk is
+the unit of work everywhere: the single process runs them one after another, Ray Data hands one
+chunk per call to engine replicas (one per GPU; ``concurrency`` = workers). Each chunk meets the
+engine as the same batch either way, so greedy results are identical across the two paths.
+Grading happens in the driver (the verifier is one model, not one per replica), and every
+graded chunk is appended to ``results.jsonl`` at once: a re-run skips the uids already there.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from p2r.eval.benchmarks import EvalSample
+from p2r.eval.inference import Backend, BackendSpec, Output
+from p2r.eval.report import RESULTS, grade_rows, result_row, summarize, write_reports
+
+Chunk = list[EvalSample]
+
+
+class ResultsFile:
+    """``results.jsonl`` with a header line (``{"meta": ...}``) naming what was evaluated, so a
+    resume into a directory that holds another task, mode or model is refused, not mixed."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        self.path, self.meta = path, meta
+        self.rows: list[dict[str, Any]] = []
+        if path.is_file() and path.stat().st_size:
+            lines = path.read_text().splitlines()
+            header = json.loads(lines[0]).get("meta", {})
+            for key in ("task", "mode", "model", "perceiver_model"):
+                if header.get(key) != meta.get(key):
+                    raise ValueError(f"{path}: holds results of {key}={header.get(key)!r}, not {meta.get(key)!r} "
+                                     "(use another --out)")
+            # A line cut short by a crash is the only one that can be partial: the last one.
+            for line in lines[1:]:
+                try:
+                    self.rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+            self._rewrite()
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"meta": meta}) + "\n")
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in [{"meta": self.meta}, *self.rows]))
+        tmp.replace(self.path)
+
+    @property
+    def done(self) -> set[str]:
+        return {r["uid"] for r in self.rows}
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        with self.path.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+            f.flush()
+        self.rows.extend(rows)
+
+
+def chunks(samples: Sequence[EvalSample], batch_size: int) -> list[Chunk]:
+    return [list(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
+
+
+def run_chunk(backend: Backend, chunk: Chunk) -> list[dict[str, Any]]:
+    """Answer one chunk (images decoded here, in the worker) and make its ungraded rows."""
+    images = [s.image.load() for s in chunk]
+    outputs: list[Output] = backend.run(chunk, images)
+    return [result_row(s, o) for s, o in zip(chunk, outputs, strict=True)]
+
+
+def _local(spec: BackendSpec, todo: list[Chunk]) -> tuple[Iterator[list[dict[str, Any]]], Any]:
+    backend = spec.build()
+    return (run_chunk(backend, c) for c in todo), backend.verifier()
+
+
+class _RayWorker:
+    """One engine replica: built once per Ray actor, then fed one chunk per call."""
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.backend = spec.build(verifier=False)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        rows = [run_chunk(self.backend, pickle.loads(p)) for p in batch["chunk"]]
+        return {"rows": [json.dumps(r) for r in rows]}
+
+
+def _ray(spec: BackendSpec, todo: list[Chunk], workers: int,
+         gpus_per_worker: float) -> tuple[Iterator[list[dict[str, Any]]], Any]:
+    """Ray Data: chunks as rows, ``map_batches`` over ``workers`` actor replicas (a local Ray
+    here; on Kubernetes, ``RAY_ADDRESS`` of a RayCluster / the RayJob's cluster)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    ds = ray.data.from_items([{"chunk": pickle.dumps(c)} for c in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(_RayWorker, fn_constructor_kwargs={"spec": spec}, batch_size=1, concurrency=workers,
+                        num_cpus=1 if not gpus_per_worker else 0, num_gpus=gpus_per_worker or None)
+    verifier = spec.build(answer=False).verifier() if (spec.verifier_model or spec.verifier_endpoint) else None
+    return (json.loads(row["rows"]) for row in ds.iter_rows()), verifier
+
+
+def evaluate(samples: Sequence[EvalSample], spec: BackendSpec, out_dir: Path, meta: dict[str, Any], *,
+             batch_size: int = 16, ray_workers: int = 0, gpus_per_worker: float = 0.0,
+             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Evaluate ``samples`` into ``out_dir``; returns the summary. Samples already in
+    ``out_dir/results.jsonl`` are skipped (resume)."""
+    meta = {**meta, "settings": spec.settings.as_dict()}
+    results = ResultsFile(out_dir / RESULTS, meta)
+    done = results.done
+    todo = chunks([s for s in samples if s.uid not in done], batch_size)
+    started = time.perf_counter()
+    total = sum(len(c) for c in todo)
+    if todo:
+        stream, verifier = _ray(spec, todo, ray_workers, gpus_per_worker) if ray_workers else _local(spec, todo)
+        finished = 0
+        for rows in stream:
+            grade_rows(rows, verifier)
+            results.append(rows)
+            finished += len(rows)
+            if progress is not None:
+                progress(finished, total)
+    elapsed = time.perf_counter() - started
+    wanted = {s.uid for s in samples}
+    rows = [r for r in results.rows if r["uid"] in wanted]
+    summary = summarize(rows, {**meta, "evaluated_now": total, "seconds": round(elapsed, 2),
+                               "samples_per_s": round(total / elapsed, 3) if total and elapsed else None,
+                               "ray_workers": ray_workers})
+    write_reports(out_dir, summary, samples, rows)
+    return summary
+
+
+def spec_meta(spec: BackendSpec, task: str) -> dict[str, Any]:
+    return {"task": task, "mode": spec.settings.mode, "model": spec.model or spec.reasoner_endpoint,
+            "perceiver_model": spec.perceiver_model or spec.perceiver_endpoint}
