@@ -1,0 +1,277 @@
+"""Shared helpers of the Kubernetes packaging tests: render the chart with the real Helm engine,
+build kustomize overlays with the real kubectl, and validate every object strictly.
+
+Why strict, and why custom schemas: ``kubernetes-validate --strict`` rejects unknown fields of
+built-in kinds but passes custom resources silently (it has no schema for them). PyTorchJobs are
+therefore checked against the Kubeflow CRD's own openAPIV3Schema (from ../shared/crds, with
+``additionalProperties: false`` added wherever the CRD lists properties and does not preserve
+unknown fields, so a misspelt key fails), plus the rules the training operator's webhook enforces.
+The Prometheus Operator CRDs are not on this machine: ``MONITORING_SCHEMAS`` transcribes, from
+the prometheus-operator API reference (monitoring.coreos.com/v1), the fields of ServiceMonitor,
+PodMonitor and PrometheusRule that the chart can emit, closed to unknown keys the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "p2r"
+MANIFESTS = ROOT / "manifests"
+SHARED = ROOT.parent / "shared"
+PYTORCHJOB_CRD = SHARED / "crds" / "kubeflow.org_pytorchjobs.yaml"
+KUBECTL = ROOT / ".venv" / "bin" / "kubectl"
+
+# The newest release kubernetes-validate bundles and the oldest the chart supports (kubeVersion
+# >=1.27: gRPC probes went GA there).
+KUBE_VERSIONS = ("1.27.0", "1.37.0")
+RELEASE, NAMESPACE = "p2r", "p2r"
+ROLES = ("perceiver", "reasoner", "verifier", "gateway")
+
+
+# ----------------------------------------------------------------------------------- render
+
+
+@functools.cache
+def _chart() -> Any:
+    import helm_python
+
+    return helm_python.Chart.load(str(CHART))
+
+
+def profiles() -> dict[str, dict[str, Any]]:
+    """The chart's documented value profiles: the defaults and every ci/*-values.yaml."""
+    out: dict[str, dict[str, Any]] = {"default": {}}
+    for path in sorted((CHART / "ci").glob("*-values.yaml")):
+        out[path.name.removesuffix("-values.yaml")] = yaml.safe_load(path.read_text()) or {}
+    return out
+
+
+def render(values: dict[str, Any] | None = None, *, hooks: bool = True) -> list[dict[str, Any]]:
+    """Every object the chart renders for ``values`` (NOTES.txt excluded), via the Helm library."""
+    rendered = _chart().render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    docs: list[dict[str, Any]] = []
+    for path, text in sorted(rendered.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                docs.append(doc)
+    if not hooks:
+        docs = [d for d in docs if "helm.sh/hook" not in d["metadata"].get("annotations", {})]
+    return docs
+
+
+def merged_values(values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The values a release would use (chart defaults coalesced with ``values``)."""
+    return _chart().merge_values(values or {})
+
+
+def kustomize(overlay: str) -> list[dict[str, Any]]:
+    """``kubectl kustomize manifests/overlays/<overlay>`` parsed into objects."""
+    out = subprocess.run([str(KUBECTL), "kustomize", str(MANIFESTS / "overlays" / overlay)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = find(docs, kind, name)
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(object name, pod spec) of every workload: Deployments, StatefulSets, Jobs, PyTorchJob replicas."""
+    for d in docs:
+        name = f"{d['kind']}/{d['metadata']['name']}"
+        if d["kind"] in ("Deployment", "StatefulSet", "Job"):
+            yield name, d["spec"]["template"]["spec"]
+        elif d["kind"] == "PyTorchJob":
+            for replica, spec in d["spec"]["pytorchReplicaSpecs"].items():
+                yield f"{name}/{replica}", spec["template"]["spec"]
+
+
+def containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+# ------------------------------------------------------------------------------- validation
+
+
+def strict_crd_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """Close every object schema that lists properties and does not preserve unknown fields."""
+    schema = copy.deepcopy(schema)
+
+    def close(node: Any) -> None:
+        if isinstance(node, dict):
+            if ("properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node["additionalProperties"] = False
+            for value in node.values():
+                close(value)
+        elif isinstance(node, list):
+            for value in node:
+                close(value)
+
+    close(schema)
+    return schema
+
+
+@functools.cache
+def pytorchjob_schema() -> dict[str, Any]:
+    crd = yaml.safe_load(PYTORCHJOB_CRD.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return strict_crd_schema(version["schema"]["openAPIV3Schema"])
+
+
+def pytorchjob_errors(job: dict[str, Any]) -> list[str]:
+    """CRD schema errors plus the training operator webhook's rules (the CRD does not encode them)."""
+    validator = jsonschema.Draft7Validator(pytorchjob_schema())
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(job)]
+    specs = job.get("spec", {}).get("pytorchReplicaSpecs", {})
+    for replica, spec in specs.items():
+        if replica not in ("Master", "Worker"):
+            errors.append(f"pytorchReplicaSpecs: unknown replica type {replica} (Master / Worker only)")
+        if spec.get("restartPolicy") not in (None, "Always", "OnFailure", "Never", "ExitCode"):
+            errors.append(f"{replica}.restartPolicy: {spec.get('restartPolicy')}")
+        pod_containers = spec.get("template", {}).get("spec", {}).get("containers", [])
+        names = [c.get("name") for c in pod_containers]
+        pytorch = [c for c in pod_containers if c.get("name") == "pytorch"]
+        if not pytorch or not pytorch[0].get("image"):
+            errors.append(f"{replica}: needs a container named 'pytorch' with an image (has {names})")
+    if "Master" in specs and specs["Master"].get("replicas", 1) != 1:
+        errors.append("Master.replicas must be 1")
+    return errors
+
+
+_DURATION = {"type": "string",
+             "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+_STRMAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_LABEL_SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
+    "matchLabels": _STRMAP,
+    "matchExpressions": {"type": "array", "items": {
+        "type": "object", "additionalProperties": False, "required": ["key", "operator"],
+        "properties": {"key": {"type": "string"}, "operator": {"type": "string"},
+                       "values": {"type": "array", "items": {"type": "string"}}}}}}}
+_ACTIONS = ["replace", "keep", "drop", "hashmod", "labelmap", "labeldrop", "labelkeep", "lowercase", "uppercase",
+            "keepequal", "dropequal"]
+_RELABEL = {"type": "object", "additionalProperties": False, "properties": {
+    "sourceLabels": {"type": "array", "items": {"type": "string", "pattern": r"^[a-zA-Z_][a-zA-Z0-9_]*$"}},
+    "separator": {"type": "string"}, "targetLabel": {"type": "string"}, "regex": {"type": "string"},
+    "modulus": {"type": "integer", "minimum": 0}, "replacement": {"type": "string"},
+    "action": {"enum": _ACTIONS + [a.capitalize() for a in _ACTIONS]}}}
+_ENDPOINT_COMMON = {
+    "port": {"type": "string"}, "path": {"type": "string"}, "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+    "params": {"type": "object"}, "interval": _DURATION, "scrapeTimeout": _DURATION, "honorLabels": {"type": "boolean"},
+    "honorTimestamps": {"type": "boolean"}, "relabelings": {"type": "array", "items": _RELABEL},
+    "metricRelabelings": {"type": "array", "items": _RELABEL}, "followRedirects": {"type": "boolean"},
+    "enableHttp2": {"type": "boolean"}, "tlsConfig": {"type": "object"}, "authorization": {"type": "object"},
+}
+_NAMESPACE_SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
+    "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}}
+_META = {"type": "object", "required": ["name"], "properties": {
+    "name": {"type": "string"}, "namespace": {"type": "string"}, "labels": _STRMAP, "annotations": _STRMAP}}
+
+
+def _cr(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+            "properties": {"apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": kind},
+                           "metadata": _META, "spec": spec}}
+
+
+MONITORING_SCHEMAS: dict[str, dict[str, Any]] = {
+    "ServiceMonitor": _cr("ServiceMonitor", {
+        "type": "object", "additionalProperties": False, "required": ["selector", "endpoints"], "properties": {
+            "jobLabel": {"type": "string"}, "targetLabels": {"type": "array", "items": {"type": "string"}},
+            "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+            "endpoints": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "additionalProperties": False,
+                "properties": {**_ENDPOINT_COMMON, "targetPort": {"type": ["integer", "string"]},
+                               "bearerTokenSecret": {"type": "object"}}}},
+            "selector": _LABEL_SELECTOR, "namespaceSelector": _NAMESPACE_SELECTOR,
+            "sampleLimit": {"type": "integer", "minimum": 0}, "targetLimit": {"type": "integer", "minimum": 0}}}),
+    "PodMonitor": _cr("PodMonitor", {
+        "type": "object", "additionalProperties": False, "required": ["selector", "podMetricsEndpoints"],
+        "properties": {
+            "jobLabel": {"type": "string"}, "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+            "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "additionalProperties": False,
+                "properties": {**_ENDPOINT_COMMON, "portNumber": {"type": "integer", "minimum": 1, "maximum": 65535},
+                               "filterRunning": {"type": "boolean"}}}},
+            "selector": _LABEL_SELECTOR, "namespaceSelector": _NAMESPACE_SELECTOR,
+            "sampleLimit": {"type": "integer", "minimum": 0}}}),
+    "PrometheusRule": _cr("PrometheusRule", {
+        "type": "object", "additionalProperties": False, "properties": {
+            "groups": {"type": "array", "items": {
+                "type": "object", "additionalProperties": False, "required": ["name", "rules"], "properties": {
+                    "name": {"type": "string", "minLength": 1}, "interval": _DURATION, "limit": {"type": "integer"},
+                    "partial_response_strategy": {"type": "string"}, "labels": _STRMAP,
+                    "rules": {"type": "array", "items": {
+                        "type": "object", "additionalProperties": False, "required": ["expr"], "properties": {
+                            "record": {"type": "string"}, "alert": {"type": "string"},
+                            "expr": {"type": ["string", "integer"]}, "for": _DURATION, "keep_firing_for": _DURATION,
+                            "labels": _STRMAP, "annotations": _STRMAP}}}}}}}}),
+}
+
+CUSTOM_GROUPS = {"kubeflow.org", "monitoring.coreos.com"}
+
+
+def validation_errors(obj: dict[str, Any], version: str) -> list[str]:
+    """Strict errors of one object: Kubernetes OpenAPI for built-in kinds, CRD schemas otherwise.
+    A kind that neither knows is an error, never a pass."""
+    group = obj.get("apiVersion", "").split("/")[0] if "/" in obj.get("apiVersion", "") else ""
+    if group in CUSTOM_GROUPS:
+        if obj["kind"] == "PyTorchJob":
+            return pytorchjob_errors(obj)
+        schema = MONITORING_SCHEMAS.get(obj["kind"])
+        if schema is None:
+            return [f"no schema for {obj['apiVersion']} {obj['kind']}"]
+        v = jsonschema.Draft7Validator(schema)
+        return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(obj)]
+    try:
+        kubernetes_validate.validate(obj, version, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        return [f"{'/'.join(map(str, e.path))}: {e.message}"]
+    except kubernetes_validate.SchemaNotFoundError as e:
+        return [f"no Kubernetes {version} schema: {e}"]
+    return []
+
+
+# ------------------------------------------------------------------------------- credentials
+
+CREDENTIAL_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|(^|_)TOKEN($|_)|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
+
+
+def plaintext_credentials(docs: list[dict[str, Any]]) -> list[str]:
+    """Places where a credential is written in clear: credential-named env vars with a literal
+    value, credential-looking keys in ConfigMaps, and Secrets with literal stringData."""
+    found: list[str] = []
+    for name, spec in pod_specs(docs):
+        for c in containers(spec):
+            for env in c.get("env", []):
+                if CREDENTIAL_NAME.search(env["name"]) and "value" in env:
+                    found.append(f"{name}/{c['name']}: env {env['name']} has a literal value")
+                if CREDENTIAL_NAME.search(env["name"]) and "secretKeyRef" not in env.get("valueFrom", {}):
+                    found.append(f"{name}/{c['name']}: env {env['name']} is not read from a Secret")
+    for cm in find(docs, "ConfigMap"):
+        for key, text in (cm.get("data") or {}).items():
+            for line in str(text).splitlines():
+                m = re.match(r"\s*[\"']?([A-Za-z_.-]+)[\"']?\s*[:=]\s*(\S+)", line)
+                if m and CREDENTIAL_NAME.search(m.group(1)) and not m.group(1).endswith(("_endpoint", "Ref")):
+                    found.append(f"ConfigMap/{cm['metadata']['name']}/{key}: {m.group(1)} = {m.group(2)}")
+    return found

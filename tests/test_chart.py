@@ -1,0 +1,465 @@
+"""The Helm chart, rendered offline by the real Helm library for every documented profile:
+strict schema validity of every object, `helm lint --strict`, values.schema.json rejecting bad
+values with a message naming the key, and the properties a platform team checks before letting
+it into a cluster (GPUs, probes and drain, RBAC, credentials, security, network, autoscaling).
+The serve.yaml each role gets is loaded by the real ``ServeConfig``, so the chart cannot drift
+from what ``p2r serve`` accepts."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.k8s_support import (
+    CHART,
+    KUBE_VERSIONS,
+    NAMESPACE,
+    ROLES,
+    containers,
+    find,
+    merged_values,
+    one,
+    plaintext_credentials,
+    pod_specs,
+    profiles,
+    render,
+    validation_errors,
+)
+
+PROFILES = profiles()
+HEALTH = {"perceiver": "p2r.v1.Perceiver", "reasoner": "p2r.v1.Reasoner", "verifier": "p2r.v1.Verifier",
+          "gateway": "p2r.v1.P2R"}
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    return {name: render(values) for name, values in PROFILES.items()}
+
+
+def test_profiles_exist() -> None:
+    assert {"default", "cpu-smoke", "gpu-production", "external-s3"} <= set(PROFILES)
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_object_validates_strictly(profile: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered[profile]
+    assert len(docs) > 10
+    errors = [f"{v} {d['kind']}/{d['metadata']['name']}: {err}"
+              for v in KUBE_VERSIONS for d in docs for err in validation_errors(d, v)]
+    assert not errors, "\n".join(errors)
+    names = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    assert len(names) == len(set(names)), "duplicate objects"
+
+
+def test_validation_is_not_a_silent_pass() -> None:
+    """The validators used above reject a misspelt field of a built-in kind and of a ServiceMonitor."""
+    docs = render(PROFILES["gpu-production"])
+    deploy = one(docs, "Deployment", "p2r-perceiver")
+    deploy["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"grpcc": {"port": 1}}
+    assert validation_errors(deploy, KUBE_VERSIONS[-1])
+    monitor = one(docs, "ServiceMonitor", "p2r-perceiver")
+    monitor["spec"]["endpoints"][0]["intervall"] = "15s"
+    assert any("intervall" in e for e in validation_errors(monitor, KUBE_VERSIONS[-1]))
+    unknown = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
+    assert validation_errors(unknown, KUBE_VERSIONS[-1])
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_helm_lint_strict(profile: str) -> None:
+    import helm_python
+
+    report = helm_python.lint(str(CHART), PROFILES[profile], strict=True, namespace=NAMESPACE,
+                              kube_version=f"v{KUBE_VERSIONS[-1]}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not problems, report
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"roles": {"perceiver": {"gpus": -1}}}, "/roles/perceiver/gpus"),
+    ({"roles": {"perceivr": {"enabled": True}}}, "'perceivr' not allowed"),
+    ({"roleDefaults": {"replicas": "two"}}, "/roleDefaults/replicas"),
+    ({"roles": {"reasoner": {"model": "http://example.com/model"}}}, "/roles/reasoner/model"),
+    ({"s3": {"bucket": "Bad_Bucket"}}, "/s3/bucket"),
+    ({"s3": {"externalEndpoint": "https://minio:9000"}}, "/s3/externalEndpoint"),
+    ({"serveConfig": {"max_in_flight": 0}}, "/serveConfig/max_in_flight"),
+    ({"serveConfig": {"max_inflight": 8}}, "'max_inflight' not allowed"),
+    ({"drain": {"gracePeriodSeconds": -5}}, "/drain/gracePeriodSeconds"),
+    ({"monitoring": {"serviceMonitor": {"interval": "fast"}}}, "/monitoring/serviceMonitor/interval"),
+    ({"monitoring": {"alerts": {"errorRatio": 2}}}, "/monitoring/alerts/errorRatio"),
+    ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    ({"roleDefaults": {"resources": {"requests": {"memory": "lots"}}}}, "/roleDefaults/resources/requests/memory"),
+])
+def test_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None:
+    import helm_python
+
+    with pytest.raises(helm_python.HelmValuesError) as e:
+        render(values)
+    assert message in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"probes": {"liveness": {"periodSeconds": 5, "failureThreshold": 2, "timeoutSeconds": 1}}},
+     "shorter than the drain"),
+    ({"minio": {"enabled": False}, "s3": {"externalEndpoint": "s3.example.com:443"}}, "s3.existingSecret is required"),
+    ({"minio": {"enabled": False}, "s3": {"existingSecret": "creds"}}, "s3.externalEndpoint is required"),
+    ({"roles": {"reasoner": {"enabled": False}}}, "enable roles.perceiver and roles.reasoner"),
+    ({"roles": {"gateway": {"autoscaling": {"enabled": True}}}}, "runs no engine"),
+])
+def test_inconsistent_values_fail_with_a_clear_message(values: dict[str, Any], message: str) -> None:
+    import helm_python
+
+    with pytest.raises(helm_python.HelmError) as e:
+        render(values)
+    assert message in str(e.value), str(e.value)
+
+
+def _serve_yaml(docs: list[dict[str, Any]], role: str) -> dict[str, Any]:
+    return yaml.safe_load(one(docs, "ConfigMap", f"p2r-{role}")["data"]["serve.yaml"])
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_serve_yaml_is_what_p2r_serve_loads(profile: str, rendered: dict[str, list[dict[str, Any]]],
+                                            tmp_path: Any) -> None:
+    """Each role's serve.yaml goes through the real ServeConfig (extra fields forbidden) and
+    carries the chart's ports, bind address, drain window and, for the gateway, remote roles."""
+    from p2r.services.config import load_config
+
+    values = merged_values(PROFILES[profile])
+    docs = rendered[profile]
+    for role in ROLES:
+        if not values["roles"][role]["enabled"]:
+            assert not find(docs, "Deployment", f"p2r-{role}")
+            continue
+        path = tmp_path / f"{role}.yaml"
+        path.write_text(one(docs, "ConfigMap", f"p2r-{role}")["data"]["serve.yaml"])
+        cfg = load_config(path)
+        assert cfg.roles == [role] and cfg.host == "0.0.0.0"
+        assert (cfg.port, cfg.metrics_port) == (values["ports"]["grpc"], values["ports"]["metrics"])
+        assert cfg.grace_period_s == values["drain"]["gracePeriodSeconds"]
+        assert str(cfg.checkpoint_cache).startswith("/cache/")
+        if role == "gateway":
+            assert cfg.http_port == values["ports"]["http"]
+            assert cfg.perceiver_endpoint == f"p2r-perceiver:{values['ports']['grpc']}"
+            assert cfg.reasoner_endpoint == f"p2r-reasoner:{values['ports']['grpc']}"
+            assert cfg.model is None
+        else:
+            assert cfg.model == values["roles"][role]["model"]
+
+
+def test_role_serve_config_overrides_the_shared_one() -> None:
+    docs = render({"serveConfig": {"max_in_flight": 100, "structured_perceiver": True},
+                   "roles": {"perceiver": {"serveConfig": {"max_in_flight": 7, "structured_perceiver": False}}}})
+    assert _serve_yaml(docs, "perceiver")["max_in_flight"] == 7
+    assert _serve_yaml(docs, "perceiver")["structured_perceiver"] is False  # a false override is kept
+    assert _serve_yaml(docs, "reasoner")["max_in_flight"] == 100
+
+
+def test_serve_config_schema_matches_the_code() -> None:
+    """values.schema.json's serveConfig lists fields of ServeConfig with the same types and bounds."""
+    import json
+
+    from p2r.services.config import ServeConfig
+
+    code = ServeConfig.model_json_schema()
+    chart = json.loads((CHART / "values.schema.json").read_text())["definitions"]["serveConfig"]["properties"]
+    limits = code["$defs"]["Limits"]["properties"]
+    for name, spec in chart.items():
+        assert name in code["properties"], f"serveConfig.{name} is not a ServeConfig field"
+        if name == "limits":
+            for key, sub in spec["properties"].items():
+                assert key in limits and sub["type"] == limits[key]["type"]
+                assert sub.get("minimum") == limits[key].get("minimum"), key
+            continue
+        assert spec["type"] == code["properties"][name]["type"], name
+        assert spec.get("minimum") == code["properties"][name].get("minimum"), name
+
+
+def _gpus(c: dict[str, Any], kind: str) -> int:
+    return int(c.get("resources", {}).get(kind, {}).get("nvidia.com/gpu", 0))
+
+
+@pytest.mark.parametrize(("profile", "expected"), [
+    ("default", {"perceiver": 1, "reasoner": 1, "verifier": 1, "gateway": 0}),
+    ("gpu-production", {"perceiver": 1, "reasoner": 1, "verifier": 1, "gateway": 0}),
+    ("cpu-smoke", {"perceiver": 0, "reasoner": 0, "verifier": 0, "gateway": 0}),
+])
+def test_gpu_requests(profile: str, expected: dict[str, int], rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered[profile]
+    for role, gpus in expected.items():
+        spec = one(docs, "Deployment", f"p2r-{role}")["spec"]["template"]["spec"]
+        serve = spec["containers"][0]
+        assert _gpus(serve, "requests") == _gpus(serve, "limits") == gpus, role
+        tolerates = any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", []))
+        assert tolerates == (gpus > 0 and profile != "cpu-smoke"), role
+    for name, spec in pod_specs(docs):
+        if not name.startswith("Deployment/p2r-") or name.split("-")[-1] not in ROLES:
+            assert all(_gpus(c, "limits") == 0 for c in containers(spec)), name
+    if profile == "gpu-production":
+        spec = one(docs, "Deployment", "p2r-reasoner")["spec"]["template"]["spec"]
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        assert spec["runtimeClassName"] == "nvidia" and spec["priorityClassName"] == "p2r-serving"
+        assert spec["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_probes_and_drain(profile: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """gRPC health probes (readiness on the role's own service), a startup probe sized for model
+    loads, and preStop + terminationGracePeriodSeconds covering serve.yaml's drain window."""
+    values = merged_values(PROFILES[profile])
+    drain, probes = values["drain"], values["probes"]
+    for role in ROLES:
+        if not values["roles"][role]["enabled"]:
+            continue
+        deploy = one(rendered[profile], "Deployment", f"p2r-{role}")
+        spec = deploy["spec"]["template"]["spec"]
+        c = spec["containers"][0]
+        grpc_port = values["ports"]["grpc"]
+        assert c["startupProbe"]["grpc"] == {"port": grpc_port, "service": HEALTH[role]}
+        assert c["readinessProbe"]["grpc"] == {"port": grpc_port, "service": HEALTH[role]}
+        assert c["livenessProbe"]["grpc"] == {"port": grpc_port}
+        startup = c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"]
+        assert startup >= (600 if profile != "cpu-smoke" else 120), f"{role}: startup window {startup}s"
+        live = c["livenessProbe"]["periodSeconds"] * c["livenessProbe"]["failureThreshold"]
+        assert live >= drain["preStopSleepSeconds"] + drain["gracePeriodSeconds"]
+        assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(drain["preStopSleepSeconds"])]
+        grace = drain["preStopSleepSeconds"] + drain["gracePeriodSeconds"] + drain["marginSeconds"]
+        assert spec["terminationGracePeriodSeconds"] == grace
+        assert _serve_yaml(rendered[profile], role)["grace_period_s"] == drain["gracePeriodSeconds"]
+        assert c["readinessProbe"]["periodSeconds"] == probes["readiness"]["periodSeconds"]
+        assert c["args"] == ["serve", role, "--config", "/etc/p2r/serve.yaml"]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports["grpc"] == grpc_port and ports["metrics"] == values["ports"]["metrics"]
+        assert ("http" in ports) == (role == "gateway")
+
+
+def test_config_change_rolls_the_pods() -> None:
+    a = one(render({}), "Deployment", "p2r-reasoner")["spec"]["template"]["metadata"]["annotations"]
+    b = one(render({"serveConfig": {"max_in_flight": 9}}), "Deployment", "p2r-reasoner")
+    assert a["checksum/config"] != b["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+
+EXPECTED_RULES = {
+    ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "delete"},
+    ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
+    ("", "pods"): {"get", "list"},
+    ("", "pods/log"): {"get"},
+    ("", "configmaps"): {"create", "get", "list", "watch", "update", "patch"},
+    ("apps", "deployments"): {"get", "patch"},
+}
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_controller_rbac_is_least_privilege(profile: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered[profile]
+    values = merged_values(PROFILES[profile])
+    assert not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding")
+    role = one(docs, "Role", "p2r-controller")
+    rules: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                assert "*" not in (group, resource, *rule["verbs"])
+                rules[(group, resource)] = set(rule["verbs"])
+                if resource == "deployments":
+                    enabled = {f"p2r-{r}" for r in ROLES if values["roles"][r]["enabled"]}
+                    assert set(rule["resourceNames"]) == enabled
+    assert rules == EXPECTED_RULES
+    binding = one(docs, "RoleBinding", "p2r-controller")
+    sa_name = values["controller"]["serviceAccount"]["name"] or "p2r-controller"
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "p2r-controller"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa_name, "namespace": NAMESPACE}]
+    controller = one(docs, "Deployment", "p2r-controller")["spec"]
+    assert controller["template"]["spec"]["serviceAccountName"] == sa_name
+    assert controller["strategy"] == {"type": "Recreate"} and controller["replicas"] == 1
+    assert bool(find(docs, "ServiceAccount", "p2r-controller")) == values["controller"]["serviceAccount"]["create"]
+    # Only the controller gets an API token.
+    for name, spec in pod_specs(docs):
+        assert spec.get("automountServiceAccountToken") is (name == "Deployment/p2r-controller"), name
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_no_plaintext_credentials(profile: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered[profile]
+    assert not plaintext_credentials(docs)
+    for secret in find(docs, "Secret"):
+        assert "stringData" not in secret
+    values = merged_values(PROFILES[profile])
+    secrets = find(docs, "Secret")
+    if values["minio"]["enabled"] and not values["s3"]["existingSecret"]:
+        assert [s["metadata"]["name"] for s in secrets] == ["p2r-s3"]
+        assert secrets[0]["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    else:
+        assert not secrets
+    # Every pod that talks to S3 reads both keys from the same Secret.
+    secret_name = values["s3"]["existingSecret"] or "p2r-s3"
+    for name, spec in pod_specs(docs):
+        for c in containers(spec):
+            env = {e["name"]: e for e in c.get("env", [])}
+            if "AWS_SECRET_ACCESS_KEY" in env:
+                ref = env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]
+                assert ref == {"name": secret_name, "key": values["s3"]["secretKeyKey"]}, name
+
+
+def test_generated_credentials_are_random() -> None:
+    a, b = (one(render({}), "Secret", "p2r-s3")["data"] for _ in range(2))
+    assert set(a) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert a["AWS_SECRET_ACCESS_KEY"] != b["AWS_SECRET_ACCESS_KEY"]
+
+
+def test_values_files_hold_no_credentials() -> None:
+    for path in [CHART / "values.yaml", *sorted((CHART / "ci").glob("*.yaml"))]:
+        for line in path.read_text().splitlines():
+            m = re.match(r"\s*([A-Za-z_]+):\s*(\S.*)?$", line.split("#")[0])
+            if m and re.search(r"password|secretkey|accesskey|(^|_)token($|_)", m.group(1), re.I):
+                assert m.group(1).endswith("Key"), f"{path.name}: {line}"  # key *names*, not values
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_security_context(profile: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for name, spec in pod_specs(rendered[profile]):
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for c in containers(spec):
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, (name, c["name"])
+            assert sc["allowPrivilegeEscalation"] is False, (name, c["name"])
+            assert sc["capabilities"]["drop"] == ["ALL"], (name, c["name"])
+            assert "add" not in sc["capabilities"], (name, c["name"])
+            mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            assert "/tmp" in mounts, (name, c["name"])  # writable scratch under a read-only root
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_services_select_their_pods(profile: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered[profile]
+    workloads = find(docs, "Deployment") + find(docs, "StatefulSet")
+    for svc in find(docs, "Service"):
+        sel = svc["spec"]["selector"]
+        matches = [w for w in workloads if sel.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(matches) == 1, svc["metadata"]["name"]
+        ports = {p["name"] for c in matches[0]["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= ports
+    for pdb in find(docs, "PodDisruptionBudget"):
+        sel = pdb["spec"]["selector"]["matchLabels"]
+        assert any(sel.items() <= w["spec"]["template"]["metadata"]["labels"].items() for w in workloads)
+
+
+def test_autoscaling_on_waiting_requests(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["gpu-production"]
+    hpas = {h["metadata"]["name"]: h for h in find(docs, "HorizontalPodAutoscaler")}
+    assert set(hpas) == {"p2r-perceiver", "p2r-reasoner"}
+    for name, hpa in hpas.items():
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        metric = hpa["spec"]["metrics"][0]["pods"]
+        assert metric["metric"]["name"] == "vllm_num_requests_waiting"
+        assert metric["target"] == {"type": "AverageValue", "averageValue": "8"}
+        assert "replicas" not in one(docs, "Deployment", name)["spec"]  # the HPA owns it
+    assert one(docs, "Deployment", "p2r-verifier")["spec"]["replicas"] == 1
+    assert not find(rendered["default"], "HorizontalPodAutoscaler")
+
+
+def test_network_policies(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Default deny for the release; only the gateway admits traffic from outside it."""
+    assert not find(rendered["default"], "NetworkPolicy")
+    docs = rendered["gpu-production"]
+    policies = {p["metadata"]["name"]: p["spec"] for p in find(docs, "NetworkPolicy")}
+    deny = policies.pop("p2r-default-deny")
+    assert deny["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "p2r", "app.kubernetes.io/instance": "p2r"}
+    assert deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
+    gateway_from = PROFILES["gpu-production"]["networkPolicy"]["gatewayFrom"]
+    metrics_from = merged_values(PROFILES["gpu-production"])["networkPolicy"]["metricsFrom"]
+    internal = [{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "p2r"}}}]
+    for name, spec in policies.items():
+        for rule in spec["ingress"]:
+            ports = {p["port"] for p in rule["ports"]}
+            if ports == {"metrics"}:
+                assert rule["from"] == metrics_from, name
+            elif name == "p2r-gateway":
+                assert ports == {"grpc", "http"} and rule["from"] == gateway_from
+            else:
+                assert rule["from"] == internal, (name, rule)
+    assert set(policies) == {"p2r-perceiver", "p2r-reasoner", "p2r-verifier", "p2r-gateway", "p2r-controller",
+                             "p2r-minio"}
+
+
+def test_monitoring_switches(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Operator objects behind flags, scrape annotations otherwise; dashboards for the sidecar."""
+    default, prod = rendered["default"], rendered["gpu-production"]
+    assert not find(default, "ServiceMonitor") and not find(default, "PrometheusRule")
+    ann = one(default, "Deployment", "p2r-gateway")["spec"]["template"]["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "9090"
+    assert "p2r-rules.yaml" in one(default, "ConfigMap", "p2r-alert-rules")["data"]
+    monitors = {m["metadata"]["name"] for m in find(prod, "ServiceMonitor")}
+    assert monitors == {f"p2r-{c}" for c in (*ROLES, "controller")}
+    for m in find(prod, "ServiceMonitor") + find(prod, "PodMonitor") + find(prod, "PrometheusRule"):
+        assert m["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    for m in find(prod, "ServiceMonitor"):
+        svc = one(prod, "Service", m["metadata"]["name"])
+        assert m["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+        assert m["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
+    pod_monitor = one(prod, "PodMonitor", "p2r-trainer")
+    assert pod_monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/part-of": "p2r",
+                                                              "app.kubernetes.io/component": "trainer"}
+    assert "prometheus.io/scrape" not in one(prod, "Deployment", "p2r-gateway")["spec"]["template"]["metadata"].get(
+        "annotations", {})
+    dashboards = [c for c in find(default, "ConfigMap") if c["metadata"]["name"].startswith("p2r-dashboard-")]
+    assert {c["metadata"]["name"] for c in dashboards} == {"p2r-dashboard-serving", "p2r-dashboard-training",
+                                                           "p2r-dashboard-pipeline"}
+    for cm in dashboards:
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+def test_tiny_model_init_for_cpu_smoke(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["cpu-smoke"]
+    for role in ("perceiver", "reasoner", "verifier"):
+        spec = one(docs, "Deployment", f"p2r-{role}")["spec"]["template"]["spec"]
+        assert spec["initContainers"][0]["command"] == ["p2r", "models", "tiny", "--out", "/cache/tiny"]
+        assert _serve_yaml(docs, role)["model"] == "/cache/tiny"
+        assert spec["containers"][0]["image"].startswith("ghcr.io/p2r-platform/p2r-cpu:")
+    assert "initContainers" not in one(docs, "Deployment", "p2r-gateway")["spec"]["template"]["spec"]
+
+
+def test_external_s3_and_model_pvc(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["external-s3"]
+    assert not find(docs, "StatefulSet")
+    spec = one(docs, "Deployment", "p2r-reasoner")["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in spec["containers"][0]["env"]}
+    assert env["P2R_S3_ENDPOINT"]["value"] == "minio.storage.svc.cluster.local:9000"
+    assert env["P2R_S3_SECURE"]["value"] == "true"
+    models = next(v for v in spec["volumes"] if v["name"] == "models")
+    assert models["persistentVolumeClaim"] == {"claimName": "p2r-models", "readOnly": True}
+    hook = one(docs, "Job", "p2r-create-bucket")
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    hook_env = {e["name"]: e for e in hook["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert hook_env["P2R_S3_BUCKET"]["value"] == "p2r-prod"
+
+
+def test_values_yaml_is_documented_line_by_line() -> None:
+    """Every key in values.yaml has a comment right above it (list items and the keys inside
+    them belong to the documented key that holds the list)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    undocumented = []
+    inside_list_of: int | None = None
+    for i, line in enumerate(lines):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip())
+        if inside_list_of is not None:
+            if indent > inside_list_of:
+                continue
+            inside_list_of = None
+        if line.lstrip().startswith("- "):
+            continue
+        m = re.match(r"\s*([A-Za-z0-9_.\-/]+):(.*)$", line)
+        assert m, line
+        nxt = next((x for x in lines[i + 1:] if x.strip() and not x.lstrip().startswith("#")), "")
+        if not m.group(2).strip() and nxt.lstrip().startswith("- "):
+            inside_list_of = indent
+        prev = lines[i - 1].strip() if i else ""
+        is_parent = not m.group(2).strip() and not nxt.lstrip().startswith("- ")
+        if not prev.startswith("#") and not is_parent:
+            undocumented.append(f"{i + 1}: {line.strip()}")
+    assert not undocumented, "\n".join(undocumented)
