@@ -36,7 +36,8 @@ def _local_data(uri: str) -> Path:
 @click.option("--task", type=click.Choice(TASKS), required=True)
 @click.option("--data", "data_uri", required=True,
               help="Benchmark files: a file, a directory or an s3:// prefix (parquet / jsonl / tsv).")
-@click.option("--mode", type=click.Choice(MODES), default="p2r", show_default=True)
+@click.option("--mode", "modes", type=click.Choice(MODES), multiple=True, default=["p2r"], show_default=True,
+              help="Repeat for several modes in one run (engines shared); outputs then go to OUT/MODE/.")
 @click.option("--model", default=None, help="Checkpoint (path, file:// or s3://) answering the questions.")
 @click.option("--perceiver-model", default=None, help="p2r mode: perceiver checkpoint (default: --model).")
 @click.option("--verifier-model", default=None, help="Grades free_form answers (synthetic task); else ungraded.")
@@ -58,7 +59,7 @@ def _local_data(uri: str) -> Path:
 @click.option("--max-model-len", type=click.IntRange(min=256), default=16384, show_default=True)
 @click.option("--max-num-seqs", type=click.IntRange(min=1), default=16, show_default=True)
 @_user_errors
-def eval_command(task: str, data_uri: str, mode: str, model: str | None, perceiver_model: str | None,
+def eval_command(task: str, data_uri: str, modes: tuple[str, ...], model: str | None, perceiver_model: str | None,
                  verifier_model: str | None, reasoner_endpoint: str | None, perceiver_endpoint: str | None,
                  verifier_endpoint: str | None, out_uri: str, limit: int | None, batch_size: int,
                  ray_workers: int, gpus_per_worker: float, skip_bad_rows: bool, max_new_tokens: int | None,
@@ -80,7 +81,8 @@ def eval_command(task: str, data_uri: str, mode: str, model: str | None, perceiv
     from p2r.services.checkpoints import CheckpointError, download_prefix, put_files
     from p2r.services.engine import EngineLimits
 
-    settings = EvalSettings(mode=mode)  # type: ignore[arg-type]
+    modes = tuple(dict.fromkeys(modes))
+    settings = EvalSettings(mode=modes[0])  # type: ignore[arg-type]
     if max_new_tokens is not None:
         settings = replace(settings, default_max_tokens=max_new_tokens, thinking_max_tokens=max_new_tokens,
                            reason_max_tokens=max_new_tokens)
@@ -102,7 +104,9 @@ def eval_command(task: str, data_uri: str, mode: str, model: str | None, perceiv
         if out_uri.startswith("s3://"):
             out_dir = _cache("eval", out_uri)
             download_prefix(out_uri, out_dir)  # resume from what an earlier run uploaded
-        bar = tqdm(total=len(samples), desc=f"{task} {mode}", unit="sample", dynamic_ncols=True)
+        outputs = {m: out_dir if len(modes) == 1 else out_dir / m for m in modes}
+        bar = tqdm(total=len(samples) * len(modes), desc=f"{task} {'+'.join(modes)}", unit="sample",
+                   dynamic_ncols=True)
         last = [0]
 
         def progress(done: int, _total: int) -> None:
@@ -110,14 +114,20 @@ def eval_command(task: str, data_uri: str, mode: str, model: str | None, perceiv
             last[0] = done
 
         try:
-            summary = evaluate(samples, spec, out_dir, spec_meta(spec, task), batch_size=batch_size,
-                               ray_workers=ray_workers, gpus_per_worker=gpus_per_worker, progress=progress)
+            summaries = evaluate(samples, spec, outputs, spec_meta(spec, task),  # type: ignore[arg-type]
+                                 batch_size=batch_size, ray_workers=ray_workers, gpus_per_worker=gpus_per_worker,
+                                 progress=progress)
         finally:
             bar.close()
-            if out_uri.startswith("s3://") and (out_dir / "results.jsonl").is_file():
-                put_files(out_dir, [n for n in _OUTPUTS if (out_dir / n).is_file()], out_uri)
+            if out_uri.startswith("s3://"):
+                for m, d in outputs.items():
+                    names = [n for n in _OUTPUTS if (d / n).is_file()]
+                    if names:
+                        put_files(d, names, out_uri if d == out_dir else f"{out_uri.rstrip('/')}/{m}")
     except CheckpointError as e:
         raise UserError(str(e)) from None
-    click.echo(text_table(summary), err=True)
-    click.echo(json.dumps({"out": out_uri, "n": summary["n"], "overall": summary["overall"],
-                           "categories": summary["categories"]}))
+    for m, summary in summaries.items():
+        click.echo(f"\n{task} — {m} mode\n{text_table(summary)}", err=True)
+        click.echo(json.dumps({"mode": m, "out": str(outputs[m]) if not out_uri.startswith("s3://") else out_uri,
+                               "n": summary["n"], "overall": summary["overall"],
+                               "categories": summary["categories"]}))

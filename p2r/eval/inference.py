@@ -76,6 +76,8 @@ class Output:
 
 
 class Backend(Protocol):
+    settings: EvalSettings
+
     def run(self, samples: Sequence[EvalSample], images: Sequence[Image.Image]) -> list[Output]: ...
 
     def verifier(self) -> Any | None: ...

@@ -11,14 +11,16 @@ graded chunk is appended to ``results.jsonl`` at once: a re-run skips the uids a
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from p2r.eval.benchmarks import EvalSample
-from p2r.eval.inference import Backend, BackendSpec, Output
+from p2r.eval.inference import Backend, BackendSpec, Mode, Output
 from p2r.eval.report import RESULTS, grade_rows, result_row, summarize, write_reports
 
 Chunk = list[EvalSample]
@@ -69,74 +71,90 @@ def chunks(samples: Sequence[EvalSample], batch_size: int) -> list[Chunk]:
     return [list(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
 
 
-def run_chunk(backend: Backend, chunk: Chunk) -> list[dict[str, Any]]:
-    """Answer one chunk (images decoded here, in the worker) and make its ungraded rows."""
+def run_chunk(backend: Backend, mode: Mode, chunk: Chunk) -> list[dict[str, Any]]:
+    """Answer one chunk in ``mode`` (images decoded here, in the worker); ungraded rows."""
+    backend.settings = replace(backend.settings, mode=mode)
     images = [s.image.load() for s in chunk]
     outputs: list[Output] = backend.run(chunk, images)
     return [result_row(s, o) for s, o in zip(chunk, outputs, strict=True)]
 
 
-def _local(spec: BackendSpec, todo: list[Chunk]) -> tuple[Iterator[list[dict[str, Any]]], Any]:
+Work = list[tuple[Mode, Chunk]]
+Stream = Iterator[tuple[Mode, list[dict[str, Any]]]]
+
+
+def _local(spec: BackendSpec, work: Work) -> tuple[Stream, Any]:
     backend = spec.build()
-    return (run_chunk(backend, c) for c in todo), backend.verifier()
+    return ((mode, run_chunk(backend, mode, c)) for mode, c in work), backend.verifier()
 
 
 class _RayWorker:
-    """One engine replica: built once per Ray actor, then fed one chunk per call."""
+    """One engine replica: built once per Ray actor, then fed one (mode, chunk) per call."""
 
     def __init__(self, spec: BackendSpec) -> None:
         self.backend = spec.build(verifier=False)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        rows = [run_chunk(self.backend, pickle.loads(p)) for p in batch["chunk"]]
-        return {"rows": [json.dumps(r) for r in rows]}
+        out = [(mode, run_chunk(self.backend, mode, pickle.loads(p)))
+               for mode, p in zip(batch["mode"], batch["chunk"], strict=True)]
+        return {"mode": [m for m, _ in out], "rows": [json.dumps(r) for _, r in out]}
 
 
-def _ray(spec: BackendSpec, todo: list[Chunk], workers: int,
-         gpus_per_worker: float) -> tuple[Iterator[list[dict[str, Any]]], Any]:
-    """Ray Data: chunks as rows, ``map_batches`` over ``workers`` actor replicas (a local Ray
-    here; on Kubernetes, ``RAY_ADDRESS`` of a RayCluster / the RayJob's cluster)."""
+def _ray(spec: BackendSpec, work: Work, workers: int, gpus_per_worker: float) -> tuple[Stream, Any]:
+    """Ray Data: (mode, chunk) pairs as rows, ``map_batches`` over ``workers`` actor replicas
+    (a local Ray here; on Kubernetes, ``RAY_ADDRESS`` of a RayCluster or the RayJob's cluster)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
-    ds = ray.data.from_items([{"chunk": pickle.dumps(c)} for c in todo], override_num_blocks=len(todo))
+        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ds = ray.data.from_items([{"mode": m, "chunk": pickle.dumps(c)} for m, c in work], override_num_blocks=len(work))
     ds = ds.map_batches(_RayWorker, fn_constructor_kwargs={"spec": spec}, batch_size=1, concurrency=workers,
-                        num_cpus=1 if not gpus_per_worker else 0, num_gpus=gpus_per_worker or None)
+                        num_cpus=0 if gpus_per_worker else 1, num_gpus=gpus_per_worker or None)
     verifier = spec.build(answer=False).verifier() if (spec.verifier_model or spec.verifier_endpoint) else None
-    return (json.loads(row["rows"]) for row in ds.iter_rows()), verifier
+    return ((row["mode"], json.loads(row["rows"])) for row in ds.iter_rows()), verifier
 
 
-def evaluate(samples: Sequence[EvalSample], spec: BackendSpec, out_dir: Path, meta: dict[str, Any], *,
+def evaluate(samples: Sequence[EvalSample], spec: BackendSpec, outputs: dict[Mode, Path], meta: dict[str, Any], *,
              batch_size: int = 16, ray_workers: int = 0, gpus_per_worker: float = 0.0,
-             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Evaluate ``samples`` into ``out_dir``; returns the summary. Samples already in
-    ``out_dir/results.jsonl`` are skipped (resume)."""
-    meta = {**meta, "settings": spec.settings.as_dict()}
-    results = ResultsFile(out_dir / RESULTS, meta)
-    done = results.done
-    todo = chunks([s for s in samples if s.uid not in done], batch_size)
+             progress: Callable[[int, int], None] | None = None) -> dict[Mode, dict[str, Any]]:
+    """Evaluate ``samples`` in every mode of ``outputs`` (mode -> output directory), sharing the
+    engines across modes; returns each mode's summary. Samples already in a mode's
+    ``results.jsonl`` are skipped (resume)."""
+    if spec.reasoner_endpoint is not None and "default" in outputs:
+        raise ValueError("--mode default runs in process: give --model, not service endpoints")
+    files: dict[Mode, ResultsFile] = {}
+    work: Work = []
+    for mode, out_dir in outputs.items():
+        settings = replace(spec.settings, mode=mode).as_dict()
+        files[mode] = ResultsFile(out_dir / RESULTS, {**meta, "mode": mode, "settings": settings})
+        done = files[mode].done
+        work += [(mode, c) for c in chunks([s for s in samples if s.uid not in done], batch_size)]
+    total = sum(len(c) for _, c in work)
     started = time.perf_counter()
-    total = sum(len(c) for c in todo)
-    if todo:
-        stream, verifier = _ray(spec, todo, ray_workers, gpus_per_worker) if ray_workers else _local(spec, todo)
+    if work:
+        stream, verifier = _ray(spec, work, ray_workers, gpus_per_worker) if ray_workers else _local(spec, work)
         finished = 0
-        for rows in stream:
+        for mode, rows in stream:
             grade_rows(rows, verifier)
-            results.append(rows)
+            files[mode].append(rows)
             finished += len(rows)
             if progress is not None:
                 progress(finished, total)
     elapsed = time.perf_counter() - started
     wanted = {s.uid for s in samples}
-    rows = [r for r in results.rows if r["uid"] in wanted]
-    summary = summarize(rows, {**meta, "evaluated_now": total, "seconds": round(elapsed, 2),
-                               "samples_per_s": round(total / elapsed, 3) if total and elapsed else None,
-                               "ray_workers": ray_workers})
-    write_reports(out_dir, summary, samples, rows)
-    return summary
+    summaries: dict[Mode, dict[str, Any]] = {}
+    for mode, out_dir in outputs.items():
+        rows = [r for r in files[mode].rows if r["uid"] in wanted]
+        summaries[mode] = summarize(rows, {**files[mode].meta, "evaluated_now": total, "seconds": round(elapsed, 2),
+                                           "samples_per_s": round(total / elapsed, 3) if total else None,
+                                           "ray_workers": ray_workers})
+        write_reports(out_dir, summaries[mode], samples, rows)
+    return summaries
 
 
 def spec_meta(spec: BackendSpec, task: str) -> dict[str, Any]:
-    return {"task": task, "mode": spec.settings.mode, "model": spec.model or spec.reasoner_endpoint,
+    return {"task": task, "model": spec.model or spec.reasoner_endpoint,
             "perceiver_model": spec.perceiver_model or spec.perceiver_endpoint}

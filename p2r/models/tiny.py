@@ -178,15 +178,22 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen3VLProcessor:
     )
 
 
-def write_tiny_model(out: Path | str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+def write_tiny_model(out: Path | str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     init_std: float | None = None) -> Path:
     """Write the tiny checkpoint to ``out`` (created if needed) and return the path.
 
-    Same ``seed`` gives the same weights, so tests and the demo are reproducible.
+    Same ``seed`` gives the same weights, so tests and the demo are reproducible. With the
+    default init (std 0.02) the tied embedding dominates the residual stream and greedy decoding
+    repeats the prompt's last token whatever the input; a larger ``init_std`` gives a model whose
+    replies depend on the image and question (evaluation tests compare per-sample outputs).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     config = build_config(tokenizer)
+    if init_std is not None:
+        config.initializer_range = config.text_config.initializer_range = init_std
+        config.vision_config.initializer_range = init_std
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).to(dtype)
     model.generation_config.eos_token_id = [config.text_config.eos_token_id]
