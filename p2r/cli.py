@@ -351,6 +351,11 @@ def train(role: str, config_path: Path, resume: str | None, max_steps: int | Non
                            "param_digest": result["param_digest"]}))
 
 
+from p2r.controller.cli import pipeline  # noqa: E402  (the controller's command group)
+
+cli.add_command(pipeline)
+
+
 def main() -> None:
     """Console entry point."""
     cli(prog_name="p2r")

@@ -1,0 +1,275 @@
+"""``pipeline.yaml``: what one P2R pipeline run trains, where it stores checkpoints, and how it
+retries. Validated completely before anything starts, so a typo fails in a second with one line,
+not an hour into stage 1.
+
+Credentials are never part of this file (it is checked into repositories and printed in bug
+reports): S3 keys come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``P2R_S3_ENDPOINT``) locally and from a Kubernetes Secret (named here, never inlined) in the
+cluster. Keys that look like credentials are refused with a message saying so.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from p2r.services.config import ServeConfig
+from p2r.trainer.config import TrainConfig
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+"""Run names become Kubernetes object names (``RUN-stage1-2``, ``p2r-pipeline-RUN``): DNS-1123
+labels, short enough that every derived name stays under 63 characters."""
+
+SECRET_KEY = re.compile(r"(^|_)(password|passwd|secret_key|access_key|access_key_id|secret_access_key|token|api_key|"
+                        r"credentials?)$", re.IGNORECASE)
+
+# Fields of TrainConfig the controller sets itself: a stage section may not override them.
+CONTROLLED_TRAIN_FIELDS = {"role", "model", "data", "image_prefix", "output", "workdir", "reasoner_endpoint",
+                           "perceiver_endpoint", "verifier_endpoint", "metrics_port"}
+CONTROLLED_SERVE_FIELDS = {"roles", "model", "host", "port", "metrics_port", "http_port", "perceiver_endpoint",
+                           "reasoner_endpoint", "checkpoint_cache"}
+
+
+class ConfigError(ValueError):
+    """A pipeline config that cannot run; the message names the field."""
+
+
+def _find_secrets(node: Any, path: str = "") -> str | None:
+    """The dotted path of the first key that looks like a credential, else None."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            here = f"{path}.{key}" if path else str(key)
+            if SECRET_KEY.search(str(key)):
+                return here
+            found = _find_secrets(value, here)
+            if found:
+                return found
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found = _find_secrets(value, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Retry(Strict):
+    """Per-step retries: attempt k+1 starts ``min(backoff_max_s, backoff_s * 2**(k-1))`` after
+    attempt k failed; after ``max_attempts`` failures the pipeline stops with the last error."""
+
+    max_attempts: int = Field(3, ge=1)
+    backoff_s: float = Field(10.0, ge=0)
+    backoff_max_s: float = Field(600.0, ge=0)
+
+    def delay(self, failed_attempts: int) -> float:
+        return min(self.backoff_max_s, self.backoff_s * 2 ** max(0, failed_attempts - 1))
+
+
+class Prepare(Strict):
+    """Local bootstrap: build the tiny model and synthetic sets when they are missing (the README
+    main command runs from a fresh checkout)."""
+
+    tiny_model: bool = Field(False, description="write the tiny Qwen3-VL checkpoint at base_model if absent")
+    train_samples: int = Field(0, ge=0, description="write this many synthetic samples at data's folder if absent")
+    eval_samples: int = Field(0, ge=0, description="write this many synthetic samples at eval.data if absent")
+    seed: int = 0
+
+
+class Eval(Strict):
+    """The evaluation step: ``p2r eval`` on the final checkpoint (both roles, as in production)."""
+
+    task: str = "synthetic"
+    grade_free_form: bool = Field(True, description="pass --verifier-model so free_form answers are graded")
+    args: list[str] = Field(default_factory=list, description="extra p2r eval flags (e.g. --max-new-tokens 32)")
+    data: str | None = Field(None, description="DIR for --data; default: the folder of the training parquet")
+    mode: Literal["default", "thinking", "p2r"] = "p2r"
+    limit: int | None = Field(None, ge=1)
+    timeout_s: float = Field(3600.0, gt=0)
+
+
+class Kubernetes(Strict):
+    """Where and how the Kubernetes backend runs the steps. The Deployments are the chart's; the
+    controller only changes which checkpoint they serve (env ``P2R_MODEL``) and waits for them."""
+
+    namespace: str = "default"
+    kubeconfig: str | None = Field(None, description="kubeconfig file; default: in-cluster, then ~/.kube/config")
+    context: str | None = None
+    image: str = Field("p2r-platform:latest", description="image with the p2r command (trainer and eval)")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    service_account: str | None = None
+    deployments: dict[str, str] = Field(
+        default_factory=lambda: {"reasoner": "p2r-reasoner", "perceiver": "p2r-perceiver", "verifier": "p2r-verifier"},
+        description="role -> Deployment name (a Service of the same name fronts it)")
+    server_container: str = Field("serve", description="container of the role Deployments that runs p2r serve")
+    grpc_port: int = Field(50051, ge=1, le=65535)
+    s3_endpoint: str | None = Field(None, description="host:port pods reach S3 at; default: the controller's "
+                                                      "P2R_S3_ENDPOINT")
+    s3_secure: bool = False
+    s3_secret: str | None = Field(None, description="Secret holding the S3 keys (the chart's); pods read them "
+                                                   "through secretKeyRef, nothing is copied")
+    s3_access_key_ref: str = Field("AWS_ACCESS_KEY_ID", description="key of the access key id in s3_secret")
+    s3_secret_key_ref: str = Field("AWS_SECRET_ACCESS_KEY", description="key of the secret key in s3_secret")
+    env: dict[str, str] = Field(default_factory=dict, description="extra plain env for trainer and eval pods")
+    workers: int = Field(1, ge=1, description="PyTorchJob pods per stage: 1 Master + (workers-1) Workers")
+    resources: dict[str, Any] = Field(default_factory=dict, description="container resources of trainer pods")
+    eval_resources: dict[str, Any] = Field(default_factory=dict)
+    data_pvc: str | None = Field(None, description="PersistentVolumeClaim mounted at data_mount in every pod")
+    data_mount: str = "/data"
+    poll_s: float = Field(5.0, gt=0)
+    rollout_timeout_s: float = Field(1800.0, gt=0)
+    job_timeout_s: float = Field(7 * 86400.0, gt=0)
+
+    @field_validator("deployments")
+    @classmethod
+    def _roles(cls, value: dict[str, str]) -> dict[str, str]:
+        missing = {"reasoner", "perceiver", "verifier"} - set(value)
+        if missing:
+            raise ValueError(f"needs a Deployment for {', '.join(sorted(missing))}")
+        return value
+
+
+class PipelineConfig(Strict):
+    """One pipeline run. Paths are resolved against the working directory at load time."""
+
+    name: str = Field(description="run name: state, job names and checkpoint prefixes derive from it")
+    backend: Literal["local", "kubernetes"] = "local"
+    base_model: str = Field(description="stage 1's start and the frozen reasoner (dir, file:// or s3://)")
+    verifier_model: str | None = Field(None, description="grades free_form answers; default base_model")
+    data: str = Field(description="training parquet (P2R-10k layout), a path as the trainer sees it")
+    image_prefix: str | None = None
+    storage: str = Field(description="checkpoint root: a directory, file:// or s3://BUCKET[/PREFIX]; "
+                                     "checkpoints land in STORAGE/NAME/stage1/step-N/")
+    workdir: str = Field("p2r-pipeline", description="local: state, logs, configs, service caches")
+    stage1: dict[str, Any] = Field(default_factory=dict, description="p2r train settings of stage 1 (perceiver)")
+    stage2: dict[str, Any] = Field(default_factory=dict, description="p2r train settings of stage 2 (reasoner)")
+    serve: dict[str, Any] = Field(default_factory=dict, description="p2r serve settings of the local role servers")
+    eval: Eval = Field(default_factory=Eval)
+    retry: Retry = Field(default_factory=Retry)
+    prepare: Prepare | None = None
+    kubernetes: Kubernetes = Field(default_factory=Kubernetes)
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="controller Prometheus endpoint")
+    step_timeout_s: float = Field(7 * 86400.0, gt=0, description="local: a trainer running longer is killed")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError("must be lower-case letters, digits and '-', at most 40 characters")
+        return value
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value: str) -> str:
+        if "://" in value and not value.startswith(("s3://", "file://")):
+            raise ValueError("use a directory, file:// or s3://BUCKET[/PREFIX]")
+        if value.startswith("s3://") and not value[5:].strip("/"):
+            raise ValueError("s3:// needs a bucket")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _stages(self) -> PipelineConfig:
+        for section, fields, known in (("stage1", CONTROLLED_TRAIN_FIELDS, TrainConfig.model_fields),
+                                       ("stage2", CONTROLLED_TRAIN_FIELDS, TrainConfig.model_fields),
+                                       ("serve", CONTROLLED_SERVE_FIELDS, ServeConfig.model_fields)):
+            values: dict[str, Any] = getattr(self, section)
+            for key in values:
+                if key in fields:
+                    raise ValueError(f"{section}.{key} is set by the pipeline, remove it")
+                if key not in known:
+                    raise ValueError(f"{section}.{key}: unknown setting")
+        return self
+
+    # ----------------------------------------------------------------------------- derived
+
+    @property
+    def run_root(self) -> str:
+        """``STORAGE/NAME``: every URI of this run lives under it."""
+        return f"{self.storage}/{self.name}"
+
+    def stage_root(self, stage: str) -> str:
+        return f"{self.run_root}/{stage}"
+
+    @property
+    def eval_out(self) -> str:
+        return f"{self.run_root}/eval"
+
+    @property
+    def verifier(self) -> str:
+        return self.verifier_model or self.base_model
+
+    @property
+    def eval_data(self) -> str:
+        return self.eval.data or str(Path(self.data).parent)
+
+    @property
+    def workdir_path(self) -> Path:
+        return Path(self.workdir)
+
+    def train_config(self, stage: str, role: str, model: str, endpoints: dict[str, str],
+                     workdir: str) -> dict[str, Any]:
+        """The ``p2r train`` YAML of one stage: the stage section plus what the pipeline decides.
+        Validated with the trainer's own model so a bad value fails before any job starts."""
+        values: dict[str, Any] = {
+            **getattr(self, stage), "role": role, "model": model, "data": self.data, "output": self.stage_root(stage),
+            "workdir": workdir, **{f"{r}_endpoint": e for r, e in endpoints.items()},
+        }
+        if self.image_prefix:
+            values["image_prefix"] = self.image_prefix
+        TrainConfig.model_validate(values)
+        return values
+
+
+def _absolute(value: str) -> str:
+    """Local paths are resolved now: the trainer and servers run in other working directories."""
+    if "://" in value:
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
+def load_pipeline_config(path: Path) -> PipelineConfig:
+    """Parse and validate ``path``; ConfigError with one line naming the field on any problem."""
+    from pydantic import ValidationError
+
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    secret = _find_secrets(raw)
+    if secret:
+        raise ConfigError(f"{secret}: credentials do not belong in the pipeline config; set them in the "
+                          "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or a Kubernetes Secret "
+                          "(kubernetes.s3_secret)")
+    try:
+        config = PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise ConfigError(f"{where}: {first['msg']}") from None
+    if config.backend == "local":
+        updates: dict[str, Any] = {"workdir": _absolute(config.workdir), "storage": _absolute(config.storage),
+                                   "base_model": _absolute(config.base_model), "data": _absolute(config.data)}
+        for key in ("verifier_model", "image_prefix"):
+            if getattr(config, key):
+                updates[key] = _absolute(getattr(config, key))
+        if config.eval.data:
+            updates["eval"] = config.eval.model_copy(update={"data": _absolute(config.eval.data)})
+        config = config.model_copy(update=updates)
+    # Trainer settings fail now, with the trainer's own validation, not when the stage starts.
+    for stage, role, endpoint in (("stage1", "perceiver", "reasoner"), ("stage2", "reasoner", "perceiver")):
+        try:
+            config.train_config(stage, role, config.base_model, {endpoint: "x:1", "verifier": "x:1"}, "w")
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise ConfigError(f"{stage}.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    return config

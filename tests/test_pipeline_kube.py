@@ -1,0 +1,307 @@
+"""The Kubernetes backend's state machine, end to end through the official client against an
+emulated API server over HTTP (kmock), with a real S3 server (moto) for checkpoints.
+
+The controller runs as the real ``p2r pipeline run`` process; the test plays the cluster: it
+makes Deployments ready once they point at the expected model, uploads checkpoints and sets
+PyTorchJob conditions as the training pods and the operator would, and completes the eval Job.
+Every PyTorchJob the controller creates is validated against the Kubeflow CRD.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from p2r.services.checkpoints import upload_checkpoint, write_manifest
+from tests.k8s_emulator import Cluster, emulator, validate_pytorchjob, wait_for, write_kubeconfig
+
+ROOT = Path(__file__).resolve().parent.parent
+NS = "p2r"
+DEPLOYMENTS = {"reasoner": "p2r-reasoner", "perceiver": "p2r-perceiver", "verifier": "p2r-verifier"}
+
+
+@pytest.fixture()
+def cluster(tmp_path: Path) -> Iterator[tuple[Cluster, Path]]:
+    with emulator() as url:
+        c = Cluster(url, NS)
+        for role, name in DEPLOYMENTS.items():
+            c.create_deployment(name, role)
+        yield c, write_kubeconfig(tmp_path / "kubeconfig", url)
+
+
+def write_config(tmp_path: Path, kubeconfig: Path, name: str, bucket: str, **over: Any) -> Path:
+    config = {
+        "name": name, "backend": "kubernetes", "base_model": "s3://models/qwen3-vl-tiny",
+        "verifier_model": "s3://models/verifier", "data": "/data/p2r-10k/train.parquet", "storage": f"s3://{bucket}",
+        "workdir": str(tmp_path / "work"),
+        "stage1": {"max_steps": 3, "rollouts_per_prompt": 4}, "stage2": {"max_steps": 2},
+        "eval": {"task": "synthetic", "data": "/data/synthetic-eval", "limit": 6, "args": ["--max-new-tokens", "32"]},
+        "retry": {"max_attempts": 2, "backoff_s": 0.2, "backoff_max_s": 1},
+        "kubernetes": {"namespace": NS, "kubeconfig": str(kubeconfig), "image": "registry.local/p2r:1", "workers": 2,
+                       "s3_secret": "p2r-s3", "s3_access_key_ref": "access-key",
+                       "s3_secret_key_ref": "secret-key", "s3_endpoint": "minio.p2r.svc:9000", "poll_s": 0.1,
+                       "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+                       "resources": {"limits": {"cpu": "2", "memory": "8Gi"}}, "data_pvc": "p2r-data"},
+        **over,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def controller(config: Path, env: dict[str, str], *cmd: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "p2r.cli", "pipeline", *(cmd or ("run",)), "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, **env})
+
+
+def p2r(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "p2r.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def fake_checkpoint(path: Path, step: int, tag: str) -> Path:
+    """The files a training pod uploads (HF layout, manifest written last)."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"step": step, "tag": tag}))
+    (path / "model.safetensors").write_bytes(tag.encode() * 1000)
+    write_manifest(path, step=step)
+    return path
+
+
+def upload_as_trainer(tmp_path: Path, uri: str, step: int, tag: str, env: dict[str, str]) -> None:
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        upload_checkpoint(fake_checkpoint(tmp_path / f"ckpt-{tag}-{step}", step, tag), uri)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def put_object(bucket: str, key: str, data: bytes, env: dict[str, str]) -> None:
+    import io
+
+    from minio import Minio
+
+    client = Minio(env["P2R_S3_ENDPOINT"], access_key=env["AWS_ACCESS_KEY_ID"],
+                   secret_key=env["AWS_SECRET_ACCESS_KEY"], secure=False)
+    if not client.bucket_exists(bucket):
+        client.make_bucket(bucket)
+    client.put_object(bucket, key, io.BytesIO(data), len(data))
+
+
+def ready_when_pointing_at(c: Cluster, role: str, model: str, proc: subprocess.Popen[str]) -> None:
+    """Play the Deployment controller: the rollout completes once the new model is set."""
+    name = DEPLOYMENTS[role]
+    wait_for(f"{name} -> {model}", lambda: c.model_env(c.deployment(name)) == model, alive=lambda: proc.poll() is None)
+    dep = c.deployment(name)
+    assert dep["spec"]["template"]["metadata"]["annotations"]["p2r.io/model"] == model
+    # the other container and the existing env are kept
+    containers = {x["name"]: x for x in dep["spec"]["template"]["spec"]["containers"]}
+    assert set(containers) == {"serve", "sidecar"}
+    assert {"name": "P2R_LIMITS__MAX_MODEL_LEN", "value": "8192"} in containers["serve"]["env"]
+    c.set_ready(name)
+
+
+def stage_job(c: Cluster, name: str, proc: subprocess.Popen[str]) -> dict[str, Any]:
+    job = wait_for(f"PyTorchJob {name}", lambda: next((j for j in c.pytorchjobs()
+                                                      if j["metadata"]["name"] == name), None),
+                   alive=lambda: proc.poll() is None)
+    validate_pytorchjob(job)
+    return job  # type: ignore[no-any-return]
+
+
+def state_of(c: Cluster, run: str) -> dict[str, Any]:
+    data = c.config_map(f"p2r-pipeline-{run}")
+    assert data is not None
+    return json.loads(data["state.json"])  # type: ignore[no-any-return]
+
+
+def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Cluster, Path],
+                                              s3_server: dict[str, str]) -> None:
+    c, kubeconfig = cluster
+    run, bucket = "kube-ok", f"runs-{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path, kubeconfig, run, bucket)
+    proc = controller(config, s3_server)
+    try:
+        # serve_reasoner: the frozen reasoner on the base model, the verifier on its own model
+        ready_when_pointing_at(c, "reasoner", "s3://models/qwen3-vl-tiny", proc)
+        ready_when_pointing_at(c, "verifier", "s3://models/verifier", proc)
+
+        job = stage_job(c, f"{run}-stage1-1", proc)
+        specs = job["spec"]["pytorchReplicaSpecs"]
+        assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 1
+        assert job["spec"]["runPolicy"]["backoffLimit"] == 0
+        pod = specs["Master"]["template"]["spec"]
+        container = pod["containers"][0]
+        assert container["command"] == ["p2r", "train", "--role", "perceiver", "--config", "/etc/p2r/train.yaml",
+                                        "--resume", "auto"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "p2r-s3", "key": "secret-key"}}
+        assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {"secretKeyRef": {"name": "p2r-s3", "key": "access-key"}}
+        assert env["P2R_S3_ENDPOINT"]["value"] == "minio.p2r.svc:9000" and "envFrom" not in container
+        assert {v["name"] for v in pod["volumes"]} == {"train-config", "data"}
+        train = yaml.safe_load(c.config_map(f"{run}-stage1-1-config")["train.yaml"])  # type: ignore[index]
+        assert train["role"] == "perceiver" and train["model"] == "s3://models/qwen3-vl-tiny"
+        assert train["reasoner_endpoint"] == "p2r-reasoner.p2r.svc:50051"
+        assert train["verifier_endpoint"] == "p2r-verifier.p2r.svc:50051"
+        assert train["output"] == f"s3://{bucket}/{run}/stage1" and train["max_steps"] == 3
+
+        # The controller dies mid-stage; a new one must re-attach, not create a second job.
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert state_of(c, run)["steps"]["stage1"]["status"] == "running"
+        proc = controller(config, s3_server)
+        wait_for("the new controller", lambda: state_of(c, run)["controller"]["pid"] == proc.pid,
+                 alive=lambda: proc.poll() is None)
+        time.sleep(1.0)  # ten polling rounds of the new controller
+        assert [j["metadata"]["name"] for j in c.pytorchjobs()] == [f"{run}-stage1-1"]
+
+        # The trainer uploads steps 2 and 3; step 4's upload is torn (no manifest): step 3 wins.
+        upload_as_trainer(tmp_path, f"s3://{bucket}/{run}/stage1/step-2", 2, "s1", s3_server)
+        upload_as_trainer(tmp_path, f"s3://{bucket}/{run}/stage1/step-3", 3, "s1", s3_server)
+        put_object(bucket, f"{run}/stage1/step-4/model.safetensors", b"half", s3_server)
+        c.set_pytorchjob_condition(f"{run}-stage1-1", "Running")
+        c.set_pytorchjob_condition(f"{run}-stage1-1", "Succeeded")
+
+        stage1 = f"s3://{bucket}/{run}/stage1/step-3"
+        ready_when_pointing_at(c, "perceiver", stage1, proc)
+        job2 = stage_job(c, f"{run}-stage2-1", proc)
+        assert job2["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"][3] \
+            == "reasoner"
+        train2 = yaml.safe_load(c.config_map(f"{run}-stage2-1-config")["train.yaml"])  # type: ignore[index]
+        assert train2["model"] == stage1 and train2["perceiver_endpoint"] == "p2r-perceiver.p2r.svc:50051"
+        upload_as_trainer(tmp_path, f"s3://{bucket}/{run}/stage2/step-2", 2, "s2", s3_server)
+        c.set_pytorchjob_condition(f"{run}-stage2-1", "Succeeded")
+
+        final = f"s3://{bucket}/{run}/stage2/step-2"
+        eval_job = wait_for("eval Job", lambda: next((j for j in c.jobs()
+                                                     if j["metadata"]["name"] == f"{run}-eval-1"), None),
+                            alive=lambda: proc.poll() is None)
+        command = eval_job["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert command == ["p2r", "eval", "--model", final, "--perceiver-model", final, "--task", "synthetic",
+                           "--data", "/data/synthetic-eval", "--mode", "p2r", "--out", f"s3://{bucket}/{run}/eval",
+                           "--limit", "6", "--verifier-model", "s3://models/verifier", "--max-new-tokens", "32"]
+        assert eval_job["spec"]["backoffLimit"] == 0
+        summary = {"task": "synthetic", "mode": "p2r", "n": 6, "overall": 50.0,
+                   "categories": {"colour": 66.7, "count": 33.3}}
+        put_object(bucket, f"{run}/eval/summary.json", json.dumps(summary).encode(), s3_server)
+        c.set_job_condition(f"{run}-eval-1", "Complete")
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    state = state_of(c, run)
+    assert state["status"] == "succeeded"
+    assert {s: r["attempts"] for s, r in state["steps"].items()} == {s: 1 for s in state["steps"]}
+    assert state["steps"]["verify_stage1"]["outputs"]["checkpoint"] == stage1
+    assert state["steps"]["verify_stage2"]["outputs"]["checkpoint"] == final
+    assert state["steps"]["report"]["outputs"]["categories"] == {"colour": 66.7, "count": 33.3}
+    assert len(c.pytorchjobs()) == 2 and len(c.jobs()) == 1
+    # Credentials never reach the cluster objects or the state.
+    assert s3_server["AWS_SECRET_ACCESS_KEY"] not in c.everything()
+    status = p2r("pipeline", "status", "--config", str(config), env=s3_server)
+    assert status.returncode == 0, status.stderr
+    assert "succeeded" in status.stdout and "overall=50.0" in status.stdout and stage1 in status.stdout
+
+
+def test_failed_job_is_retried_with_a_new_name_then_the_run_stops(tmp_path: Path, cluster: tuple[Cluster, Path],
+                                                                  s3_server: dict[str, str]) -> None:
+    c, kubeconfig = cluster
+    run = "kube-fail"
+    config = write_config(tmp_path, kubeconfig, run, f"runs-{uuid.uuid4().hex[:8]}")
+    proc = controller(config, s3_server)
+    try:
+        for role, model in (("reasoner", "s3://models/qwen3-vl-tiny"), ("verifier", "s3://models/verifier")):
+            ready_when_pointing_at(c, role, model, proc)
+        stage_job(c, f"{run}-stage1-1", proc)
+        c.set_pytorchjob_condition(f"{run}-stage1-1", "Failed", "OOMKilled", "master-0 was OOM-killed")
+        stage_job(c, f"{run}-stage1-2", proc)  # the retry: a new, valid job
+        state = state_of(c, run)["steps"]["stage1"]
+        assert state["attempts"] == 2 and "OOMKilled" in state["history"][0]["error"]
+        c.set_pytorchjob_condition(f"{run}-stage1-2", "Failed", "Error", "exit code 1")
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert err.strip().splitlines()[-1] == (f"p2r: error: run {run} failed: stage1 failed after 2 attempts: "
+                                            f"PyTorchJob {run}-stage1-2 failed: Error: exit code 1")
+    state = state_of(c, run)
+    assert state["status"] == "failed" and state["steps"]["verify_stage1"]["status"] == "pending"
+    assert sorted(j["metadata"]["name"] for j in c.pytorchjobs()) == [f"{run}-stage1-1", f"{run}-stage1-2"]
+
+
+def test_a_torn_checkpoint_never_reaches_stage2(tmp_path: Path, cluster: tuple[Cluster, Path],
+                                                s3_server: dict[str, str]) -> None:
+    c, kubeconfig = cluster
+    run, bucket = "kube-torn", f"runs-{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path, kubeconfig, run, bucket, retry={"max_attempts": 1})
+    proc = controller(config, s3_server)
+    try:
+        for role, model in (("reasoner", "s3://models/qwen3-vl-tiny"), ("verifier", "s3://models/verifier")):
+            ready_when_pointing_at(c, role, model, proc)
+        stage_job(c, f"{run}-stage1-1", proc)
+        put_object(bucket, f"{run}/stage1/step-3/model.safetensors", b"half", s3_server)  # no manifest
+        c.set_pytorchjob_condition(f"{run}-stage1-1", "Succeeded")
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-2000:]
+    assert ("verify_stage1 failed after 1 attempts: no complete checkpoint (with manifest.json) under "
+            f"s3://{bucket}/{run}/stage1") in err
+    assert [j["metadata"]["name"] for j in c.pytorchjobs()] == [f"{run}-stage1-1"]
+    assert c.model_env(c.deployment("p2r-perceiver")) is None  # never rolled
+
+
+def test_cancel_deletes_the_running_job(tmp_path: Path, cluster: tuple[Cluster, Path],
+                                        s3_server: dict[str, str]) -> None:
+    c, kubeconfig = cluster
+    run = "kube-cancel"
+    config = write_config(tmp_path, kubeconfig, run, f"runs-{uuid.uuid4().hex[:8]}")
+    proc = controller(config, s3_server)
+    try:
+        for role, model in (("reasoner", "s3://models/qwen3-vl-tiny"), ("verifier", "s3://models/verifier")):
+            ready_when_pointing_at(c, role, model, proc)
+        stage_job(c, f"{run}-stage1-1", proc)
+        cancel = p2r("pipeline", "cancel", "--config", str(config), env=s3_server)
+        assert cancel.returncode == 0, cancel.stderr
+        assert cancel.stdout.strip() == f"run {run} cancelled: cancelled at stage1"
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and "cancelled" in err.strip().splitlines()[-1]
+    assert c.pytorchjobs() == []
+    state = state_of(c, run)
+    assert state["status"] == "cancelled" and state["steps"]["stage1"]["status"] == "cancelled"
+
+
+def test_cancel_without_a_controller_deletes_the_job_itself(tmp_path: Path, cluster: tuple[Cluster, Path],
+                                                           s3_server: dict[str, str]) -> None:
+    c, kubeconfig = cluster
+    run = "kube-orphan"
+    config = write_config(tmp_path, kubeconfig, run, f"runs-{uuid.uuid4().hex[:8]}")
+    proc = controller(config, s3_server)
+    for role, model in (("reasoner", "s3://models/qwen3-vl-tiny"), ("verifier", "s3://models/verifier")):
+        ready_when_pointing_at(c, role, model, proc)
+    stage_job(c, f"{run}-stage1-1", proc)
+    proc.kill()
+    proc.wait()
+    cancel = p2r("pipeline", "cancel", "--config", str(config), "--wait", "1", env=s3_server)
+    assert cancel.returncode == 0, cancel.stderr
+    assert c.pytorchjobs() == [] and state_of(c, run)["status"] == "cancelled"
