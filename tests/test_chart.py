@@ -105,7 +105,9 @@ def test_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None
      "shorter than the drain"),
     ({"minio": {"enabled": False}, "s3": {"externalEndpoint": "s3.example.com:443"}}, "s3.existingSecret is required"),
     ({"minio": {"enabled": False}, "s3": {"existingSecret": "creds"}}, "s3.externalEndpoint is required"),
-    ({"roles": {"reasoner": {"enabled": False}}}, "enable roles.perceiver and roles.reasoner"),
+    ({"roles": {"reasoner": {"enabled": False}}, "controller": {"enabled": False}},
+     "enable roles.perceiver and roles.reasoner"),
+    ({"roles": {"verifier": {"enabled": False}}}, "controller.enabled needs roles.perceiver, roles.reasoner and"),
     ({"roles": {"gateway": {"autoscaling": {"enabled": True}}}}, "runs no engine"),
 ])
 def test_inconsistent_values_fail_with_a_clear_message(values: dict[str, Any], message: str) -> None:
@@ -241,14 +243,60 @@ def test_config_change_rolls_the_pods() -> None:
     assert a["checksum/config"] != b["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
 
 
-EXPECTED_RULES = {
-    ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "delete"},
-    ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
-    ("", "pods"): {"get", "list"},
-    ("", "pods/log"): {"get"},
-    ("", "configmaps"): {"create", "get", "list", "watch", "update", "patch"},
-    ("apps", "deployments"): {"get", "patch"},
-}
+VERBS = {"read": "get", "get": "get", "create": "create", "patch": "patch", "delete": "delete", "list": "list",
+         "replace": "update", "watch": "watch"}
+RESOURCES = {"config_map": ("", "configmaps"), "deployment": ("apps", "deployments"), "job": ("batch", "jobs"),
+             "pod": ("", "pods"), "pod_log": ("", "pods/log"), "secret": ("", "secrets")}
+# kubeflow-training's TrainingClient methods and the API calls they make.
+TRAINING_CLIENT = {"create_job": {"create"}, "get_job": {"get"}, "get_job_conditions": {"get"},
+                   "delete_job": {"delete"}, "wait_for_job_conditions": {"get", "watch"}, "list_jobs": {"list"}}
+
+
+def controller_api_calls() -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource) -> verbs, read from the controller's Kubernetes backend source:
+    every ``self.core|apps|batch|custom.<verb>_namespaced_<resource>`` and TrainingClient call."""
+    source = (CHART.parent.parent / "controller" / "kube.py").read_text()
+    calls: dict[tuple[str, str], set[str]] = {}
+    for verb, resource, args in re.findall(
+            r"self\.(?:core|apps|batch|custom)\.(\w+?)_namespaced_(\w+?)\(([^)]*)", source):
+        if resource == "custom_object":
+            m = re.search(r'"([\w.]+)", "v\w+", [^,]+, "(\w+)"', args)  # (group, version, namespace, plural)
+            assert m, args
+            key = (m.group(1), m.group(2))
+        else:
+            key = RESOURCES[resource]
+        calls.setdefault(key, set()).add(VERBS[verb])
+    for method in re.findall(r"self\.training\.(\w+)\(", source):
+        calls.setdefault(("kubeflow.org", "pytorchjobs"), set()).update(TRAINING_CLIENT[method])
+    return calls
+
+
+def test_controller_api_calls_are_found() -> None:
+    """The source scan sees the calls the controller is known to make (guards the regex)."""
+    calls = controller_api_calls()
+    assert {"create", "get"} <= calls[("kubeflow.org", "pytorchjobs")]
+    assert "patch" in calls[("apps", "deployments")] and "create" in calls[("batch", "jobs")]
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_pipeline_yaml_is_what_the_controller_loads(profile: str, rendered: dict[str, list[dict[str, Any]]],
+                                                    tmp_path: Any) -> None:
+    from p2r.controller.config import load_pipeline_config
+
+    values = merged_values(PROFILES[profile])
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(one(rendered[profile], "ConfigMap", "p2r-pipeline")["data"]["pipeline.yaml"])
+    cfg = load_pipeline_config(path)
+    assert cfg.backend == "kubernetes" and cfg.metrics_port == values["controller"]["metricsPort"]
+    k = cfg.kubernetes
+    assert k.namespace == NAMESPACE and k.server_container == "serve" and k.grpc_port == values["ports"]["grpc"]
+    assert k.deployments == {r: f"p2r-{r}" for r in ("perceiver", "reasoner", "verifier")}
+    for role, name in k.deployments.items():
+        container = one(rendered[profile], "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+        assert container["name"] == k.server_container, role
+    assert k.s3_secret == (values["s3"]["existingSecret"] or "p2r-s3")
+    assert k.image == one(rendered[profile], "Deployment", "p2r-controller")["spec"]["template"]["spec"][
+        "containers"][0]["image"]
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
@@ -264,9 +312,8 @@ def test_controller_rbac_is_least_privilege(profile: str, rendered: dict[str, li
                 assert "*" not in (group, resource, *rule["verbs"])
                 rules[(group, resource)] = set(rule["verbs"])
                 if resource == "deployments":
-                    enabled = {f"p2r-{r}" for r in ROLES if values["roles"][r]["enabled"]}
-                    assert set(rule["resourceNames"]) == enabled
-    assert rules == EXPECTED_RULES
+                    assert set(rule["resourceNames"]) == {"p2r-perceiver", "p2r-reasoner", "p2r-verifier"}
+    assert rules == controller_api_calls(), "the Role must grant exactly what controller/kube.py calls"
     binding = one(docs, "RoleBinding", "p2r-controller")
     sa_name = values["controller"]["serviceAccount"]["name"] or "p2r-controller"
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "p2r-controller"}

@@ -129,6 +129,9 @@ prometheus.io/path: /metrics
 {{- if and (not .Values.minio.enabled) (not .Values.s3.existingSecret) -}}
 {{- fail "s3.existingSecret is required when minio.enabled is false: the chart never invents credentials for an external S3" -}}
 {{- end -}}
+{{- if and .Values.controller.enabled (not (and .Values.roles.perceiver.enabled .Values.roles.reasoner.enabled .Values.roles.verifier.enabled)) -}}
+{{- fail "controller.enabled needs roles.perceiver, roles.reasoner and roles.verifier: the pipeline rolls them onto new checkpoints and its trainers call them" -}}
+{{- end -}}
 {{- $g := get .Values.roles "gateway" -}}
 {{- if and $g.enabled (not $g.model) -}}
 {{- if not (and .Values.roles.perceiver.enabled .Values.roles.reasoner.enabled) -}}
