@@ -19,7 +19,7 @@ groups:
           severity: critical
         annotations:
           summary: "P2R {{ "{{ $labels.component }}" }} fails {{ "{{ $value | humanizePercentage }}" }} of its RPCs"
-          description: "More than {{ mulf $a.errorRatio 100 }}% of RPCs end in a server-side error (INTERNAL, UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...). Check p2r_requests_total by code on the serving dashboard and the pod logs."
+          description: "More than {{ round (mulf $a.errorRatio 100) 2 }}% of RPCs end in a server-side error (INTERNAL, UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...). Check p2r_requests_total by code on the serving dashboard and the pod logs."
       - alert: P2RHighLatency
         expr: |-
           histogram_quantile(0.95, sum by (namespace, component, le) (rate(p2r_request_latency_seconds_bucket{method!="LoadCheckpoint"}[5m])))

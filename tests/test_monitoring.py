@@ -1,0 +1,443 @@
+"""Monitoring: the chart's alert rules through promtool (check + one test case per alert), the
+Grafana dashboards (generated, valid JSON, every query naming only metrics that a LIVE scrape of
+the real services, trainer and controller registry shows), and a real Prometheus that scrapes
+them on loopback, loads the rules and answers a query from each dashboard.
+
+What is live and what is not: the serving metrics come from the session's real ``p2r serve``
+(all roles, tiny model, vLLM on CPU); the training metrics from a real ``p2r train`` run
+(perceiver stage against that server, metrics_port set), scraped while it trains; the pipeline
+metrics from the controller's own registry module (``p2r.controller.metrics``) served by
+prometheus_client in a child process - no pipeline runs, so its labelled series exist as
+metric families (HELP/TYPE) and only ``p2r_pipeline_running`` has a sample."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.k8s_support import ROOT, find, one, render
+
+DASHBOARDS = ROOT / "charts" / "p2r" / "files" / "dashboards"
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+ALERTS = {"P2RHighErrorRate", "P2RHighLatency", "P2RTrainingStalled", "P2RPipelineFailed"}
+GRAFANA_VARS = {"$__rate_interval": "1m", "$__range": "5m", "$namespace": ".*", "$component": ".*"}
+
+
+# ------------------------------------------------------------------------------------ PromQL
+
+_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset",
+             "bool", "inf", "nan", "le", "atan2"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names a PromQL expression selects: identifiers that are not functions, keywords,
+    label names (inside {...} or a by/without/on/ignoring/group_* list), durations or numbers."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    for var, value in GRAFANA_VARS.items():
+        text = text.replace(var, value)
+    text = re.sub(r"\{[^}]*\}", " ", text)
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    text = re.sub(r"\boffset\s+\d+\w*", " ", text)
+    names = set()
+    for m in re.finditer(r"(?<![\w:.])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?", text):
+        if m.group(2) or m.group(1).lower() in _KEYWORDS:
+            continue
+        names.add(m.group(1))
+    return names
+
+
+def test_metric_name_extraction() -> None:
+    """The extractor must find every selector and nothing else, or the live check means nothing."""
+    expr = ('histogram_quantile(0.95, sum by (component, le) (rate(p2r_request_latency_seconds_bucket'
+            '{namespace=~"$namespace", method!="LoadCheckpoint"}[$__rate_interval]))) > 60 '
+            'and on (component) vllm:num_requests_waiting offset 5m or max(p2r_train_step) - 1e3')
+    assert metric_names(expr) == {"p2r_request_latency_seconds_bucket", "vllm:num_requests_waiting",
+                                  "p2r_train_step"}
+    assert metric_names('sum(rate(x_total{a="b(c)"}[5m])) / ignoring(code) y') == {"x_total", "y"}
+
+
+def dashboard_queries() -> dict[str, list[tuple[str, str]]]:
+    """Dashboard name -> (panel title, expr) of every target, plus variable queries."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        d = json.loads(path.read_text())
+        items = [(p["title"], t["expr"]) for p in d["panels"] for t in p["targets"]]
+        for v in d["templating"]["list"]:
+            if v["type"] == "query":
+                items.append((f"variable {v['name']}", re.sub(r"^label_values\((.*),\s*\w+\)$", r"\1",
+                                                               v["query"]["query"])))
+        out[path.stem] = items
+    return out
+
+
+# -------------------------------------------------------------------------------- dashboards
+
+
+def test_dashboards_are_the_generator_output() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import dashboards  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    expected = dashboards.render()
+    assert sorted(expected) == sorted(p.name for p in DASHBOARDS.glob("*.json"))
+    for name, text in expected.items():
+        assert (DASHBOARDS / name).read_text() == text, f"{name} is stale: run scripts/dashboards.py"
+
+
+@pytest.mark.parametrize("name", ["serving", "training", "pipeline"])
+def test_dashboard_is_valid_grafana_json(name: str) -> None:
+    d = json.loads((DASHBOARDS / f"{name}.json").read_text())
+    assert d["uid"] == f"p2r-{name}" and d["title"] and isinstance(d["schemaVersion"], int)
+    assert {"datasource", "namespace", "component"} <= {v["name"] for v in d["templating"]["list"]}
+    ids = [p["id"] for p in d["panels"]]
+    assert len(ids) == len(set(ids)) >= 5
+    cells: set[tuple[int, int]] = set()
+    for p in d["panels"]:
+        assert p["type"] in {"timeseries", "stat", "table", "bargauge"}, p["title"]
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        cell = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not cells & cell, f"{p['title']} overlaps another panel"
+        cells |= cell
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert p["targets"], p["title"]
+        refs = [t["refId"] for t in p["targets"]]
+        assert len(refs) == len(set(refs))
+        for t in p["targets"]:
+            assert 'namespace=~"$namespace"' in t["expr"] and 'component=~"$component"' in t["expr"], t["expr"]
+            assert t["expr"].count("(") == t["expr"].count(")"), t["expr"]
+            assert metric_names(t["expr"]), t["expr"]
+
+
+def test_dashboards_cover_what_the_issue_asks() -> None:
+    names = {k: set().union(*(metric_names(e) for _, e in v)) for k, v in dashboard_queries().items()}
+    assert {"p2r_requests_total", "p2r_request_latency_seconds_bucket", "p2r_in_flight_items",
+            "p2r_queue_latency_seconds_bucket", "vllm:kv_cache_usage_perc", "vllm:num_requests_waiting",
+            "vllm:generation_tokens_total"} <= names["serving"]
+    assert not {n for n in names["serving"] if n.startswith("vllm:gpu_")}  # removed names go blank
+    assert {"p2r_train_reward_mean", "p2r_train_reward_mean_mca", "p2r_train_reward_mean_na",
+            "p2r_train_reward_mean_free_form", "p2r_train_kl", "p2r_train_entropy", "p2r_train_response_len",
+            "p2r_train_bbox_count", "p2r_train_rollout_s", "p2r_train_reward_s", "p2r_train_update_s",
+            "p2r_train_samples_per_s"} <= names["training"]
+    assert {"p2r_pipeline_current_step", "p2r_pipeline_step_duration_seconds_sum",
+            "p2r_pipeline_step_failures_total", "p2r_pipeline_runs_total"} <= names["pipeline"]
+
+
+# ------------------------------------------------------------------------------------ alerts
+
+
+def rendered_rules(values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The rule file the chart ships: PrometheusRule.spec when the operator is on, else the ConfigMap."""
+    docs = render(values or {})
+    if values and values.get("monitoring", {}).get("prometheusRule", {}).get("enabled"):
+        return one(docs, "PrometheusRule", "p2r-alerts")["spec"]
+    return yaml.safe_load(one(docs, "ConfigMap", "p2r-alert-rules")["data"]["p2r-rules.yaml"])
+
+
+def test_rule_file_is_identical_in_both_forms() -> None:
+    assert rendered_rules() == rendered_rules({"monitoring": {"prometheusRule": {"enabled": True}}})
+    assert not find(render({"monitoring": {"prometheusRule": {"enabled": True}}}), "ConfigMap", "p2r-alert-rules")
+
+
+def test_promtool_check_rules(tmp_path: Path) -> None:
+    rules = rendered_rules()
+    assert {r["alert"] for g in rules["groups"] for r in g["rules"]} == ALERTS
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rules))
+    out = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "4 rules found" in out.stdout
+    broken = {"groups": [{"name": "x", "rules": [{"alert": "Bad", "expr": "sum(rate(x[5m])"}]}]}
+    path.write_text(yaml.safe_dump(broken))
+    out = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0  # promtool really parses the expressions
+
+
+SRV = 'namespace="p2r", component="gateway"'
+ERROR_ANN = {"summary": "P2R gateway fails 10% of its RPCs",
+             "description": "More than 5% of RPCs end in a server-side error (INTERNAL, UNAVAILABLE, "
+                            "RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...). Check p2r_requests_total by code on the "
+                            "serving dashboard and the pod logs."}
+LATENCY_ANN = {"summary": "P2R gateway p95 latency is 1m 57s",
+               "description": "p95 end-to-end RPC latency above 60 s: look at queue time and KV-cache use on the "
+                              "serving dashboard; scale the role or lower max_num_seqs."}
+STALL_ANN = {"summary": "P2R training made no step in 30 minutes",
+             "description": "p2r_train_step of trainer-0:9090 has not changed for 30 minutes: check rollout / "
+                            "reward time on the training dashboard and the reward services."}
+FAILED_ANN = {"summary": "P2R pipeline run failed",
+              "description": "A pipeline run ended in failure: see p2r_pipeline_step_failures_total by step on the "
+                             "pipeline dashboard and the controller's logs."}
+
+# One promtool case per alert: it fires on the condition it names and stays quiet on the look-alike
+# (client errors, a slow LoadCheckpoint, a trainer that just started, an old failure).
+CASES: dict[str, dict[str, Any]] = {
+    "P2RHighErrorRate": {"interval": "1m", "input_series": [
+        {"series": f'p2r_requests_total{{{SRV}, method="Answer", code="OK"}}', "values": "0+90x30"},
+        {"series": f'p2r_requests_total{{{SRV}, method="Answer", code="INTERNAL"}}', "values": "0+10x30"},
+        {"series": 'p2r_requests_total{namespace="p2r", component="perceiver", method="Perceive", code="OK"}',
+         "values": "0+50x30"},
+        {"series": 'p2r_requests_total{namespace="p2r", component="perceiver", method="Perceive", '
+                   'code="INVALID_ARGUMENT"}', "values": "0+50x30"}],
+        "alert_rule_test": [
+            {"eval_time": "8m", "alertname": "P2RHighErrorRate", "exp_alerts": []},  # still pending
+            {"eval_time": "20m", "alertname": "P2RHighErrorRate", "exp_alerts": [
+                {"exp_labels": {"severity": "critical", "namespace": "p2r", "component": "gateway"},
+                 "exp_annotations": ERROR_ANN}]}]},
+    "P2RHighLatency": {"interval": "1m", "input_series": [
+        {"series": f'p2r_request_latency_seconds_bucket{{{SRV}, method="Answer", le="60"}}', "values": "0x30"},
+        {"series": f'p2r_request_latency_seconds_bucket{{{SRV}, method="Answer", le="120"}}', "values": "0+10x30"},
+        {"series": f'p2r_request_latency_seconds_bucket{{{SRV}, method="Answer", le="+Inf"}}', "values": "0+10x30"},
+        {"series": 'p2r_request_latency_seconds_bucket{namespace="p2r", component="perceiver", '
+                   'method="LoadCheckpoint", le="+Inf"}', "values": "0+10x30"}],
+        "alert_rule_test": [
+            {"eval_time": "20m", "alertname": "P2RHighLatency", "exp_alerts": [
+                {"exp_labels": {"severity": "warning", "namespace": "p2r", "component": "gateway"},
+                 "exp_annotations": LATENCY_ANN}]}]},
+    "P2RTrainingStalled": {"interval": "1m", "input_series": [
+        {"series": 'p2r_train_step{component="trainer", instance="trainer-0:9090"}', "values": "1+1x20 21x60"},
+        {"series": 'p2r_train_step{component="trainer", instance="trainer-1:9090"}', "values": "_x50 1x30"}],
+        "alert_rule_test": [
+            {"eval_time": "30m", "alertname": "P2RTrainingStalled", "exp_alerts": []},
+            {"eval_time": "70m", "alertname": "P2RTrainingStalled", "exp_alerts": [
+                {"exp_labels": {"severity": "warning", "component": "trainer", "instance": "trainer-0:9090"},
+                 "exp_annotations": STALL_ANN}]}]},
+    "P2RPipelineFailed": {"interval": "1m", "input_series": [
+        {"series": 'p2r_pipeline_runs_total{component="controller", outcome="failed"}', "values": "_x10 1x50"},
+        {"series": 'p2r_pipeline_runs_total{component="controller", outcome="succeeded"}', "values": "1+1x60"}],
+        "alert_rule_test": [
+            {"eval_time": "5m", "alertname": "P2RPipelineFailed", "exp_alerts": []},
+            {"eval_time": "12m", "alertname": "P2RPipelineFailed", "exp_alerts": [
+                {"exp_labels": {"severity": "critical", "component": "controller", "outcome": "failed"},
+                 "exp_annotations": FAILED_ANN}]},
+            {"eval_time": "45m", "alertname": "P2RPipelineFailed", "exp_alerts": []}]},
+}
+
+
+def test_every_alert_has_a_case() -> None:
+    assert set(CASES) == ALERTS
+
+
+@pytest.mark.parametrize("alert", sorted(CASES))
+def test_promtool_test_rules(alert: str, tmp_path: Path) -> None:
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rendered_rules()))
+    spec = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": [CASES[alert]]}
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(spec))
+    out = subprocess.run([PROMTOOL, "test", "rules", "test.yaml"], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_alert_thresholds_follow_values(tmp_path: Path) -> None:
+    """A stricter errorRatio makes a 3 % error rate fire; the default (5 %) does not."""
+    case = {"interval": "1m", "input_series": [
+        {"series": f'p2r_requests_total{{{SRV}, method="Answer", code="OK"}}', "values": "0+97x30"},
+        {"series": f'p2r_requests_total{{{SRV}, method="Answer", code="UNAVAILABLE"}}', "values": "0+3x30"}]}
+    for ratio, fires in ((None, False), (0.02, True)):
+        values = {"monitoring": {"alerts": {"errorRatio": ratio}}} if ratio else {}
+        (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rendered_rules(values)))
+        exp = [{"exp_labels": {"severity": "critical", "namespace": "p2r", "component": "gateway"}}] if fires else []
+        test = {**case, "alert_rule_test": [{"eval_time": "20m", "alertname": "P2RHighErrorRate", "exp_alerts": exp}]}
+        (tmp_path / "test.yaml").write_text(yaml.safe_dump({"rule_files": ["rules.yaml"], "tests": [test]}))
+        out = subprocess.run([PROMTOOL, "test", "rules", "test.yaml"], capture_output=True, text=True, timeout=60,
+                             cwd=tmp_path)
+        # Annotations are not listed in the fires case, so promtool reports a mismatch on them only.
+        assert (out.returncode == 0) == (not fires) and ("P2RHighErrorRate" in out.stdout + out.stderr) == fires, (
+            ratio, out.stdout + out.stderr)
+
+
+# ---------------------------------------------------------------------------- live processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return str(r.read().decode())
+
+
+def exported_names(text: str) -> set[str]:
+    """Series names a scrape exposes: samples, plus the series every declared family will
+    produce (a labelled family shows only HELP/TYPE until its first observation)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
+                "summary": ("", "_sum", "_count", "_created"), "gauge": ("",), "info": ("_info",),
+                "unknown": ("",), "untyped": ("",)}
+    names: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        names.update(s.name for s in family.samples)
+        names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
+    return names
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def live_trainer(role_server: Any, tiny_model_dir: Path, synthetic_dir: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """A real `p2r train` (perceiver stage, rewards from the live role server) with metrics_port;
+    yields once its first step is exported, and keeps training until the module ends."""
+    work = tmp_path_factory.mktemp("live-train")
+    port = free_port()
+    config = {"role": "perceiver", "model": str(tiny_model_dir), "data": str(synthetic_dir / "train.parquet"),
+              "output": str(work / "out"), "workdir": str(work / "work"), "reasoner_endpoint": role_server.target,
+              "verifier_endpoint": role_server.target, "rollouts_per_prompt": 2, "prompts_per_step": 6,
+              "max_response_tokens": 16, "frozen_max_tokens": 8, "learning_rate": 1e-4, "epochs": 1000,
+              "max_steps": 100000, "save_every": 100000, "max_pixels": 65536, "max_model_len": 2048,
+              "kv_cache_gib": 1, "reward_batch_size": 16, "reward_concurrency": 2, "metrics_port": port}
+    (work / "train.yaml").write_text(yaml.safe_dump(config))
+    log = (work / "train.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "p2r.cli", "train", "--role", "perceiver", "--config",
+                             str(work / "train.yaml")], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    try:
+        deadline = time.monotonic() + 600
+        metrics_file = work / "work" / "metrics.jsonl"
+        while not (metrics_file.is_file() and metrics_file.read_text().strip()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("trainer did not finish a step:\n" + (work / "train.log").read_text()[-4000:])
+            time.sleep(1)
+        yield port, metrics_file
+    finally:
+        _stop(proc)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def controller_registry() -> Iterator[int]:
+    """The pipeline controller's metric registry (p2r.controller.metrics) served by its own
+    serve_metrics in a child process."""
+    code = ("import sys, time\nfrom p2r.controller import metrics\n"
+            "print(metrics.serve_metrics(0), flush=True)\ntime.sleep(3600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        yield int(proc.stdout.readline())
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.engine
+def test_dashboard_and_alert_metrics_are_exported_live(role_server: Any, live_trainer: tuple[int, Path],
+                                                       controller_registry: int) -> None:
+    """Every metric a dashboard panel, variable or alert names is in a live scrape of the process
+    that should export it: role server (serving), trainer (training), controller (pipeline)."""
+    port, metrics_file = live_trainer
+    live = {"serving": exported_names(scrape(role_server.metrics_port)),
+            "training": exported_names(scrape(port)),
+            "pipeline": exported_names(scrape(controller_registry))}
+    row = json.loads(metrics_file.read_text().splitlines()[0])
+    assert "p2r_train_reward_mean" in live["training"] and "p2r_train_step" in live["training"]
+    missing = {}
+    for dashboard, queries in dashboard_queries().items():
+        for title, expr in queries:
+            if gone := metric_names(expr) - live[dashboard]:
+                missing[f"{dashboard}: {title}"] = sorted(gone)
+    assert not missing, f"not exported (first trainer row: {sorted(row)}):\n" + json.dumps(missing, indent=1)
+    everything = set().union(*live.values())
+    for group in rendered_rules()["groups"]:
+        for rule in group["rules"]:
+            assert metric_names(rule["expr"]) <= everything, rule["alert"]
+
+
+def _query(base: str, expr: str) -> list[dict[str, Any]]:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as r:
+        body = json.loads(r.read())
+    assert body["status"] == "success", body
+    return list(body["data"]["result"])
+
+
+def _grafana_to_promql(expr: str) -> str:
+    for var, value in GRAFANA_VARS.items():
+        expr = expr.replace(var, value)
+    return expr
+
+
+@pytest.mark.engine
+def test_real_prometheus_answers_each_dashboard(role_server: Any, live_trainer: tuple[int, Path],
+                                                controller_registry: int, tmp_path: Path) -> None:
+    """Debian's prometheus scrapes the role server, the trainer and the controller registry on
+    loopback with the chart's rules loaded; every dashboard query is accepted, and one panel of
+    each dashboard returns data."""
+    trainer_port, _ = live_trainer
+    web = free_port()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(tmp_path / "rules.yaml")],
+        "scrape_configs": [
+            {"job_name": name, "static_configs": [{"targets": [f"127.0.0.1:{port}"],
+                                                   "labels": {"namespace": "p2r", "component": component}}]}
+            for name, port, component in (("serving", role_server.metrics_port, "gateway"),
+                                          ("trainer", trainer_port, "trainer"),
+                                          ("controller", controller_registry, "controller"))],
+    }
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rendered_rules()))
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = (tmp_path / "prometheus.log").open("w")
+    proc = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{web}"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{web}"
+    try:
+        picks = {"serving": "Request rate by method", "training": "Reward mean ± std", "pipeline": "Running"}
+        queries = dashboard_queries()
+        answers: dict[str, list[dict[str, Any]]] = {}
+        deadline = time.monotonic() + 90
+        while len(answers) < len(picks):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no data for {set(picks) - set(answers)}:\n"
+                                     + (tmp_path / "prometheus.log").read_text()[-3000:])
+            try:
+                for dashboard, title in picks.items():
+                    expr = next(e for t, e in queries[dashboard] if t == title)
+                    if result := _query(base, _grafana_to_promql(expr)):
+                        answers[dashboard] = result
+            except OSError:
+                pass  # not listening yet
+            time.sleep(1)
+        methods = {r["metric"].get("method") for r in answers["serving"]}
+        assert methods & {"ReasonBatch", "Reason", "VerifyBatch", "Verify"}, methods  # the trainer's reward calls
+        assert all(r["metric"]["component"] == "gateway" for r in answers["serving"])
+        assert 0.0 <= float(answers["training"][0]["value"][1]) <= 1.0
+        assert float(answers["pipeline"][0]["value"][1]) == 0.0  # no run in progress
+        for items in queries.values():
+            for _title, expr in items:
+                _query(base, _grafana_to_promql(expr))  # every panel's PromQL is accepted
+        with urllib.request.urlopen(f"{base}/api/v1/rules", timeout=10) as r:
+            rules = json.loads(r.read())["data"]["groups"]
+        loaded = {rule["name"]: rule["health"] for g in rules for rule in g["rules"]}
+        assert loaded == dict.fromkeys(ALERTS, "ok")
+    finally:
+        _stop(proc)
+        log.close()
