@@ -206,3 +206,16 @@ def test_reports_and_resume_file(tmp_path: Path) -> None:
     assert "| V* | 100.0 | 0.0 | 50.0 | 2 |" in md
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "<td>50.0</td>" in page
+
+
+def test_synthetic_bad_row_named_with_file_and_skippable(synthetic_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    rows = pq.read_table(synthetic_dir / "train.parquet").to_pylist()
+    rows[2]["extra_info"]["answer_form"] = "essay"
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    if (synthetic_dir / "images").is_dir():
+        shutil.copytree(synthetic_dir / "images", tmp_path / "images")
+    with pytest.raises(DataError, match=r"train.parquet: row 2: field 'extra_info.answer_form'"):
+        load_benchmark("synthetic", tmp_path)
+    assert len(load_benchmark("synthetic", tmp_path, skip_bad=True)) == len(rows) - 1

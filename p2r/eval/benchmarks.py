@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from p2r.core.prompts import V_STAR_SUFFIX, AnswerForm, with_options
-from p2r.data.dataset import DataError, ImageRef, load_samples
+from p2r.data.dataset import DataError, ImageRef, parse_row
 
 TASKS = ("V-Star", "HR-Bench", "MME-RealWorld", "MME-RealWorld-lite", "synthetic")
 LETTERS = {"V-Star": "ABCD", "HR-Bench": "ABCD", "MME-RealWorld": "ABCDEF", "MME-RealWorld-lite": "ABCDEF"}
@@ -178,9 +178,21 @@ def _mme_realworld(row: dict[str, Any], where: str, base: Path, subset: str) -> 
     )
 
 
+def _synthetic(row: dict[str, Any], where: str, base: Path, _subset: str) -> EvalSample:
+    """The P2R-10k layout (``p2r data synth``), validated by the training data's own parser
+    (whose messages start with the row; the file name is added here)."""
+    index = int(where.rsplit("row ", 1)[1])
+    try:
+        s = parse_row(row, index, base)
+    except DataError as e:
+        raise DataError(f"{where.split(': row')[0]}: {e}") from None
+    return EvalSample(uid=str(s.index), subset="synthetic", category=s.category or s.form.value,
+                      question=s.question, answer=s.ground_truth, form=s.form, image=s.images[0])
+
+
 Parser = Callable[[dict[str, Any], str, Path, str], EvalSample]
 _PARSERS: dict[str, Parser] = {"V-Star": _v_star, "HR-Bench": _hr_bench, "MME-RealWorld": _mme_realworld,
-                               "MME-RealWorld-lite": _mme_realworld}
+                               "MME-RealWorld-lite": _mme_realworld, "synthetic": _synthetic}
 
 
 def _subset(task: str, path: Path) -> str:
@@ -193,16 +205,7 @@ def _subset(task: str, path: Path) -> str:
     return task
 
 
-def _synthetic(root: Path) -> Iterator[EvalSample]:
-    for path in _data_files(root):
-        if path.suffix != ".parquet":
-            continue
-        for s in load_samples(path):
-            yield EvalSample(uid=str(s.index), subset="synthetic", category=s.category or s.form.value,
-                             question=s.question, answer=s.ground_truth, form=s.form, image=s.images[0])
-
-
-def load_benchmark(task: str, root: Path, *, skip_bad: bool = False,
+def load_benchmark(task: str, root: Path | str, *, skip_bad: bool = False,
                    on_skip: Callable[[str], None] | None = None) -> list[EvalSample]:
     """Every sample of ``task`` under ``root`` (a file or a directory), in file then row order.
 
@@ -210,12 +213,14 @@ def load_benchmark(task: str, root: Path, *, skip_bad: bool = False,
     it is reported through ``on_skip`` and left out."""
     if task not in TASKS:
         raise DataError(f"unknown task {task!r} (expected one of: {', '.join(TASKS)})")
-    if task == "synthetic":
-        return list(_synthetic(root))
     parse = _PARSERS[task]
     samples: list[EvalSample] = []
     seen: set[str] = set()
-    for path in _data_files(root):
+    root = Path(root)
+    files = _data_files(root)
+    if task == "synthetic":
+        files = [f for f in files if f.suffix == ".parquet"]
+    for path in files:
         subset = _subset(task, path)
         for i, row in enumerate(_rows(path)):
             where = f"{path.name}: row {i}"
