@@ -61,6 +61,11 @@ def _time(ts: float | None) -> str:
     return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
+def _pct(value: float | None) -> str:
+    """Accuracy x100 to one decimal; '-' for a category nothing could be graded in."""
+    return "-" if value is None else f"{value:.1f}"
+
+
 def _details(name: str, record: dict[str, Any]) -> str:
     out = record["outputs"]
     if record["error"] and record["status"] != "succeeded":
@@ -72,7 +77,7 @@ def _details(name: str, record: dict[str, Any]) -> str:
         if out.get(key):
             parts.append(f"{key}={out[key]}")
     if "overall" in out:
-        parts.append(f"overall={out['overall']:.1f} " + " ".join(f"{k}={v:.1f}" for k, v in out["categories"].items()))
+        parts += [f"overall={_pct(out['overall'])}"] + [f"{k}={_pct(v)}" for k, v in out["categories"].items()]
     if not parts and out.get("log"):
         parts.append(f"log={out['log']}")
     return " ".join(parts)

@@ -226,6 +226,14 @@ class PipelineConfig(Strict):
         return values
 
 
+def _one_line(error: Any, prefix: str = "") -> str:
+    """The first problem of a pydantic ValidationError as ``field.path: what is wrong``."""
+    first = error.errors()[0]
+    where = ".".join([prefix, *(str(p) for p in first["loc"])] if prefix else [str(p) for p in first["loc"]])
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
+
 def _absolute(value: str) -> str:
     """Local paths are resolved now: the trainer and servers run in other working directories."""
     if "://" in value:
@@ -253,9 +261,7 @@ def load_pipeline_config(path: Path) -> PipelineConfig:
     try:
         config = PipelineConfig.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
-        raise ConfigError(f"{where}: {first['msg']}") from None
+        raise ConfigError(_one_line(e)) from None
     if config.backend == "local":
         updates: dict[str, Any] = {"workdir": _absolute(config.workdir), "storage": _absolute(config.storage),
                                    "base_model": _absolute(config.base_model), "data": _absolute(config.data)}
@@ -270,6 +276,5 @@ def load_pipeline_config(path: Path) -> PipelineConfig:
         try:
             config.train_config(stage, role, config.base_model, {endpoint: "x:1", "verifier": "x:1"}, "w")
         except ValidationError as e:
-            first = e.errors()[0]
-            raise ConfigError(f"{stage}.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+            raise ConfigError(_one_line(e, stage)) from None
     return config

@@ -131,7 +131,24 @@ class LocalBackend:
             kill_pid(entry["pid"])
         ctx.save()
 
+    def _reap_strays(self, ctx: Context) -> None:
+        """Stop servers of this workdir that the state does not know: a controller killed while
+        a server was starting never recorded it."""
+        known = {e["pid"] for e in ctx.state["services"].values()}
+        marker = f"--config {self.workdir / 'serve.yaml'}"
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) in known or int(proc.name) == os.getpid():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "p2r.cli serve" in cmdline and marker in cmdline:
+                log.warning("stopping stray p2r serve pid %s of this run", proc.name)
+                kill_pid(int(proc.name))
+
     def serve(self, ctx: Context, models: dict[str, str]) -> dict[str, str]:
+        self._reap_strays(ctx)
         by_model: dict[str, list[str]] = {}
         for role, model in models.items():
             by_model.setdefault(model, []).append(role)

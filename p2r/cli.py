@@ -32,7 +32,7 @@ class _Group(click.Group):
     ``LAZY`` as ``module:attribute`` and imported only when listed or run: no import cycle with
     this module, and ``p2r --help`` stays instant."""
 
-    LAZY: ClassVar[dict[str, str]] = {"eval": "p2r.eval.cli:eval_command"}
+    LAZY: ClassVar[dict[str, str]] = {"eval": "p2r.eval.cli:eval_command", "pipeline": "p2r.controller.cli:pipeline"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.LAZY})
@@ -349,11 +349,6 @@ def train(role: str, config_path: Path, resume: str | None, max_steps: int | Non
         raise UserError(str(e)) from None
     click.echo(json.dumps({"checkpoint": result["checkpoint"], "steps": result["steps"],
                            "param_digest": result["param_digest"]}))
-
-
-from p2r.controller.cli import pipeline  # noqa: E402  (the controller's command group)
-
-cli.add_command(pipeline)
 
 
 def main() -> None:
