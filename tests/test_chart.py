@@ -380,6 +380,31 @@ def test_security_context(profile: str, rendered: dict[str, list[dict[str, Any]]
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_service_links_are_off(profile: str, rendered: dict[str, list[dict[str, Any]]],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kubernetes injects <SERVICE>_PORT=tcp://... for every Service in the namespace; a Service
+    named e.g. p2r-metrics would set P2R_METRICS_PORT, which p2r's settings read and reject."""
+    from p2r.services.config import ServeConfig
+
+    for name, spec in pod_specs(rendered[profile]):
+        assert spec["enableServiceLinks"] is False, name
+    monkeypatch.setenv("P2R_METRICS_PORT", "tcp://10.0.0.7:9090")
+    with pytest.raises(ValueError, match="metrics_port"):
+        ServeConfig()
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_client_dry_run_install(profile: str) -> None:
+    """`helm install --dry-run=client` (kubeVersion constraint, schema, hooks) for every profile."""
+    import helm_python
+
+    release = helm_python.Config(storage_driver="memory").install(
+        str(CHART), "p2r", PROFILES[profile], namespace=NAMESPACE, dry_run="client")
+    manifest = release["manifest"]
+    assert "kind: Deployment" in manifest and "name: p2r-gateway" in manifest
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_services_select_their_pods(profile: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
     docs = rendered[profile]
     workloads = find(docs, "Deployment") + find(docs, "StatefulSet")

@@ -212,6 +212,7 @@ def test_security_and_no_plaintext_credentials(overlay: str, built: dict[str, li
     assert not find(docs, "Secret")
     for name, spec in pod_specs(docs):
         assert spec["securityContext"]["runAsNonRoot"] is True and spec["automountServiceAccountToken"] is False
+        assert spec["enableServiceLinks"] is False, name  # P2R_<SERVICE>_PORT would reach P2R_* settings
         for c in containers(spec):
             sc = c["securityContext"]
             assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"], (name, c["name"])
