@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import jsonschema
 import kubernetes_validate
 import yaml
@@ -275,3 +276,20 @@ def plaintext_credentials(docs: list[dict[str, Any]]) -> list[str]:
                 if m and CREDENTIAL_NAME.search(m.group(1)) and not m.group(1).endswith(("_endpoint", "Ref")):
                     found.append(f"ConfigMap/{cm['metadata']['name']}/{key}: {m.group(1)} = {m.group(2)}")
     return found
+
+
+def parse_p2r_command(argv: list[str]) -> click.Context:
+    """Parse a container's `p2r ...` command line with the real click commands (nothing runs), so
+    a manifest or template cannot carry a flag or choice the CLI does not accept."""
+    from p2r.cli import cli
+
+    assert argv[0] == "p2r", argv
+    ctx = cli.make_context("p2r", list(argv[1:]))
+    cmd: click.Command = cli
+    rest = [*ctx.protected_args, *ctx.args]
+    while isinstance(cmd, click.Group) and rest:
+        name, sub, rest = cmd.resolve_command(ctx, rest)
+        assert sub is not None, argv
+        ctx = sub.make_context(name or "", rest, parent=ctx)
+        cmd, rest = sub, [*ctx.protected_args, *ctx.args]
+    return ctx

@@ -22,6 +22,7 @@ from tests.k8s_support import (
     find,
     merged_values,
     one,
+    parse_p2r_command,
     plaintext_credentials,
     pod_specs,
     profiles,
@@ -235,6 +236,18 @@ def test_probes_and_drain(profile: str, rendered: dict[str, list[dict[str, Any]]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports["grpc"] == grpc_port and ports["metrics"] == values["ports"]["metrics"]
         assert ("http" in ports) == (role == "gateway")
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_p2r_command_parses_with_the_real_cli(profile: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
+    seen = set()
+    for _name, spec in pod_specs(rendered[profile]):
+        for c in containers(spec):
+            if c.get("command", [""])[0] == "p2r":
+                ctx = parse_p2r_command([*c["command"], *c.get("args", [])])
+                seen.add(f"{ctx.parent.info_name if ctx.parent else ''} {ctx.info_name}".strip())
+    values = merged_values(PROFILES[profile])
+    assert {"p2r serve", "pipeline run"} | ({"models tiny"} if values["models"]["tiny"]["enabled"] else set()) == seen
 
 
 def test_config_change_rolls_the_pods() -> None:

@@ -21,6 +21,7 @@ from tests.k8s_support import (
     find,
     kustomize,
     one,
+    parse_p2r_command,
     plaintext_credentials,
     pod_specs,
     pytorchjob_errors,
@@ -167,21 +168,6 @@ def test_trainer_pods_match_config_and_chart(overlay: str, built: dict[str, list
     assert one(docs, "Job", "p2r-eval")["spec"]["suspend"] is True
 
 
-def _parse(argv: list[str]) -> click.Context:
-    """Parse a `p2r ...` command line with the real click commands (no command is run)."""
-    from p2r.cli import cli
-
-    ctx = cli.make_context("p2r", list(argv[1:]))
-    cmd: click.Command = cli
-    rest = [*ctx.protected_args, *ctx.args]
-    while isinstance(cmd, click.Group) and rest:
-        name, sub, rest = cmd.resolve_command(ctx, rest)
-        assert sub is not None, argv
-        ctx = sub.make_context(name or "", rest, parent=ctx)
-        cmd, rest = sub, [*ctx.protected_args, *ctx.args]
-    return ctx
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_command_parses_with_the_real_cli(overlay: str, built: dict[str, list[dict[str, Any]]]) -> None:
     seen = set()
@@ -189,7 +175,7 @@ def test_every_command_parses_with_the_real_cli(overlay: str, built: dict[str, l
         for c in containers(spec):
             argv = [*c["command"], *c.get("args", [])]
             assert argv[0] == "p2r", name
-            ctx = _parse(argv)
+            ctx = parse_p2r_command(argv)
             seen.add(ctx.command.name)
             if ctx.command.name == "eval":
                 modes = ctx.params.get("modes") or (ctx.params.get("mode"),)  # --mode may be repeated
@@ -200,9 +186,9 @@ def test_every_command_parses_with_the_real_cli(overlay: str, built: dict[str, l
 
 def test_cli_parse_check_rejects_a_bad_command() -> None:
     with pytest.raises(click.UsageError):
-        _parse(["p2r", "eval", "--task=V-Star-typo", "--data=/d", "--out=/o"])
+        parse_p2r_command(["p2r", "eval", "--task=V-Star-typo", "--data=/d", "--out=/o"])
     with pytest.raises(click.UsageError):
-        _parse(["p2r", "train", "--role", "verifier", "--config", "/c.yaml"])
+        parse_p2r_command(["p2r", "train", "--role", "verifier", "--config", "/c.yaml"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
