@@ -22,8 +22,11 @@ pytestmark = pytest.mark.engine
 
 MODES = ("default", "thinking", "p2r")
 # Small budgets: the tiny model never stops by itself, and the token counts change nothing here.
-SETTINGS = EvalSettings(bounds=PixelBounds(16384, 65536), default_max_tokens=8, thinking_max_tokens=16,
+# (The same numbers as the CLI flags below, so the CLI run must reproduce the in-process one.)
+SETTINGS = EvalSettings(bounds=PixelBounds(16384, 65536), default_max_tokens=16, thinking_max_tokens=16,
                         perceive_max_tokens=24, reason_max_tokens=16)
+CLI_SETTINGS = ["--max-new-tokens", "16", "--perceive-max-tokens", "24", "--max-pixels", "65536",
+                "--max-model-len", "8192", "--max-num-seqs", "8", "--batch-size", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -78,24 +81,6 @@ def test_modes_in_one_process(local_run: Path, synthetic_dir: Path) -> None:
         assert (local_run / m / "report.html").is_file()
 
 
-def test_ray_gives_identical_per_sample_results(local_run: Path, lively_model: Path, synthetic_dir: Path,
-                                                tmp_path: Path) -> None:
-    import ray
-
-    samples = load_benchmark("synthetic", synthetic_dir)
-    spec = _spec(lively_model)
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}})
-        summaries = evaluate(samples, spec, {m: tmp_path / m for m in MODES}, spec_meta(spec, "synthetic"),
-                             batch_size=2, ray_workers=2)
-    finally:
-        ray.shutdown()
-    for m in MODES:
-        assert _rows(tmp_path / m / "results.jsonl") == _rows(local_run / m / "results.jsonl"), m
-        assert summaries[m]["ray_workers"] == 2
-
-
 def test_rerun_skips_what_is_done(local_run: Path, lively_model: Path, synthetic_dir: Path) -> None:
     samples = load_benchmark("synthetic", synthetic_dir)
     spec = _spec(lively_model)
@@ -105,25 +90,29 @@ def test_rerun_skips_what_is_done(local_run: Path, lively_model: Path, synthetic
     assert (local_run / "p2r" / "results.jsonl").read_text() == before
 
 
-def test_cli_reads_and_writes_s3(lively_model: Path, synthetic_dir: Path, s3_server: dict[str, str],
-                                 tmp_path: Path) -> None:
-    from p2r.services.checkpoints import put_files
+def test_cli_over_ray_from_s3_gives_identical_results(local_run: Path, lively_model: Path, synthetic_dir: Path,
+                                                      s3_server: dict[str, str], tmp_path: Path) -> None:
+    """``p2r eval`` with data and outputs on S3, all three modes sharded over local Ray Data with
+    two engine replicas: every per-sample row equals the single-process run's."""
+    from p2r.services.checkpoints import download_prefix, put_files
 
     names = [str(p.relative_to(synthetic_dir)) for p in sorted(synthetic_dir.rglob("*")) if p.is_file()]
-    env = {**os.environ, **s3_server, "P2R_CACHE": str(tmp_path / "cache")}
     os.environ.update(s3_server)
     put_files(synthetic_dir, names, "s3://evaldata/synthetic")
+    env = {**os.environ, "P2R_CACHE": str(tmp_path / "cache"), "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [sys.executable, "-m", "p2r.cli", "eval", "--task", "synthetic", "--data", "s3://evaldata/synthetic",
-           "--mode", "default", "--model", str(lively_model), "--out", "s3://evalout/run1", "--limit", "3",
-           "--max-new-tokens", "8", "--max-pixels", "65536", "--max-model-len", "8192", "--max-num-seqs", "8"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+           "--mode", "default", "--mode", "thinking", "--mode", "p2r", "--model", str(lively_model),
+           "--out", "s3://evalout/run1", "--ray-workers", "2", *CLI_SETTINGS]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    line = json.loads(done.stdout.strip().splitlines()[-1])
-    assert line["n"] == 3 and line["mode"] == "default"
-    from p2r.services.checkpoints import s3_client
-
-    objects = {o.object_name for o in s3_client().list_objects("evalout", prefix="run1/", recursive=True)}
-    assert objects == {f"run1/{n}" for n in ("results.jsonl", "summary.json", "report.md", "report.html")}
+    lines = [json.loads(x) for x in done.stdout.strip().splitlines()]
+    assert [x["mode"] for x in lines] == list(MODES)
+    download_prefix("s3://evalout/run1", tmp_path / "got")
+    for m in MODES:
+        assert sorted(p.name for p in (tmp_path / "got" / m).iterdir()) == [
+            "report.html", "report.md", "results.jsonl", "summary.json"]
+        assert _rows(tmp_path / "got" / m / "results.jsonl") == _rows(local_run / m / "results.jsonl"), m
+        assert json.loads((tmp_path / "got" / m / "summary.json").read_text())["ray_workers"] == 2
     # bad input: one line, exit 2
     bad = subprocess.run([*cmd[:7], "s3://evaldata/nothing-here", *cmd[8:]], env=env, capture_output=True,
                          text=True, timeout=120)
