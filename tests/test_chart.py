@@ -310,6 +310,11 @@ def test_pipeline_yaml_is_what_the_controller_loads(profile: str, rendered: dict
     assert k.s3_secret == (values["s3"]["existingSecret"] or "p2r-s3")
     assert k.image == one(rendered[profile], "Deployment", "p2r-controller")["spec"]["template"]["spec"][
         "containers"][0]["image"]
+    gpus = {kind: k.resources.get(kind, {}).get("nvidia.com/gpu") for kind in ("requests", "limits")}
+    if profile == "cpu-smoke":
+        assert gpus == {"requests": None, "limits": None} and k.workers == 2
+    else:  # the reference runs: 4 trainer pods of one GPU each per stage
+        assert gpus == {"requests": 1, "limits": 1} and k.workers == 4
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))

