@@ -165,6 +165,7 @@ def test_trainer_pods_match_config_and_chart(overlay: str, built: dict[str, list
                 assert ref["name"] == "p2r-s3" and ref["key"] in chart_secret["data"]
             ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
             assert ports.get("metrics") == (cfg.metrics_port if replica == "Master" else None), replica
+            assert cfg.metrics_host == "0.0.0.0"  # reachable from Prometheus, not only inside the pod
     assert one(docs, "Job", "p2r-eval")["spec"]["suspend"] is True
 
 

@@ -65,6 +65,8 @@ class TrainConfig(YamlSettings):
 
     save_every: int = Field(30, ge=1)
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus on rank 0; null disables")
+    metrics_host: str = Field("127.0.0.1", description="metrics bind address; 0.0.0.0 in a pod, so Prometheus "
+                              "can scrape it")
     kv_cache_gib: int = Field(1, ge=1)
 
     @model_validator(mode="after")

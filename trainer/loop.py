@@ -127,7 +127,7 @@ class Trainer:
         if cfg.metrics_port is not None and self.rank == 0:
             from p2r.services.metrics import serve_metrics
 
-            self.metrics_port = serve_metrics(cfg.metrics_port)
+            self.metrics_port = serve_metrics(cfg.metrics_port, cfg.metrics_host)
 
     # ------------------------------------------------------------------------------ prompts
 
