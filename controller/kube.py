@@ -253,14 +253,18 @@ class KubeBackend:
     def pytorchjob(self, name: str, stage: str, role: str, attempt: int) -> Any:
         """The stage's PyTorchJob (kubeflow-training SDK model): Master + (workers-1) Workers,
         each a ``pytorch`` container running ``p2r train``; the operator injects MASTER_ADDR,
-        MASTER_PORT, WORLD_SIZE and RANK, which the trainer reads."""
+        MASTER_PORT, WORLD_SIZE and RANK, which the trainer reads. Service links are off: their
+        ``P2R_*_PORT`` variables would land in p2r's ``P2R_*`` settings."""
         from kubeflow.training import models
         from kubernetes import client
 
         env, env_from, mounts, volumes = self._pod_parts(
-            [client.V1VolumeMount(name="train-config", mount_path=TRAIN_CONFIG_DIR, read_only=True)])
+            [client.V1VolumeMount(name="train-config", mount_path=TRAIN_CONFIG_DIR, read_only=True),
+             client.V1VolumeMount(name="dshm", mount_path="/dev/shm")])
         volumes.append(client.V1Volume(name="train-config",
                                        config_map=client.V1ConfigMapVolumeSource(name=f"{name}-config")))
+        # PyTorch's data workers and NCCL use /dev/shm; the container default (64 MiB) is too small.
+        volumes.append(client.V1Volume(name="dshm", empty_dir=client.V1EmptyDirVolumeSource(medium="Memory")))
         container = client.V1Container(
             name="pytorch", image=self.k.image, image_pull_policy=self.k.image_pull_policy,
             command=["p2r", "train", "--role", role, "--config", f"{TRAIN_CONFIG_DIR}/train.yaml", "--resume", "auto"],
@@ -268,7 +272,7 @@ class KubeBackend:
             resources=client.V1ResourceRequirements(**self.k.resources) if self.k.resources else None)
         template = client.V1PodTemplateSpec(
             metadata=client.V1ObjectMeta(labels=_labels(self.config.name, stage, attempt)),
-            spec=client.V1PodSpec(containers=[container], volumes=volumes,
+            spec=client.V1PodSpec(containers=[container], volumes=volumes, enable_service_links=False,
                                   service_account_name=self.k.service_account))
         specs = {"Master": models.KubeflowOrgV1ReplicaSpec(replicas=1, restart_policy="Never", template=template)}
         if self.k.workers > 1:
@@ -346,7 +350,7 @@ class KubeBackend:
             spec=client.V1JobSpec(backoff_limit=0, template=client.V1PodTemplateSpec(
                 metadata=client.V1ObjectMeta(labels=_labels(self.config.name, "eval", attempt)),
                 spec=client.V1PodSpec(restart_policy="Never", containers=[container], volumes=volumes or None,
-                                      service_account_name=self.k.service_account))))
+                                      enable_service_links=False, service_account_name=self.k.service_account))))
 
     def _get_job(self, name: str) -> Any:
         from kubernetes.client.exceptions import ApiException

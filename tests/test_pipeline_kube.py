@@ -152,7 +152,8 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
         assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "p2r-s3", "key": "secret-key"}}
         assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {"secretKeyRef": {"name": "p2r-s3", "key": "access-key"}}
         assert env["P2R_S3_ENDPOINT"]["value"] == "minio.p2r.svc:9000" and "envFrom" not in container
-        assert {v["name"] for v in pod["volumes"]} == {"train-config", "data"}
+        assert {v["name"] for v in pod["volumes"]} == {"train-config", "data", "dshm"}
+        assert pod["enableServiceLinks"] is False
         train = yaml.safe_load(c.config_map(f"{run}-stage1-1-config")["train.yaml"])  # type: ignore[index]
         assert train["role"] == "perceiver" and train["model"] == "s3://models/qwen3-vl-tiny"
         assert train["reasoner_endpoint"] == "p2r-reasoner.p2r.svc:50051"
