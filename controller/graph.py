@@ -290,8 +290,8 @@ def run_pipeline(config: PipelineConfig, backend: Backend, store: Store,
     state.update(status=RUNNING, reason=None,
                  controller={"pid": os.getpid(), "host": socket.gethostname(), "started": now()})
     ctx.save()
-    if config.metrics_port is not None:
-        metrics.serve_metrics(config.metrics_port)
+    if config.metrics_port is not None:  # in a pod Prometheus scrapes the pod IP; locally stay on loopback
+        metrics.serve_metrics(config.metrics_port, "0.0.0.0" if config.backend == "kubernetes" else "127.0.0.1")
     metrics.RUN_STATE.set(1)
     try:
         outcome = _walk(ctx, steps)

@@ -60,6 +60,23 @@ def write_config(tmp_path: Path, kubeconfig: Path, name: str, bucket: str, **ove
     return path
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The controller's Prometheus samples, ``name{labels}`` -> value."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("p2r_pipeline_")}
+
+
 def controller(config: Path, env: dict[str, str], *cmd: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "p2r.cli", "pipeline", *(cmd or ("run",)), "--config", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
@@ -132,8 +149,8 @@ def state_of(c: Cluster, run: str) -> dict[str, Any]:
 def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Cluster, Path],
                                               s3_server: dict[str, str]) -> None:
     c, kubeconfig = cluster
-    run, bucket = "kube-ok", f"runs-{uuid.uuid4().hex[:8]}"
-    config = write_config(tmp_path, kubeconfig, run, bucket)
+    run, bucket, port = "kube-ok", f"runs-{uuid.uuid4().hex[:8]}", free_port()
+    config = write_config(tmp_path, kubeconfig, run, bucket, metrics_port=port)
     proc = controller(config, s3_server)
     try:
         # serve_reasoner: the frozen reasoner on the base model, the verifier on its own model
@@ -159,6 +176,12 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
         assert train["reasoner_endpoint"] == "p2r-reasoner.p2r.svc:50051"
         assert train["verifier_endpoint"] == "p2r-verifier.p2r.svc:50051"
         assert train["output"] == f"s3://{bucket}/{run}/stage1" and train["max_steps"] == 3
+        samples = scrape(port)  # what the Pipeline dashboard reads
+        assert samples["p2r_pipeline_running"] == 1.0
+        assert samples['p2r_pipeline_current_step{step="stage1"}'] == 1.0
+        assert samples['p2r_pipeline_current_step{step="serve_reasoner"}'] == 0.0
+        assert samples['p2r_pipeline_step_attempts{step="stage1"}'] == 1.0
+        assert samples['p2r_pipeline_step_duration_seconds_count{outcome="succeeded",step="serve_reasoner"}'] == 1.0
 
         # The controller dies mid-stage; a new one must re-attach, not create a second job.
         proc.send_signal(signal.SIGKILL)
@@ -222,8 +245,8 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
 def test_failed_job_is_retried_with_a_new_name_then_the_run_stops(tmp_path: Path, cluster: tuple[Cluster, Path],
                                                                   s3_server: dict[str, str]) -> None:
     c, kubeconfig = cluster
-    run = "kube-fail"
-    config = write_config(tmp_path, kubeconfig, run, f"runs-{uuid.uuid4().hex[:8]}")
+    run, port = "kube-fail", free_port()
+    config = write_config(tmp_path, kubeconfig, run, f"runs-{uuid.uuid4().hex[:8]}", metrics_port=port)
     proc = controller(config, s3_server)
     try:
         for role, model in (("reasoner", "s3://models/qwen3-vl-tiny"), ("verifier", "s3://models/verifier")):
@@ -233,6 +256,10 @@ def test_failed_job_is_retried_with_a_new_name_then_the_run_stops(tmp_path: Path
         stage_job(c, f"{run}-stage1-2", proc)  # the retry: a new, valid job
         state = state_of(c, run)["steps"]["stage1"]
         assert state["attempts"] == 2 and "OOMKilled" in state["history"][0]["error"]
+        samples = scrape(port)
+        assert samples['p2r_pipeline_step_failures_total{step="stage1"}'] == 1.0
+        assert samples['p2r_pipeline_step_attempts{step="stage1"}'] == 2.0
+        assert samples['p2r_pipeline_step_duration_seconds_count{outcome="failed",step="stage1"}'] == 1.0
         c.set_pytorchjob_condition(f"{run}-stage1-2", "Failed", "Error", "exit code 1")
         _, err = proc.communicate(timeout=60)
     finally:
