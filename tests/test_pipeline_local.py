@@ -147,7 +147,8 @@ def test_full_graph_on_the_tiny_model_with_a_controller_kill(tmp_path: Path, tin
     out = tmp_path / "storage" / "tiny-demo" / "eval"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n"] == 6 and summary["mode"] == "p2r" and summary["model"] == stage2
-    assert len((out / "results.jsonl").read_text().splitlines()) == 6
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if "meta" not in r]) == 6  # a header line, then one row per question
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
     report = state["steps"]["report"]["outputs"]
     assert report["categories"] == summary["categories"] and set(report["categories"]) >= {"attribute", "count"}
