@@ -174,6 +174,15 @@ class PipelineConfig(Strict):
         return value.rstrip("/")
 
     @model_validator(mode="after")
+    def _backend(self) -> PipelineConfig:
+        if self.backend == "kubernetes":
+            if self.prepare is not None:
+                raise ValueError("prepare builds local files: use it with backend: local only")
+            if not self.storage.startswith("s3://"):
+                raise ValueError("backend: kubernetes needs storage: s3://BUCKET (pods cannot see local paths)")
+        return self
+
+    @model_validator(mode="after")
     def _stages(self) -> PipelineConfig:
         for section, fields, known in (("stage1", CONTROLLED_TRAIN_FIELDS, TrainConfig.model_fields),
                                        ("stage2", CONTROLLED_TRAIN_FIELDS, TrainConfig.model_fields),
@@ -271,6 +280,11 @@ def load_pipeline_config(path: Path) -> PipelineConfig:
         if config.eval.data:
             updates["eval"] = config.eval.model_copy(update={"data": _absolute(config.eval.data)})
         config = config.model_copy(update=updates)
+        prep = config.prepare
+        if "://" not in config.base_model and not Path(config.base_model).exists() and not (prep and prep.tiny_model):
+            raise ConfigError(f"base_model: no such directory {config.base_model}")
+        if not Path(config.data).is_file() and not (prep and prep.train_samples):
+            raise ConfigError(f"data: no such file {config.data}")
     # Trainer settings fail now, with the trainer's own validation, not when the stage starts.
     for stage, role, endpoint in (("stage1", "perceiver", "reasoner"), ("stage2", "reasoner", "perceiver")):
         try:

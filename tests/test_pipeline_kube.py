@@ -319,8 +319,8 @@ def test_cancel_deletes_the_running_job(tmp_path: Path, cluster: tuple[Cluster, 
     assert state["status"] == "cancelled" and state["steps"]["stage1"]["status"] == "cancelled"
 
 
-def test_cancel_without_a_controller_deletes_the_job_itself(tmp_path: Path, cluster: tuple[Cluster, Path],
-                                                           s3_server: dict[str, str]) -> None:
+def test_sigterm_keeps_the_run_and_cancel_without_a_controller_deletes_the_job(
+        tmp_path: Path, cluster: tuple[Cluster, Path], s3_server: dict[str, str]) -> None:
     c, kubeconfig = cluster
     run = "kube-orphan"
     config = write_config(tmp_path, kubeconfig, run, f"runs-{uuid.uuid4().hex[:8]}")
@@ -328,8 +328,15 @@ def test_cancel_without_a_controller_deletes_the_job_itself(tmp_path: Path, clus
     for role, model in (("reasoner", "s3://models/qwen3-vl-tiny"), ("verifier", "s3://models/verifier")):
         ready_when_pointing_at(c, role, model, proc)
     stage_job(c, f"{run}-stage1-1", proc)
-    proc.kill()
-    proc.wait()
+    # SIGTERM (a controller pod being rescheduled) stops the controller, not the run.
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert err.strip().splitlines()[-1] == (f"p2r: error: run {run} interrupted: controller stopped at stage1; "
+                                            "run again to resume")
+    assert [j["metadata"]["name"] for j in c.pytorchjobs()] == [f"{run}-stage1-1"]  # the job keeps running
+    assert state_of(c, run)["steps"]["stage1"]["status"] == "running"
+    # Nobody resumes it: cancel finds no live controller and deletes the job itself.
     cancel = p2r("pipeline", "cancel", "--config", str(config), "--wait", "1", env=s3_server)
     assert cancel.returncode == 0, cancel.stderr
     assert c.pytorchjobs() == [] and state_of(c, run)["status"] == "cancelled"

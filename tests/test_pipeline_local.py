@@ -184,6 +184,7 @@ def test_a_failing_step_is_retried_with_backoff_then_the_run_stops(tmp_path: Pat
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text("{}")  # no weights: p2r serve refuses it
+    (tmp_path / "train.parquet").write_bytes(b"never read: the run stops before stage 1")
     config = local_config(tmp_path, None, None, base_model=str(broken), prepare=None,
                           data=str(tmp_path / "train.parquet"),
                           retry={"max_attempts": 2, "backoff_s": 1.5, "backoff_max_s": 10})
@@ -212,6 +213,9 @@ def test_a_failing_step_is_retried_with_backoff_then_the_run_stops(tmp_path: Pat
     ({"name": "Bad_Name"}, "name: must be lower-case letters"),
     ({"storage": "gs://bucket"}, "storage: use a directory, file:// or s3://"),
     ({"retries": 3}, "retries: Extra inputs are not permitted"),
+    ({"prepare": None, "base_model": "/nonexistent/model"}, "base_model: no such directory /nonexistent/model"),
+    ({"backend": "kubernetes", "storage": "s3://bucket"}, "prepare builds local files: use it with backend: local"),
+    ({"backend": "kubernetes", "prepare": None, "storage": "/tmp/x"}, "backend: kubernetes needs storage: s3://"),
 ])
 def test_config_errors_are_one_line_and_exit_2(tmp_path: Path, change: dict[str, Any], message: str) -> None:
     config = yaml.safe_load(EXAMPLE.read_text())
