@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +97,15 @@ def cleanup(work: Path, *procs: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.mark.engine
-def test_full_graph_on_the_tiny_model_with_a_controller_kill(tmp_path: Path, tiny_model_dir: Path,
-                                                             synthetic_dir: Path) -> None:
-    config = local_config(tmp_path, tiny_model_dir, synthetic_dir)
+def test_full_graph_on_the_tiny_model_through_s3_with_a_controller_kill(
+        tmp_path: Path, tiny_model_dir: Path, synthetic_dir: Path, s3_server: dict[str, str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints and the evaluation go to a real S3 server (moto, through minio): stage 1's
+    checkpoint is uploaded, verified there, downloaded by the perceiver server and stage 2."""
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)  # for the controller and this test's own reads
+    bucket = f"pipeline-{uuid.uuid4().hex[:8]}"
+    config = local_config(tmp_path, tiny_model_dir, synthetic_dir, storage=f"s3://{bucket}")
     work, log = tmp_path / "work", tmp_path / "controller.log"
     proc = start(config, log)
     second = proc
@@ -130,13 +137,14 @@ def test_full_graph_on_the_tiny_model_with_a_controller_kill(tmp_path: Path, tin
     assert output.count("starting p2r serve") == 2  # both servers adopted after the kill
     assert sorted(p.name for p in (work / "logs").glob("stage1-*.log")) == ["stage1-attempt-1.log"]
     assert serve_pids(work) == [] and state["services"] == {}  # everything stopped at the end
+    assert s3_server["AWS_SECRET_ACCESS_KEY"] not in (work / "state.json").read_text() + (config.read_text())
 
-    # Checkpoints: complete, verified file by file, and loaded by vLLM (serve_perceiver served
-    # stage 1, the evaluation ran on stage 2).
+    # Checkpoints: complete in S3, verified file by file, and loaded by vLLM (serve_perceiver
+    # served stage 1 from S3, the evaluation ran on stage 2).
     stage1 = state["steps"]["verify_stage1"]["outputs"]["checkpoint"]
     stage2 = state["steps"]["verify_stage2"]["outputs"]["checkpoint"]
-    assert stage1 == str(tmp_path / "storage" / "tiny-demo" / "stage1" / "step-2")
-    assert [s for s, _ in complete_checkpoints(str(tmp_path / "storage/tiny-demo/stage2"))] == [2]
+    assert stage1 == f"s3://{bucket}/tiny-demo/stage1/step-2"
+    assert [s for s, _ in complete_checkpoints(f"s3://{bucket}/tiny-demo/stage2")] == [2]
     for uri in (stage1, stage2):
         assert verify_checkpoint(uri)["files"] >= 5
     assert state["steps"]["serve_perceiver"]["outputs"]["models"] == {"perceiver": stage1}
@@ -144,17 +152,32 @@ def test_full_graph_on_the_tiny_model_with_a_controller_kill(tmp_path: Path, tin
     assert train2["model"] == stage1 and train2["role"] == "reasoner"
 
     # The evaluation report: every question answered, accuracy per category.
-    out = tmp_path / "storage" / "tiny-demo" / "eval"
+    out = tmp_path / "eval-copy"
+    files = {p.name for p in download_prefix(f"s3://{bucket}/tiny-demo/eval", out)}
+    assert {"summary.json", "results.jsonl", "report.md", "report.html"} <= files
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n"] == 6 and summary["mode"] == "p2r" and summary["model"] == stage2
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len([r for r in rows if "meta" not in r]) == 6  # a header line, then one row per question
-    assert (out / "report.md").is_file() and (out / "report.html").is_file()
     report = state["steps"]["report"]["outputs"]
     assert report["categories"] == summary["categories"] and set(report["categories"]) >= {"attribute", "count"}
     status = p2r("pipeline", "status", "--config", str(config))
     assert status.returncode == 0 and "succeeded" in status.stdout and f"overall={summary['overall']:.1f}" \
         in status.stdout
+
+
+def download_prefix(uri: str, target: Path) -> list[Path]:
+    """Every object under an s3:// prefix, copied into ``target``."""
+    from p2r.services.checkpoints import s3_client
+
+    bucket, prefix = uri[5:].split("/", 1)
+    client = s3_client()
+    files = []
+    for obj in client.list_objects(bucket, prefix=prefix + "/", recursive=True):
+        local = target / obj.object_name[len(prefix) + 1:]
+        client.fget_object(bucket, obj.object_name, str(local))
+        files.append(local)
+    return files
 
 
 @pytest.mark.engine
