@@ -118,6 +118,8 @@ class Kubernetes(Strict):
     s3_secret_key_ref: str = Field("AWS_SECRET_ACCESS_KEY", description="key of the secret key in s3_secret")
     env: dict[str, str] = Field(default_factory=dict, description="extra plain env for trainer and eval pods")
     workers: int = Field(1, ge=1, description="PyTorchJob pods per stage: 1 Master + (workers-1) Workers")
+    trainer_metrics_port: int | None = Field(9090, ge=1, le=65535, description="rank 0's Prometheus port (the "
+                                             "chart's PodMonitor scrapes the port named metrics); null disables")
     resources: dict[str, Any] = Field(default_factory=dict, description="container resources of trainer pods")
     eval_resources: dict[str, Any] = Field(default_factory=dict)
     data_pvc: str | None = Field(None, description="PersistentVolumeClaim mounted at data_mount in every pod")

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -42,9 +43,13 @@ class KubeError(ValueError):
     """The cluster cannot be reached or configured; one line for the user."""
 
 
-def _labels(run: str, step: str, attempt: int | None = None) -> dict[str, str]:
+def _labels(run: str, step: str, attempt: int | None = None, component: str | None = None) -> dict[str, str]:
+    """Labels of everything the controller creates; pods also name their ``component`` (the
+    chart's PodMonitor selects training pods by ``app.kubernetes.io/component: trainer``)."""
     labels = {"app.kubernetes.io/part-of": "p2r", "app.kubernetes.io/managed-by": "p2r-pipeline",
               "p2r.io/run": run, "p2r.io/step": step}
+    if component is not None:
+        labels["app.kubernetes.io/component"] = component
     if attempt is not None:
         labels["p2r.io/attempt"] = str(attempt)
     return labels
@@ -250,7 +255,7 @@ class KubeBackend:
             volumes.append(client.V1Volume(name="data", persistent_volume_claim=claim))
         return env, env_from, mounts, volumes
 
-    def pytorchjob(self, name: str, stage: str, role: str, attempt: int) -> Any:
+    def pytorchjob(self, name: str, stage: str, role: str, attempt: int, metrics_port: int | None = None) -> Any:
         """The stage's PyTorchJob (kubeflow-training SDK model): Master + (workers-1) Workers,
         each a ``pytorch`` container running ``p2r train``; the operator injects MASTER_ADDR,
         MASTER_PORT, WORLD_SIZE and RANK, which the trainer reads. Service links are off: their
@@ -270,14 +275,22 @@ class KubeBackend:
             command=["p2r", "train", "--role", role, "--config", f"{TRAIN_CONFIG_DIR}/train.yaml", "--resume", "auto"],
             env=env or None, env_from=env_from or None, volume_mounts=mounts,
             resources=client.V1ResourceRequirements(**self.k.resources) if self.k.resources else None)
-        template = client.V1PodTemplateSpec(
-            metadata=client.V1ObjectMeta(labels=_labels(self.config.name, stage, attempt)),
-            spec=client.V1PodSpec(containers=[container], volumes=volumes, enable_service_links=False,
-                                  service_account_name=self.k.service_account))
-        specs = {"Master": models.KubeflowOrgV1ReplicaSpec(replicas=1, restart_policy="Never", template=template)}
+        def template(ports: list[Any] | None) -> Any:
+            c = copy.deepcopy(container)
+            c.ports = ports
+            return client.V1PodTemplateSpec(
+                metadata=client.V1ObjectMeta(labels=_labels(self.config.name, stage, attempt, "trainer")),
+                spec=client.V1PodSpec(containers=[c], volumes=volumes, enable_service_links=False,
+                                      service_account_name=self.k.service_account))
+
+        # Rank 0 (the Master) serves the trainer's metrics, on the port the PodMonitor scrapes.
+        master_ports = ([client.V1ContainerPort(name="metrics", container_port=metrics_port)]
+                        if metrics_port else None)
+        specs = {"Master": models.KubeflowOrgV1ReplicaSpec(replicas=1, restart_policy="Never",
+                                                           template=template(master_ports))}
         if self.k.workers > 1:
             specs["Worker"] = models.KubeflowOrgV1ReplicaSpec(replicas=self.k.workers - 1, restart_policy="Never",
-                                                              template=template)
+                                                              template=template(None))
         return models.KubeflowOrgV1PyTorchJob(
             api_version="kubeflow.org/v1", kind="PyTorchJob",
             metadata=client.V1ObjectMeta(name=name, namespace=self.namespace,
@@ -314,8 +327,12 @@ class KubeBackend:
         name = f"{self.config.name}-{stage}-{ctx.attempt}"
         ctx.record(job=name, kind="PyTorchJob")  # before creating: a restart finds and re-attaches
         if self._get_pytorchjob(name) is None:
+            port = self.k.trainer_metrics_port
+            if port is not None:  # in a pod, Prometheus scrapes the pod IP, not loopback
+                train_config = {**train_config, "metrics_port": port, "metrics_host": "0.0.0.0"}
             self._put_config_map(f"{name}-config", {"train.yaml": yaml.safe_dump(train_config)}, stage)
-            self.training.create_job(job=self.pytorchjob(name, stage, role, ctx.attempt), namespace=self.namespace)
+            self.training.create_job(job=self.pytorchjob(name, stage, role, ctx.attempt, port),
+                                     namespace=self.namespace)
             log.info("created PyTorchJob %s", name)
         else:
             log.info("re-attached to PyTorchJob %s", name)
@@ -348,7 +365,7 @@ class KubeBackend:
             metadata=client.V1ObjectMeta(name=name, namespace=self.namespace,
                                          labels=_labels(self.config.name, "eval", attempt)),
             spec=client.V1JobSpec(backoff_limit=0, template=client.V1PodTemplateSpec(
-                metadata=client.V1ObjectMeta(labels=_labels(self.config.name, "eval", attempt)),
+                metadata=client.V1ObjectMeta(labels=_labels(self.config.name, "eval", attempt, "eval")),
                 spec=client.V1PodSpec(restart_policy="Never", containers=[container], volumes=volumes or None,
                                       enable_service_links=False, service_account_name=self.k.service_account))))
 

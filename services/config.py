@@ -12,7 +12,7 @@ from typing import ClassVar, Literal, Self
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
-from p2r.core.flow import VERIFIER_MAX_TOKENS
+from p2r.core.prompts import VERIFIER_MAX_TOKENS
 
 Role = Literal["perceiver", "reasoner", "verifier", "gateway"]
 ROLES: tuple[Role, ...] = ("perceiver", "reasoner", "verifier", "gateway")

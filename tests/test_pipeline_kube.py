@@ -51,6 +51,7 @@ def write_config(tmp_path: Path, kubeconfig: Path, name: str, bucket: str, **ove
         "kubernetes": {"namespace": NS, "kubeconfig": str(kubeconfig), "image": "registry.local/p2r:1", "workers": 2,
                        "s3_secret": "p2r-s3", "s3_access_key_ref": "access-key",
                        "s3_secret_key_ref": "secret-key", "s3_endpoint": "minio.p2r.svc:9000", "poll_s": 0.1,
+                       "trainer_metrics_port": 9100,
                        "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
                        "resources": {"limits": {"cpu": "2", "memory": "8Gi"}}, "data_pvc": "p2r-data"},
         **over,
@@ -176,6 +177,13 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
         assert train["reasoner_endpoint"] == "p2r-reasoner.p2r.svc:50051"
         assert train["verifier_endpoint"] == "p2r-verifier.p2r.svc:50051"
         assert train["output"] == f"s3://{bucket}/{run}/stage1" and train["max_steps"] == 3
+        # the chart's PodMonitor finds rank 0: component label, a "metrics" port, bound to the pod IP
+        assert train["metrics_port"] == 9100 and train["metrics_host"] == "0.0.0.0"
+        for replica in ("Master", "Worker"):
+            labels = specs[replica]["template"]["metadata"]["labels"]
+            assert labels["app.kubernetes.io/component"] == "trainer" and labels["app.kubernetes.io/part-of"] == "p2r"
+        assert container["ports"] == [{"name": "metrics", "containerPort": 9100}]
+        assert "ports" not in specs["Worker"]["template"]["spec"]["containers"][0]
         samples = scrape(port)  # what the Pipeline dashboard reads
         assert samples["p2r_pipeline_running"] == 1.0
         assert samples['p2r_pipeline_current_step{step="stage1"}'] == 1.0

@@ -80,10 +80,6 @@ def reasoner_request(
     return ChatRequest(prompts.chat_messages(text, len(images)), images)
 
 
-VERIFIER_MAX_TOKENS = 64
-"""The verifier: temperature 0, max 64 new tokens, thinking disabled (p2r-method.md §Prompts)."""
-
-
 def verifier_request(question: str, ground_truth: str, answer: str) -> ChatRequest:
     """The verifier's chat: its own system prompt, no image, thinking switched off."""
     text = prompts.verifier_text(question, ground_truth, answer)

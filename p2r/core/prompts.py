@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 VERIFIER_SYSTEM_PROMPT = "You are a helpful grading assistant."
+VERIFIER_MAX_TOKENS = 64
+"""The verifier runs at temperature 0 with at most 64 new tokens, thinking disabled."""
 
 Variant = Literal["train", "eval"]
 """Training and evaluation differ in two strings (perceiver label placeholder, free-form post)."""

@@ -132,10 +132,8 @@ class EngineVerifier:
         self.generator = generator
 
     def verify_batch(self, requests: Sequence[VerifyRequest]) -> list[bool | None]:
-        from p2r.core.flow import VERIFIER_MAX_TOKENS
-
         replies = self.generator.generate([verifier_request(r.question, r.ground_truth, r.answer) for r in requests],
-                                          Sampling(temperature=0.0, max_tokens=VERIFIER_MAX_TOKENS))
+                                          Sampling(temperature=0.0, max_tokens=prompts.VERIFIER_MAX_TOKENS))
         return [verifier_says_yes(r[0]) for r in replies]
 
 
