@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -336,21 +337,13 @@ class KubeBackend:
             log.info("created PyTorchJob %s", name)
         else:
             log.info("re-attached to PyTorchJob %s", name)
-        deadline = time.monotonic() + self.k.job_timeout_s
-        while True:
+
+        def conditions() -> list[Any] | None:
             if self._get_pytorchjob(name) is None:
-                raise StepFailed(f"PyTorchJob {name} was deleted")
-            conditions = self.training.get_job_conditions(name=name, namespace=self.namespace)
-            current = {c.type: c for c in conditions if c.status == "True"}
-            if "Succeeded" in current:
-                return {"job": name}
-            if "Failed" in current:
-                c = current["Failed"]
-                raise StepFailed(f"PyTorchJob {name} failed: {c.reason or 'Failed'}: {c.message or 'no message'}")
-            if time.monotonic() > deadline:
-                self._delete(name, "PyTorchJob")
-                raise StepFailed(f"PyTorchJob {name} ran past {self.k.job_timeout_s:.0f} s; deleted")
-            ctx.sleep(self.k.poll_s)
+                return None
+            return list(self.training.get_job_conditions(name=name, namespace=self.namespace))
+
+        return self._watch(ctx, "PyTorchJob", name, conditions, ("Succeeded",), self.k.job_timeout_s)
 
     def eval_job(self, name: str, args: list[str], attempt: int) -> Any:
         from kubernetes import client
@@ -385,21 +378,33 @@ class KubeBackend:
         if self._get_job(name) is None:
             self.batch.create_namespaced_job(self.namespace, self.eval_job(name, args, ctx.attempt))
             log.info("created Job %s", name)
-        deadline = time.monotonic() + self.config.eval.timeout_s
-        while True:
+
+        def conditions() -> list[Any] | None:
             job = self._get_job(name)
             if job is None:
-                raise StepFailed(f"Job {name} was deleted")
-            status = job.status
-            current = {c.type: c for c in (status.conditions if status else None) or [] if c.status == "True"}
-            if "Complete" in current or "SuccessCriteriaMet" in current:
+                return None
+            return list((job.status.conditions if job.status else None) or [])
+
+        return self._watch(ctx, "Job", name, conditions, ("Complete", "SuccessCriteriaMet"), self.config.eval.timeout_s)
+
+    def _watch(self, ctx: Context, kind: str, name: str, conditions: Callable[[], list[Any] | None],
+               done: tuple[str, ...], timeout_s: float) -> dict[str, Any]:
+        """Poll a job's conditions until one of ``done`` or ``Failed`` is true; a deleted job or
+        one past its timeout (then deleted) fails the step."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = conditions()
+            if found is None:
+                raise StepFailed(f"{kind} {name} was deleted")
+            current = {c.type: c for c in found if c.status == "True"}
+            if any(t in current for t in done):
                 return {"job": name}
             if "Failed" in current:
                 c = current["Failed"]
-                raise StepFailed(f"Job {name} failed: {c.reason or 'Failed'}: {c.message or 'no message'}")
+                raise StepFailed(f"{kind} {name} failed: {c.reason or 'Failed'}: {c.message or 'no message'}")
             if time.monotonic() > deadline:
-                self._delete(name, "Job")
-                raise StepFailed(f"Job {name} ran past {self.config.eval.timeout_s:.0f} s; deleted")
+                self._delete(name, kind)
+                raise StepFailed(f"{kind} {name} ran past {timeout_s:.0f} s; deleted")
             ctx.sleep(self.k.poll_s)
 
     # ------------------------------------------------------------------------- stopping

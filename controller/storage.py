@@ -50,18 +50,11 @@ def verify_checkpoint(uri: str) -> dict[str, Any]:
     from minio.error import S3Error
 
     bucket, prefix = _split(uri)
-    client = s3_client()
     try:
-        response = client.get_object(bucket, f"{prefix}/{MANIFEST}")
-        try:
-            manifest = json.loads(response.read())
-        finally:
-            response.close()
-            response.release_conn()
-    except S3Error as e:
-        if e.code in ("NoSuchKey", "NoSuchBucket"):
-            raise CheckpointError(f"{uri}: no {MANIFEST} (incomplete upload?)") from None
-        raise CheckpointError(f"{uri}: {e.code}: {e.message}") from None
+        manifest = read_json(f"s3://{bucket}/{prefix}/{MANIFEST}")
+    except FileNotFoundError:
+        raise CheckpointError(f"{uri}: no {MANIFEST} (incomplete upload?)") from None
+    client = s3_client()
     files: dict[str, str] = manifest.get("files", {})
     _check_manifest_files(uri, files)
     total = 0
