@@ -11,22 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from p2r.services.checkpoints import MANIFEST, CheckpointError, s3_client, verify_checkpoint_dir
-
-
-def _split(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    if not parsed.netloc:
-        raise CheckpointError(f"{uri}: expected s3://BUCKET/PREFIX")
-    return parsed.netloc, parsed.path.strip("/")
-
-
-def _local(uri: str) -> Path:
-    return Path(urlparse(uri).path if uri.startswith("file://") else uri)
+from p2r.services.checkpoints import (
+    MANIFEST,
+    CheckpointError,
+    local_path,
+    s3_client,
+    split_s3,
+    verify_checkpoint_dir,
+)
 
 
 def _check_manifest_files(uri: str, files: dict[str, str]) -> None:
@@ -38,7 +32,7 @@ def verify_checkpoint(uri: str) -> dict[str, Any]:
     """Verify every file of the checkpoint at ``uri`` against its manifest; returns
     ``{"uri", "files", "bytes", "step"}``. CheckpointError says what is wrong."""
     if not uri.startswith("s3://"):
-        path = _local(uri)
+        path = local_path(uri)
         if not (path / MANIFEST).is_file():
             raise CheckpointError(f"{uri}: no {MANIFEST} (incomplete upload?)")
         verify_checkpoint_dir(path)
@@ -49,7 +43,7 @@ def verify_checkpoint(uri: str) -> dict[str, Any]:
 
     from minio.error import S3Error
 
-    bucket, prefix = _split(uri)
+    bucket, prefix = split_s3(uri)
     try:
         manifest = read_json(f"s3://{bucket}/{prefix}/{MANIFEST}")
     except FileNotFoundError:
@@ -81,13 +75,13 @@ def verify_checkpoint(uri: str) -> dict[str, Any]:
 def read_json(uri: str) -> Any:
     """A JSON document from a path, ``file://`` or ``s3://`` URI (the eval summary)."""
     if not uri.startswith("s3://"):
-        path = _local(uri)
+        path = local_path(uri)
         if not path.is_file():
             raise FileNotFoundError(f"{uri}: no such file")
         return json.loads(path.read_text())
     from minio.error import S3Error
 
-    bucket, key = _split(uri)
+    bucket, key = split_s3(uri)
     try:
         response = s3_client().get_object(bucket, key)
         try:

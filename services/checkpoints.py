@@ -94,7 +94,7 @@ def download_prefix(uri: str, target: Path) -> list[Path]:
     no manifest involved); returns the local files. A missing bucket or prefix gives []."""
     from minio.error import S3Error
 
-    bucket, prefix = _split_s3(uri)
+    bucket, prefix = split_s3(uri)
     base = f"{prefix}/" if prefix else ""
     client = s3_client()
     files: list[Path] = []
@@ -114,11 +114,9 @@ def resolve_checkpoint(uri: str, cache_dir: Path) -> Path:
     """A verified local directory for ``uri``."""
     if uri.startswith("s3://"):
         return download_s3(uri, cache_dir)
-    if uri.startswith("file://"):
-        uri = urlparse(uri).path
-    elif "://" in uri:
+    if "://" in uri and not uri.startswith("file://"):
         raise CheckpointError(f"{uri}: unsupported scheme (use a path, file:// or s3://)")
-    return verify_checkpoint_dir(Path(uri))
+    return verify_checkpoint_dir(local_path(uri))
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -134,11 +132,17 @@ def write_manifest(checkpoint_dir: Path, **meta: object) -> Path:
     return manifest
 
 
-def _split_s3(uri: str) -> tuple[str, str]:
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://BUCKET/PREFIX`` -> ``(BUCKET, PREFIX)`` (no slashes at either end of the prefix)."""
     parsed = urlparse(uri)
     if not parsed.netloc:
         raise CheckpointError(f"{uri}: expected s3://BUCKET/PREFIX")
     return parsed.netloc, parsed.path.strip("/")
+
+
+def local_path(uri: str) -> Path:
+    """A plain path or a ``file://`` URI as a local path."""
+    return Path(urlparse(uri).path if uri.startswith("file://") else uri)
 
 
 def upload_checkpoint(local_dir: Path, uri: str) -> str:
@@ -160,7 +164,7 @@ def put_files(local_dir: Path, names: list[str], uri: str) -> str:
     if uri.startswith("s3://"):
         from minio.error import S3Error
 
-        bucket, prefix = _split_s3(uri)
+        bucket, prefix = split_s3(uri)
         client = s3_client()
         try:
             if not client.bucket_exists(bucket):
@@ -171,7 +175,7 @@ def put_files(local_dir: Path, names: list[str], uri: str) -> str:
         except S3Error as e:
             raise CheckpointError(f"{uri}: {e.code}: {e.message}") from None
         return uri
-    target = Path(urlparse(uri).path if uri.startswith("file://") else uri)
+    target = local_path(uri)
     target.mkdir(parents=True, exist_ok=True)
     for name in names:
         tmp = target / f".{name}.partial"
@@ -187,7 +191,7 @@ def complete_checkpoints(root_uri: str) -> list[tuple[int, str]]:
     if root_uri.startswith("s3://"):
         from minio.error import S3Error
 
-        bucket, prefix = _split_s3(root_uri)
+        bucket, prefix = split_s3(root_uri)
         base = f"{prefix}/" if prefix else ""
         try:
             names = [o.object_name for o in s3_client().list_objects(bucket, prefix=base, recursive=True)]
@@ -202,7 +206,7 @@ def complete_checkpoints(root_uri: str) -> list[tuple[int, str]]:
                 if step.isdigit():
                     found.append((int(step), f"s3://{bucket}/{base}{parts[0]}/"))
     else:
-        root = Path(urlparse(root_uri).path if root_uri.startswith("file://") else root_uri)
+        root = local_path(root_uri)
         if root.is_dir():
             for d in root.iterdir():
                 step = d.name[len(STEP_PREFIX):]

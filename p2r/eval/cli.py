@@ -22,9 +22,10 @@ def _cache(kind: str, uri: str) -> Path:
 
 
 def _local_data(uri: str) -> Path:
+    from p2r.services.checkpoints import download_prefix, local_path
+
     if not uri.startswith("s3://"):
-        return Path(uri.removeprefix("file://"))
-    from p2r.services.checkpoints import download_prefix
+        return local_path(uri)
 
     target = _cache("data", uri)
     if not download_prefix(uri, target):
@@ -78,7 +79,7 @@ def eval_command(task: str, data_uri: str, modes: tuple[str, ...], model: str | 
     from p2r.eval.inference import BackendSpec, EvalSettings
     from p2r.eval.report import text_table
     from p2r.eval.runner import evaluate, spec_meta
-    from p2r.services.checkpoints import CheckpointError, download_prefix, put_files
+    from p2r.services.checkpoints import CheckpointError, download_prefix, local_path, put_files
     from p2r.services.engine import EngineLimits
 
     modes = tuple(dict.fromkeys(modes))
@@ -100,7 +101,7 @@ def eval_command(task: str, data_uri: str, modes: tuple[str, ...], model: str | 
         for message in skipped:
             click.echo(f"p2r eval: skipped {message}", err=True)
         samples = samples[:limit] if limit else samples
-        out_dir = Path(out_uri.removeprefix("file://"))
+        out_dir = local_path(out_uri)
         if out_uri.startswith("s3://"):
             out_dir = _cache("eval", out_uri)
             download_prefix(out_uri, out_dir)  # resume from what an earlier run uploaded
