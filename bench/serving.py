@@ -23,7 +23,6 @@ import io
 import json
 import os
 import platform
-import signal
 import socket
 import statistics
 import subprocess
@@ -181,6 +180,7 @@ def bench_openai(model: Path, samples: list[Any], max_tokens: int, limit: float)
     from p2r.core.bbox import Region
     from p2r.core.evidence import build_evidence
     from p2r.core.images import MIN_PIXELS, PixelBounds, resize_for_model
+    from p2r.services.launch import stop_process
 
     port = _free_port()
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
@@ -232,11 +232,7 @@ def bench_openai(model: Path, samples: list[Any], max_tokens: int, limit: float)
             label = "one blocking request per sample" if c == 1 else "concurrency 32"
             rows.append(_row(f"vLLM OpenAI HTTP + base64 JPEG, {label}", len(samples), wall, lat, tokens, limit))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
     return rows
 
 

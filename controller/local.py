@@ -30,7 +30,7 @@ import yaml
 
 from p2r.controller.config import PipelineConfig
 from p2r.controller.graph import Context, StepFailed
-from p2r.services.launch import ServerProc, start_server
+from p2r.services.launch import ServerProc, start_server, stop_process
 
 log = logging.getLogger("p2r.pipeline.local")
 PR_SET_PDEATHSIG = 1
@@ -218,15 +218,8 @@ class LocalBackend:
         return out_path.read_text(), log_path
 
     def _stop_child(self) -> None:
-        child = self.child
-        if child is None or child.poll() is not None:
-            return
-        child.send_signal(signal.SIGTERM)
-        try:
-            child.wait(30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        if self.child is not None:
+            stop_process(self.child, timeout=30)
 
     def train(self, ctx: Context, stage: str, role: str, train_config: dict[str, Any]) -> dict[str, Any]:
         path = self.workdir / stage / "train.yaml"

@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 READY = re.compile(r"p2r serve ready: grpc=(\S+) metrics=(\S+) http=(\S+)")
 
@@ -29,14 +30,20 @@ class ServerProc:
     log: list[str] = field(default_factory=list)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout)
+
+
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+    """Ask a child to stop (``sig``: servers drain, trainers save), kill it after ``timeout``
+    seconds; returns its exit code. A child that already exited is left as it is."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode  # type: ignore[no-any-return]
 
 
 def start_server(args: list[str], env: dict[str, str] | None = None, config: Path | None = None,

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
+from p2r.services.launch import stop_process
 from tests.k8s_support import ROOT, find, one, render
 
 DASHBOARDS = ROOT / "charts" / "p2r" / "files" / "dashboards"
@@ -305,16 +305,6 @@ def exported_names(text: str) -> set[str]:
     return names
 
 
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def live_trainer(role_server: Any, tiny_model_dir: Path, synthetic_dir: Path,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
@@ -342,7 +332,7 @@ def live_trainer(role_server: Any, tiny_model_dir: Path, synthetic_dir: Path,
             time.sleep(1)
         yield port, metrics_file
     finally:
-        _stop(proc)
+        stop_process(proc, timeout=30)
         log.close()
 
 
@@ -357,7 +347,7 @@ def controller_registry() -> Iterator[int]:
         assert proc.stdout is not None
         yield int(proc.stdout.readline())
     finally:
-        _stop(proc)
+        stop_process(proc, timeout=30)
 
 
 @pytest.mark.engine
@@ -452,5 +442,5 @@ def test_real_prometheus_answers_each_dashboard(role_server: Any, live_trainer: 
         loaded = {rule["name"]: rule["health"] for g in rules for rule in g["rules"]}
         assert loaded == dict.fromkeys(ALERTS, "ok")
     finally:
-        _stop(proc)
+        stop_process(proc, timeout=30)
         log.close()
