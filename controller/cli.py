@@ -120,16 +120,22 @@ def run(config_path: Path) -> None:
         raise PipelineEnded(f"run {config.name} {state['status']}: {state['reason']}")
 
 
+def _recorded(config_path: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Config, backend, state store and the recorded state of a run that has started."""
+    config = _load(config_path)
+    backend, store = open_backend(config)
+    state = store.load()
+    if state is None:
+        raise PipelineUserError(f"run {config.name} has no state in {store.describe()} (not started)")
+    return config, backend, store, state
+
+
 @pipeline.command("status")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the whole state document.")
 def status(config_path: Path, as_json: bool) -> None:
     """Show every step with its status, attempts, times, URIs and errors."""
-    config = _load(config_path)
-    _, store = open_backend(config)
-    state = store.load()
-    if state is None:
-        raise PipelineUserError(f"run {config.name} has no state in {store.describe()} (not started)")
+    _, _, store, state = _recorded(config_path)
     click.echo(json.dumps(state, indent=1) if as_json else format_status(state, store.describe()))
 
 
@@ -148,14 +154,10 @@ def _controller_alive(config: Any, state: dict[str, Any]) -> bool:
               help="Seconds to wait for a running controller to stop the run before doing it here.")
 def cancel(config_path: Path, wait_s: float) -> None:
     """Stop the run cleanly: its current job or process is stopped and the run marked cancelled."""
-    from p2r.controller.state import CANCELLED, RUNNING, now
+    from p2r.controller.state import CANCELLED, FAILED, INTERRUPTED, PENDING, RUNNING, SUCCEEDED, now
 
-    config = _load(config_path)
-    backend, store = open_backend(config)
-    state = store.load()
-    if state is None:
-        raise PipelineUserError(f"run {config.name} has no state in {store.describe()} (not started)")
-    if state["status"] in ("succeeded", "failed", CANCELLED):
+    config, backend, store, state = _recorded(config_path)
+    if state["status"] in (SUCCEEDED, FAILED, CANCELLED):
         click.echo(f"run {config.name} already {state['status']}; nothing to cancel")
         return
     store.request_cancel()
@@ -166,7 +168,7 @@ def cancel(config_path: Path, wait_s: float) -> None:
             if state["status"] != RUNNING:
                 break
             time.sleep(0.5)
-    if state["status"] in (RUNNING, "interrupted", "pending"):  # no controller acted: do it here
+    if state["status"] in (RUNNING, INTERRUPTED, PENDING):  # no controller acted: do it here
         backend.cancel_detached(state)
         for record in state["steps"].values():
             if record["status"] == RUNNING:
