@@ -16,6 +16,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 MANIFEST = "manifest.json"
+DEFAULT_CACHE = Path.home() / ".cache" / "p2r" / "checkpoints"
+"""Where ``s3://`` checkpoints are mirrored unless ``P2R_CHECKPOINT_CACHE`` says otherwise."""
 
 
 class CheckpointError(ValueError):

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from p2r.core.prompts import VERIFIER_MAX_TOKENS
+from p2r.services.checkpoints import DEFAULT_CACHE
 
 Role = Literal["perceiver", "reasoner", "verifier", "gateway"]
 ROLES: tuple[Role, ...] = ("perceiver", "reasoner", "verifier", "gateway")
@@ -93,7 +94,7 @@ class ServeConfig(YamlSettings):
     reasoner_endpoint: str = "local"
 
     grace_period_s: float = Field(30.0, ge=0, description="SIGTERM: drain in-flight requests this long")
-    checkpoint_cache: Path = Field(Path.home() / ".cache" / "p2r" / "checkpoints")
+    checkpoint_cache: Path = Field(DEFAULT_CACHE)
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:

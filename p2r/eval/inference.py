@@ -33,6 +33,8 @@ DEFAULT_MAX_TOKENS = 16
 THINKING_MAX_TOKENS = 1024
 PERCEIVE_MAX_TOKENS = 256
 REASON_MAX_TOKENS = 1024
+DEFAULT_NEEDS_MODEL = "--mode default runs in process: give --model, not service endpoints"
+"""The services expose no direct-answer prompt, so default mode needs in-process engines."""
 
 
 @dataclass(frozen=True)
@@ -144,8 +146,6 @@ class ServiceBackend:
 
     def __init__(self, settings: EvalSettings, reasoner: str, perceiver: str | None = None,
                  verifier: str | None = None, timeout_s: float = 3600.0) -> None:
-        if settings.mode == "default":
-            raise ValueError("--mode default runs in process: give --model, not service endpoints")
         from p2r.services.client import Client
 
         self.settings = settings
@@ -158,7 +158,10 @@ class ServiceBackend:
         from p2r.services.handlers import FORM_TO_PB
         from p2r.v1 import p2r_pb2 as pb
 
-        s, data = self.settings, [image_bytes(x) for x in samples]
+        s = self.settings
+        if s.mode == "default":
+            raise ValueError(DEFAULT_NEEDS_MODEL)
+        data = [image_bytes(x) for x in samples]
         regions: list[list[Region]] = [[] for _ in samples]
         perceived: list[str | None] = [None] * len(samples)
         if s.mode == "p2r":
@@ -235,10 +238,10 @@ class BackendSpec:
         if self.reasoner_endpoint is not None:
             return ServiceBackend(self.settings, self.reasoner_endpoint, self.perceiver_endpoint,
                                   self.verifier_endpoint if verifier else None)
-        from p2r.services.checkpoints import resolve_checkpoint
+        from p2r.services.checkpoints import DEFAULT_CACHE, resolve_checkpoint
         from p2r.services.engine import EngineLimits, OfflineEngine
 
-        cache = Path(os.environ.get("P2R_CHECKPOINT_CACHE", Path.home() / ".cache" / "p2r" / "checkpoints"))
+        cache = Path(os.environ.get("P2R_CHECKPOINT_CACHE", DEFAULT_CACHE))
         limits = self.limits or EngineLimits(max_model_len=16384, max_num_seqs=16)
         engines: dict[str, OfflineEngine] = {}
 

@@ -47,13 +47,10 @@ def grade_rows(rows: Sequence[dict[str, Any]], verifier: Any | None) -> None:
     """Fill ``correct``: rules for mca/na (the row's letters), the verifier for free_form
     (left null without one)."""
     by_letters: dict[str, list[int]] = defaultdict(list)
-    free: list[int] = []
     for i, row in enumerate(rows):
-        if row["answer_form"] == AnswerForm.FREE_FORM.value and verifier is None:
-            continue
-        (free if row["answer_form"] == AnswerForm.FREE_FORM.value else by_letters[row["letters"]]).append(i)
-    groups = [(letters, idx) for letters, idx in by_letters.items()] + ([("ABCDE", free)] if free else [])
-    for letters, idx in groups:
+        if row["answer_form"] != AnswerForm.FREE_FORM.value or verifier is not None:
+            by_letters[row["letters"]].append(i)
+    for letters, idx in by_letters.items():
         items = [GradeItem(rows[i]["raw_output"], rows[i]["ground_truth"], AnswerForm(rows[i]["answer_form"]),
                            rows[i]["question"]) for i in idx]
         for i, verdict in zip(idx, grade_batch(items, verifier, letters), strict=True):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from p2r.eval.benchmarks import EvalSample
-from p2r.eval.inference import Backend, BackendSpec, Mode, Output
+from p2r.eval.inference import DEFAULT_NEEDS_MODEL, Backend, BackendSpec, Mode, Output
 from p2r.eval.report import RESULTS, grade_rows, result_row, summarize, write_reports
 
 Chunk = list[EvalSample]
@@ -124,7 +124,7 @@ def evaluate(samples: Sequence[EvalSample], spec: BackendSpec, outputs: dict[Mod
     engines across modes; returns each mode's summary. Samples already in a mode's
     ``results.jsonl`` are skipped (resume)."""
     if spec.reasoner_endpoint is not None and "default" in outputs:
-        raise ValueError("--mode default runs in process: give --model, not service endpoints")
+        raise ValueError(DEFAULT_NEEDS_MODEL)  # before any work, not at the first default-mode chunk
     files: dict[Mode, ResultsFile] = {}
     work: Work = []
     for mode, out_dir in outputs.items():
