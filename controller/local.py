@@ -72,7 +72,7 @@ def _last_error(log_path: Path) -> str:
     lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()] \
         if log_path.is_file() else []
     for line in reversed(lines):
-        if "error" in line.lower() or "Error" in line:
+        if "error" in line.lower():
             return line[-300:]
     return lines[-1][-300:] if lines else "no output"
 
