@@ -219,3 +219,17 @@ def test_synthetic_bad_row_named_with_file_and_skippable(synthetic_dir: Path, tm
     with pytest.raises(DataError, match=r"train.parquet: row 2: field 'extra_info.answer_form'"):
         load_benchmark("synthetic", tmp_path)
     assert len(load_benchmark("synthetic", tmp_path, skip_bad=True)) == len(rows) - 1
+
+
+def test_ray_run_checks_local_models_before_starting_ray(tmp_path: Path) -> None:
+    import ray
+
+    from p2r.eval.inference import BackendSpec, EvalSettings
+    from p2r.eval.runner import evaluate, spec_meta
+    from p2r.services.checkpoints import CheckpointError
+
+    samples = load_benchmark("V-Star", _v_star(tmp_path))
+    spec = BackendSpec(EvalSettings(), model=str(tmp_path / "missing-model"))
+    with pytest.raises(CheckpointError, match="missing-model: no such directory"):
+        evaluate(samples, spec, {"p2r": tmp_path / "out"}, spec_meta(spec, "V-Star"), ray_workers=2)
+    assert not ray.is_initialized()

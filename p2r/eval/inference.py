@@ -231,6 +231,15 @@ class BackendSpec:
     def with_mode(self, mode: Mode) -> BackendSpec:
         return replace(self, settings=replace(self.settings, mode=mode))
 
+    def check_local_models(self) -> None:
+        """Fail fast, in the driver, on a local checkpoint that is not there: a Ray worker would
+        report it as a remote traceback after the cluster started."""
+        from p2r.services.checkpoints import local_path, verify_checkpoint_dir
+
+        for uri in (self.model, self.perceiver_model, self.verifier_model):
+            if uri is not None and not uri.startswith("s3://"):
+                verify_checkpoint_dir(local_path(uri))
+
     def build(self, answer: bool = True, verifier: bool = True) -> EngineBackend | ServiceBackend:
         """Engines for the models (one engine when two roles name the same model).
         ``verifier=False`` skips the verifier (Ray workers: the driver grades); ``answer=False``

@@ -103,6 +103,7 @@ class _RayWorker:
 def _ray(spec: BackendSpec, work: Work, workers: int, gpus_per_worker: float) -> tuple[Stream, Any]:
     """Ray Data: (mode, chunk) pairs as rows, ``map_batches`` over ``workers`` actor replicas
     (a local Ray here; on Kubernetes, ``RAY_ADDRESS`` of a RayCluster or the RayJob's cluster)."""
+    spec.check_local_models()
     import ray
 
     if not ray.is_initialized():
