@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -71,6 +73,11 @@ class Handlers:
         # never modified in place (evidence drawing copies), so sharing is safe.
         self._decoded: OrderedDict[bytes, Image.Image] = OrderedDict()
         self._cache_lock = threading.Lock()
+        # The image work gets its own bounded pool: on a CPU engine it shares the cores with the
+        # engine's own threads, and more builders than cores only slow both down.
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+        workers = config.prepare_workers or max(1, cpus // 2)
+        self._prepare_pool = ThreadPoolExecutor(workers, thread_name_prefix="p2r-prepare")
 
     # ------------------------------------------------------------------------------ validation
 
@@ -253,7 +260,8 @@ class Handlers:
         builders = [prepare(r, "" if single else f"requests[{i}].") for i, r in enumerate(requests)]
 
         async def one(request: Any, build: Callable[[], Prepared]) -> Any:
-            return await run(request, await asyncio.to_thread(build), started)
+            prepared = await asyncio.get_running_loop().run_in_executor(self._prepare_pool, build)
+            return await run(request, prepared, started)
 
         try:
             async with asyncio.TaskGroup() as group:
