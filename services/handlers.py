@@ -30,6 +30,7 @@ from p2r.core.generation import ChatRequest, Sampling
 from p2r.core.grading import verifier_says_yes
 from p2r.core.images import ImageError, PixelBounds, load_image, open_image
 from p2r.core.prompts import AnswerForm
+from p2r.core.source_image import SourceImage
 from p2r.services import metrics
 from p2r.services.client import region_to_pb
 from p2r.services.config import ServeConfig
@@ -69,9 +70,9 @@ class Handlers:
         self.engine = engine
         self.bounds = PixelBounds(config.min_pixels, config.max_pixels)
         # Decoded images by content hash: a gateway's perceive and reason calls, and a
-        # trainer's rollouts of one prompt, send the same image; decode it once. Images are
-        # never modified in place (evidence drawing copies), so sharing is safe.
-        self._decoded: OrderedDict[bytes, Image.Image] = OrderedDict()
+        # trainer's rollouts of one prompt, send the same image; decode and resize it once.
+        # Images are never modified in place (evidence drawing copies), so sharing is safe.
+        self._decoded: OrderedDict[bytes, SourceImage] = OrderedDict()
         self._cache_lock = threading.Lock()
         # The image work gets its own bounded pool: on a CPU engine it shares the cores with the
         # engine's own threads, and more builders than cores only slow both down.
@@ -105,8 +106,9 @@ class Handlers:
         except ImageError as e:
             raise InvalidArgument(str(e)) from None
 
-    def pixels(self, image: Image.Image, data: bytes, field: str) -> Image.Image:
-        """Decoded RGB pixels, from the cache when the same bytes were decoded recently."""
+    def source(self, image: Image.Image, data: bytes, field: str) -> SourceImage:
+        """Decoded RGB pixels with their model-side resize, from the cache when the same bytes
+        were seen recently."""
         key = hashlib.blake2b(data, digest_size=16).digest()
         with self._cache_lock:
             cached = self._decoded.get(key)
@@ -114,14 +116,14 @@ class Handlers:
                 self._decoded.move_to_end(key)
                 return cached
         try:
-            rgb = load_image(image, field=field)
+            source = SourceImage(load_image(image, field=field), self.bounds)
         except ImageError as e:
             raise InvalidArgument(str(e)) from None
         with self._cache_lock:
-            self._decoded[key] = rgb
+            self._decoded[key] = source
             while len(self._decoded) > self.config.decoded_image_cache:
                 self._decoded.popitem(last=False)
-        return rgb
+        return source
 
     def question(self, text: str, field: str) -> str:
         if not text.strip():
@@ -170,7 +172,9 @@ class Handlers:
         variant = self.variant(req.variant)
 
         def build() -> Prepared:
-            chat = perceiver_request(self.pixels(image, req.image, f"{field}image"), question, self.bounds, variant)
+            # The cached resize is already at the target size, so resizing it again is a no-op.
+            resized = self.source(image, req.image, f"{field}image").resized()
+            chat = perceiver_request(resized, question, self.bounds, variant)
             return Prepared(chat, sampling, {"schema": schema})
 
         return build
@@ -185,8 +189,9 @@ class Handlers:
 
         def build() -> Prepared:
             started = time.perf_counter()
-            evidence = build_evidence(self.pixels(image, req.image, f"{field}image"), regions)
-            chat = reasoner_request(evidence, question, form, self.bounds, variant)
+            source = self.source(image, req.image, f"{field}image")
+            evidence = build_evidence(source.image, regions)
+            chat = reasoner_request(evidence, question, form, self.bounds, variant, source)
             return Prepared(chat, sampling, {"evidence": evidence, "evidence_s": time.perf_counter() - started})
 
         return build

@@ -32,14 +32,22 @@ def _to_pixels(region: Region, width: int, height: int) -> tuple[int, int, int, 
     )
 
 
+def outline_boxes(regions: list[Region], width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """The pixel rectangles ``highlight`` draws (x1, y1, x2, y2, inclusive), one per region."""
+    return [_to_pixels(region, width, height) for region in regions]
+
+
 def highlight(image: Image.Image, regions: list[Region]) -> Image.Image:
-    """A copy of ``image`` with every region outlined, colours cycling, no labels drawn."""
+    """A copy of ``image`` with every region outlined, colours cycling, no labels drawn.
+
+    Pixels change only within ``line_width`` of ``outline_boxes`` (Pillow may draw a little
+    outside a box thinner than the line), which ``SourceImage`` relies on to resize the copy.
+    """
     annotated = image.convert("RGB")  # convert() always returns a new image
     draw = ImageDraw.Draw(annotated)
     width = line_width(annotated.width)
-    for i, region in enumerate(regions):
-        colour = HIGHLIGHT_COLOURS[i % len(HIGHLIGHT_COLOURS)]
-        draw.rectangle(_to_pixels(region, *annotated.size), outline=colour, width=width)
+    for i, box in enumerate(outline_boxes(regions, *annotated.size)):
+        draw.rectangle(box, outline=HIGHLIGHT_COLOURS[i % len(HIGHLIGHT_COLOURS)], width=width)
     return annotated
 
 

@@ -16,10 +16,11 @@ from PIL import Image
 from p2r.core import prompts
 from p2r.core.answers import extract_answer
 from p2r.core.bbox import MAX_IMAGE_EVIDENCE, Region, parse_regions
-from p2r.core.evidence import Evidence, build_evidence
+from p2r.core.evidence import Evidence, build_evidence, line_width, outline_boxes
 from p2r.core.generation import ChatRequest, Generator, Sampling
-from p2r.core.images import TRAIN_BOUNDS, PixelBounds, resize_for_model
+from p2r.core.images import TRAIN_BOUNDS, PixelBounds, model_size, resize_for_model
 from p2r.core.prompts import AnswerForm, Variant
+from p2r.core.source_image import SourceImage
 
 FROZEN_ROLE_MAX_TOKENS = 2048
 """Frozen perceiver/reasoner services in training: temperature 0, max 2048 new tokens."""
@@ -73,10 +74,24 @@ def reasoner_request(
     form: AnswerForm,
     bounds: PixelBounds,
     variant: Variant = "train",
+    source: SourceImage | None = None,
 ) -> ChatRequest:
-    """The reasoner sees the evidence images (each resized with the same bounds) and its prompt."""
+    """The reasoner sees the evidence images (each resized with the same bounds) and its prompt.
+
+    ``source`` (the image the evidence was built from, resized with these ``bounds``) lets the
+    first image - the original or its annotated copy - reuse work shared by every request on
+    that image; the pixels are the same either way.
+    """
     text = prompts.reasoner_text(question, form, with_evidence=evidence.with_evidence, variant=variant)
-    images = [resize_for_model(im, bounds) for im in evidence.images]
+    if source is None:
+        images = [resize_for_model(im, bounds) for im in evidence.images]
+    else:
+        first = evidence.images[0]
+        if first.size != source.image.size or source.size != model_size(*first.size, bounds):
+            raise ValueError("source is not the image of this evidence, resized with these bounds")
+        images = [source.resized_annotated(first, outline_boxes(evidence.regions, *first.size), line_width(first.width))
+                  if evidence.with_evidence else source.resized(),
+                  *(resize_for_model(im, bounds) for im in evidence.images[1:])]
     return ChatRequest(prompts.chat_messages(text, len(images)), images)
 
 

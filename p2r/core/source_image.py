@@ -1,0 +1,120 @@
+"""One decoded image shared by every request on it, resized for the model once.
+
+Why: a perceiver step sends each image with many different bbox sets (8 rollouts per prompt),
+and the reasoner resizes a freshly annotated full-resolution copy for every one of them. That
+resize (bicubic, e.g. 3072x1728 -> 320x192) is the CPU cost of the reward phase, and on a GPU
+node the engine waits on it.
+
+Pillow resizes in two separable passes (one axis, then the other; it picks the order). Each
+pass treats rows (or columns) independently, so an annotated copy differs from the original
+after the first pass only in the strips that hold an outline. ``SourceImage`` keeps the
+original's first pass and, for an annotated copy, recomputes just those strips with single-axis
+Pillow resizes before running the second pass: the result is bit-identical to
+``resize_for_model(annotated)``. Which order Pillow uses is not part of its API, so it is
+checked on the image itself (our two passes must reproduce Pillow's one-shot resize of the
+original exactly); where neither order does, annotated copies get the plain resize.
+
+The first pass is only worth keeping when an image is annotated more than once, so it is built
+on the second annotated request for the image (the first gets the plain resize).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from PIL import Image
+
+from p2r.core.images import PixelBounds, model_size
+
+_BICUBIC = Image.Resampling.BICUBIC
+Box = tuple[int, int, int, int]
+
+
+class SourceImage:
+    """A decoded RGB image, its model-side resize, and the cached first resize pass."""
+
+    def __init__(self, image: Image.Image, bounds: PixelBounds) -> None:
+        self.image = image
+        self.size = model_size(image.width, image.height, bounds)
+        self._lock = threading.Lock()
+        self._resized: Image.Image | None = None
+        self._annotated_requests = 0
+        self._first: Image.Image | None = None  # the first pass of the original
+        self._order: str | None = None  # "v" (columns strips) or "h" (row strips); None: plain
+        self._checked = False
+
+    def resized(self) -> Image.Image:
+        """``resize_for_model(image)``, computed once."""
+        with self._lock:
+            if self._resized is None:
+                self._resized = self._resize(self.image)
+            return self._resized
+
+    def resized_annotated(self, annotated: Image.Image, boxes: list[Box], margin: int) -> Image.Image:
+        """``resize_for_model(annotated)``, where ``annotated`` is ``image`` with drawing only
+        inside ``boxes`` (x1, y1, x2, y2 inclusive) widened by ``margin`` pixels."""
+        if annotated.size != self.image.size or annotated.mode != self.image.mode:
+            raise ValueError("the annotated image must be a same-size, same-mode copy of the source")
+        if self.size == self.image.size:
+            return annotated
+        with self._lock:
+            self._annotated_requests += 1
+            if self._annotated_requests >= 2 and not self._checked:
+                self._prepare_passes()
+            order, first = self._order, self._first
+        if order is None or first is None:
+            return self._resize(annotated)
+        return self._strips(annotated, boxes, margin, order, first)
+
+    # ----------------------------------------------------------------------------- internals
+
+    def _resize(self, image: Image.Image) -> Image.Image:
+        return image if image.size == self.size else image.resize(self.size, _BICUBIC)
+
+    def _prepare_passes(self) -> None:
+        """Find the order in which Pillow's passes reproduce its one-shot resize (lock held)."""
+        self._checked = True
+        if self._resized is None:
+            self._resized = self._resize(self.image)
+        (w, h), (m, k) = self.image.size, self.size
+        if k == h:  # one horizontal pass: row strips of the output itself
+            self._order, self._first = "h", self.image
+            return
+        if m == w:  # one vertical pass: column strips
+            self._order, self._first = "v", self.image
+            return
+        target = np.asarray(self._resized)
+        likely_v = h / k > w / m
+        for order in ("v", "h") if likely_v else ("h", "v"):
+            first = self.image.resize((w, k) if order == "v" else (m, h), _BICUBIC)
+            if np.array_equal(np.asarray(first.resize(self.size, _BICUBIC)), target):
+                self._order, self._first = order, first
+                return
+
+    def _strips(self, annotated: Image.Image, boxes: list[Box], margin: int, order: str,
+                first: Image.Image) -> Image.Image:
+        (w, h), (m, k) = self.image.size, self.size
+        single_pass = first is self.image
+        out = (self._resized if single_pass else first).copy()  # type: ignore[union-attr]
+        limit = w if order == "v" else h
+        for lo, hi in _merge([(b[0], b[2]) if order == "v" else (b[1], b[3]) for b in boxes], margin, limit):
+            if order == "v":  # columns lo..hi-1 through the vertical pass
+                out.paste(annotated.crop((lo, 0, hi, h)).resize((hi - lo, k), _BICUBIC), (lo, 0))
+            else:  # rows lo..hi-1 through the horizontal pass
+                out.paste(annotated.crop((0, lo, w, hi)).resize((m, hi - lo), _BICUBIC), (0, lo))
+        return out if single_pass else out.resize(self.size, _BICUBIC)
+
+
+def _merge(spans: list[tuple[int, int]], margin: int, limit: int) -> list[tuple[int, int]]:
+    """Inclusive pixel spans widened by ``margin``, clamped to [0, limit), merged, half-open."""
+    widened = sorted((max(0, a - margin), min(limit, b + margin + 1)) for a, b in spans)
+    merged: list[tuple[int, int]] = []
+    for lo, hi in widened:
+        if hi <= lo:
+            continue
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged
