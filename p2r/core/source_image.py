@@ -14,8 +14,11 @@ Pillow resizes before running the second pass: the result is bit-identical to
 checked on the image itself (our two passes must reproduce Pillow's one-shot resize of the
 original exactly); where neither order does, annotated copies get the plain resize.
 
-The first pass is only worth keeping when an image is annotated more than once, so it is built
-on the second annotated request for the image (the first gets the plain resize).
+Pillow picks the order from the sizes alone, so a verified order is remembered per geometry
+(mode, source size, target size): later images of that geometry build the first pass at once and
+get their own resize from it. For a geometry not yet verified, the check costs an extra pass,
+which is only worth it when an image is annotated more than once, so it runs on the image's
+second annotated request (the first gets the plain resize).
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ from p2r.core.images import PixelBounds, model_size
 
 _BICUBIC = Image.Resampling.BICUBIC
 Box = tuple[int, int, int, int]
+Geometry = tuple[str, int, int, int, int]
+
+_verified: dict[Geometry, str | None] = {}
+"""Pass order that reproduced Pillow's one-shot resize, per geometry (None: neither did)."""
+_verified_lock = threading.Lock()
 
 
 class SourceImage:
@@ -44,11 +52,21 @@ class SourceImage:
         self._order: str | None = None  # "v" (columns strips) or "h" (row strips); None: plain
         self._checked = False
 
+    @property
+    def geometry(self) -> Geometry:
+        return (self.image.mode, *self.image.size, *self.size)
+
     def resized(self) -> Image.Image:
         """``resize_for_model(image)``, computed once."""
         with self._lock:
             if self._resized is None:
-                self._resized = self._resize(self.image)
+                with _verified_lock:
+                    known = self.geometry in _verified
+                if known:  # the same pixels through the two passes, keeping the first
+                    self._prepare_passes()
+                else:
+                    self._resized = self._resize(self.image)
+            assert self._resized is not None
             return self._resized
 
     def resized_annotated(self, annotated: Image.Image, boxes: list[Box], margin: int) -> Image.Image:
@@ -60,8 +78,12 @@ class SourceImage:
             return annotated
         with self._lock:
             self._annotated_requests += 1
-            if self._annotated_requests >= 2 and not self._checked:
-                self._prepare_passes()
+            if not self._checked:
+                with _verified_lock:
+                    known = self.geometry in _verified
+                one_pass = self.size[0] == self.image.width or self.size[1] == self.image.height
+                if known or one_pass or self._annotated_requests >= 2:  # one pass needs no check
+                    self._prepare_passes()
             order, first = self._order, self._first
         if order is None or first is None:
             return self._resize(annotated)
@@ -73,24 +95,37 @@ class SourceImage:
         return image if image.size == self.size else image.resize(self.size, _BICUBIC)
 
     def _prepare_passes(self) -> None:
-        """Find the order in which Pillow's passes reproduce its one-shot resize (lock held)."""
+        """Keep the first pass, in the order verified for this geometry or found now by checking
+        both against Pillow's one-shot resize (lock held)."""
         self._checked = True
+        (w, h), (m, k) = self.image.size, self.size
+        if k == h or m == w:  # one pass only (rows or columns): strips of the output itself
+            self._order, self._first = ("h" if k == h else "v"), self.image
+            if self._resized is None:
+                self._resized = self._resize(self.image)
+            return
+        with _verified_lock:
+            known = self.geometry in _verified
+            order = _verified.get(self.geometry)
+        if known:
+            if order is not None:
+                self._order = order
+                self._first = self.image.resize((w, k) if order == "v" else (m, h), _BICUBIC)
+                if self._resized is None:
+                    self._resized = self._first.resize(self.size, _BICUBIC)
+            elif self._resized is None:
+                self._resized = self._resize(self.image)
+            return
         if self._resized is None:
             self._resized = self._resize(self.image)
-        (w, h), (m, k) = self.image.size, self.size
-        if k == h:  # one horizontal pass: row strips of the output itself
-            self._order, self._first = "h", self.image
-            return
-        if m == w:  # one vertical pass: column strips
-            self._order, self._first = "v", self.image
-            return
         target = np.asarray(self._resized)
-        likely_v = h / k > w / m
-        for order in ("v", "h") if likely_v else ("h", "v"):
-            first = self.image.resize((w, k) if order == "v" else (m, h), _BICUBIC)
+        for candidate in ("v", "h") if h / k > w / m else ("h", "v"):
+            first = self.image.resize((w, k) if candidate == "v" else (m, h), _BICUBIC)
             if np.array_equal(np.asarray(first.resize(self.size, _BICUBIC)), target):
-                self._order, self._first = order, first
-                return
+                self._order, self._first = candidate, first
+                break
+        with _verified_lock:
+            _verified[self.geometry] = self._order
 
     def _strips(self, annotated: Image.Image, boxes: list[Box], margin: int, order: str,
                 first: Image.Image) -> Image.Image:
