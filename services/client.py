@@ -16,6 +16,7 @@ import grpc
 
 from p2r.core.bbox import Region
 from p2r.core.generation import Sampling
+from p2r.core.grading import VerifyRequest
 from p2r.v1 import p2r_pb2 as pb
 from p2r.v1 import p2r_pb2_grpc as pb_grpc
 
@@ -36,6 +37,10 @@ def region_to_pb(region: Region) -> pb.Region:
 
 def region_from_pb(region: pb.Region) -> Region:
     return Region(region.x1, region.y1, region.x2, region.y2, region.label or None)
+
+
+def verify_to_pb(request: VerifyRequest) -> pb.VerifyRequest:
+    return pb.VerifyRequest(question=request.question, ground_truth=request.ground_truth, answer=request.answer)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from p2r.core.grading import GradeItem, VerifyRequest, grade_batch
 from p2r.core.images import encode_image
 from p2r.core.rewards import perceiver_penalty
 from p2r.data.dataset import Sample
-from p2r.services.client import Client, region_to_pb
+from p2r.services.client import Client, region_to_pb, verify_to_pb
 from p2r.services.handlers import FORM_TO_PB
 from p2r.v1 import p2r_pb2 as pb
 
@@ -88,8 +88,7 @@ class ServiceVerifier:
 
     def verify_batch(self, requests: Sequence[VerifyRequest]) -> list[bool | None]:
         verdicts = batched_calls(
-            lambda chunk: self.client.verify_batch([pb.VerifyRequest(question=r.question, ground_truth=r.ground_truth,
-                                                                     answer=r.answer) for r in chunk]),
+            lambda chunk: self.client.verify_batch([verify_to_pb(r) for r in chunk]),
             list(requests), self.cfg.reward_batch_size, self.cfg.reward_concurrency, self.cfg.reward_retries,
             self.stats)
         return [None if v is None else v.correct for v in verdicts]

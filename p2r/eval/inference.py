@@ -192,11 +192,9 @@ class ServiceVerifier:
         self.client = client
 
     def verify_batch(self, requests: Sequence[VerifyRequest]) -> list[bool | None]:
-        from p2r.v1 import p2r_pb2 as pb
+        from p2r.services.client import verify_to_pb
 
-        results = self.client.verify_batch([pb.VerifyRequest(question=r.question, ground_truth=r.ground_truth,
-                                                             answer=r.answer) for r in requests])
-        return [r.correct for r in results]
+        return [r.correct for r in self.client.verify_batch([verify_to_pb(r) for r in requests])]
 
 
 def image_bytes(sample: EvalSample) -> bytes:
