@@ -86,7 +86,8 @@ class Eval(Strict):
     """The evaluation step: ``p2r eval`` on the final checkpoint (both roles, as in production)."""
 
     task: str = "synthetic"
-    grade_free_form: bool = Field(True, description="pass --verifier-model so free_form answers are graded")
+    grade_free_form: bool = Field(
+        True, description="grade free_form answers with the running verifier service (--verifier-endpoint)")
     args: list[str] = Field(default_factory=list, description="extra p2r eval flags (e.g. --max-new-tokens 32)")
     data: str | None = Field(None, description="DIR for --data; default: the folder of the training parquet")
     mode: Literal["default", "thinking", "p2r"] = "p2r"

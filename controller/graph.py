@@ -205,8 +205,8 @@ def _eval(ctx: Context) -> dict[str, Any]:
             "--mode", cfg.eval.mode, "--out", cfg.eval_out]
     if cfg.eval.limit:
         args += ["--limit", str(cfg.eval.limit)]
-    if cfg.eval.grade_free_form:
-        args += ["--verifier-model", cfg.verifier]
+    if cfg.eval.grade_free_form:  # the verifier service that graded training grades the evaluation
+        args += ["--verifier-endpoint", ctx.backend.endpoint(ctx, "verifier")]
     args += cfg.eval.args
     return {"model": final, "out": cfg.eval_out, **ctx.backend.evaluate(ctx, args)}
 
@@ -234,7 +234,7 @@ def build_graph(config: PipelineConfig) -> list[Step]:
         Step("serve_perceiver", _serve_perceiver, frozenset({"verifier"})),
         Step("stage2", _stage("stage2", "reasoner", "perceiver"), frozenset({"perceiver", "verifier"})),
         Step("verify_stage2", _verify("stage2")),
-        Step("eval", _eval),
+        Step("eval", _eval, frozenset({"verifier"}) if config.eval.grade_free_form else frozenset()),
         Step("report", _report),
     ]
 

@@ -225,7 +225,8 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
         command = eval_job["spec"]["template"]["spec"]["containers"][0]["command"]
         assert command == ["p2r", "eval", "--model", final, "--perceiver-model", final, "--task", "synthetic",
                            "--data", "/data/synthetic-eval", "--mode", "p2r", "--out", f"s3://{bucket}/{run}/eval",
-                           "--limit", "6", "--verifier-model", "s3://models/verifier", "--max-new-tokens", "32"]
+                           "--limit", "6", "--verifier-endpoint", "p2r-verifier.p2r.svc:50051",
+                           "--max-new-tokens", "32"]
         assert eval_job["spec"]["backoffLimit"] == 0
         summary = {"task": "synthetic", "mode": "p2r", "n": 6, "overall": 50.0,
                    "categories": {"colour": 66.7, "count": 33.3}}
