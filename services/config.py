@@ -79,7 +79,7 @@ class ServeConfig(YamlSettings):
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(100_000_000, ge=1, description="decoded width x height")
     max_question_chars: int = Field(16_384, ge=1)
-    decoded_image_cache: int = Field(32, ge=0, description="decoded images kept by content hash")
+    decoded_image_cache: int = Field(32, ge=0, description="decoded images (with their resize) kept by content hash")
     prepare_workers: int = Field(
         0, ge=0, description="threads for decoding, evidence and resizing; 0 = half the usable CPU cores, at least 1")
 
