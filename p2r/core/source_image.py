@@ -56,13 +56,16 @@ class SourceImage:
     def geometry(self) -> Geometry:
         return (self.image.mode, *self.image.size, *self.size)
 
+    @property
+    def _one_pass(self) -> bool:
+        """Only one axis changes size: Pillow runs one pass, and the strips need no check."""
+        return self.size[0] == self.image.width or self.size[1] == self.image.height
+
     def resized(self) -> Image.Image:
         """``resize_for_model(image)``, computed once."""
         with self._lock:
             if self._resized is None:
-                with _verified_lock:
-                    known = self.geometry in _verified
-                if known:  # the same pixels through the two passes, keeping the first
+                if _is_verified(self.geometry):  # the same pixels through the two passes, keeping the first
                     self._prepare_passes()
                 else:
                     self._resized = self._resize(self.image)
@@ -78,12 +81,8 @@ class SourceImage:
             return annotated
         with self._lock:
             self._annotated_requests += 1
-            if not self._checked:
-                with _verified_lock:
-                    known = self.geometry in _verified
-                one_pass = self.size[0] == self.image.width or self.size[1] == self.image.height
-                if known or one_pass or self._annotated_requests >= 2:  # one pass needs no check
-                    self._prepare_passes()
+            if not self._checked and (self._one_pass or _is_verified(self.geometry) or self._annotated_requests >= 2):
+                self._prepare_passes()
             order, first = self._order, self._first
         if order is None or first is None:
             return self._resize(annotated)
@@ -94,38 +93,37 @@ class SourceImage:
     def _resize(self, image: Image.Image) -> Image.Image:
         return image if image.size == self.size else image.resize(self.size, _BICUBIC)
 
+    def _first_pass(self, order: str) -> Image.Image:
+        (w, h), (m, k) = self.image.size, self.size
+        return self.image.resize((w, k) if order == "v" else (m, h), _BICUBIC)
+
     def _prepare_passes(self) -> None:
         """Keep the first pass, in the order verified for this geometry or found now by checking
         both against Pillow's one-shot resize (lock held)."""
         self._checked = True
         (w, h), (m, k) = self.image.size, self.size
-        if k == h or m == w:  # one pass only (rows or columns): strips of the output itself
+        if self._one_pass:  # strips of the output itself
             self._order, self._first = ("h" if k == h else "v"), self.image
-            if self._resized is None:
-                self._resized = self._resize(self.image)
-            return
-        with _verified_lock:
-            known = self.geometry in _verified
-            order = _verified.get(self.geometry)
-        if known:
-            if order is not None:
-                self._order = order
-                self._first = self.image.resize((w, k) if order == "v" else (m, h), _BICUBIC)
+        elif _is_verified(self.geometry):
+            with _verified_lock:
+                self._order = _verified[self.geometry]
+            if self._order is not None:
+                self._first = self._first_pass(self._order)
                 if self._resized is None:
                     self._resized = self._first.resize(self.size, _BICUBIC)
-            elif self._resized is None:
+        else:
+            if self._resized is None:
                 self._resized = self._resize(self.image)
-            return
+            target = np.asarray(self._resized)
+            for candidate in ("v", "h") if h / k > w / m else ("h", "v"):
+                first = self._first_pass(candidate)
+                if np.array_equal(np.asarray(first.resize(self.size, _BICUBIC)), target):
+                    self._order, self._first = candidate, first
+                    break
+            with _verified_lock:
+                _verified[self.geometry] = self._order
         if self._resized is None:
             self._resized = self._resize(self.image)
-        target = np.asarray(self._resized)
-        for candidate in ("v", "h") if h / k > w / m else ("h", "v"):
-            first = self.image.resize((w, k) if candidate == "v" else (m, h), _BICUBIC)
-            if np.array_equal(np.asarray(first.resize(self.size, _BICUBIC)), target):
-                self._order, self._first = candidate, first
-                break
-        with _verified_lock:
-            _verified[self.geometry] = self._order
 
     def _strips(self, annotated: Image.Image, boxes: list[Box], margin: int, order: str,
                 first: Image.Image) -> Image.Image:
@@ -139,6 +137,11 @@ class SourceImage:
             else:  # rows lo..hi-1 through the horizontal pass
                 out.paste(annotated.crop((0, lo, w, hi)).resize((m, hi - lo), _BICUBIC), (0, lo))
         return out if single_pass else out.resize(self.size, _BICUBIC)
+
+
+def _is_verified(geometry: Geometry) -> bool:
+    with _verified_lock:
+        return geometry in _verified
 
 
 def _merge(spans: list[tuple[int, int]], margin: int, limit: int) -> list[tuple[int, int]]:
