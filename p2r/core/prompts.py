@@ -1,8 +1,8 @@
 """Prompt strings of the P2R method, and the chat messages built from them.
 
-The strings are part of the released checkpoints' interface (see ``shared/p2r-method.md``
-§Prompts): a one-character drift changes what a trained perceiver or reasoner does. They live
-here and nowhere else; every service, the trainer and the evaluation import them.
+The strings are part of the released checkpoints' interface (the reference implementation's
+prompts): a one-character drift changes what a trained perceiver or reasoner does. They live here
+and nowhere else; every service, the trainer and the evaluation import them.
 
 A chat message is a plain ``{"role": ..., "content": [...]}`` dict whose content items are
 ``{"type": "image"}`` placeholders (in order) followed by one ``{"type": "text", ...}`` item, as
