@@ -124,12 +124,18 @@ def resolve_checkpoint(uri: str, cache_dir: Path) -> Path:
 # ------------------------------------------------------------------------------------ writing
 
 
-def write_manifest(checkpoint_dir: Path, **meta: object) -> Path:
-    """Hash every file of a finished local checkpoint into ``manifest.json`` (written last)."""
-    files = {p.name: sha256_file(p) for p in sorted(checkpoint_dir.iterdir()) if p.is_file() and p.name != MANIFEST}
+def write_manifest(checkpoint_dir: Path, extra_files: dict[str, str] | None = None, **meta: object) -> Path:
+    """Hash every file of a finished local checkpoint into ``manifest.json`` (written last).
+
+    ``extra_files`` are ``relative/path -> sha256`` of files this process did not write itself
+    (other ranks' training-state shards, uploaded by those ranks); files in sub-directories are
+    listed by their relative POSIX path."""
+    files = {p.relative_to(checkpoint_dir).as_posix(): sha256_file(p) for p in sorted(checkpoint_dir.rglob("*"))
+             if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")}
+    files.update(extra_files or {})
     manifest = checkpoint_dir / MANIFEST
     tmp = manifest.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"files": files, **meta}, indent=1))
+    tmp.write_text(json.dumps({"files": dict(sorted(files.items())), **meta}, indent=1))
     tmp.replace(manifest)
     return manifest
 
@@ -180,9 +186,11 @@ def put_files(local_dir: Path, names: list[str], uri: str) -> str:
     target = local_path(uri)
     target.mkdir(parents=True, exist_ok=True)
     for name in names:
-        tmp = target / f".{name}.partial"
+        final = target / name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{final.name}.partial"
         shutil.copyfile(local_dir / name, tmp)
-        tmp.replace(target / name)
+        tmp.replace(final)
     return uri
 
 

@@ -37,12 +37,13 @@ class TrainConfig(YamlSettings):
     rollouts_per_prompt: int = Field(8, ge=1)
     prompts_per_step: int = Field(64, ge=1, description="global, across ranks")
     learning_rate: float = Field(1e-6, gt=0)
-    weight_decay: float = 0.0
+    weight_decay: float = Field(0.01, ge=0, description="AdamW, decoupled (the reference's 0.01)")
     max_grad_norm: float = Field(1.0, gt=0)
     kl_coef: float = Field(0.01, ge=0)
     entropy_coef: float = Field(0.0, ge=0)
     clip_low: float = Field(0.2, ge=0)
     clip_high: float = Field(0.2, ge=0)
+    clip_ratio_c: float = Field(3.0, gt=1, description="dual-clip bound for negative advantages (veRL)")
     norm_adv_by_std: bool = True
     aggregation: Aggregation = "token-mean"
     temperature: float = Field(1.0, gt=0)
@@ -50,6 +51,14 @@ class TrainConfig(YamlSettings):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)
     seed: int = 0
+
+    # Memory and precision of the update (trainer/actor.py)
+    micro_batch_size: int = Field(4, ge=1, description="responses of one prompt per forward/backward; "
+                                  "the update does not depend on it, peak memory does")
+    gradient_checkpointing: bool = True
+    compute_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="forward/backward dtype; weights and AdamW state stay fp32. auto: bf16 on GPU")
+    ref_cpu_offload: bool = Field(False, description="keep the reference model's shards in host memory")
 
     # Lengths and images
     max_response_tokens: int = Field(1024, ge=1)

@@ -4,18 +4,21 @@ new weights pushed into the engine in place. Resumable from the newest complete 
 
 Distributed: ``torch.distributed`` from the standard env (``MASTER_ADDR``, ``MASTER_PORT``,
 ``WORLD_SIZE``, ``RANK`` - what the PyTorchJob operator sets); each rank owns a strided shard of
-the data and its own rollout engine; gradients are averaged across ranks before each step
-(gloo on CPU, NCCL on GPU). One optimiser step per batch (the reference configuration), so the
-behaviour policy is the current one: old log-probs are the detached current ones.
+the data and its own rollout engine; the policy is an FSDP2-sharded ``Actor`` (trainer/actor.py:
+micro-batched update, step-global loss normalisation, gloo on CPU, NCCL on GPU). One optimiser
+step per batch (the reference configuration), so the behaviour policy is the current one: old
+log-probs are the detached current ones.
+
+A checkpoint is the full Hugging Face model (gathered to rank 0, in the compute dtype: what the
+services load), ``train_state/`` (fp32 model and AdamW shards through torch.distributed.checkpoint,
+each rank uploading its own files, so ``--resume auto`` works on another world size too),
+``trainer_state.pt`` (position, scheduler, RNG) and the manifest over all of them, written last.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -32,13 +35,20 @@ from p2r.core.flow import perceiver_request, reasoner_request
 from p2r.core.generation import ChatRequest, Sampling
 from p2r.core.images import MIN_PIXELS, PixelBounds
 from p2r.data.dataset import Sample, load_samples
-from p2r.services.checkpoints import latest_checkpoint, resolve_checkpoint, upload_checkpoint, write_manifest
+from p2r.services.checkpoints import (
+    MANIFEST,
+    latest_checkpoint,
+    put_files,
+    resolve_checkpoint,
+    sha256_file,
+    write_manifest,
+)
 from p2r.services.engine import EngineLimits
+from p2r.trainer.actor import TRAIN_STATE_DIR, Actor, PromptGroup, init_distributed
 from p2r.trainer.config import TrainConfig
-from p2r.trainer.grpo import group_advantages, grpo_loss
-from p2r.trainer.policy import pad_responses, response_logprobs
+from p2r.trainer.grpo import group_advantages
 from p2r.trainer.rewards import PerceiverCache, PerceiverReward, PluginReward, ReasonerReward, RewardStats
-from p2r.trainer.rollout import RolloutEngine, named_weights
+from p2r.trainer.rollout import RolloutEngine
 
 log = logging.getLogger("p2r.train")
 STATE_FILE = "trainer_state.pt"
@@ -51,15 +61,6 @@ class Position:
     step: int = 0
     epoch: int = 0
     offset: int = 0
-
-
-def init_distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
-    return rank, world
 
 
 def next_batch(shard: list[Sample], per_rank: int, seed: int, pos: Position, epochs: int) -> list[Sample] | None:
@@ -79,8 +80,6 @@ def next_batch(shard: list[Sample], per_rank: int, seed: int, pos: Position, epo
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | None = None) -> None:
-        from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
-
         self.cfg = cfg
         self.rank, self.world = init_distributed()
         self.bounds = PixelBounds(MIN_PIXELS, cfg.max_pixels)
@@ -89,29 +88,18 @@ class Trainer:
         resume_uri = latest_checkpoint(cfg.output) if resume == "auto" else resume
         start = resolve_checkpoint(resume_uri or cfg.model, self.cache_dir / f"rank{self.rank}")
         base = resolve_checkpoint(cfg.model, self.cache_dir / f"rank{self.rank}")
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        self.processor = AutoProcessor.from_pretrained(base)
-        attention = {}
-        if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-            attention = {"attn_implementation": "flash_attention_2"}
-        self.model = Qwen3VLForConditionalGeneration.from_pretrained(start, dtype=dtype, **attention)
-        self.model.train()
-        self.ref = None
-        if cfg.kl_coef > 0:
-            self.ref = Qwen3VLForConditionalGeneration.from_pretrained(base, dtype=dtype, **attention).eval()
-            self.ref.requires_grad_(False)
-        self.optimiser = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate,
-                                           weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimiser, lambda _: 1.0)
+        self.actor = Actor(cfg, start, base)
         self.pos = Position()
         torch.manual_seed(cfg.seed + self.rank)
         random.seed(cfg.seed + self.rank)
         if resume_uri:
-            self._load_state(start / STATE_FILE)
+            self._load_state(start)
             log.info("resumed from %s at step %d", resume_uri, self.pos.step)
+        self.engine_dtype = self.actor.dtype
         self.engine = RolloutEngine(
-            str(start), EngineLimits(max_model_len=cfg.max_model_len, max_num_seqs=64, dtype=str(dtype).split(".")[-1],
-                                     kv_cache_gib=cfg.kv_cache_gib), seed=cfg.seed + self.rank + 1000 * self.pos.step)
+            str(start), EngineLimits(max_model_len=cfg.max_model_len, max_num_seqs=64,
+                                     dtype=str(self.engine_dtype).split(".")[-1], kv_cache_gib=cfg.kv_cache_gib),
+            seed=cfg.seed + self.rank + 1000 * self.pos.step)
         samples = load_samples(cfg.data, cfg.image_prefix)
         self.shard = samples[self.rank :: self.world]
         self.per_rank = max(1, cfg.prompts_per_step // self.world)
@@ -159,46 +147,20 @@ class Trainer:
         t0 = time.perf_counter()
         keep = [(g, j) for g, group in enumerate(rewards) for j, r in enumerate(group) if r is not None]
         flat_rewards = torch.tensor([rewards[g][j] for g, j in keep], dtype=torch.float32)
-        groups = torch.tensor([g for g, _ in keep], dtype=torch.long)
-        advantages = group_advantages(flat_rewards, groups, norm_by_std=cfg.norm_adv_by_std) if keep else flat_rewards
-        logps, refs, ents, masks, advs = [], [], [], [], []
-        length = max((len(rollouts[g][j].token_ids) for g, j in keep), default=1)
-        for g in sorted({g for g, _ in keep}):
-            idx = [k for k, (gg, _) in enumerate(keep) if gg == g]
-            responses = pad_responses([rollouts[g][keep[k][1]].token_ids for k in idx])
-            prompt_ids = rollouts[g][0].prompt_token_ids
-            lp, ent = response_logprobs(self.model, self.processor, requests[g], prompt_ids, responses,
-                                        with_entropy=True)
-            if self.ref is not None:
-                with torch.no_grad():
-                    ref, _ = response_logprobs(self.ref, self.processor, requests[g], prompt_ids, responses)
-                refs.append(_pad(ref, length))
-            logps.append(_pad(lp, length))
-            ents.append(_pad(ent, length))  # type: ignore[arg-type]
-            masks.append(_pad(responses.mask, length))
-            advs.append(advantages[idx])
-        if logps:
-            logp = torch.cat(logps)
-            loss = grpo_loss(logp, logp.detach(), torch.cat(refs) if refs else None, torch.cat(advs),
-                             torch.cat(masks), torch.cat(ents), kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef,
-                             clip_low=cfg.clip_low, clip_high=cfg.clip_high, aggregation=cfg.aggregation)
-            total = loss.total
-        else:  # every reward dropped: still take part in the gradient all-reduce
-            loss, total = None, sum(p.sum() for p in self.model.parameters()) * 0.0
-        self.optimiser.zero_grad(set_to_none=False)
-        total.backward()
-        if self.world > 1:
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= self.world
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        self.optimiser.step()
-        self.scheduler.step()
+        group_ids = torch.tensor([g for g, _ in keep], dtype=torch.long)
+        advantages = group_advantages(flat_rewards, group_ids, norm_by_std=cfg.norm_adv_by_std) if keep \
+            else flat_rewards
+        groups = [PromptGroup(requests[g], list(rollouts[g][0].prompt_token_ids), [], [])
+                  for g in range(len(rollouts))]
+        for k, (g, j) in enumerate(keep):
+            groups[g].responses.append(list(rollouts[g][j].token_ids))
+            groups[g].advantages.append(float(advantages[k]))
+        update = self.actor.update(groups)
         times["update_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        self.engine.push_weights(named_weights(self.model))
+        push: dict[str, float] = {}
+        self.engine.push_weights(self.actor.stream_weights(self.engine_dtype, push))
         times["sync_s"] = time.perf_counter() - t0
         self.pos.step += 1
 
@@ -212,9 +174,11 @@ class Trainer:
             "reward_mean": float(np.mean(all_rewards)) if all_rewards else None,
             "reward_std": float(np.std(all_rewards)) if all_rewards else None,
             "response_len": float(np.mean(lengths)) if lengths else 0.0,
-            "kl": float(loss.kl) if loss else 0.0, "entropy": float(loss.entropy) if loss else 0.0,
-            "clip_fraction": float(loss.policy.clip_fraction) if loss else 0.0,
-            "loss": float(total.detach()), "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
+            "kl": update.kl, "entropy": update.entropy, "clip_fraction": update.clip_fraction,
+            "clip_fraction_lower": update.clip_fraction_lower, "loss": update.loss,
+            "grad_norm": update.grad_norm if update.grad_norm == update.grad_norm else None,
+            "skipped_steps": self.actor.skipped_steps, "micro_batches": update.micro_batches,
+            "lr": self.actor.scheduler.get_last_lr()[0], "push_bytes": push.get("push_bytes", 0.0),
             **{k: round(v, 4) for k, v in times.items()},
         }
         for form in {s.form.value for s in batch}:
@@ -233,30 +197,44 @@ class Trainer:
     # --------------------------------------------------------------------------- checkpoints
 
     def save(self) -> str:
-        """Write the checkpoint locally (HF layout + trainer state + manifest) and upload it."""
+        """Write the checkpoint (module docstring) and upload it; a collective.
+
+        Each rank stages and uploads its own ``train_state/`` shards; rank 0 gathers every file's
+        digest, uploads the HF model and the trainer state, and writes the manifest last."""
         name = f"step-{self.pos.step}"
         uri = f"{self.cfg.output.rstrip('/')}/{name}"
+        local = self.cfg.workdir / "staging" / f"rank{self.rank}" / name
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
+        full = self.actor.full_state_dict()
+        self.actor.save_train_state(local / TRAIN_STATE_DIR)
+        shards = sorted(str(p.relative_to(local)) for p in (local / TRAIN_STATE_DIR).iterdir() if p.is_file())
+        put_files(local, shards, uri)
+        digests = {n: sha256_file(local / n) for n in shards}
+        gathered: list[dict[str, str] | None] = [None] * self.world
+        dist.all_gather_object(gathered, digests)
         if self.rank == 0:
-            local = self.cfg.workdir / "staging" / name
-            shutil.rmtree(local, ignore_errors=True)
-            self.model.save_pretrained(local)
-            self.processor.save_pretrained(local)
+            self.actor.model.save_pretrained(local, state_dict=full)
+            self.actor.processor.save_pretrained(local)
             torch.save({
-                "optimiser": self.optimiser.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "position": vars(self.pos), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "scheduler": self.actor.scheduler.state_dict(), "position": vars(self.pos),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                 "numpy_rng": np.random.get_state(), "world_size": self.world,
+                "skipped_steps": self.actor.skipped_steps,
             }, local / STATE_FILE)
-            write_manifest(local, step=self.pos.step, role=self.cfg.role)
-            upload_checkpoint(local, uri)
-            shutil.rmtree(local, ignore_errors=True)
-        if self.world > 1:
-            dist.barrier()
+            remote = {k: v for d in gathered if d for k, v in d.items()}
+            write_manifest(local, extra_files=remote, step=self.pos.step, role=self.cfg.role)
+            listed = json.loads((local / MANIFEST).read_text())["files"]
+            put_files(local, [n for n in listed if n not in remote] + [MANIFEST], uri)
+        shutil.rmtree(local, ignore_errors=True)
+        dist.barrier()
         return uri
 
-    def _load_state(self, path: Path) -> None:
-        state = torch.load(path, weights_only=False)
-        self.optimiser.load_state_dict(state["optimiser"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def _load_state(self, checkpoint: Path) -> None:
+        state = torch.load(checkpoint / STATE_FILE, weights_only=False)
+        self.actor.load_train_state(checkpoint / TRAIN_STATE_DIR)
+        self.actor.scheduler.load_state_dict(state["scheduler"])
+        self.actor.skipped_steps = int(state.get("skipped_steps", 0))
         self.pos = Position(**state["position"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -296,13 +274,4 @@ class Trainer:
                 self.gauges[key].set(value)
 
     def param_digest(self) -> str:
-        """sha256 over every parameter: equal on all ranks when gradients were reduced right."""
-        digest = hashlib.sha256()
-        for name, p in sorted(self.model.named_parameters()):
-            digest.update(name.encode())
-            digest.update(p.detach().float().cpu().numpy().tobytes())
-        return digest.hexdigest()
-
-
-def _pad(t: torch.Tensor, length: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, length - t.shape[1]))
+        return self.actor.param_digest()

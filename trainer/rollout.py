@@ -47,7 +47,7 @@ def named_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return with_tied_head(tensors, tied)
 
 
-def _load_into_worker(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
+def _load_into_worker(worker: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     worker.model_runner.reload_weights(weights_iterator=iter(weights))
 
 
@@ -94,8 +94,12 @@ class RolloutEngine:
         return result
 
     def push_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load new weights into the running engine in place; caches built on the old ones go."""
-        self.llm.collective_rpc(_load_into_worker, args=(list(weights),))
+        """Load new weights into the running engine in place; caches built on the old ones go.
+
+        ``weights`` is consumed lazily by the in-process worker: a generator that gathers one
+        tensor at a time from the FSDP shards (``Actor.stream_weights``) is loaded and freed tensor
+        by tensor, so no second full copy of the model exists on the device."""
+        self.llm.collective_rpc(_load_into_worker, args=(weights,))
         # KV blocks, vision-encoder outputs and processed images computed with the old weights
         # (or indexed by the scheduler for them) must not be reused.
         self.llm.reset_prefix_cache()

@@ -1,0 +1,92 @@
+"""One rank of an ``Actor`` update run on fixed rollouts (no engine, no services), for the
+FSDP tests: ``python -m tests.actor_worker MODEL DATA OUT [--steps N] [--micro M] [--dtype D]``
+under ``WORLD_SIZE`` / ``RANK`` / ``MASTER_*``. Every rank builds the same global batch (seeded)
+and takes its strided share, as the trainer's data shards do; rank 0 writes the full parameters
+after the last step (fp32 masters) and every rank its parameter digest."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def global_batch(processor: Any, data: Path, step: int, prompts: int = 4, rollouts: int = 3,
+                 vocab: int = 200) -> list[Any]:
+    """``prompts`` prompt groups of ``rollouts`` random responses (lengths 1-6) with random
+    advantages; the prompt ids are the processor's (what the engine would send)."""
+    from p2r.core.flow import perceiver_request
+    from p2r.core.images import MIN_PIXELS, PixelBounds
+    from p2r.data.dataset import load_samples
+    from p2r.trainer.actor import PromptGroup
+
+    rng = random.Random(1000 + step)
+    samples = load_samples(data)
+    groups = []
+    for k in range(prompts):
+        s = samples[(step * prompts + k) % len(samples)]
+        request = perceiver_request(s.load_image(), s.question, PixelBounds(MIN_PIXELS, 16384))
+        text = processor.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        ids = processor(text=[text], images=list(request.images), return_tensors="pt")["input_ids"][0].tolist()
+        responses = [[rng.randrange(10, vocab) for _ in range(rng.randint(1, 6))] for _ in range(rollouts)]
+        groups.append(PromptGroup(request, ids, responses, [rng.uniform(-1.5, 1.5) for _ in range(rollouts)]))
+    return groups
+
+
+def inject(groups: list[Any], kind: str) -> None:
+    """Behaviour log-probs for every rollout: the true ones are unknown here, so 0 (a log-ratio
+    of logp itself, within the clip range's reach); then one poisoned rollout, or all shifted."""
+    for g in groups:
+        g.old_logprobs = [[-100.0 if kind == "ratio100" else 0.0] * len(r) for r in g.responses]
+    if kind in ("nan", "inf"):
+        groups[0].old_logprobs[0][0] = float(kind)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model", type=Path)
+    parser.add_argument("data", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--micro", type=int, default=2)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--inject", choices=["none", "nan", "inf", "ratio100"], default="none",
+                        help="behaviour log-probs of step 1: NaN / inf in one rollout, or a log-ratio of 100")
+    args = parser.parse_args()
+
+    from p2r.trainer.actor import Actor
+    from p2r.trainer.config import TrainConfig
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(role="perceiver", model=str(args.model), data=args.data, output="unused",
+                      reward_plugin="tests.plugins:starts_with_digit", learning_rate=args.lr, kl_coef=0.01,
+                      micro_batch_size=args.micro, compute_dtype=args.dtype, max_response_tokens=8)
+    actor = Actor(cfg, args.model, args.model)
+    stats = []
+    for step in range(args.steps):
+        groups = global_batch(actor.processor, args.data, step)
+        if step == 0 and args.inject != "none":
+            inject(groups, args.inject)
+        out = actor.update(groups[actor.rank :: actor.world])
+        stats.append({"loss": out.loss, "grad_norm": out.grad_norm if out.grad_norm == out.grad_norm else None,
+                      "tokens": out.tokens, "micro_batches": out.micro_batches, "skipped": out.skipped})
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # The fp32 master weights themselves (the served checkpoint is in the compute dtype).
+    full = get_model_state_dict(actor.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    digest = actor.param_digest()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if actor.rank == 0:
+        torch.save(full, args.out / "params.pt")
+    finite = all(bool(torch.isfinite(t).all()) for t in full.values())
+    (args.out / f"rank{actor.rank}.json").write_text(json.dumps({
+        "digest": digest, "steps": stats, "skipped_steps": actor.skipped_steps, "finite": finite}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""The trained policy of a PRA-GRPO stage, sharded with FSDP2: the update, the weights it streams
+into the rollout engine, and its checkpoint.
+
+Why this shape (veRL's FSDP actor, PyTorch's FSDP2):
+- ``fully_shard`` one unit per decoder layer and per vision block, root last. Parameters and the
+  AdamW state are fp32 shards (master weights: at lr 1e-6 a bf16 weight would mostly not move),
+  computed in ``compute_dtype`` (bf16 on GPU; ``MixedPrecisionPolicy(param_dtype=bf16,
+  reduce_dtype=fp32)``). FSDP reduce-scatters the gradients; nothing here all-reduces by hand.
+- The same code runs at world size 1 (a one-process group over an in-process store), so one
+  rank and four ranks differ only in how the shards are cut.
+- The update is a loop over micro-batches (``micro_batch_size`` responses of one prompt per
+  forward / backward): memory does not grow with the step's batch. Each micro-batch's loss is its
+  share of the step's loss under the step's global denominators (``LossNorm``: tokens and
+  responses summed over every micro-batch of every rank), so the update is the same for any world
+  size and any micro-batch size. Every rank runs the same number of forward / backward passes
+  (FSDP's collectives must pair up); a rank with fewer micro-batches runs zero-weight repeats.
+- A step whose loss or gradient norm is not finite is skipped (counted), never applied: NaN
+  weights would otherwise go into the engine and every later step.
+- The reference model is sharded the same way, forward only, optionally offloaded to CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from p2r.core.generation import ChatRequest
+from p2r.trainer.config import TrainConfig
+from p2r.trainer.grpo import LossNorm, grpo_loss
+from p2r.trainer.policy import pad_responses, response_logprobs, vision_inputs
+
+log = logging.getLogger("p2r.train")
+TRAIN_STATE_DIR = "train_state"  # DCP shards of the fp32 model and the optimiser (any world size)
+
+
+@dataclass
+class PromptGroup:
+    """One prompt of the step and the responses kept for the update (possibly none)."""
+
+    request: ChatRequest
+    prompt_ids: list[int]
+    responses: list[list[int]]
+    advantages: list[float]
+    # The behaviour policy's per-token log-probs (e.g. the engine's); None: the current policy's,
+    # detached (one optimiser step per batch: ratio 1, as the reference runs).
+    old_logprobs: list[list[float]] | None = None
+
+
+@dataclass
+class UpdateStats:
+    loss: float = 0.0
+    kl: float = 0.0
+    entropy: float = 0.0
+    clip_fraction: float = 0.0
+    clip_fraction_lower: float = 0.0
+    grad_norm: float = 0.0
+    skipped: bool = False
+    micro_batches: int = 0
+    tokens: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def init_distributed() -> tuple[int, int]:
+    """The process group from the standard env (what the PyTorchJob operator and torchrun set);
+    a one-process group over an in-process store when there is none, so FSDP runs the same way."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if world == 1:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=60))
+    return rank, world
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def _decoder_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers and vision blocks: one FSDP unit each (HF's ``_no_split_modules``)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    units = [m for m in model.modules() if type(m).__name__ in names]
+    if not units:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found to shard ({sorted(names)})")
+    return units
+
+
+def shard(model: torch.nn.Module, param_dtype: torch.dtype | None, reshard: bool = True,
+          offload: bool = False) -> torch.nn.Module:
+    """``fully_shard`` each decoder layer / vision block, then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard}
+    if param_dtype is not None and param_dtype != torch.float32:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for unit in _decoder_units(model):
+        fully_shard(unit, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A shard's full value (a collective: every rank calls it in the same order)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class Actor:
+    """The policy (and reference) of one rank, sharded over the process group."""
+
+    def __init__(self, cfg: TrainConfig, start: Path, base: Path) -> None:
+        from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+        self.cfg = cfg
+        self.rank, self.world = init_distributed()
+        self.dtype = compute_dtype(cfg.compute_dtype)
+        self.processor = AutoProcessor.from_pretrained(base)
+        attention: dict[str, Any] = {}
+        if torch.cuda.is_available():
+            import importlib.util
+
+            if importlib.util.find_spec("flash_attn") is not None:
+                attention = {"attn_implementation": "flash_attention_2"}
+        # fp32 master weights whatever the compute dtype.
+        self.model = Qwen3VLForConditionalGeneration.from_pretrained(start, dtype=torch.float32, **attention)
+        self.tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.config.use_cache = False
+        self.model.train()
+        shard(self.model, self.dtype)
+        self.ref: torch.nn.Module | None = None
+        if cfg.kl_coef > 0:
+            ref = Qwen3VLForConditionalGeneration.from_pretrained(base, dtype=self.dtype, **attention).eval()
+            ref.requires_grad_(False)
+            self.ref = shard(ref, None, reshard=True, offload=cfg.ref_cpu_offload)
+        self.optimiser = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate,
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimiser, lambda _: 1.0)
+        self.skipped_steps = 0
+
+    # ---------------------------------------------------------------------------- update
+
+    def _all_reduce(self, values: list[float], op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def _micro_batches(self, groups: list[PromptGroup]) -> list[tuple[int, slice]]:
+        size = self.cfg.micro_batch_size
+        return [(g, slice(i, i + size)) for g, group in enumerate(groups)
+                for i in range(0, len(group.responses), size)]
+
+    def update(self, groups: list[PromptGroup]) -> UpdateStats:
+        """One optimiser step on this rank's groups (a collective: every rank calls it)."""
+        cfg = self.cfg
+        if not groups:
+            raise ValueError("update needs at least one prompt group (its request stands in for a rank "
+                             "with nothing to learn from)")
+        micro = self._micro_batches(groups)
+        tokens, sequences = self._all_reduce([sum(len(r) for g in groups for r in g.responses),
+                                              sum(len(g.responses) for g in groups)])
+        [steps] = self._all_reduce([len(micro)], dist.ReduceOp.MAX)
+        norm = LossNorm(max(tokens, 1.0), max(sequences, 1.0), float(cfg.max_response_tokens))
+        vision: dict[int, dict[str, torch.Tensor]] = {}
+        sums = [0.0] * 5  # loss, kl, entropy, clipped tokens, dual-clipped tokens
+        self.optimiser.zero_grad(set_to_none=True)
+        for i in range(int(steps)):
+            old: list[list[float]] | None = None
+            if i < len(micro):
+                g, part = micro[i]
+                weight = 1.0
+                group = groups[g]
+                responses, advantages = group.responses[part], group.advantages[part]
+                old = group.old_logprobs[part] if group.old_logprobs is not None else None
+            else:  # an idle rank still takes part in every collective, contributing nothing
+                g, weight = (micro[0][0] if micro else 0), 0.0
+                group = groups[g]
+                responses = group.responses[: cfg.micro_batch_size] or [[group.prompt_ids[-1]]]
+                advantages = [0.0] * len(responses)
+            if g not in vision:
+                vision[g] = vision_inputs(self.processor, group.request)
+            batch = pad_responses(responses)
+            need_entropy_grad = cfg.entropy_coef > 0
+            lp, ent = response_logprobs(self.model, self.processor, group.request, group.prompt_ids, batch,
+                                        with_entropy=True, entropy_grad=need_entropy_grad, vision=vision[g])
+            ref = None
+            if self.ref is not None:
+                with torch.no_grad():
+                    ref, _ = response_logprobs(self.ref, self.processor, group.request, group.prompt_ids, batch,
+                                               vision=vision[g])
+            mask = batch.mask.to(lp.device)
+            adv = torch.tensor(advantages, dtype=torch.float32, device=lp.device)
+            old_lp = lp.detach() if old is None else _padded(old, lp.shape, lp.device)
+            loss = grpo_loss(lp, old_lp, ref, adv, mask, ent, kl_coef=cfg.kl_coef,
+                             entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                             aggregation=cfg.aggregation, clip_ratio_c=cfg.clip_ratio_c, norm=norm)
+            # FSDP averages gradients over ranks; the shares already sum to the step's loss.
+            (loss.total * (weight * self.world)).backward()
+            if weight:
+                n = float(mask.sum())
+                sums[0] += float(loss.total.detach())
+                sums[1] += float(loss.kl)
+                sums[2] += float(loss.entropy)
+                sums[3] += float(loss.policy.clip_fraction) * n
+                sums[4] += float(loss.policy.clip_fraction_lower) * n
+        loss_sum, kl, entropy, clipped, lower = self._all_reduce(sums)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+        norm_value = float(grad_norm)
+        # A non-finite loss can leave finite gradients (a NaN token's branch gets none): skip too.
+        skipped = not (math.isfinite(norm_value) and math.isfinite(loss_sum))
+        if skipped:
+            self.skipped_steps += 1
+            log.warning("step skipped: loss %s, gradient norm %s (skipped so far: %d)", loss_sum, norm_value,
+                        self.skipped_steps)
+            self.optimiser.zero_grad(set_to_none=True)
+        else:
+            self.optimiser.step()
+        self.scheduler.step()
+        self.optimiser.zero_grad(set_to_none=True)
+        return UpdateStats(loss=loss_sum, kl=kl, entropy=entropy, clip_fraction=clipped / max(tokens, 1.0),
+                           clip_fraction_lower=lower / max(tokens, 1.0), grad_norm=norm_value, skipped=skipped,
+                           micro_batches=int(steps), tokens=int(tokens))
+
+    # --------------------------------------------------------------------------- weights
+
+    def stream_weights(self, dtype: torch.dtype, stats: dict[str, float] | None = None
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every weight under its checkpoint name, gathered one tensor at a time (never a second
+        full copy of the model), cast to the engine's ``dtype``; the tied head is sent too (an
+        in-place reload without it keeps the old head). A collective: every rank iterates it."""
+        started = time.perf_counter()
+        total = 0
+        embed: torch.Tensor | None = None
+        seen_head = False
+        for name, t in self.model.state_dict().items():
+            full = full_tensor(t.detach()).to(dtype)
+            total += full.numel() * full.element_size()
+            if self.tied and name.endswith("embed_tokens.weight") and "language_model" in name:
+                embed = full
+            seen_head = seen_head or name == "lm_head.weight"
+            yield name, full
+        if self.tied and not seen_head and embed is not None:
+            total += embed.numel() * embed.element_size()
+            yield "lm_head.weight", embed
+        if stats is not None:
+            stats["push_bytes"] = float(total)
+            stats["gather_s"] = time.perf_counter() - started
+
+    # ------------------------------------------------------------------------ checkpoints
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full model on rank 0 (CPU, compute dtype), empty elsewhere: a collective."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        save_dtype = self.dtype
+        return {k: v.to(save_dtype) for k, v in full.items()} if self.rank == 0 else {}
+
+    def save_train_state(self, directory: Path) -> None:
+        """fp32 model and optimiser shards through ``torch.distributed.checkpoint`` (each rank
+        writes its own files; loadable at any world size)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimiser)
+        dcp.save({"model": model_sd, "optimiser": optim_sd}, checkpoint_id=str(directory))
+
+    def load_train_state(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimiser)
+        state = {"model": model_sd, "optimiser": optim_sd}
+        dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(self.model, self.optimiser, model_state_dict=state["model"],
+                       optim_state_dict=state["optimiser"])
+
+    def param_digest(self) -> str:
+        """sha256 over every full parameter (a collective): equal on all ranks when right."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, p in sorted(self.model.named_parameters()):
+            digest.update(name.encode())
+            digest.update(full_tensor(p.detach()).float().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+
+def _padded(rows: list[list[float]], shape: torch.Size, device: torch.device) -> torch.Tensor:
+    out = torch.zeros(shape, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
+    return out.to(device)
