@@ -26,6 +26,9 @@ class Limits(BaseModel):
     max_num_seqs: int = Field(16, ge=1)
     max_images_per_prompt: int = Field(4, ge=1, description="reasoner needs 1 + max crops = 4")
     kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of each GPU vLLM may take")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans (the pod's gpus)")
+    enforce_eager: bool | None = Field(None, description="null: eager on CPU, CUDA graphs on GPU")
 
 
 class YamlSettings(BaseSettings):

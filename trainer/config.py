@@ -7,13 +7,19 @@ to every machine; batch sizes and lengths are set per run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from p2r.services.config import YamlSettings
 from p2r.trainer.grpo import Aggregation
+
+# The reference's lengths per role (p2r-method.md, training hyper-parameters).
+ROLE_LENGTHS: dict[str, dict[str, int]] = {
+    "perceiver": {"max_prompt_tokens": 2560, "max_response_tokens": 1024, "max_model_len": 4096},
+    "reasoner": {"max_prompt_tokens": 8704, "max_response_tokens": 2048, "max_model_len": 12288},
+}
 
 
 class TrainConfig(YamlSettings):
@@ -59,10 +65,15 @@ class TrainConfig(YamlSettings):
     compute_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="forward/backward dtype; weights and AdamW state stay fp32. auto: bf16 on GPU")
     ref_cpu_offload: bool = Field(False, description="keep the reference model's shards in host memory")
+    actor_offload: bool = Field(True, description="GPU: policy / reference shards and AdamW state in host "
+                                "memory while the engine is awake (the engine then has its share)")
 
-    # Lengths and images
+    # Lengths and images. Unset, they are the reference's per role (ROLE_LENGTHS); an unset
+    # max_prompt_tokens never exceeds what max_model_len leaves after the response.
     max_response_tokens: int = Field(1024, ge=1)
     max_model_len: int = Field(4096, ge=256)
+    max_prompt_tokens: int = Field(2560, ge=1, description="longer prompts (engine tokens, images expanded) "
+                                   "are dropped at load and counted")
     max_pixels: int = Field(2_097_152, ge=1024)
     frozen_max_tokens: int = Field(2048, ge=1, description="frozen perceiver/reasoner: temperature 0")
 
@@ -72,14 +83,47 @@ class TrainConfig(YamlSettings):
     reward_retries: int = Field(3, ge=0)
     service_timeout_s: float = Field(600.0, gt=0)
 
+    # Validation (trainer/validation.py): greedy, n = 1, the role's reward
+    val_data: Path | None = Field(None, description="P2R-10k-layout parquet for validation")
+    val_every: int = Field(10, ge=1, description="validate after every N steps (the reference's 10)")
+    val_before_train: bool = True
+    dump_rollouts_every: int | None = Field(None, ge=1, description="per-sample rollout JSONL every N steps "
+                                            "(workdir/rollouts/); null: never")
+
     save_every: int = Field(30, ge=1)
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus on rank 0; null disables")
     metrics_host: str = Field("127.0.0.1", description="metrics bind address; 0.0.0.0 in a pod, so Prometheus "
                               "can scrape it")
-    kv_cache_gib: int = Field(1, ge=1)
+    kv_cache_gib: int = Field(1, ge=1, description="CPU engine's KV cache (VLLM_CPU_KVCACHE_SPACE)")
+
+    # The colocated rollout engine (GPU settings are ignored on CPU)
+    gpu_memory_utilization: float = Field(0.8, gt=0, le=1, description="share of each GPU the engine "
+                                          "takes while awake (the reference's 0.8; it sleeps during the update)")
+    enable_sleep_mode: bool = Field(True, description="GPU: free the engine's memory during the update")
+    sleep_level: Literal[1, 2] = Field(1, description="1: weights offloaded to host memory; 2: dropped "
+                                       "(every weight is pushed after the update anyway)")
+    rollout_tensor_parallel_size: int = Field(1, ge=1)
+    max_num_seqs: int = Field(1024, ge=1, description="engine batch: 64 prompts x 8 rollouts fit at once")
+    enforce_eager: bool | None = Field(None, description="null: CUDA graphs on GPU, eager on CPU")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _role_lengths(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("role") in ROLE_LENGTHS:
+            defaults = ROLE_LENGTHS[data["role"]]
+            data = {**data}
+            for key in ("max_response_tokens", "max_model_len"):
+                data.setdefault(key, defaults[key])
+            if "max_prompt_tokens" not in data:
+                room = int(data["max_model_len"]) - int(data["max_response_tokens"])
+                data["max_prompt_tokens"] = max(1, min(defaults["max_prompt_tokens"], room))
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.max_prompt_tokens + self.max_response_tokens > self.max_model_len:
+            raise ValueError(f"max_prompt_tokens {self.max_prompt_tokens} + max_response_tokens "
+                             f"{self.max_response_tokens} exceed max_model_len {self.max_model_len}")
         if self.reward_plugin is None:
             if self.role == "perceiver" and not self.reasoner_endpoint:
                 raise ValueError("the perceiver stage needs reasoner_endpoint (or a reward_plugin)")

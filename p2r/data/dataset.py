@@ -45,6 +45,14 @@ class ImageRef:
         assert self.path is not None
         return decode_image(self.path.read_bytes(), field=str(self.path))
 
+    def size(self) -> tuple[int, int]:
+        """(width, height) from the header alone, without decoding the pixels (prompt-length
+        checks over a whole data set at load)."""
+        import io
+
+        with Image.open(io.BytesIO(self.data) if self.data is not None else self.path) as im:  # type: ignore[arg-type]
+            return im.size
+
 
 @dataclass
 class Sample:
