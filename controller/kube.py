@@ -390,13 +390,20 @@ class KubeBackend:
     def _watch(self, ctx: Context, kind: str, name: str, conditions: Callable[[], list[Any] | None],
                done: tuple[str, ...], timeout_s: float) -> dict[str, Any]:
         """Poll a job's conditions until one of ``done`` or ``Failed`` is true; a deleted job or
-        one past its timeout (then deleted) fails the step."""
+        one past its timeout (then deleted) fails the step. The true conditions are recorded in
+        the step's outputs (``conditions``) whenever this controller sees them change, so the
+        state shows what the job is doing (``Created``, ``Running``) and that a controller
+        watches it."""
         deadline = time.monotonic() + timeout_s
+        seen: list[str] | None = None
         while True:
             found = conditions()
             if found is None:
                 raise StepFailed(f"{kind} {name} was deleted")
             current = {c.type: c for c in found if c.status == "True"}
+            if sorted(current) != seen:
+                seen = sorted(current)
+                ctx.record(conditions=seen)
             if any(t in current for t in done):
                 return {"job": name}
             if "Failed" in current:

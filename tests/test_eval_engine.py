@@ -91,13 +91,15 @@ def test_rerun_skips_what_is_done(local_run: Path, lively_model: Path, synthetic
 
 
 def test_cli_over_ray_from_s3_gives_identical_results(local_run: Path, lively_model: Path, synthetic_dir: Path,
-                                                      s3_server: dict[str, str], tmp_path: Path) -> None:
+                                                      s3_server: dict[str, str], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """``p2r eval`` with data and outputs on S3, all three modes sharded over local Ray Data with
     two engine replicas: every per-sample row equals the single-process run's."""
     from p2r.services.checkpoints import download_prefix, put_files
 
     names = [str(p.relative_to(synthetic_dir)) for p in sorted(synthetic_dir.rglob("*")) if p.is_file()]
-    os.environ.update(s3_server)
+    for key, value in s3_server.items():  # for this test only: later tests must not inherit credentials
+        monkeypatch.setenv(key, value)
     put_files(synthetic_dir, names, "s3://evaldata/synthetic")
     env = {**os.environ, "P2R_CACHE": str(tmp_path / "cache"), "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [sys.executable, "-m", "p2r.cli", "eval", "--task", "synthetic", "--data", "s3://evaldata/synthetic",

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,14 +197,18 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
         proc = controller(config, s3_server)
         wait_for("the new controller", lambda: state_of(c, run)["controller"]["pid"] == proc.pid,
                  alive=lambda: proc.poll() is None)
-        time.sleep(1.0)  # ten polling rounds of the new controller
+        # The job starts running; once the state shows that, only the new controller (the old
+        # one is dead) can have polled it: it has re-attached, past where it would create a job.
+        c.set_pytorchjob_condition(f"{run}-stage1-1", "Running")
+        wait_for("the new controller to see the job running",
+                 lambda: "Running" in state_of(c, run)["steps"]["stage1"]["outputs"].get("conditions", []),
+                 alive=lambda: proc.poll() is None)
         assert [j["metadata"]["name"] for j in c.pytorchjobs()] == [f"{run}-stage1-1"]
 
         # The trainer uploads steps 2 and 3; step 4's upload is torn (no manifest): step 3 wins.
         upload_as_trainer(tmp_path, f"s3://{bucket}/{run}/stage1/step-2", 2, "s1", s3_server)
         upload_as_trainer(tmp_path, f"s3://{bucket}/{run}/stage1/step-3", 3, "s1", s3_server)
         put_object(bucket, f"{run}/stage1/step-4/model.safetensors", b"half", s3_server)
-        c.set_pytorchjob_condition(f"{run}-stage1-1", "Running")
         c.set_pytorchjob_condition(f"{run}-stage1-1", "Succeeded")
 
         stage1 = f"s3://{bucket}/{run}/stage1/step-3"

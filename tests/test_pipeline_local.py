@@ -49,8 +49,9 @@ def start(config: Path, log: Path) -> subprocess.Popen[bytes]:
                                 env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
 
 
-def p2r(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "p2r.cli", *args], capture_output=True, text=True, cwd=ROOT,
+def p2r(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """``p2r ARGS`` in ``cwd``: the example config's relative paths resolve against it."""
+    return subprocess.run([sys.executable, "-m", "p2r.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=120)
 
 
@@ -226,6 +227,12 @@ def test_a_failing_step_is_retried_with_backoff_then_the_run_stops(tmp_path: Pat
     assert status.returncode == 0 and "serve_reasoner  failed" in status.stdout and "no *.safetensors" in status.stdout
 
 
+def visible_entries(folder: Path) -> list[str]:
+    """A folder's entries without the hidden ones (.venv, .pytest_cache, .ruff_cache), which tools
+    other than the code under test create."""
+    return sorted(name for name in os.listdir(folder) if not name.startswith("."))
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"stage1": {"aws_secret_access_key": "x"}}, "stage1.aws_secret_access_key: credentials do not belong in the "
                                                  "pipeline config"),
@@ -249,11 +256,15 @@ def test_config_errors_are_one_line_and_exit_2(tmp_path: Path, change: dict[str,
             config[key] = value
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(config))
+    checkout = visible_entries(ROOT)
     for command in ("run", "status", "cancel") if "credentials" in message else ("run",):
-        result = p2r("pipeline", command, "--config", str(path))
+        # Run where the example's relative paths (workdir: p2r-pipeline, ...) land: tmp_path.
+        result = p2r("pipeline", command, "--config", str(path), cwd=tmp_path)
         assert result.returncode == 2
         assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"p2r: error: {message}"), result.stderr
-    assert not (tmp_path / "p2r-pipeline").exists()
+    # A bad config writes nothing: no workdir, state or storage where they would land, nor in the checkout.
+    assert os.listdir(tmp_path) == ["p.yaml"]
+    assert visible_entries(ROOT) == checkout
 
 
 def test_status_of_a_run_never_started(tmp_path: Path) -> None:
