@@ -229,3 +229,18 @@ def latest_checkpoint(root_uri: str) -> str | None:
     """The newest complete checkpoint under ``root_uri`` (``--resume auto``), or None."""
     found = complete_checkpoints(root_uri)
     return found[-1][1] if found else None
+
+
+LATEST_PREFIX = "latest:"
+
+
+def resolve_latest(uri: str) -> str:
+    """``latest:ROOT`` -> the newest complete ``step-N`` checkpoint under ROOT (how a static
+    manifest names "the stage-1 checkpoint" before its step is known); other URIs unchanged."""
+    if not uri.startswith(LATEST_PREFIX):
+        return uri
+    root = uri[len(LATEST_PREFIX):]
+    found = latest_checkpoint(root)
+    if found is None:
+        raise CheckpointError(f"{uri}: no complete checkpoint (step-N with its manifest) under {root}")
+    return found

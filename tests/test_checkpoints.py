@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +14,9 @@ from p2r.services.checkpoints import (
     CheckpointError,
     complete_checkpoints,
     latest_checkpoint,
+    put_files,
     resolve_checkpoint,
+    resolve_latest,
     upload_checkpoint,
     verify_checkpoint_dir,
     write_manifest,
@@ -84,3 +87,33 @@ def test_s3_uploads_and_resume_auto(tmp_path: Path, s3_server: dict[str, str],
     s3_client().fput_object("p2r-run", "exp1/stage1/step-5/model.safetensors", str(partial / "model.safetensors"))
     with pytest.raises(CheckpointError, match="does not match the manifest"):
         resolve_checkpoint(f"{root}/step-5/", tmp_path / "cache2")
+
+
+def test_subdirectories_and_other_ranks_files_are_in_the_manifest(tmp_path: Path) -> None:
+    """Training-state shards live in train_state/; shards another rank uploaded itself are
+    listed by digest (``extra_files``) and verified once they are all in one place."""
+    local = fake_checkpoint(tmp_path / "local", 1)
+    (local / "train_state").mkdir()
+    (local / "train_state" / "__0_0.distcp").write_bytes(b"rank0")
+    other = {"train_state/__1_0.distcp": hashlib.sha256(b"rank1").hexdigest()}
+    write_manifest(local, extra_files=other, step=1)
+    files = json.loads((local / MANIFEST).read_text())["files"]
+    assert {"train_state/__0_0.distcp", "train_state/__1_0.distcp", "model.safetensors"} <= set(files)
+    with pytest.raises(CheckpointError, match=r"train_state/__1_0\.distcp is missing"):
+        verify_checkpoint_dir(local)  # rank 1's shard has not arrived
+    target = tmp_path / "root" / "step-1"
+    put_files(local, ["train_state/__0_0.distcp"], str(target))
+    (target / "train_state" / "__1_0.distcp").write_bytes(b"rank1")  # what rank 1 uploads
+    put_files(local, [n for n in files if n not in other] + [MANIFEST], str(target))  # what rank 0 uploads
+    assert verify_checkpoint_dir(target) == target
+
+
+def test_latest_names_the_newest_complete_checkpoint(tmp_path: Path) -> None:
+    root = tmp_path / "stage1"
+    fake_checkpoint(root / "step-2", 2)
+    fake_checkpoint(root / "step-4", 4)
+    (root / "step-9").mkdir()  # torn: no manifest
+    assert resolve_latest(f"latest:{root}") == str(root / "step-4")
+    assert resolve_latest(str(root / "step-2")) == str(root / "step-2")
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        resolve_latest(f"latest:{tmp_path / 'empty'}")

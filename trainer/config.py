@@ -26,7 +26,8 @@ class TrainConfig(YamlSettings):
     model_config = SettingsConfigDict(env_prefix="P2R_TRAIN_", env_nested_delimiter="__", extra="forbid")
 
     role: Literal["perceiver", "reasoner"]
-    model: str = Field(description="initial policy checkpoint (dir, file:// or s3://)")
+    model: str = Field(description="initial policy checkpoint (dir, file:// or s3://); latest:ROOT is the "
+                       "newest complete step-N under ROOT (stage 2 from stage 1's output)")
     data: Path = Field(description="P2R-10k-layout parquet")
     image_prefix: Path | None = None
     output: str = Field(description="checkpoint root: a directory, file:// or s3:// URI")

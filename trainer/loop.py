@@ -40,6 +40,7 @@ from p2r.services.checkpoints import (
     latest_checkpoint,
     put_files,
     resolve_checkpoint,
+    resolve_latest,
     sha256_file,
     write_manifest,
 )
@@ -98,8 +99,11 @@ class Trainer:
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         self.cache_dir = cfg.workdir / "cache"
         resume_uri = latest_checkpoint(cfg.output) if resume == "auto" else resume
-        start = resolve_checkpoint(resume_uri or cfg.model, self.cache_dir / f"rank{self.rank}")
-        base = resolve_checkpoint(cfg.model, self.cache_dir / f"rank{self.rank}")
+        model_uri = resolve_latest(cfg.model)  # stage 2 names the stage-1 root as latest:ROOT
+        if model_uri != cfg.model:
+            log.info("model %s is %s", cfg.model, model_uri)
+        start = resolve_checkpoint(resume_uri or model_uri, self.cache_dir / f"rank{self.rank}")
+        base = resolve_checkpoint(model_uri, self.cache_dir / f"rank{self.rank}")
         # The engine starts before the actor takes GPU memory (vLLM sizes its share from what
         # is free), then sleeps until the first rollout.
         self.engine_dtype = compute_dtype(cfg.compute_dtype)
