@@ -46,6 +46,28 @@ def inject(groups: list[Any], kind: str) -> None:
         groups[0].old_logprobs[0][0] = float(kind)
 
 
+def engine_check(actor: Any, model: Path, data: Path) -> tuple[dict[str, Any], Any]:
+    """Greedy log-probs of one request from this rank's engine: before any push, after the
+    streamed push (one tensor gathered at a time), after a push of the full gathered model.
+    The engine is returned to be kept alive: vLLM's shutdown tears down the process group."""
+    from p2r.core.generation import Sampling
+    from p2r.services.engine import EngineLimits, with_tied_head
+    from p2r.trainer.rollout import RolloutEngine
+
+    engine = RolloutEngine(str(model), EngineLimits(max_model_len=2048, max_num_seqs=2, dtype="float32"))
+    request = global_batch(actor.processor, data, 0)[0].request
+    greedy = Sampling(max_tokens=6)
+    [[before]] = engine.sample([request], greedy)
+    stats: dict[str, float] = {}
+    engine.push_weights(actor.stream_weights(torch.float32, stats))
+    [[streamed]] = engine.sample([request], greedy)
+    full = {name: t.full_tensor() if hasattr(t, "full_tensor") else t for name, t in actor.model.state_dict().items()}
+    engine.push_weights(with_tied_head(full, actor.tied))
+    [[whole]] = engine.sample([request], greedy)
+    return {"before": before.logprobs, "streamed": streamed.logprobs, "full": whole.logprobs,
+            "tokens": [streamed.token_ids, whole.token_ids], "push_bytes": stats["push_bytes"]}, engine
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model", type=Path)
@@ -55,6 +77,11 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--first-step", type=int, default=0, help="global batch index of the first step")
+    parser.add_argument("--save-state", type=Path, help="after the steps, write the DCP train state here")
+    parser.add_argument("--load-state", type=Path, help="before the steps, load a DCP train state from here")
+    parser.add_argument("--engine", action="store_true",
+                        help="after the steps: streamed push vs full push into a rollout engine, log-probs")
     parser.add_argument("--inject", choices=["none", "nan", "inf", "ratio100"], default="none",
                         help="behaviour log-probs of step 1: NaN / inf in one rollout, or a log-ratio of 100")
     args = parser.parse_args()
@@ -67,14 +94,19 @@ def main() -> None:
                       reward_plugin="tests.plugins:starts_with_digit", learning_rate=args.lr, kl_coef=0.01,
                       micro_batch_size=args.micro, compute_dtype=args.dtype, max_response_tokens=8)
     actor = Actor(cfg, args.model, args.model)
+    if args.load_state:
+        actor.load_train_state(args.load_state)
     stats = []
-    for step in range(args.steps):
+    for step in range(args.first_step, args.first_step + args.steps):
         groups = global_batch(actor.processor, args.data, step)
         if step == 0 and args.inject != "none":
             inject(groups, args.inject)
         out = actor.update(groups[actor.rank :: actor.world])
         stats.append({"loss": out.loss, "grad_norm": out.grad_norm if out.grad_norm == out.grad_norm else None,
                       "tokens": out.tokens, "micro_batches": out.micro_batches, "skipped": out.skipped})
+    if args.save_state:
+        actor.save_train_state(args.save_state)
+    push, _engine = engine_check(actor, args.model, args.data) if args.engine else (None, None)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     # The fp32 master weights themselves (the served checkpoint is in the compute dtype).
@@ -85,7 +117,8 @@ def main() -> None:
         torch.save(full, args.out / "params.pt")
     finite = all(bool(torch.isfinite(t).all()) for t in full.values())
     (args.out / f"rank{actor.rank}.json").write_text(json.dumps({
-        "digest": digest, "steps": stats, "skipped_steps": actor.skipped_steps, "finite": finite}))
+        "digest": digest, "steps": stats, "skipped_steps": actor.skipped_steps, "finite": finite,
+        "push": push}))
 
 
 if __name__ == "__main__":

@@ -51,15 +51,31 @@ def moved_fraction(params: dict[str, torch.Tensor], base: dict[str, torch.Tensor
 def test_two_ranks_give_the_parameters_of_one_rank(tmp_path: Path, tiny_model_dir: Path,
                                                    synthetic_dir: Path) -> None:
     """Same global batch, 2 steps, fp32: world 1 with micro-batches of 3 and world 2 with
-    micro-batches of 2 reach the same parameters; both ranks hold the same model."""
+    micro-batches of 2 reach the same parameters; both ranks hold the same model. The 2-rank
+    train state resumes at world size 1 and continues exactly as a 1-rank run of 3 steps. The
+    weights streamed from the shards into each rank's engine give the log-probs of a full push."""
     data = synthetic_dir / "train.parquet"
-    one = run(tiny_model_dir, data, tmp_path / "one", 1, "--micro", "3", "--lr", "1e-5")
-    two = run(tiny_model_dir, data, tmp_path / "two", 2, "--micro", "2", "--lr", "1e-5")
+    one = run(tiny_model_dir, data, tmp_path / "one", 1, "--micro", "3", "--lr", "1e-5", "--steps", "3")
+    two = run(tiny_model_dir, data, tmp_path / "two", 2, "--micro", "2", "--lr", "1e-5",
+              "--save-state", str(tmp_path / "state"), "--engine")
+    for rank in two:
+        push = rank["push"]
+        assert push["streamed"] == push["full"] and push["tokens"][0] == push["tokens"][1]
+        assert push["streamed"] != push["before"]  # the push did change the engine
+        assert push["push_bytes"] > 0
+    resumed = run(tiny_model_dir, data, tmp_path / "resumed", 1, "--micro", "4", "--lr", "1e-5",
+                  "--load-state", str(tmp_path / "state"), "--first-step", "2", "--steps", "1")
+    assert resumed[0]["steps"][0]["loss"] == pytest.approx(one[0]["steps"][2]["loss"], rel=1e-4)
+    torch.testing.assert_close(torch.load(tmp_path / "resumed" / "params.pt"),
+                               torch.load(tmp_path / "one" / "params.pt"), rtol=1e-5, atol=1e-8)
+    one = [{**one[0], "steps": one[0]["steps"][:2]}]
+    one_two_steps = run(tiny_model_dir, data, tmp_path / "one2", 1, "--micro", "3", "--lr", "1e-5")
     assert two[0]["digest"] == two[1]["digest"]
     for a, b in zip(one[0]["steps"], two[0]["steps"], strict=True):
         assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    p1, p2 = torch.load(tmp_path / "one" / "params.pt"), torch.load(tmp_path / "two" / "params.pt")
+    assert one_two_steps[0]["steps"] == one[0]["steps"]
+    p1, p2 = torch.load(tmp_path / "one2" / "params.pt"), torch.load(tmp_path / "two" / "params.pt")
     torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-8)
     base = base_weights(tiny_model_dir)
     assert moved_fraction(p1, base) > 0.99  # the comparison is between models that really moved

@@ -48,7 +48,7 @@ def test_learning_with_a_plugin_reward(tmp_path: Path, tiny_model_dir: Path, syn
         tmp_path / "learn.yaml", role="perceiver", model=tiny_model_dir, data=synthetic_dir / "train.parquet",
         output=tmp_path / "out", workdir=tmp_path / "work", reward_plugin="tests.plugins:starts_with_digit",
         rollouts_per_prompt=8, prompts_per_step=4, learning_rate=0.005, kl_coef=0.0, max_response_tokens=2,
-        epochs=100, seed=0)
+        epochs=100, seed=0, micro_batch_size=8, gradient_checkpointing=False)  # speed: both tested elsewhere
     result = train(config, "--role", "perceiver", "--max-steps", "30")
     rows = metrics(tmp_path / "work")
     assert [r["step"] for r in rows] == list(range(1, 31))
