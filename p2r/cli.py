@@ -97,17 +97,35 @@ def models() -> None:
     """Build model checkpoints."""
 
 
-@models.command("tiny")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Directory to write the checkpoint to.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Weight initialisation seed.")
-@_user_errors
-def models_tiny(out: Path, seed: int) -> None:
-    """Write a tiny random-initialised Qwen3-VL checkpoint (for tests and the demo)."""
-    from p2r.models.tiny import write_tiny_model
+# ``p2r models tiny --preset``: "tiny" and p2r.models.tiny.PRESETS (not imported: --help stays instant).
+MODEL_PRESETS = ("tiny", "qwen3-vl-4b", "qwen3-vl-8b")
 
-    path = write_tiny_model(out, seed=seed)
-    click.echo(f"wrote tiny Qwen3-VL checkpoint to {path}")
+
+@models.command("tiny")
+@click.argument("out_arg", metavar="[OUT]", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory to write the checkpoint to (or give it as OUT).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Weight initialisation seed.")
+@click.option("--preset", type=click.Choice(MODEL_PRESETS), default="tiny", show_default=True,
+              help="tiny: the 2-layer test model; qwen3-vl-4b / qwen3-vl-8b: the real architecture, random bf16 "
+                   "weights (8.9 / 17.5 GB), tokenizer padded to the real vocabulary and special-token ids.")
+@_user_errors
+def models_tiny(out_arg: Path | None, out: Path | None, seed: int, preset: str) -> None:
+    """Write a random-initialised Qwen3-VL checkpoint: the tiny one (tests, demo) or a real-size preset."""
+    if (out_arg is None) == (out is None):
+        raise UserError("give the output directory once: OUT or --out")
+    target = out_arg or out
+    assert target is not None
+    if preset == "tiny":
+        from p2r.models.tiny import write_tiny_model
+
+        path = write_tiny_model(target, seed=seed)
+        click.echo(f"wrote tiny Qwen3-VL checkpoint to {path}")
+        return
+    from p2r.models.tiny import write_preset_model
+
+    path = write_preset_model(target, preset, seed=seed, progress=True)
+    click.echo(f"wrote random {preset} checkpoint to {path}")
 
 
 # -------------------------------------------------------------------------------------- data
@@ -327,21 +345,37 @@ def ask(target: str, image_path: Path, question: str, form: str, timeout_s: floa
               help="YAML training config (P2R_TRAIN_* environment variables override it).")
 @click.option("--resume", default=None, help="'auto' (newest complete checkpoint under output) or a URI.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None)
+@click.option("--plan", is_flag=True, help="Print the per-GPU memory plan and exit (0: it fits); no GPU, no "
+              "weights read. The config's model: a local checkpoint directory or preset:qwen3-vl-4b|8b.")
+@click.option("--gpus", type=click.IntRange(min=1), default=None, help="With --plan: GPUs (ranks) of the run [1].")
+@click.option("--gpu-memory", default=None, help="With --plan: memory of one GPU, e.g. 80GiB, 24GB.")
+@click.option("--cpu", "plan_cpu", is_flag=True, help="With --plan: CPU ranks (--gpus ranks of --gpu-memory "
+              "each): fp32, no engine terms.")
 @_user_errors
-def train(role: str, config_path: Path, resume: str | None, max_steps: int | None) -> None:
-    """Run one PRA-GRPO stage (perceiver = stage 1, reasoner = stage 2)."""
+def train(role: str, config_path: Path, resume: str | None, max_steps: int | None, plan: bool,
+          gpus: int | None, gpu_memory: str | None, plan_cpu: bool) -> None:
+    """Run one PRA-GRPO stage (perceiver = stage 1, reasoner = stage 2), or plan its memory."""
     import logging
 
     from pydantic import ValidationError
 
     from p2r.services.checkpoints import CheckpointError
     from p2r.trainer.config import load_train_config
-    from p2r.trainer.loop import Trainer
 
+    if not plan and (gpus is not None or gpu_memory is not None or plan_cpu):
+        raise UserError("--gpus, --gpu-memory and --cpu go with --plan")
+    if plan and gpu_memory is None:
+        raise UserError("--plan needs --gpu-memory (e.g. 80GiB)")
     try:
         config = load_train_config(config_path, role=role, max_steps=max_steps)
     except ValidationError as e:
         raise _config_error(e) from None
+    if plan:
+        assert gpu_memory is not None
+        _print_plan(config, gpus or 1, gpu_memory, plan_cpu)
+        return
+    from p2r.trainer.loop import Trainer
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         result = Trainer(config, resume=resume).run()
@@ -349,6 +383,17 @@ def train(role: str, config_path: Path, resume: str | None, max_steps: int | Non
         raise UserError(str(e)) from None
     click.echo(json.dumps({"checkpoint": result["checkpoint"], "steps": result["steps"],
                            "param_digest": result["param_digest"]}))
+
+
+def _print_plan(config: Any, gpus: int, gpu_memory: str, cpu: bool) -> None:
+    """``train --plan``: the table on stdout; when it does not fit, one line naming the largest term."""
+    from p2r.trainer.plan import estimate, format_plan, load_arch, parse_bytes
+
+    plan = estimate(config, load_arch(config.model), gpus, parse_bytes(gpu_memory), cpu=cpu)
+    click.echo(format_plan(plan, config))
+    error = plan.error_line()
+    if error is not None:
+        raise UserError(error)
 
 
 def main() -> None:

@@ -203,3 +203,177 @@ def write_tiny_model(out: Path | str, seed: int = 0, dtype: torch.dtype = torch.
     tokenizer.save_pretrained(out)
     (out / "p2r_tiny.json").write_text(json.dumps({"seed": seed, "kind": "p2r-tiny-qwen3vl"}))
     return out
+
+
+# ----------------------------------------------------------------- real-architecture presets
+# Why: the memory plan (``p2r train --plan``) and a GPU smoke run need the real model's shapes,
+# and no hub can be reached. These presets are the published Qwen3-VL configurations (values
+# below) with random weights, beside the local tokenizer padded to the real vocabulary with the
+# Qwen special tokens at their real ids: prompts, image placeholders, the embedding and the KV
+# cache all have the real sizes. The tiny model above is unchanged.
+
+QWEN_VOCAB_SIZE = 151936  # embedding rows (the real tokenizer has 151,669 entries)
+QWEN_FIRST_SPECIAL_ID = 151643  # <|endoftext|>; the tokens below follow it in this order
+# (token, special): Qwen's added tokens; the tool / think tags are added but not special.
+QWEN_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True),
+    ("<|box_end|>", True), ("<|quad_start|>", True), ("<|quad_end|>", True),
+    ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
+    ("<|image_pad|>", True), ("<|video_pad|>", True), ("<tool_call>", False), ("</tool_call>", False),
+    ("<|fim_prefix|>", True), ("<|fim_middle|>", True), ("<|fim_suffix|>", True), ("<|fim_pad|>", True),
+    ("<|repo_name|>", True), ("<|file_sep|>", True), ("<tool_response>", False),
+    ("</tool_response>", False), ("<think>", False), ("</think>", False),
+)
+QWEN_TOKEN_IDS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+                  "vision_end_token_id": 151653}
+_TEXT = {
+    "vocab_size": QWEN_VOCAB_SIZE, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 262144, "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [24, 20, 20],
+                        "mrope_interleaved": True},
+    "bos_token_id": 151643, "eos_token_id": 151645,
+}
+_VISION = {"num_heads": 16, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
+           "num_position_embeddings": 2304, "hidden_act": "gelu_pytorch_tanh"}
+# Qwen3-VL-4B-Instruct (verified); Qwen3-VL-8B-Instruct (secondary source, vision tower equal to
+# transformers' Qwen3VLVisionConfig defaults; untied head assumed, as in Qwen3-8B).
+PRESETS: dict[str, dict] = {
+    "qwen3-vl-4b": {
+        "text_config": {**_TEXT, "hidden_size": 2560, "intermediate_size": 9728, "tie_word_embeddings": True},
+        "vision_config": {**_VISION, "depth": 24, "hidden_size": 1024, "intermediate_size": 4096,
+                          "out_hidden_size": 2560, "deepstack_visual_indexes": [5, 11, 17]},
+        "tie_word_embeddings": True,
+    },
+    "qwen3-vl-8b": {
+        "text_config": {**_TEXT, "hidden_size": 4096, "intermediate_size": 12288, "tie_word_embeddings": False},
+        "vision_config": {**_VISION, "depth": 27, "hidden_size": 1152, "intermediate_size": 4304,
+                          "out_hidden_size": 4096, "deepstack_visual_indexes": [8, 16, 24]},
+        "tie_word_embeddings": False,
+    },
+}
+SHARD_BYTES = 2 * 2**30  # a written shard; peak memory is about twice this (safetensors serialises a shard)
+
+
+def preset_config(name: str) -> Qwen3VLConfig:
+    """The real architecture of preset ``name`` (no weights): what ``--plan`` builds on meta."""
+    import copy
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r} (presets: {', '.join(PRESETS)})")
+    return Qwen3VLConfig(**copy.deepcopy(PRESETS[name]), **QWEN_TOKEN_IDS)
+
+
+def build_padded_tokenizer() -> PreTrainedTokenizerFast:
+    """``build_tokenizer``'s BPE with the Qwen special tokens at their real ids.
+
+    The local vocabulary fills ids from 0, unused placeholders (``<p2r_unused_N>``, reachable by
+    no merge, so never produced) fill up to 151,643, then Qwen's added tokens follow in Qwen's
+    order: ``<|image_pad|>`` is 151655 as the real config says."""
+    from tokenizers import AddedToken
+
+    base = json.loads(build_tokenizer().backend_tokenizer.to_str())["model"]
+    regular = [t for t, _ in sorted(base["vocab"].items(), key=lambda kv: kv[1]) if t not in SPECIAL_TOKENS]
+    regular += [f"<p2r_unused_{i}>" for i in range(QWEN_FIRST_SPECIAL_ID - len(regular))]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in base["merges"]]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(regular)}, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    for content, special in QWEN_ADDED_TOKENS:  # one at a time: ids are assigned in order
+        token = AddedToken(content, special=special, normalized=False)
+        (tok.add_special_tokens if special else tok.add_tokens)([token])
+    for i, (content, _) in enumerate(QWEN_ADDED_TOKENS):
+        assert tok.token_to_id(content) == QWEN_FIRST_SPECIAL_ID + i, content
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE, model_max_length=262144)
+
+
+def write_preset_model(out: Path | str, preset: str | Qwen3VLConfig, seed: int = 0,
+                       dtype: torch.dtype = torch.bfloat16, shard_bytes: int = SHARD_BYTES,
+                       progress: bool = False) -> Path:
+    """Write a random ``preset`` (a name in ``PRESETS`` or a config with the real token ids) to
+    ``out``, shard by shard: the model is built on the meta device and each shard's tensors are
+    drawn, written and freed before the next, so a 4B model in bf16 needs ~2 shards of memory,
+    not the model's 8.9 GB. Init as transformers' (normal(0, initializer_range) weights, unit
+    norms, zero biases); the same ``seed`` gives the same weights."""
+    import math
+
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    from transformers import GenerationConfig
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = preset_config(preset) if isinstance(preset, str) else preset
+    tokenizer = build_padded_tokenizer()
+    for attr, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
+        if getattr(config, attr) != tokenizer.convert_tokens_to_ids(token):
+            raise ValueError(f"config {attr} {getattr(config, attr)} is not the tokenizer's {token}")
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(config)
+    specs = _init_specs(model)
+    shards: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = math.prod(spec[1]) * dtype.itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    names = ([f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+             if len(shards) > 1 else ["model.safetensors"])
+    std = config.text_config.initializer_range
+    generator = torch.Generator().manual_seed(seed)
+    weight_map: dict[str, str] = {}
+    for name, shard in tqdm(list(zip(names, shards, strict=True)), desc="writing shards", disable=not progress):
+        tensors = {key: _init_tensor(shape, kind, dtype, std, generator) for key, shape, kind in shard}
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+    if len(shards) > 1:
+        total = sum(math.prod(shape) * dtype.itemsize for _, shape, _ in specs)
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config.architectures = [type(model).__name__]
+    config.dtype = dtype
+    config.save_pretrained(out)
+    generation = GenerationConfig(bos_token_id=config.text_config.bos_token_id,
+                                  eos_token_id=[config.text_config.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+    generation.save_pretrained(out)
+    build_processor(tokenizer).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    kind = f"p2r-random-{preset}" if isinstance(preset, str) else "p2r-random-qwen3vl"
+    (out / "p2r_tiny.json").write_text(json.dumps({"seed": seed, "kind": kind}))
+    return out
+
+
+def _init_specs(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
+    """(checkpoint name, shape, init) of every distinct parameter (a tied head once, as
+    ``save_pretrained`` writes it), in state-dict order."""
+    seen: set[int] = set()
+    specs = []
+    for prefix, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            if pname == "bias":
+                kind = "zeros"
+            elif pname == "weight" and isinstance(module, (torch.nn.Linear, torch.nn.Conv3d, torch.nn.Embedding)):
+                kind = "normal"
+            elif pname == "weight" and "Norm" in type(module).__name__:
+                kind = "ones"
+            else:
+                raise ValueError(f"no init rule for {prefix}.{pname} ({type(module).__name__})")
+            specs.append((f"{prefix}.{pname}" if prefix else pname, tuple(param.shape), kind))
+    return specs
+
+
+def _init_tensor(shape: tuple[int, ...], kind: str, dtype: torch.dtype, std: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    if kind == "normal":
+        return torch.empty(shape, dtype=dtype).normal_(0.0, std, generator=generator)
+    return (torch.ones if kind == "ones" else torch.zeros)(shape, dtype=dtype)
