@@ -38,6 +38,8 @@ def global_batch(processor: Any, data: Path, step: int, prompts: int = 4, rollou
 
 
 def inject(groups: list[Any], kind: str) -> None:
+    if kind not in ("nan", "inf", "ratio100"):
+        raise SystemExit(f"unknown injection {kind!r}")
     """Behaviour log-probs for every rollout: the true ones are unknown here, so 0 (a log-ratio
     of logp itself, within the clip range's reach); then one poisoned rollout, or all shifted."""
     for g in groups:
@@ -82,8 +84,8 @@ def main() -> None:
     parser.add_argument("--load-state", type=Path, help="before the steps, load a DCP train state from here")
     parser.add_argument("--engine", action="store_true",
                         help="after the steps: streamed push vs full push into a rollout engine, log-probs")
-    parser.add_argument("--inject", choices=["none", "nan", "inf", "ratio100"], default="none",
-                        help="behaviour log-probs of step 1: NaN / inf in one rollout, or a log-ratio of 100")
+    parser.add_argument("--inject", default="", help="comma-separated, one per step from the first: none, nan, "
+                        "inf (in one rollout's behaviour log-probs) or ratio100 (a log-ratio of 100 everywhere)")
     args = parser.parse_args()
 
     from p2r.trainer.actor import Actor
@@ -99,8 +101,10 @@ def main() -> None:
     stats = []
     for step in range(args.first_step, args.first_step + args.steps):
         groups = global_batch(actor.processor, args.data, step)
-        if step == 0 and args.inject != "none":
-            inject(groups, args.inject)
+        kinds = [k for k in args.inject.split(",") if k]
+        kind = kinds[step - args.first_step] if step - args.first_step < len(kinds) else "none"
+        if kind != "none":
+            inject(groups, kind)
         out = actor.update(groups[actor.rank :: actor.world])
         stats.append({"loss": out.loss, "grad_norm": out.grad_norm if out.grad_norm == out.grad_norm else None,
                       "tokens": out.tokens, "micro_batches": out.micro_batches, "skipped": out.skipped})

@@ -82,27 +82,30 @@ def test_two_ranks_give_the_parameters_of_one_rank(tmp_path: Path, tiny_model_di
     assert max(float((p1[k] - base[k]).abs().max()) for k in base) > 1e3 * 1e-8
 
 
-@pytest.mark.parametrize("kind", ["nan", "inf", "ratio100"])
-def test_poisoned_log_probs_leave_every_weight_finite(kind: str, tmp_path: Path, tiny_model_dir: Path,
+def test_poisoned_log_probs_leave_every_weight_finite(tmp_path: Path, tiny_model_dir: Path,
                                                       synthetic_dir: Path) -> None:
-    """NaN in one rollout's behaviour log-probs: the loss is NaN, the step is skipped and counted,
-    the next one is taken. An inf there (a log-ratio of -inf) and a log-ratio of 100 are clamped
-    to ±20 before the exp: the step goes through, finite."""
-    [out] = run(tiny_model_dir, synthetic_dir / "train.parquet", tmp_path, 1, "--inject", kind, "--lr", "1e-4")
+    """Step 1: NaN in one rollout's behaviour log-probs: the loss is NaN, the step is skipped
+    and counted. Step 2: an inf there (a log-ratio of -inf) and step 3: a log-ratio of 100
+    everywhere are clamped to ±20 before the exp: those steps go through, finite. Step 4 is
+    clean. Every weight stays finite."""
+    [out] = run(tiny_model_dir, synthetic_dir / "train.parquet", tmp_path, 1, "--inject", "nan,inf,ratio100",
+                "--lr", "1e-4", "--steps", "4")
     assert out["finite"]
-    first, second = out["steps"]
-    if kind == "nan":
-        assert first["skipped"] and out["skipped_steps"] == 1
-    else:
-        assert not first["skipped"] and out["skipped_steps"] == 0 and first["grad_norm"] is not None
-    assert not second["skipped"]
+    assert [s["skipped"] for s in out["steps"]] == [True, False, False, False]
+    assert out["skipped_steps"] == 1
+    assert all(s["grad_norm"] is not None for s in out["steps"][1:])
 
 
 def test_bf16_compute_keeps_fp32_master_weights(tmp_path: Path, tiny_model_dir: Path, synthetic_dir: Path) -> None:
-    """bf16 forward/backward at the reference lr 1e-6: one step moves > 99 % of the weights (a
-    bf16 weight of size ~0.02 has a step of ~1e-4: a 1e-6 update would round away)."""
+    """bf16 forward/backward at the reference lr 1e-6: one step moves > 99 % of the fp32 master
+    weights, where the same update applied to bf16 weights would mostly round away (a bf16 weight
+    of size ~0.02 has a step of ~1e-4). Excluded: the vision position table, whose rows beyond
+    the test images' small grid get no gradient in any precision."""
     run(tiny_model_dir, synthetic_dir / "train.parquet", tmp_path, 1, "--dtype", "bfloat16", "--lr", "1e-6",
         "--steps", "1")
     params = torch.load(tmp_path / "params.pt")
-    assert all(v.dtype == torch.float32 for v in params.values())
-    assert moved_fraction(params, base_weights(tiny_model_dir)) > 0.99
+    base = {k: v for k, v in base_weights(tiny_model_dir).items() if not k.endswith("visual.pos_embed.weight")}
+    assert all(params[k].dtype == torch.float32 for k in base)
+    assert moved_fraction(params, base) > 0.99
+    as_bf16 = {k: (base[k] + (params[k] - base[k])).bfloat16().float() for k in base}
+    assert moved_fraction(as_bf16, {k: v.bfloat16().float() for k, v in base.items()}) < 0.2

@@ -26,7 +26,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,8 @@ class PromptGroup:
 
 @dataclass
 class UpdateStats:
+    """One update's numbers, already reduced over every rank (equal on all of them)."""
+
     loss: float = 0.0
     kl: float = 0.0
     entropy: float = 0.0
@@ -67,7 +69,6 @@ class UpdateStats:
     skipped: bool = False
     micro_batches: int = 0
     tokens: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def init_distributed() -> tuple[int, int]:
