@@ -160,6 +160,14 @@ def test_role_serve_config_overrides_the_shared_one() -> None:
     assert _serve_yaml(docs, "reasoner")["max_in_flight"] == 100
 
 
+def _types(spec: dict[str, Any]) -> set[str]:
+    """JSON types of a schema node: ``type`` (one or a list) or pydantic's ``anyOf`` for optionals."""
+    if "anyOf" in spec:
+        return set().union(*(_types(s) for s in spec["anyOf"]))
+    t = spec["type"]
+    return {t} if isinstance(t, str) else set(t)
+
+
 def test_serve_config_schema_matches_the_code() -> None:
     """values.schema.json's serveConfig lists fields of ServeConfig with the same types and bounds."""
     import json
@@ -173,8 +181,9 @@ def test_serve_config_schema_matches_the_code() -> None:
         assert name in code["properties"], f"serveConfig.{name} is not a ServeConfig field"
         if name == "limits":
             for key, sub in spec["properties"].items():
-                assert key in limits and sub["type"] == limits[key]["type"]
-                assert sub.get("minimum") == limits[key].get("minimum"), key
+                assert key in limits and _types(sub) == _types(limits[key]), key
+                for bound in ("minimum", "exclusiveMinimum", "maximum"):
+                    assert sub.get(bound) == limits[key].get(bound), (key, bound)
             continue
         assert spec["type"] == code["properties"][name]["type"], name
         assert spec.get("minimum") == code["properties"][name].get("minimum"), name
