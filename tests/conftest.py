@@ -32,7 +32,8 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def engine(tiny_model_dir: Path) -> Iterator[object]:
     from p2r.services.engine import EngineLimits, OfflineEngine
 
-    eng = OfflineEngine(str(tiny_model_dir), EngineLimits(max_model_len=8192, max_num_seqs=8))
+    # 12,288: the reasoner's reference max_model_len (a 2,097,152-pixel image + 3 crops fits).
+    eng = OfflineEngine(str(tiny_model_dir), EngineLimits(max_model_len=12288, max_num_seqs=8))
     yield eng
     del eng
 

@@ -5,6 +5,7 @@ and the per-role defaults."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,36 +25,29 @@ def counter(model: Path) -> PromptCounter:
 
 
 @pytest.mark.engine
-def test_stage2_prompt_at_reference_scale_is_counted_exactly_and_fits(tiny_model_dir: Path,
-                                                                      synthetic_dir: Path) -> None:
+def test_stage2_prompt_at_reference_scale_is_counted_exactly_and_fits(engine: Any, synthetic_dir: Path) -> None:
     """Annotated image at 2,097,152 pixels + 3 crops: vLLM's prompt has exactly the counted
-    tokens, under the reasoner's max_prompt_tokens, and generates within max_model_len 12,288."""
-    from p2r.core.generation import Sampling
-    from p2r.services.engine import EngineLimits
-    from p2r.trainer.rollout import RolloutEngine
+    tokens, under the reasoner's max_prompt_tokens, and generates within max_model_len 12,288
+    (the shared engine runs at that length)."""
+    from vllm import SamplingParams
 
     sample = next(s for s in load_samples(synthetic_dir / "train.parquet") if len(s.gt_bboxes) >= 1)
     image = sample.load_image()
     boxes = (sample.gt_bboxes * 3)[:3]
     regions = [Region(*b, label=f"r{i}") for i, b in enumerate(boxes)]
-    evidence = build_evidence(image, regions)
-    request = reasoner_request(evidence, sample.question, sample.form, TRAIN_BOUNDS)
+    request = reasoner_request(build_evidence(image, regions), sample.question, sample.form, TRAIN_BOUNDS)
+    perceive = perceiver_request(image, sample.question, TRAIN_BOUNDS)
     assert len(request.images) == 4 and request.images[0].width * request.images[0].height > 1_900_000
     limits = ROLE_LENGTHS["reasoner"]
-    engine = RolloutEngine(str(tiny_model_dir), EngineLimits(max_model_len=limits["max_model_len"], max_num_seqs=2,
-                                                             dtype="float32"))
-    try:
-        c = PromptCounter(engine.llm.get_tokenizer(), 32)
-        perceive = perceiver_request(image, sample.question, TRAIN_BOUNDS)
-        [[out]], [[p_out]] = engine.sample([request], Sampling(max_tokens=2)), \
-            engine.sample([perceive], Sampling(max_tokens=2))
-        assert len(out.prompt_token_ids) == c.request_tokens(request)
-        assert len(p_out.prompt_token_ids) == c.request_tokens(perceive)
-        assert len(p_out.prompt_token_ids) == c.sample_tokens(sample, "perceiver", TRAIN_BOUNDS)
-        assert 2048 + 3 < len(out.prompt_token_ids) <= limits["max_prompt_tokens"]
-        assert len(out.prompt_token_ids) + limits["max_response_tokens"] <= limits["max_model_len"]
-    finally:
-        del engine
+    assert engine.limits.max_model_len == limits["max_model_len"]
+    c = PromptCounter(engine.llm.get_tokenizer(), 32)
+    outs = engine.llm.generate([engine.renderer.render(request), engine.renderer.render(perceive)],
+                               SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)
+    reason_ids, perceive_ids = (list(o.prompt_token_ids) for o in outs)
+    assert len(reason_ids) == c.request_tokens(request)
+    assert len(perceive_ids) == c.request_tokens(perceive) == c.sample_tokens(sample, "perceiver", TRAIN_BOUNDS)
+    assert 2048 + 3 < len(reason_ids) <= limits["max_prompt_tokens"]
+    assert len(reason_ids) + limits["max_response_tokens"] <= limits["max_model_len"]
 
 
 def test_overlong_filter_drops_and_counts(tiny_model_dir: Path, synthetic_dir: Path) -> None:
