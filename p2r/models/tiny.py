@@ -8,11 +8,15 @@ Qwen special tokens, a Qwen-style chat template and processor configs.
 
 The weights are random, so its answers are noise; what it proves is that every code path
 (tokenisation, image placeholders, vision tower, generation, weight sync) works end to end.
+
+``write_bench_model`` writes a larger preset (``BENCH``, ~15M parameters) with the same tokenizer
+and processor, for the trainer memory benchmark.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,6 +48,28 @@ HEAD_DIM = 64
 LAYERS = 2
 PATCH_SIZE = 16
 MERGE_SIZE = 2
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Sizes of a random Qwen3-VL preset (head_dim is ``HEAD_DIM`` for both towers)."""
+
+    hidden: int = HIDDEN
+    intermediate: int = 2 * HIDDEN
+    layers: int = LAYERS
+    kv_heads: int = HIDDEN // HEAD_DIM
+    vision_hidden: int = HIDDEN
+    vision_intermediate: int = 2 * HIDDEN
+    vision_depth: int = LAYERS
+    deepstack: tuple[int, ...] = (1,)
+
+
+TINY = Shape()
+# The trainer memory benchmark's model (bench/trainer_memory.py): ~15M parameters, big enough
+# that model state and activations are a real share of the process, small enough that a step of
+# 64 prompts x 8 rollouts runs in minutes on 2 CPU cores.
+BENCH = Shape(hidden=384, intermediate=1024, layers=6, kv_heads=2, vision_hidden=256,
+              vision_intermediate=1024, vision_depth=2)
 
 # Qwen-style ChatML. Image items render as the vision placeholder triple that the processor
 # (and vLLM) expand to one <|image_pad|> per merged patch.
@@ -107,17 +133,18 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_config(tokenizer: PreTrainedTokenizerFast) -> Qwen3VLConfig:
-    """A 2-layer Qwen3-VL whose special-token ids match ``tokenizer``."""
+def build_config(tokenizer: PreTrainedTokenizerFast, shape: Shape = TINY) -> Qwen3VLConfig:
+    """A Qwen3-VL of ``shape`` (by default the 2-layer tiny one) whose special-token ids match
+    ``tokenizer``."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab = -(-len(tokenizer) // 64) * 64  # pad the embedding to a multiple of 64
     return Qwen3VLConfig(
         text_config={
-            "hidden_size": HIDDEN,
-            "intermediate_size": 2 * HIDDEN,
-            "num_hidden_layers": LAYERS,
-            "num_attention_heads": HIDDEN // HEAD_DIM,
-            "num_key_value_heads": HIDDEN // HEAD_DIM,
+            "hidden_size": shape.hidden,
+            "intermediate_size": shape.intermediate,
+            "num_hidden_layers": shape.layers,
+            "num_attention_heads": shape.hidden // HEAD_DIM,
+            "num_key_value_heads": shape.kv_heads,
             "head_dim": HEAD_DIM,
             "vocab_size": vocab,
             "max_position_embeddings": 32768,
@@ -134,16 +161,16 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> Qwen3VLConfig:
             "eos_token_id": ids["<|im_end|>"],
         },
         vision_config={
-            "depth": LAYERS,
-            "hidden_size": HIDDEN,
-            "intermediate_size": 2 * HIDDEN,
-            "num_heads": HIDDEN // HEAD_DIM,
-            "out_hidden_size": HIDDEN,
+            "depth": shape.vision_depth,
+            "hidden_size": shape.vision_hidden,
+            "intermediate_size": shape.vision_intermediate,
+            "num_heads": shape.vision_hidden // HEAD_DIM,
+            "out_hidden_size": shape.hidden,
             "patch_size": PATCH_SIZE,
             "spatial_merge_size": MERGE_SIZE,
             "temporal_patch_size": 2,
             "num_position_embeddings": 576,
-            "deepstack_visual_indexes": [1],
+            "deepstack_visual_indexes": list(shape.deepstack),
         },
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -187,10 +214,20 @@ def write_tiny_model(out: Path | str, seed: int = 0, dtype: torch.dtype = torch.
     repeats the prompt's last token whatever the input; a larger ``init_std`` gives a model whose
     replies depend on the image and question (evaluation tests compare per-sample outputs).
     """
+    return _write_model(out, TINY, "p2r-tiny-qwen3vl", seed, dtype, init_std)
+
+
+def write_bench_model(out: Path | str, seed: int = 0) -> Path:
+    """Write the ``BENCH`` preset (fp32, random, the tiny model's tokenizer and processor)."""
+    return _write_model(out, BENCH, "p2r-bench-qwen3vl", seed, torch.float32, None)
+
+
+def _write_model(out: Path | str, shape: Shape, kind: str, seed: int, dtype: torch.dtype,
+                 init_std: float | None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    config = build_config(tokenizer)
+    config = build_config(tokenizer, shape)
     if init_std is not None:
         config.initializer_range = config.text_config.initializer_range = init_std
         config.vision_config.initializer_range = init_std
@@ -201,7 +238,7 @@ def write_tiny_model(out: Path | str, seed: int = 0, dtype: torch.dtype = torch.
     model.save_pretrained(out)
     build_processor(tokenizer).save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "p2r_tiny.json").write_text(json.dumps({"seed": seed, "kind": "p2r-tiny-qwen3vl"}))
+    (out / "p2r_tiny.json").write_text(json.dumps({"seed": seed, "kind": kind}))
     return out
 
 

@@ -1,0 +1,578 @@
+"""Trainer memory benchmark: does the PRA-GRPO update's memory stay flat as the step grows, and
+does FSDP2 really split the model state across ranks?
+
+Why: the update used to keep every prompt group's autograd graph alive until one backward at
+the end of the step, with logits over the whole sequence in fp32 and the entropy on top, so a
+step's memory grew with ``prompts_per_step``; it also kept a full model, its gradients and its
+AdamW state on every rank. ``trainer/actor.py`` now runs micro-batched backward passes
+(``micro_batch_size`` responses of one prompt each, step-global loss normalisation) on FSDP2
+shards (fp32 masters, gradients and AdamW state cut over the ranks). This benchmark checks both
+claims on this CPU box, with a random Qwen3-VL of ~15M parameters (``p2r.models.tiny.BENCH``):
+
+- peak RSS per rank for ``prompts_per_step`` 8, 16, 32, 64 at a fixed micro-batch (target:
+  growth from 8 to 64 at most 1.25x), beside the same numbers for the legacy update ("today's
+  growth"), reproduced here faithfully from ``git show a1daa85:trainer/loop.py`` /
+  ``trainer/policy.py`` on a plain, unsharded model with the same rollouts;
+- model-state memory per rank (the bytes of the local shards of parameters, gradients, AdamW
+  state and reference model, summed over their distinct storages, ``DTensor.to_local()``) at
+  world size 1 and 2 (target: world 2 at most 0.6x world 1).
+
+Method: every measurement is a fresh process (a pair of them at world size 2, gloo on CPU),
+fed fixed synthetic rollouts (the processor's prompt ids for a real perceiver request on a small
+image, random response tokens of a fixed length, random advantages; the same for every path and
+world size), running a one-prompt warm-up step (it allocates the AdamW moments) and then
+``--updates`` full steps. "Peak RSS" is ``getrusage(RUSAGE_SELF).ru_maxrss`` of the process
+(loading included); "update peak" is the high-water mark of the full steps alone (``VmHWM``
+after ``clear_refs``), which separates the update from the one-off cost of loading the model.
+The parent polls every child's RSS and kills it past ``--cap-mib``; that series stops there
+("over cap": its larger sizes are not started), and the table shows their peak projected
+linearly from the last measured size instead.
+
+Allocator: children run with glibc's mmap threshold fixed at its default 128 KiB
+(``MALLOC_MMAP_THRESHOLD_``), which turns off glibc's dynamic raise of it. Under the stock
+setting, buffers freed by one micro-batch come back as heap the next cannot reuse whole, and
+RSS creeps by a few MiB per micro-batch whatever the update keeps alive; the full run also
+measures the new update that way at the smallest and largest step, to show the allocator's share.
+
+    .venv/bin/python bench/trainer_memory.py [--quick] [--out bench/results/trainer_memory.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+NEW, LEGACY = "fsdp2", "legacy"
+PROMPTS = (8, 16, 32, 64)
+QUICK_PROMPTS = (8, 16)
+SAMPLES = 8  # distinct prompts, cycled: every step size sees the same prompt lengths
+MAX_PIXELS = 16384  # 16 merged image tokens at most: prompts of ~150-200 tokens
+MIB = 2**20
+# glibc's default mmap threshold (128 KiB), set explicitly: that also turns off its dynamic
+# raise, so every freed activation buffer goes back to the OS and RSS follows live memory.
+FIXED_MMAP_THRESHOLD = "131072"
+GROWTH_TARGET = 1.25
+STATE_TARGET = 0.6
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One measurement: what the child process runs (and what a plan estimate would take)."""
+
+    path: str
+    world: int
+    prompts: int
+    rollouts: int
+    response_tokens: int
+    micro_batch_size: int
+    updates: int
+    model: str
+    data: str
+    malloc: str = "fixed"  # fixed: FIXED_MMAP_THRESHOLD; stock: glibc's defaults
+
+
+@dataclass
+class RankResult:
+    """What one rank measured."""
+
+    rank: int
+    peak_rss_mib: float  # ru_maxrss of the process, loading included
+    update_peak_mib: float  # high-water mark of the measured update steps alone
+    loaded_rss_mib: float  # RSS after loading and a one-prompt warm-up step (AdamW state allocated)
+    state_mib: dict[str, float]  # local bytes: params, grads, optimiser, ref, total
+    update_s: list[float]
+    prompt_tokens: float  # mean prompt length of the rank's groups
+    micro_batches: int  # backward passes of a full step on this rank
+
+
+@dataclass
+class Row:
+    """One configuration of the table: its spec and each rank's result, or why there is none."""
+
+    spec: Spec
+    ranks: list[RankResult] = field(default_factory=list)
+    status: str = "ok"  # ok | over cap (...) | failed (...)
+    projected_mib: float | None = None  # over cap: the update peak projected from the last measured size
+
+    def peak(self) -> float | None:
+        return max(r.peak_rss_mib for r in self.ranks) if self.ranks else None
+
+    def state(self) -> float | None:
+        return max(r.state_mib["total"] for r in self.ranks) if self.ranks else None
+
+
+# ------------------------------------------------------------------------------ the child
+
+
+def _rss_kib(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field_name} in /proc/self/status")
+
+
+def _storage_bytes(tensors: Iterable[Any], seen: set[int]) -> int:
+    """Bytes of the distinct local storages under ``tensors`` (a DTensor counts its shard)."""
+    import torch
+
+    total = 0
+    with torch.no_grad():
+        for t in tensors:
+            if not isinstance(t, torch.Tensor):
+                continue
+            local = t.to_local() if hasattr(t, "to_local") else t
+            storage = local.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+def build_groups(processor: Any, data: Path, spec: Spec, step: int) -> list[Any]:
+    """The step's global batch: ``prompts`` perceiver prompts cycled over ``SAMPLES`` images,
+    each with ``rollouts`` random responses of ``response_tokens`` tokens and random advantages
+    (seeded: every path and world size gets exactly the same rollouts)."""
+    from p2r.core.flow import perceiver_request
+    from p2r.core.images import MIN_PIXELS, PixelBounds
+    from p2r.data.dataset import load_samples
+    from p2r.trainer.actor import PromptGroup
+
+    rng = random.Random(1000 + step)
+    samples = load_samples(data)[:SAMPLES]
+    vocab = len(processor.tokenizer)
+    prompt_ids: dict[int, tuple[Any, list[int]]] = {}
+    groups = []
+    for k in range(spec.prompts):
+        i = k % len(samples)
+        if i not in prompt_ids:
+            request = perceiver_request(samples[i].load_image(), samples[i].question,
+                                        PixelBounds(MIN_PIXELS, MAX_PIXELS))
+            text = processor.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+            ids = processor(text=[text], images=list(request.images), return_tensors="pt")["input_ids"][0].tolist()
+            prompt_ids[i] = (request, ids)
+        request, ids = prompt_ids[i]
+        responses = [[rng.randrange(10, vocab) for _ in range(spec.response_tokens)] for _ in range(spec.rollouts)]
+        groups.append(PromptGroup(request, list(ids), responses,
+                                  [rng.uniform(-1.5, 1.5) for _ in range(spec.rollouts)]))
+    return groups
+
+
+def _train_config(spec: Spec) -> Any:
+    from p2r.trainer.config import TrainConfig
+
+    return TrainConfig(role="perceiver", model=spec.model, data=Path(spec.data), output="unused",
+                       reward_plugin="tests.plugins:starts_with_digit", kl_coef=0.01,
+                       micro_batch_size=spec.micro_batch_size, max_response_tokens=spec.response_tokens,
+                       prompts_per_step=spec.prompts, rollouts_per_prompt=spec.rollouts)
+
+
+def legacy_response_logprobs(model: Any, processor: Any, request: Any, prompt_ids: list[int], responses: Any,
+                             with_entropy: bool = False) -> tuple[Any, Any]:
+    """``response_logprobs`` as of a1daa85: logits over the whole sequence, the response slice
+    in fp32, log-softmax and (with grad) entropy over it."""
+    import torch
+
+    from p2r.trainer.grpo import entropy_from_logits
+    from p2r.trainer.policy import vision_inputs
+
+    n, t = responses.tokens.shape
+    prompt = torch.tensor(list(prompt_ids), dtype=torch.long).unsqueeze(0).expand(n, -1)
+    ids = torch.cat([prompt, responses.tokens], dim=1)
+    attention = torch.cat([torch.ones_like(prompt, dtype=torch.float32), responses.mask], dim=1).long()
+    kwargs: dict[str, Any] = {}
+    vision = vision_inputs(processor, request)
+    if vision:
+        kwargs["pixel_values"] = vision["pixel_values"].repeat(n, 1)
+        kwargs["image_grid_thw"] = vision["image_grid_thw"].repeat(n, 1)
+        kwargs["mm_token_type_ids"] = (ids == model.config.image_token_id).long()
+    logits = model(input_ids=ids, attention_mask=attention, **kwargs).logits
+    start = len(prompt_ids)
+    response_logits = logits[:, start - 1 : start - 1 + t].float()
+    logp = torch.log_softmax(response_logits, dim=-1).gather(-1, responses.tokens.unsqueeze(-1)).squeeze(-1)
+    entropy = entropy_from_logits(response_logits) if with_entropy else None
+    return logp, entropy
+
+
+class LegacyUpdate:
+    """The update of ``Trainer.step`` as of a1daa85 (world size 1): a plain fp32 model (what it
+    loaded on CPU), an fp32 reference, AdamW; every group's forward first, each graph kept,
+    one loss over the concatenated step, one backward, then the optimiser step."""
+
+    def __init__(self, cfg: Any, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+        self.cfg = cfg
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+        self.model.train()
+        self.ref = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.ref.requires_grad_(False)
+        self.optimiser = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate,
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimiser, lambda _: 1.0)
+
+    def update(self, groups: list[Any]) -> int:
+        import torch
+
+        from p2r.trainer.grpo import grpo_loss
+        from p2r.trainer.policy import pad_responses
+
+        cfg = self.cfg
+        logps, refs, ents, masks, advs = [], [], [], [], []
+        length = max(len(r) for g in groups for r in g.responses)
+        for g in groups:
+            responses = pad_responses(g.responses)
+            lp, ent = legacy_response_logprobs(self.model, self.processor, g.request, g.prompt_ids, responses,
+                                               with_entropy=True)
+            with torch.no_grad():
+                ref, _ = legacy_response_logprobs(self.ref, self.processor, g.request, g.prompt_ids, responses)
+            refs.append(_pad(ref, length))
+            logps.append(_pad(lp, length))
+            ents.append(_pad(ent, length))
+            masks.append(_pad(responses.mask, length))
+            advs.append(torch.tensor(g.advantages, dtype=torch.float32))
+        logp = torch.cat(logps)
+        loss = grpo_loss(logp, logp.detach(), torch.cat(refs), torch.cat(advs), torch.cat(masks), torch.cat(ents),
+                         kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_low,
+                         clip_high=cfg.clip_high, aggregation=cfg.aggregation)
+        self.optimiser.zero_grad(set_to_none=False)
+        loss.total.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self.optimiser.step()
+        self.scheduler.step()
+        return 1
+
+
+def _pad(t: Any, length: int) -> Any:
+    import torch
+
+    return torch.nn.functional.pad(t, (0, length - t.shape[1]))
+
+
+def child(spec: Spec, out: Path) -> None:
+    """Run ``spec`` on this rank and write its ``RankResult`` to ``out``."""
+    import torch
+
+    torch.manual_seed(0)
+    cfg = _train_config(spec)
+    model_dir = Path(spec.model)
+    if spec.path == NEW:
+        from p2r.trainer.actor import Actor
+
+        actor = Actor(cfg, model_dir, model_dir)
+        rank, world = actor.rank, actor.world
+        model, ref, optimiser, processor = actor.model, actor.ref, actor.optimiser, actor.processor
+        update: Callable[[list[Any]], int] = lambda groups: actor.update(groups).micro_batches  # noqa: E731
+    else:
+        legacy = LegacyUpdate(cfg, model_dir)
+        rank, world = 0, 1
+        model, ref, optimiser, processor = legacy.model, legacy.ref, legacy.optimiser, legacy.processor
+        update = legacy.update
+    grad_bytes = [0]
+
+    def count_grads(*_: Any) -> None:  # gradients exist only inside the step: count them there
+        grad_bytes[0] = _storage_bytes((p.grad for p in model.parameters() if p.grad is not None), set())
+
+    optimiser.register_step_pre_hook(count_grads)
+    # A one-prompt warm-up step first: it allocates the AdamW moments, so the measured steps see
+    # the steady state (parameters, gradients, moments and activations at once).
+    warmup = build_groups(processor, Path(spec.data), dataclasses.replace(spec, prompts=world), 0)[rank::world]
+    batches = [build_groups(processor, Path(spec.data), spec, 1 + step)[rank::world] for step in range(spec.updates)]
+    update(warmup)
+    loaded_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loaded = _rss_kib("VmRSS") / 1024
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM (and ru_maxrss) restart from here
+    times, micro = [], 0
+    for groups in batches:
+        started = time.perf_counter()
+        micro = update(groups)
+        times.append(round(time.perf_counter() - started, 2))
+    update_peak = _rss_kib("VmHWM") / 1024
+    seen: set[int] = set()
+    state = {"params": _storage_bytes(model.parameters(), seen), "grads": grad_bytes[0],
+             "optimiser": _storage_bytes((v for s in optimiser.state.values() for v in s.values()), seen),
+             "ref": _storage_bytes(ref.parameters(), seen) if ref is not None else 0}
+    state["total"] = sum(state.values())
+    tokens = [len(g.prompt_ids) for g in batches[0]]
+    result = RankResult(rank=rank, peak_rss_mib=round(max(loaded_peak, update_peak), 1),
+                        update_peak_mib=round(update_peak, 1), loaded_rss_mib=round(loaded, 1),
+                        state_mib={k: round(v / MIB, 2) for k, v in state.items()}, update_s=times,
+                        prompt_tokens=round(sum(tokens) / len(tokens), 1), micro_batches=micro)
+    out.write_text(json.dumps(dataclasses.asdict(result)))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- the parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0.0
+
+
+def measure(spec: Spec, cap_mib: float, workdir: Path, timeout_s: float) -> Row:
+    """Run ``spec`` in fresh processes (one per rank), killing them all past ``cap_mib``."""
+    port = str(_free_port())
+    threads = str(max(1, (os.cpu_count() or 1) // spec.world))
+    outs = [workdir / f"{spec.path}-{spec.malloc}-w{spec.world}-p{spec.prompts}-r{rank}.json"
+            for rank in range(spec.world)]
+    procs = [subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(dataclasses.asdict(spec)),
+         "--child-out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+        env={**os.environ, "WORLD_SIZE": str(spec.world), "RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": port, "OMP_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
+             **({"MALLOC_MMAP_THRESHOLD_": FIXED_MMAP_THRESHOLD} if spec.malloc == "fixed" else {})})
+        for rank, out in enumerate(outs)]
+    deadline = time.monotonic() + timeout_s
+    status, seen_max = "ok", 0.0
+    while any(p.poll() is None for p in procs):
+        rss = max(_rss_mib(p.pid) for p in procs)
+        seen_max = max(seen_max, rss)
+        if rss > cap_mib or time.monotonic() > deadline:
+            status = f"over cap (killed at {rss:.0f} MiB)" if rss > cap_mib else "failed (timeout)"
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    errors = [p.communicate()[1] for p in procs]
+    if status == "ok" and any(p.returncode for p in procs):
+        status = "failed (exit " + ", ".join(str(p.returncode) for p in procs) + ")"
+        print(next(e for e, p in zip(errors, procs, strict=True) if p.returncode)[-3000:], file=sys.stderr)
+    row = Row(spec, status=status)
+    if status == "ok":
+        row.ranks = [RankResult(**json.loads(out.read_text())) for out in outs]
+    return row
+
+
+def projected(row: Row, prompts: int) -> float | None:
+    """Linear projection of the update peak to ``prompts`` from the measured row (memory above
+    the loaded model taken as proportional to the step's prompts)."""
+    if not row.ranks:
+        return None
+    r = row.ranks[0]
+    return r.loaded_rss_mib + (r.update_peak_mib - r.loaded_rss_mib) * prompts / row.spec.prompts
+
+
+# ------------------------------------------------------------------------------ reporting
+
+
+def _per_rank(row: Row, value: Callable[[RankResult], float]) -> str:
+    return " / ".join(f"{value(r):.0f}" for r in row.ranks) if row.ranks else "-"
+
+
+def _unmeasured(row: Row) -> str:
+    return row.status + (f", ~{row.projected_mib:.0f} projected" if row.projected_mib else "")
+
+
+# A later column (e.g. a plan estimate from ``row.spec``) is one more entry here.
+COLUMNS: list[tuple[str, Callable[[Row], str]]] = [
+    ("path", lambda r: r.spec.path + ("" if r.spec.malloc == "fixed" else ", stock malloc")),
+    ("world", lambda r: str(r.spec.world)),
+    ("prompts", lambda r: str(r.spec.prompts)),
+    ("prompt tok", lambda r: f"{r.ranks[0].prompt_tokens:.0f}" if r.ranks else "-"),
+    ("backward passes/rank", lambda r: str(r.ranks[0].micro_batches) if r.ranks else "-"),
+    ("peak RSS MiB/rank", lambda r: _per_rank(r, lambda x: x.peak_rss_mib) if r.ranks else _unmeasured(r)),
+    ("update peak MiB/rank", lambda r: _per_rank(r, lambda x: x.update_peak_mib)),
+    # What the step itself adds over the loaded, warmed-up process (the libraries' ~1 GiB aside).
+    ("step adds MiB/rank", lambda r: _per_rank(r, lambda x: x.update_peak_mib - x.loaded_rss_mib)),
+    ("model state MiB/rank", lambda r: _per_rank(r, lambda x: x.state_mib["total"])),
+    ("update s", lambda r: " / ".join(f"{s:.0f}" for s in r.ranks[0].update_s) if r.ranks else "-"),
+]
+
+
+def table(rows: list[Row]) -> str:
+    cells = [[h for h, _ in COLUMNS]] + [[f(r) for _, f in COLUMNS] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+             for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _find(rows: list[Row], path: str, world: int, prompts: int, malloc: str = "fixed") -> Row | None:
+    return next((r for r in rows if (r.spec.path, r.spec.world, r.spec.prompts, r.spec.malloc)
+                 == (path, world, prompts, malloc)), None)
+
+
+def growth(rows: list[Row], path: str, world: int, lo: int, hi: int, cap_mib: float,
+           malloc: str = "fixed") -> dict[str, Any] | None:
+    """Peak RSS per rank at ``hi`` prompts over ``lo`` prompts; over the cap, a lower bound (the
+    cap over the peak at ``lo``) and the linear projection instead."""
+    a, b = _find(rows, path, world, lo, malloc), _find(rows, path, world, hi, malloc)
+    low = a.peak() if a is not None else None
+    if b is None or low is None:
+        return None
+    high = b.peak()
+    if high is not None:
+        return {"measured": True, "value": round(high / low, 3), "mib": [low, high]}
+    return {"measured": False, "at_least": round(cap_mib / low, 3),
+            "projected": round(b.projected_mib / low, 3) if b.projected_mib else None,
+            "projected_peak_mib": round(b.projected_mib) if b.projected_mib else None, "mib": [low, None]}
+
+
+def headlines(rows: list[Row], sizes: tuple[int, ...], cap_mib: float) -> dict[str, Any]:
+    """The growth of each series from the smallest to the largest step, and the model state
+    (and peak RSS) per rank at world size 2 over world size 1, at the smallest step."""
+    lo, hi = sizes[0], sizes[-1]
+    out: dict[str, Any] = {f"growth_{path}_world{world}": growth(rows, path, world, lo, hi, cap_mib)
+                           for path, world in ((NEW, 1), (NEW, 2), (LEGACY, 1))}
+    out[f"growth_{NEW}_world1_stock_malloc"] = growth(rows, NEW, 1, lo, hi, cap_mib, "stock")
+    one, two = _find(rows, NEW, 1, lo), _find(rows, NEW, 2, lo)
+    if one is not None and two is not None and one.ranks and two.ranks:
+        out["state_world2_over_world1"] = round(two.state() / one.state(), 3)  # type: ignore[operator]
+        out["peak_rss_world2_over_world1"] = round(two.peak() / one.peak(), 3)  # type: ignore[operator]
+    return out
+
+
+def _growth_text(h: dict[str, Any] | None) -> str:
+    if h is None:
+        return "-"
+    if h["measured"]:
+        return f"{h['value']:.2f}x"
+    proj = f"; {h['projected']:.2f}x projected ({h['projected_peak_mib']} MiB)" if h["projected"] else ""
+    return f"over cap (> {h['at_least']:.2f}x{proj})"
+
+
+def _row_json(row: Row) -> dict[str, Any]:
+    spec = {k: v for k, v in dataclasses.asdict(row.spec).items() if k not in ("model", "data")}
+    return {"spec": spec, "status": row.status,
+            "projected_mib": round(row.projected_mib) if row.projected_mib else None,
+            "ranks": [dataclasses.asdict(r) for r in row.ranks]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"prompts {QUICK_PROMPTS} only, world 2 at the first")
+    parser.add_argument("--rollouts", type=int, default=8)
+    parser.add_argument("--response-tokens", type=int, default=32)
+    parser.add_argument("--micro", type=int, default=4, help="micro_batch_size of the FSDP2 update")
+    parser.add_argument("--updates", type=int, default=1,
+                        help="measured optimiser steps per process (after a one-prompt warm-up step)")
+    parser.add_argument("--cap-mib", type=float, default=4608, help="kill a measurement past this RSS")
+    parser.add_argument("--timeout-s", type=float, default=1800)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "trainer_memory.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(Spec(**json.loads(args.child)), args.child_out)
+        return
+
+    load = [round(x, 2) for x in os.getloadavg()]
+    started = time.perf_counter()
+    sizes = QUICK_PROMPTS if args.quick else PROMPTS
+    from p2r.data.dataset import write_synthetic
+    from p2r.models.tiny import BENCH, write_bench_model
+
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="p2r-trainer-memory-") as tmp:
+        work = Path(tmp)
+        model = write_bench_model(work / "model")
+        data = write_synthetic(work / "data", SAMPLES)
+        base = {"rollouts": args.rollouts, "response_tokens": args.response_tokens,
+                "micro_batch_size": args.micro, "updates": args.updates, "model": str(model), "data": str(data)}
+        plan = [Spec(NEW, 1, n, **base) for n in sizes]
+        plan += [Spec(NEW, 2, n, **base) for n in (sizes[:1] if args.quick else sizes)]
+        plan += [Spec(LEGACY, 1, n, **base) for n in sizes]
+        if not args.quick:  # the allocator's share: the same update under glibc's defaults
+            plan += [Spec(NEW, 1, n, **base, malloc="stock") for n in (sizes[0], sizes[-1])]
+        last: dict[tuple[str, int, str], Row] = {}  # the last measured row of each series
+        stopped: set[tuple[str, int, str]] = set()
+        for spec in plan:
+            series = (spec.path, spec.world, spec.malloc)
+            if series in stopped:  # a smaller step was already over the cap: this one would be too
+                row = Row(spec, status="over cap (series stopped)")
+            else:
+                t0 = time.perf_counter()
+                row = measure(spec, args.cap_mib, work, args.timeout_s)
+                peak = f", peak {_per_rank(row, lambda x: x.peak_rss_mib)} MiB" if row.ranks else ""
+                print(f"{spec.path} ({spec.malloc} malloc) world {spec.world} prompts {spec.prompts}: "
+                      f"{row.status}{peak} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            if row.ranks:
+                last[series] = row
+            else:
+                stopped.add(series)
+                if series in last:
+                    row.projected_mib = projected(last[series], spec.prompts)
+            rows.append(row)
+        n_params = _count_params(model)
+
+    heads = headlines(rows, sizes, args.cap_mib)
+    elapsed = time.perf_counter() - started
+    print(f"\nTrainer memory: random Qwen3-VL preset BENCH ({n_params / 1e6:.1f}M parameters: text hidden "
+          f"{BENCH.hidden} x {BENCH.layers} layers, vision {BENCH.vision_hidden} x {BENCH.vision_depth}), "
+          f"{args.rollouts} rollouts/prompt of {args.response_tokens} tokens, micro_batch_size {args.micro}, "
+          f"a one-prompt warm-up then {args.updates} full update(s) per process, fp32 on CPU; "
+          f"{os.cpu_count()} CPU cores, load average at start "
+          f"{load[0]} / {load[1]} / {load[2]}; cap {args.cap_mib:.0f} MiB per process; glibc mmap threshold "
+          f"fixed at {FIXED_MMAP_THRESHOLD} B except in the 'stock malloc' rows\n")
+    print(table(rows))
+    lo, hi = sizes[0], sizes[-1]
+    print(f"\npeak RSS growth {lo} -> {hi} prompts: {NEW} world 1 {_growth_text(heads.get(f'growth_{NEW}_world1'))}"
+          f", world 2 {_growth_text(heads.get(f'growth_{NEW}_world2'))} (target <= {GROWTH_TARGET}x); "
+          f"{LEGACY} {_growth_text(heads.get(f'growth_{LEGACY}_world1'))}; {NEW} world 1 under glibc's default "
+          f"malloc {_growth_text(heads.get(f'growth_{NEW}_world1_stock_malloc'))}")
+    if "state_world2_over_world1" in heads:
+        print(f"model state per rank, world 2 / world 1: {heads['state_world2_over_world1']:.3f}x "
+              f"(target <= {STATE_TARGET}x); peak RSS per rank world 2 / world 1: "
+              f"{heads['peak_rss_world2_over_world1']:.3f}x")
+    print(f"total {elapsed:.0f} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "load_average": load, "cpus": os.cpu_count(), "platform": platform.platform(), "elapsed_s": round(elapsed),
+        "model": {"preset": dataclasses.asdict(BENCH), "parameters": n_params},
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("child") and k != "out"},
+        "targets": {"growth": GROWTH_TARGET, "state_world2_over_world1": STATE_TARGET},
+        "headlines": heads,
+        "rows": [_row_json(r) for r in rows],
+    }, indent=1, default=str))
+    print(f"wrote {args.out}")
+
+
+def _count_params(model: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(model / "model.safetensors"), "pt") as f:
+        names = f.keys()
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in names)
+
+
+if __name__ == "__main__":
+    main()
