@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -401,7 +402,36 @@ def _unmeasured(row: Row) -> str:
     return row.status + (f", ~{row.projected_mib:.0f} projected" if row.projected_mib else "")
 
 
-# A later column (e.g. a plan estimate from ``row.spec``) is one more entry here.
+@functools.cache
+def _plan(spec_json: str, prompt_tokens: int) -> Any:
+    """``p2r train --plan``'s estimate (trainer/plan.py, CPU ranks) for a measured row: the same
+    config, with max_prompt_tokens set to the rows' measured prompt length."""
+    from p2r.trainer.plan import estimate, load_arch
+
+    spec = Spec(**json.loads(spec_json))
+    cfg = _train_config(spec).model_copy(update={"max_prompt_tokens": prompt_tokens})
+    return estimate(cfg, load_arch(spec.model), spec.world, 1 << 40, cpu=True)
+
+
+def plan_mib(row: Row) -> tuple[float, float] | None:
+    """(model state, update-phase total minus model state) of the plan, MiB per rank; the
+    second is what the step adds (activations, gathered units) - the libraries are not in it."""
+    if row.spec.path != NEW or not row.ranks:
+        return None
+    plan = _plan(json.dumps(dataclasses.asdict(row.spec)), round(row.ranks[0].prompt_tokens))
+    state = plan.params + plan.grads + plan.optimiser + plan.reference
+    return state / MIB, (plan.total("update") - state) / MIB
+
+
+def _vs_plan(row: Row, index: int, measured: Callable[[RankResult], float]) -> str:
+    planned = plan_mib(row)
+    if planned is None:
+        return "-"
+    value = max(measured(r) for r in row.ranks)
+    return f"{planned[index]:.0f} ({value / planned[index]:.2f}x)"
+
+
+# A later column is one more entry here.
 COLUMNS: list[tuple[str, Callable[[Row], str]]] = [
     ("path", lambda r: r.spec.path + ("" if r.spec.malloc == "fixed" else ", stock malloc")),
     ("world", lambda r: str(r.spec.world)),
@@ -413,6 +443,9 @@ COLUMNS: list[tuple[str, Callable[[Row], str]]] = [
     # What the step itself adds over the loaded, warmed-up process (the libraries' ~1 GiB aside).
     ("step adds MiB/rank", lambda r: _per_rank(r, lambda x: x.update_peak_mib - x.loaded_rss_mib)),
     ("model state MiB/rank", lambda r: _per_rank(r, lambda x: x.state_mib["total"])),
+    # --plan beside the measurement: planned MiB (measured / planned).
+    ("plan state MiB", lambda r: _vs_plan(r, 0, lambda x: x.state_mib["total"])),
+    ("plan step MiB", lambda r: _vs_plan(r, 1, lambda x: x.update_peak_mib - x.loaded_rss_mib)),
     ("update s", lambda r: " / ".join(f"{s:.0f}" for s in r.ranks[0].update_s) if r.ranks else "-"),
 ]
 
@@ -522,6 +555,7 @@ def main() -> None:
             else:
                 t0 = time.perf_counter()
                 row = measure(spec, args.cap_mib, work, args.timeout_s)
+                plan_mib(row)  # while the model directory exists (the estimate is cached)
                 peak = f", peak {_per_rank(row, lambda x: x.peak_rss_mib)} MiB" if row.ranks else ""
                 print(f"{spec.path} ({spec.malloc} malloc) world {spec.world} prompts {spec.prompts}: "
                       f"{row.status}{peak} ({time.perf_counter() - t0:.0f} s)", flush=True)
