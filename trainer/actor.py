@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from p2r.core.generation import ChatRequest
+from p2r.services.engine import tied_embedding_key
 from p2r.trainer.config import TrainConfig
 from p2r.trainer.grpo import LossNorm, grpo_loss
 from p2r.trainer.policy import pad_responses, response_logprobs, vision_inputs
@@ -280,16 +281,17 @@ class Actor:
         in-place reload without it keeps the old head). A collective: every rank iterates it."""
         started = time.perf_counter()
         total = 0
+        state = self.model.state_dict()
+        # The tied head, when the state dict does not list it, is the embedding sent again.
+        embed_key = tied_embedding_key(state) if self.tied and "lm_head.weight" not in state else None
         embed: torch.Tensor | None = None
-        seen_head = False
-        for name, t in self.model.state_dict().items():
+        for name, t in state.items():
             full = full_tensor(t.detach()).to(dtype)
             total += full.numel() * full.element_size()
-            if self.tied and name.endswith("embed_tokens.weight") and "language_model" in name:
+            if name == embed_key:
                 embed = full
-            seen_head = seen_head or name == "lm_head.weight"
             yield name, full
-        if self.tied and not seen_head and embed is not None:
+        if embed is not None:
             total += embed.numel() * embed.element_size()
             yield "lm_head.weight", embed
         if stats is not None:

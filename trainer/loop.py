@@ -107,16 +107,17 @@ class Trainer:
         # The engine starts before the actor takes GPU memory (vLLM sizes its share from what
         # is free), then sleeps until the first rollout.
         self.engine_dtype = compute_dtype(cfg.compute_dtype)
+        state = torch.load(start / STATE_FILE, weights_only=False) if resume_uri else None
+        resumed_step = int(state["position"]["step"]) if state else 0
         self.engine = RolloutEngine(str(start), rollout_limits(cfg, self.engine_dtype),
-                                    seed=cfg.seed + self.rank + 1000 * self._resume_step(start, resume_uri),
-                                    sleep_level=cfg.sleep_level)
+                                    seed=cfg.seed + self.rank + 1000 * resumed_step, sleep_level=cfg.sleep_level)
         self.engine.sleep()
         self.actor = Actor(cfg, start, base)
         self.pos = Position()
         torch.manual_seed(cfg.seed + self.rank)
         random.seed(cfg.seed + self.rank)
-        if resume_uri:
-            self._load_state(start)
+        if state is not None:
+            self._load_state(start, state)
             log.info("resumed from %s at step %d", resume_uri, self.pos.step)
         self.actor.offload()
         self.engine.wake_weights()
@@ -140,7 +141,6 @@ class Trainer:
             self.reward = ReasonerReward(cfg)
         self.perceiver = PerceiverCache(cfg) if cfg.role == "reasoner" and cfg.perceiver_endpoint else None
         self.val_perceiver = PerceiverCache(cfg) if self.perceiver is not None else None
-        self.val_reward = self.reward
         self.val_samples: list[Sample] = []
         if cfg.val_data is not None:
             self.val_samples = filter_overlong(load_samples(cfg.val_data, cfg.image_prefix), self.counter, cfg.role,
@@ -283,15 +283,8 @@ class Trainer:
         dist.barrier()
         return uri
 
-    @staticmethod
-    def _resume_step(checkpoint: Path, resume_uri: str | None) -> int:
-        """The step a resumed run continues from (it seeds the engine), before the actor exists."""
-        if not resume_uri:
-            return 0
-        return int(torch.load(checkpoint / STATE_FILE, weights_only=False)["position"]["step"])
-
-    def _load_state(self, checkpoint: Path) -> None:
-        state = torch.load(checkpoint / STATE_FILE, weights_only=False)
+    def _load_state(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        """Continue from ``checkpoint``: its train-state shards and its ``trainer_state.pt``."""
         self.actor.load_train_state(checkpoint / TRAIN_STATE_DIR)
         self.actor.scheduler.load_state_dict(state["scheduler"])
         self.actor.skipped_steps = int(state.get("skipped_steps", 0))
@@ -330,7 +323,7 @@ class Trainer:
     def validate(self) -> dict[str, Any]:
         """Validation at the current step (module trainer/validation.py); rank 0 records it."""
         started = time.perf_counter()
-        result = validate(self.val_samples, self.val_requests, self.engine, self.val_reward,
+        result = validate(self.val_samples, self.val_requests, self.engine, self.reward,
                           self.cfg.max_response_tokens, self.rank, self.world)
         row = {"step": self.pos.step, **result, "val/seconds": round(time.perf_counter() - started, 3)}
         if self.rank == 0:
