@@ -359,6 +359,7 @@ def train(role: str, config_path: Path, resume: str | None, max_steps: int | Non
 
     from pydantic import ValidationError
 
+    from p2r.data.dataset import DataError
     from p2r.services.checkpoints import CheckpointError
     from p2r.trainer.config import load_train_config
 
@@ -379,7 +380,7 @@ def train(role: str, config_path: Path, resume: str | None, max_steps: int | Non
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         result = Trainer(config, resume=resume).run()
-    except CheckpointError as e:
+    except (CheckpointError, DataError) as e:  # a missing checkpoint, a bad or unusable data set
         raise UserError(str(e)) from None
     click.echo(json.dumps({"checkpoint": result["checkpoint"], "steps": result["steps"],
                            "param_digest": result["param_digest"]}))

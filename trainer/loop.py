@@ -34,7 +34,7 @@ from p2r.core.evidence import build_evidence
 from p2r.core.flow import perceiver_request, reasoner_request
 from p2r.core.generation import ChatRequest, Sampling
 from p2r.core.images import MIN_PIXELS, PixelBounds
-from p2r.data.dataset import Sample, load_samples
+from p2r.data.dataset import DataError, Sample, load_samples
 from p2r.services.checkpoints import (
     MANIFEST,
     latest_checkpoint,
@@ -126,7 +126,7 @@ class Trainer:
         lengths = filter_overlong(load_samples(cfg.data, cfg.image_prefix), self.counter, cfg.role, self.bounds,
                                   cfg.max_prompt_tokens)
         if not lengths.kept:
-            raise ValueError(f"{cfg.data}: no sample fits max_prompt_tokens {cfg.max_prompt_tokens} "
+            raise DataError(f"{cfg.data}: no sample fits max_prompt_tokens {cfg.max_prompt_tokens} "
                              f"({lengths.dropped} over it, {lengths.unreadable} unreadable)")
         self.overlong_dropped, self.unreadable_dropped = lengths.dropped, lengths.unreadable
         self.overlong_fallbacks = 0
