@@ -35,6 +35,7 @@ from p2r.services import metrics
 from p2r.services.client import region_to_pb
 from p2r.services.config import ServeConfig
 from p2r.services.engine import AsyncEngine, GenerationOut
+from p2r.services.errors import InvalidArgument
 from p2r.v1 import p2r_pb2 as pb
 
 _FORMS = {
@@ -43,10 +44,6 @@ _FORMS = {
     pb.ANSWER_FORM_FREE_FORM: AnswerForm.FREE_FORM,
 }
 FORM_TO_PB = {v: k for k, v in _FORMS.items()}
-
-
-class InvalidArgument(ValueError):
-    """A request field that is wrong; the message starts with the field's path."""
 
 
 def _ms(seconds: float) -> float:

@@ -1,8 +1,9 @@
 """HTTP facade of the gateway (FastAPI): ``POST /v1/answer`` for curl and browsers, plus the
 probes ``/healthz`` (process alive) and ``/readyz`` (model loaded and answering).
 
-It calls the same ``answer`` flow as the gRPC ``P2R.Answer`` and maps its errors to HTTP:
-400 bad input, 429 overload, 504 deadline, 502 upstream role failure.
+It calls the same ``answer`` flow as the gRPC ``P2R.Answer`` and maps its errors with the same
+``Server.status_of`` (``services/errors.py``): 400 bad input, 429 overload, 504 deadline, 502
+upstream role failure, 500 (counted as INTERNAL) for a bug, 503 when the engine died.
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Annotated
 
-import grpc
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import JSONResponse
 from google.protobuf.json_format import MessageToDict
 
 from p2r.core.prompts import AnswerForm
 from p2r.services import metrics
-from p2r.services.handlers import FORM_TO_PB, InvalidArgument, answer
+from p2r.services.handlers import FORM_TO_PB, answer
 from p2r.v1 import p2r_pb2 as pb
 
 if TYPE_CHECKING:
@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 
 
 def create_app(server: Server) -> FastAPI:
-    from p2r.services.server import Overloaded
-
     app = FastAPI(title="P2R gateway", version="1")
 
     @app.get("/healthz")
@@ -61,18 +59,13 @@ def create_app(server: Server) -> FastAPI:
         try:
             with server.admission.admit(1):
                 result = await asyncio.wait_for(answer(request, server.handlers, perceiver, reasoner), timeout_s)
-        except InvalidArgument as e:
-            code = "INVALID_ARGUMENT"
-            raise HTTPException(400, str(e)) from None
-        except Overloaded as e:
-            code = "RESOURCE_EXHAUSTED"
-            raise HTTPException(429, str(e)) from None
-        except TimeoutError:
-            code = "DEADLINE_EXCEEDED"
-            raise HTTPException(504, f"no answer within {timeout_s} s") from None
-        except grpc.aio.AioRpcError as e:
-            code = e.code().name
-            raise HTTPException(502, f"upstream: {e.details()}") from None
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as e:
+            status = server.status_of("http_answer", e)
+            code = status.code.name
+            raise HTTPException(status.http, status.message) from None
         finally:
             metrics.REQUESTS.labels("http_answer", code).inc()
         return MessageToDict(result, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)

@@ -24,11 +24,12 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from p2r.services import metrics
-from p2r.services.checkpoints import CheckpointError, resolve_checkpoint
+from p2r.services.checkpoints import resolve_checkpoint
 from p2r.services.client import aio_channel
 from p2r.services.config import ServeConfig
 from p2r.services.engine import AsyncEngine, EngineLimits
-from p2r.services.handlers import Handlers, InvalidArgument, RoleBackend, answer
+from p2r.services.errors import InvalidArgument, Overloaded, Status, status_of
+from p2r.services.handlers import Handlers, RoleBackend, answer
 from p2r.v1 import p2r_pb2 as pb
 from p2r.v1 import p2r_pb2_grpc as pb_grpc
 
@@ -43,10 +44,6 @@ SERVICE_NAMES = {
     "verifier": "p2r.v1.Verifier",
     "gateway": "p2r.v1.P2R",
 }
-
-
-class Overloaded(Exception):
-    """More work than the admission limit."""
 
 
 class Admission:
@@ -226,33 +223,27 @@ class Server:
                 if remaining is None:
                     return await work()
                 return await asyncio.wait_for(work(), timeout=remaining)
-        except Overloaded as e:
-            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
-        except TimeoutError:
-            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, f"{method}: deadline exceeded; engine request aborted"
-        except InvalidArgument as e:
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
-        except CheckpointError as e:
-            code, message = grpc.StatusCode.FAILED_PRECONDITION, str(e)
-        except grpc.aio.AioRpcError as e:  # a remote role failed: pass its status through
-            code, message = e.code(), f"upstream: {e.details()}"
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as e:
-            log.exception("%s failed", method)
-            code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
-            if self.engine is not None and self.engine.llm.errored:
-                # A dead engine does not come back: report NOT_SERVING and exit non-zero so the
-                # orchestrator restarts the process.
-                code = grpc.StatusCode.UNAVAILABLE
-                self.failed = True
-                asyncio.get_running_loop().create_task(self.stop(grace=0))
+            status = self.status_of(method, e)
+            code, message = status.code, status.message
         finally:
             _deadline.reset(token)
             metrics.REQUESTS.labels(method, code.name).inc()
             metrics.LATENCY.labels(method).observe(time.perf_counter() - started)
         await context.abort(code, message)
+
+    def status_of(self, method: str, exc: Exception) -> Status:
+        """``errors.status_of`` for this process, for every transport: a dead engine does not come
+        back, so it turns the process NOT_SERVING and makes it exit non-zero (the orchestrator
+        restarts it)."""
+        status = status_of(exc, method, engine_dead=self.engine is not None and self.engine.llm.errored)
+        if status.fatal and not self.failed:
+            self.failed = True
+            asyncio.get_running_loop().create_task(self.stop(grace=0))
+        return status
 
     async def reload(self, uri: str) -> float:
         """Load a checkpoint into the running engine (one reload at a time)."""
