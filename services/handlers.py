@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -34,6 +33,7 @@ from p2r.core.source_image import SourceImage
 from p2r.services import metrics
 from p2r.services.client import region_to_pb
 from p2r.services.config import ServeConfig
+from p2r.services.cpus import default_workers
 from p2r.services.engine import AsyncEngine, GenerationOut
 from p2r.services.errors import InvalidArgument
 from p2r.v1 import p2r_pb2 as pb
@@ -73,8 +73,8 @@ class Handlers:
         self._cache_lock = threading.Lock()
         # The image work gets its own bounded pool: on a CPU engine it shares the cores with the
         # engine's own threads, and more builders than cores only slow both down.
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-        workers = config.prepare_workers or max(1, cpus // 2)
+        # 0: sized from the container's CPU quota, not the node's cores (services/cpus.py).
+        workers = config.prepare_workers or default_workers()
         self._prepare_pool = ThreadPoolExecutor(workers, thread_name_prefix="p2r-prepare")
 
     # ------------------------------------------------------------------------------ validation
