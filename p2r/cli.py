@@ -158,12 +158,14 @@ def data_synth(out: Path, n: int, seed: int, image_mode: str) -> None:
               help="Directory image paths are relative to (default: the parquet's directory).")
 @_user_errors
 def data_check(parquet: Path, image_prefix: Path | None) -> None:
-    """Validate a P2R-10k-layout parquet; report the first malformed row and field."""
-    from p2r.data.dataset import load_samples
+    """Validate a P2R-10k-layout parquet, decoding every image; report the first malformed row and field."""
+    from p2r.data.dataset import check_images, load_samples
 
     samples = load_samples(parquet, image_prefix)
+    images = check_images(samples, progress=sys.stderr.isatty())
     forms = Counter(s.form.value for s in samples)
-    click.echo(f"{len(samples)} valid rows: " + ", ".join(f"{k}={v}" for k, v in sorted(forms.items())))
+    click.echo(f"{len(samples)} valid rows, {images} images decoded: "
+               + ", ".join(f"{k}={v}" for k, v in sorted(forms.items())))
 
 
 # --------------------------------------------------------------------------------- inference

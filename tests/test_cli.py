@@ -63,7 +63,7 @@ def test_models_tiny_and_data_commands(tmp_path: Path) -> None:
     out = run("data", "synth", "--out", str(tmp_path / "d"), "--n", "4", "--image-mode", "bytes")
     assert out.returncode == 0 and "wrote 4 samples" in out.stdout
     out = run("data", "check", str(tmp_path / "d" / "train.parquet"))
-    assert out.returncode == 0 and out.stdout.strip() == "4 valid rows: free_form=1, mca=2, na=1"
+    assert out.returncode == 0 and out.stdout.strip() == "4 valid rows, 4 images decoded: free_form=1, mca=2, na=1"
 
 
 def test_data_check_reports_malformed_row(tmp_path: Path) -> None:
@@ -76,6 +76,43 @@ def test_data_check_reports_malformed_row(tmp_path: Path) -> None:
     out = run("data", "check", str(tmp_path / "t.parquet"))
     assert out.returncode == 2
     assert out.stderr.startswith("p2r: error: row 0: field 'images[0].path': no file at")
+
+
+def test_data_check_decodes_every_image_and_checks_boxes(tmp_path: Path) -> None:
+    """Garbage bytes, and a PNG whose header is valid but whose pixel data is cut off, both pass
+    a header-only look; ``data check`` decodes them and names the row and image. A bad
+    ``gt_bboxes`` value names its row and box. One line on stderr, exit 2."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 64).convert("RGB").save(buf, format="PNG")
+    good, truncated = buf.getvalue(), buf.getvalue()[: len(buf.getvalue()) // 2]
+
+    def row(i: int, images: list[bytes], boxes: list[list[float]] | None = None) -> dict[str, object]:
+        return {"prompt": [{"role": "user", "content": "<image>Q?"}],
+                "images": [{"bytes": b, "path": None} for b in images], "reward_model": {"ground_truth": "A"},
+                "extra_info": {"answer_form": "mca", "index": i, "gt_bboxes": boxes or [[1.0, 2.0, 3.0, 4.0]]}}
+
+    cases = [
+        ([row(0, [good]), row(1, [good, b"\x89PNG\r\n\x1a\n garbage"])], "row 1: field 'images[1]': "),
+        ([row(0, [good]), row(1, [good]), row(2, [truncated])], "row 2: field 'images[0]': "),
+        ([row(0, [good]), row(1, [good], [[1.0, 2.0, 3.0, 4.0], [5.0, float("nan"), 6.0, 7.0]])],
+         "row 1: field 'extra_info.gt_bboxes[1]' has a non-finite coordinate"),
+        ([row(0, [good], [[9.0, 2.0, 3.0, 4.0]])], "row 0: field 'extra_info.gt_bboxes[0]' must have x1 <= x2"),
+    ]
+    for k, (rows, message) in enumerate(cases):
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{k}.parquet")
+        out = run("data", "check", str(tmp_path / f"{k}.parquet"))
+        assert out.returncode == 2, (message, out.stdout)
+        assert out.stderr.startswith(f"p2r: error: {message}") and len(out.stderr.strip().splitlines()) == 1, \
+            out.stderr
+    pq.write_table(pa.Table.from_pylist([row(0, [good, good]), row(1, [good])]), tmp_path / "ok.parquet")
+    out = run("data", "check", str(tmp_path / "ok.parquet"))
+    assert out.returncode == 0 and out.stdout.strip() == "2 valid rows, 3 images decoded: mca=2", out.stderr
 
 
 @pytest.mark.engine

@@ -118,7 +118,19 @@ def _mutations() -> list[tuple[str, Any]]:
     def only_image_tag(r: dict) -> None:
         r["prompt"] = [{"role": "user", "content": "<image>"}]
 
+    def short_box(r: dict) -> None:
+        r["extra_info"]["gt_bboxes"] = [[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0]]
+
+    def text_boxes(r: dict) -> None:
+        r["extra_info"]["gt_bboxes"] = "[[1, 2, 3, 4]]"
+
+    def inf_box(r: dict) -> None:
+        r["extra_info"]["gt_bboxes"] = [[0.0, 0.0, float("inf"), 4.0]]
+
     return [
+        ("field 'extra_info.gt_bboxes[1]' must be [x1, y1, x2, y2], got [1.0, 2.0, 3.0]", short_box),
+        ("field 'extra_info.gt_bboxes' must be a list of [x1, y1, x2, y2] boxes, got str", text_boxes),
+        ("field 'extra_info.gt_bboxes[0]' has a non-finite coordinate: [0.0, 0.0, inf, 4.0]", inf_box),
         ("field 'prompt' has no user message", drop_user),
         ("field 'images' must be a non-empty list", no_images),
         ("field 'images[0]' has neither bytes nor path", empty_image),

@@ -11,7 +11,8 @@ that silently skips or mis-reads rows corrupts its reward signal without anyone 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from p2r.core.images import ImageError, decode_image, encode_image
+from p2r.core.images import TRAIN_BOUNDS, ImageError, PixelBounds, decode_image, encode_image, model_size
 from p2r.core.prompts import AnswerForm, question_from_prompt
 from p2r.data.synth import DATA_SOURCE, make_sample
 
@@ -172,6 +173,33 @@ def _image_ref(item: Any, i: int, j: int, prefix: Path) -> ImageRef:
     raise DataError(f"row {i}: field '{name}' has neither bytes nor path")
 
 
+def _boxes(value: Any, i: int) -> list[list[float]]:
+    """``extra_info.gt_bboxes``: absent, or a list of ``[x1, y1, x2, y2]`` with finite numeric
+    coordinates and ``x1 <= x2``, ``y1 <= y2``. The perceiver's reward compares predictions with
+    these boxes, so one bad value would score every rollout of its prompt wrongly (or crash the
+    step); it is an error naming the row and the box instead."""
+    if value is None:
+        return []
+    field_name = "extra_info.gt_bboxes"
+    if not isinstance(value, (list, tuple)):
+        raise DataError(f"row {i}: field '{field_name}' must be a list of [x1, y1, x2, y2] boxes, "
+                        f"got {type(value).__name__}")
+    boxes = []
+    for k, box in enumerate(value):
+        name = f"{field_name}[{k}]"
+        if not isinstance(box, (list, tuple)) or len(box) != 4:
+            raise DataError(f"row {i}: field '{name}' must be [x1, y1, x2, y2], got {box!r}")
+        if not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in box):
+            raise DataError(f"row {i}: field '{name}' must hold numbers, got {list(box)!r}")
+        x1, y1, x2, y2 = (float(c) for c in box)
+        if not all(math.isfinite(c) for c in (x1, y1, x2, y2)):
+            raise DataError(f"row {i}: field '{name}' has a non-finite coordinate: {list(box)!r}")
+        if x1 > x2 or y1 > y2:
+            raise DataError(f"row {i}: field '{name}' must have x1 <= x2 and y1 <= y2, got {list(box)!r}")
+        boxes.append([x1, y1, x2, y2])
+    return boxes
+
+
 def parse_row(row: dict[str, Any], i: int, image_prefix: Path) -> Sample:
     """Validate one row and turn it into a Sample."""
     question = question_from_prompt(_user_text(row.get("prompt"), i))
@@ -191,9 +219,7 @@ def parse_row(row: dict[str, Any], i: int, image_prefix: Path) -> Sample:
         raise DataError(f"row {i}: field 'extra_info.answer_form': {e}") from None
     index = _get(row, i, "extra_info.index", int)
     extra = row["extra_info"]
-    boxes = extra.get("gt_bboxes") or []
-    if not all(isinstance(b, (list, tuple)) and len(b) == 4 for b in boxes):
-        raise DataError(f"row {i}: field 'extra_info.gt_bboxes' must hold [x1, y1, x2, y2] lists")
+    boxes = _boxes(extra.get("gt_bboxes"), i)
     return Sample(
         index=index,
         question=question,
@@ -202,7 +228,7 @@ def parse_row(row: dict[str, Any], i: int, image_prefix: Path) -> Sample:
         images=refs,
         data_source=str(row.get("data_source") or ""),
         category=str(extra.get("category") or ""),
-        gt_bboxes=[[float(c) for c in b] for b in boxes],
+        gt_bboxes=boxes,
         row=i,
     )
 
@@ -229,3 +255,24 @@ def load_samples(path: Path | str, image_prefix: Path | str | None = None) -> li
     prefix = Path(image_prefix) if image_prefix is not None else path.parent
     return [parse_row(row, i, prefix) for i, row in enumerate(iter_rows(path))]
 
+
+
+def check_images(samples: Iterable[Sample], bounds: PixelBounds | None = None,
+                 progress: bool = False) -> int:
+    """Decode every image of every sample (not only its header) and check the model can resize
+    it; the first failure is a ``DataError`` naming the row and the image. Returns how many
+    images decoded. ``p2r data check`` runs this: a file whose bytes are garbage past a valid
+    header passes a header-only check and then kills training at the step that draws it.
+    One image is decoded at a time, so memory stays at one image whatever the data set's size."""
+    bounds = bounds or TRAIN_BOUNDS
+    decoded = 0
+    for s in tqdm(samples, desc="decoding images", unit="row", disable=not progress):
+        for j, ref in enumerate(s.images):
+            try:
+                image = ref.load()
+                model_size(image.width, image.height, bounds)
+            except (ImageError, OSError) as e:
+                raise DataError(f"row {s.row}: field 'images[{j}]': {e}") from None
+            image.close()
+            decoded += 1
+    return decoded
