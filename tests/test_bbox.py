@@ -111,3 +111,20 @@ json_values = st.recursive(
 def test_parsing_never_raises_on_arbitrary_json(value: object) -> None:
     for region in parse_regions(json.dumps(value)):
         assert region.x1 < region.x2 and region.y1 < region.y2
+
+
+def test_integer_literal_beyond_float_range_is_an_invalid_box_not_a_crash() -> None:
+    """A JSON integer above 1e308 has no float (``float()`` raises OverflowError): that box is
+    rejected like any invalid one, and its valid neighbours are kept (model output never crashes)."""
+    huge = "1" + "0" * 400
+    text = f'[{{"bbox_2d": [0, 0, {huge}, 10], "label": "a"}}, {{"bbox_2d": [1, 2, 3, 4], "label": "b"}}]'
+    assert parse_regions(text) == [Region(1, 2, 3, 4, "b")]
+    assert parse_regions(f'see {{"bbox_2d": [{huge}, 0, 5, 5]}}') == []
+
+
+@pytest.mark.parametrize("space", ["\u3000", "\u00a0", "\u2003\n"])
+def test_whole_text_is_unicode_stripped_before_json(space: str) -> None:
+    """Reference: ``json.loads(text.strip())``, and ``str.strip`` removes Unicode whitespace that
+    JSON does not skip (U+3000, U+00A0), so a list wrapped in it is still read whole."""
+    text = f'{space}[{{"bbox_2d": [1, 2, 3, 4], "label": "a"}}, {{"bbox_2d": [5, 6, 7, 8]}}]{space}'
+    assert parse_regions(text) == [Region(1, 2, 3, 4, "a"), Region(5, 6, 7, 8)]

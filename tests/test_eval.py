@@ -85,10 +85,12 @@ def test_v_star_layout_question_and_categories(tmp_path: Path) -> None:
     assert [s.category for s in samples] == ["attribute", "spatial"]
     assert samples[0].letters == "ABCD" and samples[0].form is AnswerForm.MCA
     assert samples[1].image.load().getpixel((0, 0)) == (0, 0, 255)
-    # default mode puts the benchmark's own answer line back; thinking uses the reasoner prompt
-    assert direct_prompt(samples[0]) == f"What is the colour of the cup?\n(A) red\n(B) blue\n{SUFFIX}"
+    # the reference's default and thinking prompts (p2r-method.md, Reference details)
+    assert direct_prompt(samples[0]) == (
+        "Question: What is the colour of the cup?\n(A) red\n(B) blue\n"
+        "Answer the question with the option's letter from the given choices (e.g., A, B, etc.) directly.\n")
     assert thinking_prompt(samples[0]) == (
-        "Question: What is the colour of the cup?\n(A) red\n(B) blue\nThink step by step.\n"
+        "Question: What is the colour of the cup?\n(A) red\n(B) blue\nThink step by step. \n"
         "Provide your detailed reasoning between the <think> </think> tags, and then answer the question with the "
         "option's letter from the given choices (e.g., A, B, etc.) within the <answer> </answer> tags.\n")
 
@@ -140,8 +142,10 @@ def test_hr_bench_file_without_subset_is_refused(tmp_path: Path) -> None:
         load_benchmark("HR-Bench", d)
 
 
-def _rows(samples, replies, regions=None):  # type: ignore[no-untyped-def]
-    return [result_row(s, Output("p", r, None, regions or [])) for s, r in zip(samples, replies, strict=True)]
+def _rows(samples, replies, regions=None, mode="default"):  # type: ignore[no-untyped-def]
+    perceived = json.dumps([r.to_json() for r in regions]) if regions else None
+    return [result_row(s, Output("p", r, perceived, regions or []), mode)
+            for s, r in zip(samples, replies, strict=True)]
 
 
 def test_scoring_and_aggregation_by_hand(tmp_path: Path) -> None:
@@ -186,7 +190,8 @@ def test_free_form_without_verifier_is_ungraded_not_wrong(synthetic_dir: Path) -
 
 def test_reports_and_resume_file(tmp_path: Path) -> None:
     samples = load_benchmark("V-Star", _v_star(tmp_path / "data"))
-    rows = _rows(samples, ["A", "A"], regions=[Region(100, 100, 500, 500, "cup")])
+    rows = _rows(samples, ["<answer>A</answer>", "<answer>A</answer>"], regions=[Region(100, 100, 500, 500, "cup")],
+                 mode="p2r")
     grade_rows(rows, None)
     meta = {"task": "V-Star", "mode": "p2r", "model": "m", "perceiver_model": None}
     out = tmp_path / "out"
@@ -233,3 +238,101 @@ def test_ray_run_checks_local_models_before_starting_ray(tmp_path: Path) -> None
     with pytest.raises(CheckpointError, match="missing-model: no such directory"):
         evaluate(samples, spec, {"p2r": tmp_path / "out"}, spec_meta(spec, "V-Star"), ray_workers=2)
     assert not ray.is_initialized()
+
+
+# ------------------------------------------------ reference details (issue 15, items 2, 9, 11)
+
+
+def test_eval_extraction_by_mode_tags_required_in_thinking_and_p2r(tmp_path: Path) -> None:
+    """Reference: ``default`` grades the whole reply, stripped; ``thinking`` and ``p2r`` only the
+    first closed ``<answer>...</answer>`` - none, or an empty one, is no answer, scored wrong. So
+    "... the answer is b." with truth A is right in default mode and wrong in thinking mode, and
+    a tagless "A" is wrong there too, where training's rule would grade the whole text."""
+    v = load_benchmark("V-Star", _v_star(tmp_path))  # truth of v[0] is A
+    reply = "After looking closely, the answer is b."
+    default = _rows([v[0]], [reply])
+    grade_rows(default, None)
+    assert default[0]["extracted_answer"] == reply and default[0]["correct"] is True  # the 'A' of "After"
+    for mode in ("thinking", "p2r"):
+        rows = _rows([v[0]] * 5, [reply, "A", "<answer> </answer>", "<answer>A", "<think>B</think><answer> A </answer>"
+                                  "<answer>B</answer>"], mode=mode)
+        grade_rows(rows, None)
+        assert [r["extracted_answer"] for r in rows] == [None, None, None, None, "A"], mode
+        assert [r["correct"] for r in rows] == [False, False, False, False, True], mode
+
+
+def test_v_star_suffix_removed_by_the_reference_regex(tmp_path: Path) -> None:
+    """Reference: ``\\s*Answer with the option'?s letter from the given choices directly\\.?\\s*$``
+    removed, then ``strip()``: without the apostrophe, without the full stop, with trailing space."""
+    rows = [{"question_id": str(i), "text": text, "image": {"bytes": _png(), "path": None}, "label": "A",
+             "category": "direct_attributes"} for i, text in enumerate([
+                 "  Q one?\n(A) x  \nAnswer with the options letter from the given choices directly  \n",
+                 "Q two?\n(A) x\nAnswer with the option's letter from the given choices directly.",
+                 "Q three? Answer with the option's letter from the given choices directly. Then explain."])]
+    d = tmp_path / "v"
+    d.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), d / "test.parquet")
+    assert [s.question for s in load_benchmark("V-Star", d)] == [
+        "Q one?\n(A) x", "Q two?\n(A) x",
+        "Q three? Answer with the option's letter from the given choices directly. Then explain."]
+
+
+def test_hr_bench_blank_options_left_out_and_any_answer_scored(tmp_path: Path) -> None:
+    """Reference: only letters A-D whose value is not None and not blank are listed; every row is
+    scored, an answer outside A-D (here "E") simply never matches."""
+    rows = [{"index": 0, "question": "Which?", "A": "stop", "B": "  ", "C": None, "D": "exit", "answer": "E",
+             "category": "single", "image": base64.b64encode(_png()).decode()}]
+    d = tmp_path / "hr"
+    d.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), d / "hr_bench_4k.parquet")
+    [sample] = load_benchmark("HR-Bench", d)
+    assert sample.question == "Which?\nOptions:\nA. stop\nD. exit" and sample.answer == "E"
+    graded = _rows([sample], ["E"])
+    grade_rows(graded, None)
+    assert graded[0]["correct"] is False
+
+
+def test_mme_options_joined_as_given(tmp_path: Path) -> None:
+    """Reference: the ``multi-choice options`` list joined with "\\n" as is, no option stripped."""
+    d = tmp_path / "mme"
+    d.mkdir()
+    pq.write_table(pa.Table.from_pylist([{
+        "index": 1, "question": "Q?", "multi-choice options": [" (A) one ", "(B) two\t"], "answer": "A",
+        "category": "OCR", "bytes": _png()}]), d / "mme_realworld_lite.parquet")
+    [sample] = load_benchmark("MME-RealWorld-lite", d)
+    assert sample.question == "Q?\nOptions:\n (A) one \n(B) two\t"
+
+
+def test_short_base64_image_is_not_mistaken_for_a_long_path(tmp_path: Path) -> None:
+    """A base64 string under 1,024 characters but over the OS's 255-byte name limit made
+    ``Path.is_file`` raise OSError (name too long) and abort the load; it is decoded instead."""
+    noise = Image.frombytes("RGB", (10, 10), bytes(((i * i * 7919) >> 3) % 256 for i in range(300)))
+    buf = io.BytesIO()
+    noise.save(buf, format="PNG")
+    data = buf.getvalue()
+    text = base64.b64encode(data).decode()
+    assert 255 < len(text) < 1024
+    d = tmp_path / "hr"
+    d.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"index": 0, "question": "Q?", "A": "x", "B": "y", "C": "z", "D": "w",
+                                          "answer": "A", "category": "single", "image": text}]),
+                   d / "hr_bench_8k.parquet")
+    [sample] = load_benchmark("HR-Bench", d)
+    assert sample.image.data == data
+
+
+def test_bbox_count_averaged_over_nonempty_perceiver_outputs_per_category(tmp_path: Path) -> None:
+    """Reference: ``bbox_count`` in summaries is the mean over samples whose perceiver output was
+    non-empty, per category and overall (a sample with an empty output is left out, not 0)."""
+    v = load_benchmark("V-Star", _v_star(tmp_path))  # categories attribute, spatial
+    boxes = [Region(0, 0, 10, 10, "a"), Region(20, 20, 30, 30, "b")]
+    rows = [result_row(v[0], Output("p", "<answer>A</answer>", json.dumps([b.to_json() for b in boxes]), boxes),
+                       "p2r"),
+            result_row(v[0], Output("p", "<answer>A</answer>", "[]", []), "p2r"),
+            result_row(v[1], Output("p", "<answer>B</answer>", "", []), "p2r")]
+    rows[1]["uid"] = "sa_1b"
+    grade_rows(rows, None)
+    summary = summarize(rows, {"task": "V-Star", "mode": "p2r"})
+    assert summary["mean_bbox_count"] == 1.0  # (2 + 0) / 2: the empty output is not counted
+    assert summary["category_bbox_count"] == {"attribute": 1.0, "spatial": None}
+    assert summary["subsets"]["V*"]["category_bbox_count"] == {"attribute": 1.0, "spatial": None}

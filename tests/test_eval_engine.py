@@ -64,9 +64,10 @@ def test_modes_in_one_process(local_run: Path, synthetic_dir: Path) -> None:
     assert all(len(r) == n for r in rows.values())
     uid = next(iter(rows["p2r"]))
     # each mode sent its own prompt; p2r kept the perceiver output and its box count
-    assert rows["default"][uid]["prompt"].endswith("Answer with the option's letter from the given choices directly.") \
+    assert rows["default"][uid]["prompt"].endswith("from the given choices (e.g., A, B, etc.) directly.\n") \
         or rows["default"][uid]["answer_form"] != "mca"
     assert rows["thinking"][uid]["prompt"].startswith("Question: ")
+    assert "\nThink step by step. \n" in rows["thinking"][uid]["prompt"]
     assert all(r["perceiver_output"] is not None and r["bbox_count"] == len(r["regions"])
                for r in rows["p2r"].values())
     assert all(r["perceiver_output"] is None for r in rows["default"].values())
@@ -125,10 +126,12 @@ def test_role_services_as_backend(role_server, synthetic_dir: Path, tmp_path: Pa
     samples = load_benchmark("synthetic", synthetic_dir)[:3]
     spec = BackendSpec(SETTINGS, reasoner_endpoint=role_server.target, perceiver_endpoint=role_server.target,
                        verifier_endpoint=role_server.target)
-    summaries = evaluate(samples, spec, {m: tmp_path / m for m in ("thinking", "p2r")}, spec_meta(spec, "synthetic"))
+    summaries = evaluate(samples, spec, {"p2r": tmp_path / "p2r"}, spec_meta(spec, "synthetic"))
     rows = _rows(tmp_path / "p2r" / "results.jsonl")
     assert len(rows) == 3 and all(r["perceiver_output"] is not None for r in rows.values())
     # free-form answers went to the verifier service: graded, not left null
     assert summaries["p2r"]["ungraded"] == 0
-    with pytest.raises(ValueError, match="--mode default runs in process"):
-        evaluate(samples, spec, {"default": tmp_path / "d"}, spec_meta(spec, "synthetic"))
+    # the baseline modes' prompts are not the services' (thinking's pre has its own space)
+    for mode in ("default", "thinking"):
+        with pytest.raises(ValueError, match="--mode default and --mode thinking run in process"):
+            evaluate(samples, spec, {mode: tmp_path / mode}, spec_meta(spec, "synthetic"))

@@ -115,3 +115,20 @@ def test_padding_follows_the_rule(w: int, h: int, start: float, size: float) -> 
     assert abs((bottom - (start + size) / 1000 * h) - pad_y) <= 1
     # The crop always contains the box itself.
     assert left <= start / 1000 * w and right >= int((start + size) / 1000 * w)
+
+
+def test_highlight_copes_with_pixel_coordinates_beyond_2_63() -> None:
+    """Pillow raises SystemError / ValueError at 2**63 pixels and beyond; any finite box is valid,
+    so the outline is clamped just outside the image, where it leaves no pixel: the picture is the
+    one Pillow draws for the same box at a drawable size."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (200, 100), "white")
+    huge = highlight(image, [Region(100, 100, 1e300, 1.7e308, "a"), Region(-1e308, -1e308, 500, 500, "b")])
+    moderate = image.copy()
+    draw = ImageDraw.Draw(moderate)
+    draw.rectangle((20, 10, 20_000, 50_000), outline="red", width=line_width(200))
+    draw.rectangle((-50_000, -50_000, 100, 50), outline="green", width=line_width(200))
+    assert huge.tobytes() == moderate.tobytes()
+    evidence = build_evidence(image, [Region(0, 0, 1e300, 1e300, "a")])
+    assert evidence.with_evidence and evidence.images[1].size == (200, 100)

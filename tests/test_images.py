@@ -30,6 +30,20 @@ def test_smart_resize_hand_computed() -> None:
     assert model_size(50, 50, EVAL_BOUNDS) == (128, 128)
 
 
+def test_tiny_side_rounds_to_one_factor_before_the_bounds_as_qwen_vl_utils() -> None:
+    """Reference (qwen-vl-utils ``smart_resize``): a side is rounded to ``max(factor,
+    round(side / factor) * factor)`` before the pixel bounds apply, so (h, w) = (6, 722) gives
+    (32, 736) at the training and the evaluation bounds; transformers' function gives (32, 704)
+    and (32, 1408)."""
+    from p2r.core.images import smart_resize
+
+    assert smart_resize(6, 722, 32, TRAIN_BOUNDS.min_pixels, TRAIN_BOUNDS.max_pixels) == (32, 736)
+    assert smart_resize(6, 722, 32, EVAL_BOUNDS.min_pixels, EVAL_BOUNDS.max_pixels) == (32, 736)
+    assert model_size(722, 6, TRAIN_BOUNDS) == model_size(722, 6, EVAL_BOUNDS) == (736, 32)
+    # Python's round (half to even), as the reference: 80 / 32 = 2.5 -> 2, 112 / 32 = 3.5 -> 4.
+    assert smart_resize(80, 112, 32, 1024, 1 << 20) == (64, 128)
+
+
 def test_resize_for_model_respects_budget() -> None:
     out = resize_for_model(Image.new("RGB", (2560, 1920)), TRAIN_BOUNDS)
     assert out.width % 32 == 0 and out.height % 32 == 0

@@ -36,7 +36,7 @@ def test_stage2_prompt_at_reference_scale_is_counted_exactly_and_fits(engine: An
     boxes = (sample.gt_bboxes * 3)[:3]
     regions = [Region(*b, label=f"r{i}") for i, b in enumerate(boxes)]
     request = reasoner_request(build_evidence(image, regions), sample.question, sample.form, TRAIN_BOUNDS)
-    perceive = perceiver_request(image, sample.question, TRAIN_BOUNDS)
+    perceive = perceiver_request(image, sample.question, TRAIN_BOUNDS, policy=True)  # the load filter's layout
     assert len(request.images) == 4 and request.images[0].width * request.images[0].height > 1_900_000
     limits = ROLE_LENGTHS["reasoner"]
     assert engine.limits.max_model_len == limits["max_model_len"]

@@ -50,13 +50,14 @@ class PromptCounter:
         return text + sum(self.visual_tokens(*im.size) - 1 for im in request.images)
 
     def sample_tokens(self, sample: Sample, role: str, bounds: PixelBounds) -> int:
-        """Tokens of a sample's perceiver prompt, or of its reasoner prompt without evidence."""
+        """Tokens of a sample's perceiver prompt, or of its reasoner (and baseline) prompt
+        without evidence, in the trained policy's layout (``prompts.policy_messages``)."""
         w, h = model_size(*sample.images[0].size(), bounds)
         if role == "perceiver":
             text = prompts.perceiver_text(sample.question)
         else:
             text = prompts.reasoner_text(sample.question, sample.form, with_evidence=False)
-        return self.text_tokens(prompts.chat_messages(text, 1)) + self.visual_tokens(w, h) - 1
+        return self.text_tokens(prompts.policy_messages(text, 1)) + self.visual_tokens(w, h) - 1
 
 
 def counter_for(tokenizer: Any, processor: Any) -> PromptCounter:

@@ -155,17 +155,21 @@ class Trainer:
     # ------------------------------------------------------------------------------ prompts
 
     def requests(self, batch: list[Sample], stats: RewardStats) -> list[ChatRequest]:
+        """The policy's prompts, in its own layout (``policy=True``): the perceiver prompt; the
+        reasoner prompt on the frozen perceiver's evidence; for the ``baseline`` role (plain
+        GRPO) the original image with the no-evidence reasoner prompt."""
         images = [s.load_image() for s in batch]
         if self.cfg.role == "perceiver":
-            return [perceiver_request(im, s.question, self.bounds) for s, im in zip(batch, images, strict=True)]
+            return [perceiver_request(im, s.question, self.bounds, policy=True)
+                    for s, im in zip(batch, images, strict=True)]
         regions = self.perceiver.get(batch, stats) if self.perceiver else [[] for _ in batch]
         out = []
         for s, im, r in zip(batch, images, regions, strict=True):
-            request = reasoner_request(build_evidence(im, r or []), s.question, s.form, self.bounds)
+            request = reasoner_request(build_evidence(im, r or []), s.question, s.form, self.bounds, policy=True)
             if r and self.counter.request_tokens(request) > self.cfg.max_prompt_tokens:
                 # Evidence made it too long: the no-evidence prompt, which the load filter checked.
                 self.overlong_fallbacks += 1
-                request = reasoner_request(build_evidence(im, []), s.question, s.form, self.bounds)
+                request = reasoner_request(build_evidence(im, []), s.question, s.form, self.bounds, policy=True)
             out.append(request)
         return out
 

@@ -14,6 +14,15 @@ def extract_answer(text: str) -> str:
     return (match.group(1) if match else text).strip()
 
 
+def extract_closed_answer(text: str) -> str | None:
+    """The evaluation's rule for ``thinking`` and ``p2r`` replies: the text inside the first
+    closed ``<answer>...</answer>``, stripped; None (no answer, scored wrong) when there is no
+    closed tag or the answer is empty. Unlike training, the whole reply is never graded."""
+    match = _ANSWER_RE.search(text)
+    answer = match.group(1).strip() if match else ""
+    return answer or None
+
+
 def extract_reasoning(text: str) -> str:
     """Text inside the first ``<think>...</think>``, stripped; empty when there is none."""
     match = _THINK_RE.search(text)

@@ -44,8 +44,21 @@ def _number(value: Any) -> float | None:
     # bool is an int subclass in Python; a "true" coordinate is not numeric in JSON terms.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # a JSON integer literal beyond 1e308: no float holds it
+        return None
     return value if math.isfinite(value) else None
+
+
+def region_problem(x1: float, y1: float, x2: float, y2: float) -> str | None:
+    """Why four coordinates are not a valid bbox, or None: the one rule for model output
+    (``parse_regions``) and for regions a client sends (the reasoner service)."""
+    if not all(math.isfinite(c) for c in (x1, y1, x2, y2)):
+        return "coordinates must be finite numbers"
+    if not (x1 < x2 and y1 < y2):
+        return "a region needs x1 < x2 and y1 < y2"
+    return None
 
 
 def region_from_item(item: Any) -> Region | None:
@@ -59,7 +72,7 @@ def region_from_item(item: Any) -> Region | None:
     if any(n is None for n in numbers):
         return None
     x1, y1, x2, y2 = numbers  # type: ignore[misc]
-    if not (x1 < x2 and y1 < y2):
+    if region_problem(x1, y1, x2, y2) is not None:
         return None
     label = item.get("label")
     return Region(x1, y1, x2, y2, label if isinstance(label, str) else None)
@@ -73,14 +86,15 @@ _OBJECT_RE = re.compile(r"\{[^{}]*\"bbox_2d\"\s*:\s*\[[^\[\]{}]*\][^{}]*\}")
 def parse_regions(text: str) -> list[Region]:
     """Every valid bbox in a perceiver reply, in order. Never raises.
 
-    First the whole text is tried as JSON (a dict is one bbox, a list keeps its valid dict
-    items); if that fails, every ``{...}`` object holding ``"bbox_2d": [...]`` is extracted and
-    parsed on its own, keeping the valid ones.
+    First the whole text, ``str.strip()``-ed as the reference does (Unicode whitespace such as
+    U+3000 or U+00A0 too, which JSON itself does not skip), is tried as JSON (a dict is one bbox,
+    a list keeps its valid dict items); if that fails, every ``{...}`` object holding
+    ``"bbox_2d": [...]`` is extracted and parsed on its own, keeping the valid ones.
     """
     if not isinstance(text, str):
         return []
     try:
-        parsed = json.loads(text)
+        parsed = json.loads(text.strip())
     except (ValueError, RecursionError):
         parsed = None
     else:

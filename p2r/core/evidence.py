@@ -24,12 +24,19 @@ def line_width(image_width: int) -> int:
 
 
 def _to_pixels(region: Region, width: int, height: int) -> tuple[int, int, int, int]:
-    return (
-        int(region.x1 / COORD_SCALE * width),
-        int(region.y1 / COORD_SCALE * height),
-        int(region.x2 / COORD_SCALE * width),
-        int(region.y2 / COORD_SCALE * height),
-    )
+    """The region in pixels, each coordinate clamped to a band just outside the image.
+
+    Any finite coordinate is a valid box, but Pillow cannot draw at 2**63 pixels and beyond
+    (SystemError / ValueError) and ``int()`` of an overflowing product fails. An outline drawn
+    ``line_width + 1`` pixels or more outside the image leaves no pixel on it, so clamping there
+    draws exactly what the unclamped rectangle would.
+    """
+    margin = line_width(width) + 1
+
+    def px(value: float, size: int) -> int:
+        return int(min(size + margin, max(-margin, value / COORD_SCALE * size)))
+
+    return (px(region.x1, width), px(region.y1, height), px(region.x2, width), px(region.y2, height))
 
 
 def outline_boxes(regions: list[Region], width: int, height: int) -> list[tuple[int, int, int, int]]:

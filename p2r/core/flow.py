@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
@@ -60,12 +61,19 @@ class P2RResult:
         return extract_answer(self.reasoner_output)
 
 
+def _messages(text: str, num_images: int, policy: bool) -> list[dict[str, Any]]:
+    """The trained policy's layout (``policy``: newline text items after the images) or the
+    frozen services' and the evaluation's (images, then the text)."""
+    return (prompts.policy_messages if policy else prompts.chat_messages)(text, num_images)
+
+
 def perceiver_request(
-    image: Image.Image, question: str, bounds: PixelBounds, variant: Variant = "train"
+    image: Image.Image, question: str, bounds: PixelBounds, variant: Variant = "train", *, policy: bool = False
 ) -> ChatRequest:
-    """The perceiver sees the resized original and the perceiver prompt."""
+    """The perceiver sees the resized original and the perceiver prompt (``policy``: as the
+    trained perceiver's own prompt, laid out by ``prompts.policy_messages``)."""
     text = prompts.perceiver_text(question, variant)
-    return ChatRequest(prompts.chat_messages(text, 1), [resize_for_model(image, bounds)])
+    return ChatRequest(_messages(text, 1, policy), [resize_for_model(image, bounds)])
 
 
 def reasoner_request(
@@ -75,12 +83,15 @@ def reasoner_request(
     bounds: PixelBounds,
     variant: Variant = "train",
     source: SourceImage | None = None,
+    *,
+    policy: bool = False,
 ) -> ChatRequest:
     """The reasoner sees the evidence images (each resized with the same bounds) and its prompt.
 
     ``source`` (the image the evidence was built from, resized with these ``bounds``) lets the
     first image - the original or its annotated copy - reuse work shared by every request on
-    that image; the pixels are the same either way.
+    that image; the pixels are the same either way. ``policy``: the trained reasoner's (or
+    baseline's) own prompt layout, ``prompts.policy_messages``.
     """
     text = prompts.reasoner_text(question, form, with_evidence=evidence.with_evidence, variant=variant)
     if source is None:
@@ -92,7 +103,7 @@ def reasoner_request(
         images = [source.resized_annotated(first, outline_boxes(evidence.regions, *first.size), line_width(first.width))
                   if evidence.with_evidence else source.resized(),
                   *(resize_for_model(im, bounds) for im in evidence.images[1:])]
-    return ChatRequest(prompts.chat_messages(text, len(images)), images)
+    return ChatRequest(_messages(text, len(images), policy), images)
 
 
 def verifier_request(question: str, ground_truth: str, answer: str) -> ChatRequest:

@@ -91,11 +91,18 @@ class GradeItem:
     ground_truth: str
     form: AnswerForm
     question: str = ""
+    answer: str | None = None
+    """The answer already extracted (the evaluation's per-mode rule); None: extracted from
+    ``reply`` with the training rule (first ``<answer>`` or else the whole text)."""
+
+    @property
+    def extracted(self) -> str:
+        return extract_answer(self.reply) if self.answer is None else self.answer
 
 
 def grade_rule(item: GradeItem, letters: str = TRAIN_LETTERS) -> bool:
     """Grade an ``mca`` or ``na`` item; free-form needs a verifier (see ``grade_batch``)."""
-    answer = extract_answer(item.reply)
+    answer = item.extracted
     if item.form is AnswerForm.MCA:
         return grade_mca(answer, item.ground_truth, letters)
     if item.form is AnswerForm.NA:
@@ -124,7 +131,7 @@ def grade_batch(
             )
         verdicts = verifier.verify_batch(
             [
-                VerifyRequest(items[i].question, items[i].ground_truth, extract_answer(items[i].reply))
+                VerifyRequest(items[i].question, items[i].ground_truth, items[i].extracted)
                 for i in free
             ]
         )

@@ -1,4 +1,4 @@
-"""Image decoding and the model-side resize (Qwen ``smart_resize``, factor 32).
+"""Image decoding and the model-side resize (qwen-vl-utils' ``smart_resize``, factor 32).
 
 Every image a model receives (original, annotated, crops) goes through ``resize_for_model`` with
 the same pixel bounds, as in the reference runs; decoding errors become ``ImageError`` with a
@@ -8,10 +8,10 @@ message that names what was wrong, so servers and loaders can report it to the u
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 RESIZE_FACTOR = 32
 """Qwen3-VL: 16-pixel patches merged 2x2."""
@@ -19,6 +19,7 @@ MIN_PIXELS = 4 * 32 * 32
 TRAIN_MAX_PIXELS = 2_097_152
 EVAL_MIN_PIXELS = 16 * 32 * 32
 EVAL_MAX_PIXELS = 4096 * 32 * 32
+MAX_ASPECT_RATIO = 200
 
 
 class ImageError(ValueError):
@@ -87,6 +88,37 @@ def encode_image(image: Image.Image, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt)
     return buf.getvalue()
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width) exactly as ``qwen_vl_utils.vision_process.smart_resize`` computes it.
+
+    Reproduced rather than imported: qwen-vl-utils imports torchvision and pulls PyAV for video.
+    It differs from transformers' function of the same name for thin images: each side is first
+    rounded to the nearest multiple of ``factor`` but at least one factor (``max(factor,
+    round(side / factor) * factor)``, Python's round), and only then are the pixel bounds applied
+    (floor when over ``max_pixels``, ceil when under ``min_pixels``). So (6, 722) gives (32, 736)
+    at the training and the evaluation bounds alike, where transformers gives (32, 704) and
+    (32, 1408). The released checkpoints saw the reference's sizes.
+    """
+    if min(height, width) <= 0:
+        raise ValueError(f"image sides must be positive, got {height}x{width}")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, "
+                         f"got {max(height, width) / min(height, width)}")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    if h_bar <= 0 or w_bar <= 0:  # the reference's floor can reach 0 for a side under one factor
+        raise ValueError(f"a side rounds to 0 pixels under max_pixels {max_pixels}")
+    return h_bar, w_bar
 
 
 def model_size(width: int, height: int, bounds: PixelBounds) -> tuple[int, int]:

@@ -11,6 +11,7 @@ the Qwen chat template expects. The images themselves travel beside the messages
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -89,28 +90,41 @@ def reasoner_text(
     question: str, form: AnswerForm | str, *, with_evidence: bool, variant: Variant = "train"
 ) -> str:
     """The reasoner's user text: the with-evidence pre only when crops were actually built."""
-    form = AnswerForm.parse(form) if isinstance(form, str) else form
+    form = _form(form)
     pre = _REASONER_PRE_EVIDENCE if with_evidence else _REASONER_PRE_PLAIN
     post = _FREE_FORM_POST[variant] if form is AnswerForm.FREE_FORM else _REASONER_POST[form]
     return pre.format(question=question) + post
 
 
-# Default (direct-answer) evaluation mode: the benchmarks' own answer instruction after the
-# question - V* ships exactly the mca line at the end of its ``text`` - and lmms-eval's standard
-# lines for numeric and free-form questions.
+# Evaluation prompts of the two baseline modes (p2r-method.md, Reference details). Default
+# mode answers directly; thinking mode has its own pre - note the space before its newline,
+# which the reference has and the P2R reasoner's no-evidence pre does not - and the P2R
+# reasoner's evaluation posts.
 _DIRECT_POST = {
-    AnswerForm.MCA: "Answer with the option's letter from the given choices directly.",
-    AnswerForm.NA: "Answer the question using a single number.",
-    AnswerForm.FREE_FORM: "Answer the question using a single word or phrase.",
+    AnswerForm.MCA: "Answer the question with the option's letter from the given choices (e.g., A, B, etc.) "
+    "directly.\n",
+    AnswerForm.NA: "Answer the question using a numerical value (e.g., 42 or 3.1) directly.\n",
+    AnswerForm.FREE_FORM: "Output the answer simply and directly.\n",
 }
-V_STAR_SUFFIX = _DIRECT_POST[AnswerForm.MCA]
-"""The instruction V* Bench appends to every ``text``; the evaluation removes it from the question."""
+_THINKING_PRE = "Question: {question}\nThink step by step. \n"
+
+
+def _form(form: AnswerForm | str) -> AnswerForm:
+    return AnswerForm.parse(form) if isinstance(form, str) else form
+
+
+def _eval_post(form: AnswerForm) -> str:
+    return _FREE_FORM_POST["eval"] if form is AnswerForm.FREE_FORM else _REASONER_POST[form]
 
 
 def direct_text(question: str, form: AnswerForm | str) -> str:
-    """The default-mode user text: the question (options included), then the answer line."""
-    form = AnswerForm.parse(form) if isinstance(form, str) else form
-    return f"{question}\n{_DIRECT_POST[form]}"
+    """The default-mode user text: ``Question: {question}\\n`` then the direct-answer line."""
+    return f"Question: {question}\n" + _DIRECT_POST[_form(form)]
+
+
+def thinking_text(question: str, form: AnswerForm | str) -> str:
+    """The thinking-mode user text: its own pre (``Think step by step. \\n``), the eval post."""
+    return _THINKING_PRE.format(question=question) + _eval_post(_form(form))
 
 
 def verifier_text(question: str, ground_truth: str, answer: str) -> str:
@@ -121,18 +135,50 @@ def verifier_text(question: str, ground_truth: str, answer: str) -> str:
 def chat_messages(
     user_text: str, num_images: int, system: str = SYSTEM_PROMPT
 ) -> list[dict[str, Any]]:
-    """System turn, then a user turn holding ``num_images`` image items first, then the text."""
+    """System turn, then a user turn holding ``num_images`` image items first, then the text.
+
+    The layout of every frozen-service call and of the evaluation; the trained policy's own
+    prompt is ``policy_messages``."""
     content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
     content.append({"type": "text", "text": user_text})
+    return _with_system(content, system)
+
+
+IMAGE_TAG = "<image>"
+_IMAGE_SPLIT_RE = re.compile(f"({re.escape(IMAGE_TAG)})")
+
+
+def policy_messages(user_text: str, num_images: int, system: str = SYSTEM_PROMPT) -> list[dict[str, Any]]:
+    """The trained role's own prompt, laid out as the reference's veRL dataset builds it.
+
+    The user content is the string ``"<image>\\n" * num_images + user_text``, split at each tag
+    into an image item per tag and a text item per non-empty segment: one image gives [image,
+    ``"\\n" + text``], three give [image, ``"\\n"``, image, ``"\\n"``, image, ``"\\n" + text``]. The
+    policy was trained on these newlines; the frozen services' prompts have none.
+    """
+    content: list[dict[str, Any]] = []
+    for part in _IMAGE_SPLIT_RE.split(f"{IMAGE_TAG}\n" * num_images + user_text):
+        if part == IMAGE_TAG:
+            content.append({"type": "image"})
+        elif part:
+            content.append({"type": "text", "text": part})
+    return _with_system(content, system)
+
+
+def _with_system(content: list[dict[str, Any]], system: str) -> list[dict[str, Any]]:
     return [
         {"role": "system", "content": [{"type": "text", "text": system}]},
         {"role": "user", "content": content},
     ]
 
 
+_IMAGE_TAG_RE = re.compile(r"<image>\s*")
+
+
 def question_from_prompt(user_text: str) -> str:
-    """A P2R-10k prompt's question: the user text with every ``<image>`` tag removed."""
-    return user_text.replace("<image>", "").strip()
+    """A P2R-10k prompt's question: every ``<image>`` tag and the whitespace after it removed
+    (regex ``<image>\\s*``), then stripped: ``'Look at this: <image> q'`` -> ``'Look at this: q'``."""
+    return _IMAGE_TAG_RE.sub("", user_text).strip()
 
 
 def with_options(question: str, options: list[str]) -> str:

@@ -17,13 +17,17 @@ IOU_PENALTY_THRESHOLD = 0.5
 def perceiver_penalty(regions: list[Region]) -> str | None:
     """Why these regions earn reward 0 regardless of the answer, or None if they don't.
 
-    A label is missing when the key is absent, not a string, or blank. An empty region list
-    carries no penalty: it means "the whole image" and the reasoner answers without evidence.
+    As the reference: a label that is missing (``None``: no key, or not a string - the
+    reference crashes on those, the project penalises them), empty, or whose
+    ``strip().lower()`` is the placeholder ``description`` is penalised; so ``" Description "``
+    is, and a label of only spaces is not. An empty region list carries no penalty: it means
+    "the whole image" and the reasoner answers without evidence.
     """
+    placeholder = LABEL_PLACEHOLDER["train"]
     for i, region in enumerate(regions):
-        if region.label is None or not region.label.strip():
+        if region.label is None or region.label == "":
             return f"bbox {i} has no label"
-        if region.label == LABEL_PLACEHOLDER["train"]:
+        if region.label.strip().lower() == placeholder:
             return f"bbox {i} label is the placeholder {region.label!r}"
     for i, a in enumerate(regions):
         for j in range(i + 1, len(regions)):

@@ -17,6 +17,7 @@ import base64
 import binascii
 import csv
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from p2r.core.prompts import V_STAR_SUFFIX, AnswerForm, with_options
+from p2r.core.prompts import AnswerForm, with_options
 from p2r.data.dataset import DataError, ImageRef, parse_row
 
 TASKS = ("V-Star", "HR-Bench", "MME-RealWorld", "MME-RealWorld-lite", "synthetic")
@@ -35,6 +36,8 @@ LETTERS = {"V-Star": "ABCD", "HR-Bench": "ABCD", "MME-RealWorld": "ABCDEF", "MME
 # The published category names, mapped to the names the paper's table uses.
 V_STAR_CATEGORIES = {"direct_attributes": "attribute", "relative_position": "spatial"}
 HR_BENCH_CATEGORIES = {"single": "FSP", "cross": "FCP", "fsp": "FSP", "fcp": "FCP"}
+V_STAR_SUFFIX_RE = re.compile(r"\s*Answer with the option'?s letter from the given choices directly\.?\s*$")
+"""The answer line V* Bench appends to every ``text``, removed from the question (the reference's regex)."""
 HR_BENCH_SUBSETS = {"hrbench_4k": "4K", "hr_bench_4k": "4K", "4k": "4K", "hrbench_8k": "8K", "hr_bench_8k": "8K",
                     "8k": "8K"}
 
@@ -111,7 +114,7 @@ def _image(value: Any, where: str, name: str, base: Path) -> ImageRef:
         return ImageRef(data=bytes(value))
     if isinstance(value, str):
         candidate = base / value
-        if len(value) < 1024 and candidate.is_file():
+        if _is_file(candidate):
             return ImageRef(path=candidate)
         try:
             return ImageRef(data=base64.b64decode(value, validate=True))
@@ -120,12 +123,20 @@ def _image(value: Any, where: str, name: str, base: Path) -> ImageRef:
     raise DataError(f"{where}: field '{name}': unsupported image value of type {type(value).__name__}")
 
 
+def _is_file(path: Path) -> bool:
+    """``Path.is_file`` that is False, not an OSError, for a name the OS cannot hold: base64
+    image text is tried as a path first, and over 255 bytes it is "name too long"."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # ValueError: an embedded NUL
+        return False
+
+
 # ------------------------------------------------------------------------------------ parsers
 
 
 def _v_star(row: dict[str, Any], where: str, base: Path, _subset: str) -> EvalSample:
-    text = str(_field(row, "text", where)).rstrip()
-    question = text.removesuffix(V_STAR_SUFFIX).rstrip()
+    question = V_STAR_SUFFIX_RE.sub("", str(_field(row, "text", where))).strip()
     label = str(_field(row, "label", where)).strip().upper()
     if label not in LETTERS["V-Star"]:
         raise DataError(f"{where}: field 'label': {label!r} is not an option letter A-D")
@@ -139,10 +150,11 @@ def _v_star(row: dict[str, Any], where: str, base: Path, _subset: str) -> EvalSa
 
 
 def _hr_bench(row: dict[str, Any], where: str, base: Path, subset: str) -> EvalSample:
-    options = [f"{letter}. {_field(row, letter, where)}" for letter in LETTERS["HR-Bench"]]
-    answer = str(_field(row, "answer", where)).strip().upper()
-    if answer not in LETTERS["HR-Bench"]:
-        raise DataError(f"{where}: field 'answer': {answer!r} is not an option letter A-D")
+    """As the reference: options are the letters whose value is present and not blank; every
+    row is scored, an answer outside A-D simply never matches."""
+    options = [f"{letter}. {row[letter]}" for letter in LETTERS["HR-Bench"]
+               if row.get(letter) is not None and str(row[letter]).strip()]
+    answer = str(row.get("answer") if row.get("answer") is not None else "").strip().upper()
     category = str(_field(row, "category", where))
     return EvalSample(
         uid=f"{subset}-{_field(row, 'index', where)}", subset=subset,
@@ -154,15 +166,16 @@ def _hr_bench(row: dict[str, Any], where: str, base: Path, subset: str) -> EvalS
 
 
 def _mme_options(value: Any, where: str) -> list[str]:
-    """``multi-choice options`` is a list in parquet and its Python repr in the TSV/JSON dumps."""
+    """``multi-choice options`` is a list in parquet and its Python repr in the TSV/JSON dumps;
+    the options are kept as given (not stripped), as the reference joins them."""
     if isinstance(value, str):
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             raise DataError(f"{where}: field 'multi-choice options': not a list") from None
-    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(o, str) for o in value):
-        raise DataError(f"{where}: field 'multi-choice options': expected a non-empty list of strings")
-    return [o.strip() for o in value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(o, str) for o in value):
+        raise DataError(f"{where}: field 'multi-choice options': expected a list of strings")
+    return list(value)
 
 
 def _mme_realworld(row: dict[str, Any], where: str, base: Path, subset: str) -> EvalSample:

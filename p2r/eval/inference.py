@@ -2,18 +2,19 @@
 
 The generation settings are p2r-method.md §Evaluation and live here only: temperature 0,
 top_p 1, repetition penalty 1.05, eval pixel bounds; ``default`` answers directly (16 new
-tokens), ``thinking`` uses the reasoner prompt without evidence (1,024), ``p2r`` perceives (256)
-then reasons (1,024) with the with-evidence prompt only when evidence was built. Every backend
-returns the same ``Output`` per sample, so results are comparable across backends.
+tokens), ``thinking`` uses its own step-by-step prompt (1,024), ``p2r`` perceives (256) then
+reasons (1,024) with the with-evidence prompt only when evidence was built. The prompts are
+``p2r.core.prompts``' evaluation strings. Every backend returns the same ``Output`` per sample,
+so results are comparable across backends.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from PIL import Image
 
@@ -26,6 +27,9 @@ from p2r.core.grading import VerifyRequest, verifier_says_yes
 from p2r.core.images import EVAL_BOUNDS, PixelBounds, resize_for_model
 from p2r.eval.benchmarks import EvalSample
 
+if TYPE_CHECKING:
+    from p2r.services.client import ServiceVerifier
+
 Mode = Literal["default", "thinking", "p2r"]
 MODES: tuple[Mode, ...] = ("default", "thinking", "p2r")
 REPETITION_PENALTY = 1.05
@@ -33,8 +37,10 @@ DEFAULT_MAX_TOKENS = 16
 THINKING_MAX_TOKENS = 1024
 PERCEIVE_MAX_TOKENS = 256
 REASON_MAX_TOKENS = 1024
-DEFAULT_NEEDS_MODEL = "--mode default runs in process: give --model, not service endpoints"
-"""The services expose no direct-answer prompt, so default mode needs in-process engines."""
+IN_PROCESS_MODES: tuple[Mode, ...] = ("default", "thinking")
+NEEDS_MODEL = ("--mode default and --mode thinking run in process: give --model, not service endpoints "
+               "(the services expose only the P2R prompts)")
+"""The services build only the P2R prompts; the baseline modes' prompts need in-process engines."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ def direct_prompt(sample: EvalSample) -> str:
 
 
 def thinking_prompt(sample: EvalSample) -> str:
-    return prompts.reasoner_text(sample.question, sample.form, with_evidence=False, variant="eval")
+    return prompts.thinking_text(sample.question, sample.form)
 
 
 class EngineBackend:
@@ -140,8 +146,8 @@ class EngineVerifier:
 
 
 class ServiceBackend:
-    """Deployed role services over gRPC (``thinking`` and ``p2r``; ``default`` needs a prompt
-    the services do not expose, so it runs in process). The services' own pixel bounds apply:
+    """Deployed role services over gRPC, ``p2r`` mode (the baseline modes' prompts are not
+    the services', so they run in process). The services' own pixel bounds apply:
     deploy them with the evaluation's ``max_pixels`` to reproduce the reference numbers."""
 
     def __init__(self, settings: EvalSettings, reasoner: str, perceiver: str | None = None,
@@ -154,47 +160,34 @@ class ServiceBackend:
         self.verifier_client = Client(verifier, timeout_s=timeout_s) if verifier else None
 
     def run(self, samples: Sequence[EvalSample], images: Sequence[Image.Image]) -> list[Output]:
-        from p2r.services.client import region_from_pb, region_to_pb, sampling_to_pb
-        from p2r.services.handlers import FORM_TO_PB
+        from p2r.services.protocol import FORM_TO_PB, region_from_pb, region_to_pb, sampling_to_pb
         from p2r.v1 import p2r_pb2 as pb
 
         s = self.settings
-        if s.mode == "default":
-            raise ValueError(DEFAULT_NEEDS_MODEL)
+        if s.mode != "p2r":
+            raise ValueError(NEEDS_MODEL)
         data = [image_bytes(x) for x in samples]
-        regions: list[list[Region]] = [[] for _ in samples]
-        perceived: list[str | None] = [None] * len(samples)
-        if s.mode == "p2r":
-            results = self.perceiver.perceive_batch([
-                pb.PerceiveRequest(id=x.uid, image=d, question=x.question, variant=pb.PROMPT_VARIANT_EVAL,
-                                   sampling=sampling_to_pb(s.sampling(s.perceive_max_tokens)))
-                for x, d in zip(samples, data, strict=True)])
-            perceived = [r.completions[0].text for r in results]
-            regions = [[region_from_pb(g) for g in r.regions[0].regions] if r.regions else [] for r in results]
-        max_tokens = s.reason_max_tokens if s.mode == "p2r" else s.thinking_max_tokens
+        results = self.perceiver.perceive_batch([
+            pb.PerceiveRequest(id=x.uid, image=d, question=x.question, variant=pb.PROMPT_VARIANT_EVAL,
+                               sampling=sampling_to_pb(s.sampling(s.perceive_max_tokens)))
+            for x, d in zip(samples, data, strict=True)])
+        perceived = [r.completions[0].text for r in results]
+        regions = [[region_from_pb(g) for g in r.regions[0].regions] if r.regions else [] for r in results]
         reasoned = self.reasoner.reason_batch([
             pb.ReasonRequest(id=x.uid, image=d, question=x.question, answer_form=FORM_TO_PB[x.form],
-                             variant=pb.PROMPT_VARIANT_EVAL, sampling=sampling_to_pb(s.sampling(max_tokens)),
+                             variant=pb.PROMPT_VARIANT_EVAL, sampling=sampling_to_pb(s.sampling(s.reason_max_tokens)),
                              regions=[region_to_pb(r) for r in rs])
             for x, d, rs in zip(samples, data, regions, strict=True)])
+        # An item the reasoner rejected alone (``error``) has no reply: scored as no answer.
         return [Output(prompts.reasoner_text(x.question, x.form, with_evidence=r.with_evidence, variant="eval"),
-                       r.completions[0].text, p, rs, r.with_evidence)
+                       r.completions[0].text if r.completions else "", p, rs, r.with_evidence)
                 for x, r, p, rs in zip(samples, reasoned, perceived, regions, strict=True)]
 
     def verifier(self) -> ServiceVerifier | None:
+        """The verifier service, one batch RPC per call whose failure fails the run."""
+        from p2r.services.client import ServiceVerifier
+
         return ServiceVerifier(self.verifier_client) if self.verifier_client is not None else None
-
-
-class ServiceVerifier:
-    """The verifier service behind ``grading.FreeFormVerifier`` (one batch RPC)."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    def verify_batch(self, requests: Sequence[VerifyRequest]) -> list[bool | None]:
-        from p2r.services.client import verify_to_pb
-
-        return [r.correct for r in self.client.verify_batch([verify_to_pb(r) for r in requests])]
 
 
 def image_bytes(sample: EvalSample) -> bytes:
@@ -225,9 +218,6 @@ class BackendSpec:
     def __post_init__(self) -> None:
         if (self.model is None) == (self.reasoner_endpoint is None):
             raise ValueError("give either --model (in-process engines) or --reasoner-endpoint (role services)")
-
-    def with_mode(self, mode: Mode) -> BackendSpec:
-        return replace(self, settings=replace(self.settings, mode=mode))
 
     def check_local_models(self) -> None:
         """Fail fast, in the driver, on a local checkpoint that is not there: a Ray worker would

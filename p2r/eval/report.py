@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from p2r.core.answers import extract_answer
+from p2r.core.answers import extract_closed_answer
 from p2r.core.bbox import Region
 from p2r.core.evidence import highlight
 from p2r.core.grading import GradeItem, grade_batch
@@ -31,12 +31,22 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 
 
-def result_row(sample: EvalSample, out: Output) -> dict[str, Any]:
-    """One ``results.jsonl`` row before grading (``correct`` is filled by ``grade_rows``)."""
+def eval_answer(reply: str, mode: str) -> str | None:
+    """The answer the reference grades: in ``default`` mode the whole reply, stripped; in
+    ``thinking`` and ``p2r`` the first closed ``<answer>`` only (None: no answer, scored wrong),
+    so "... the answer is b." without tags is wrong whatever the truth."""
+    if mode == "default":
+        return reply.strip()
+    return extract_closed_answer(reply)
+
+
+def result_row(sample: EvalSample, out: Output, mode: str) -> dict[str, Any]:
+    """One ``results.jsonl`` row before grading (``correct`` is filled by ``grade_rows``);
+    ``extracted_answer`` is null when the reply has no answer under the mode's rule."""
     return {
         "uid": sample.uid, "subset": sample.subset, "category": sample.category,
         "answer_form": sample.form.value, "question": sample.question, "prompt": out.prompt,
-        "ground_truth": sample.answer, "raw_output": out.reply, "extracted_answer": extract_answer(out.reply),
+        "ground_truth": sample.answer, "raw_output": out.reply, "extracted_answer": eval_answer(out.reply, mode),
         "perceiver_output": out.perceiver_output, "bbox_count": len(out.regions),
         "regions": [[r.x1, r.y1, r.x2, r.y2, r.label] for r in out.regions],
         "with_evidence": out.with_evidence, "letters": sample.letters, "correct": None,
@@ -44,15 +54,17 @@ def result_row(sample: EvalSample, out: Output) -> dict[str, Any]:
 
 
 def grade_rows(rows: Sequence[dict[str, Any]], verifier: Any | None) -> None:
-    """Fill ``correct``: rules for mca/na (the row's letters), the verifier for free_form
-    (left null without one)."""
+    """Fill ``correct`` from each row's ``extracted_answer``: a row without one is wrong; else
+    rules for mca/na (the row's letters), the verifier for free_form (left null without one)."""
     by_letters: dict[str, list[int]] = defaultdict(list)
     for i, row in enumerate(rows):
-        if row["answer_form"] != AnswerForm.FREE_FORM.value or verifier is not None:
+        if row["extracted_answer"] is None:
+            row["correct"] = False
+        elif row["answer_form"] != AnswerForm.FREE_FORM.value or verifier is not None:
             by_letters[row["letters"]].append(i)
     for letters, idx in by_letters.items():
         items = [GradeItem(rows[i]["raw_output"], rows[i]["ground_truth"], AnswerForm(rows[i]["answer_form"]),
-                           rows[i]["question"]) for i in idx]
+                           rows[i]["question"], answer=rows[i]["extracted_answer"]) for i in idx]
         for i, verdict in zip(idx, grade_batch(items, verifier, letters), strict=True):
             rows[i]["correct"] = verdict
 
@@ -62,28 +74,39 @@ def _accuracy(rows: Iterable[dict[str, Any]]) -> float | None:
     return round(100.0 * sum(graded) / len(graded), 2) if graded else None
 
 
-def _block(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _mean_bbox_count(rows: Iterable[dict[str, Any]]) -> float | None:
+    """The reference's figure: mean boxes over the samples whose perceiver output was non-empty."""
+    counts = [r["bbox_count"] for r in rows if r.get("perceiver_output")]
+    return round(sum(counts) / len(counts), 3) if counts else None
+
+
+def _block(rows: list[dict[str, Any]], p2r: bool = False) -> dict[str, Any]:
     by_cat: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_cat[r["category"]].append(r)
-    return {
+    block = {
         "n": len(rows),
         "graded": sum(r["correct"] is not None for r in rows),
         "overall": _accuracy(rows),
         "categories": {c: _accuracy(rs) for c, rs in sorted(by_cat.items())},
         "category_n": {c: len(rs) for c, rs in sorted(by_cat.items())},
     }
+    if p2r:
+        block["mean_bbox_count"] = _mean_bbox_count(rows)
+        block["category_bbox_count"] = {c: _mean_bbox_count(rs) for c, rs in sorted(by_cat.items())}
+    return block
 
 
 def summarize(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
-    """The aggregated table: overall, per category, and per subset."""
+    """The aggregated table: overall, per category, and per subset; in p2r mode also the mean
+    bbox count (overall and per category, over samples with a non-empty perceiver output)."""
+    p2r = meta.get("mode") == "p2r"
     by_subset: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_subset[r["subset"]].append(r)
-    summary = {**meta, **_block(rows), "ungraded": sum(r["correct"] is None for r in rows),
-               "subsets": {s: _block(rs) for s, rs in sorted(by_subset.items())}}
-    if meta.get("mode") == "p2r":
-        summary["mean_bbox_count"] = round(sum(r["bbox_count"] for r in rows) / max(1, len(rows)), 3)
+    summary = {**meta, **_block(rows, p2r), "ungraded": sum(r["correct"] is None for r in rows),
+               "subsets": {s: _block(rs, p2r) for s, rs in sorted(by_subset.items())}}
+    if p2r:
         summary["with_evidence_fraction"] = round(sum(bool(r["with_evidence"]) for r in rows) / max(1, len(rows)), 3)
     return summary
 
@@ -122,7 +145,7 @@ def _markdown(summary: dict[str, Any]) -> str:
     lines += ["", f"Samples: {summary['n']} (graded {summary['graded']}, ungraded {summary['ungraded']}). "
               "Accuracy × 100 with the benchmark's multiple-choice rule on the extracted answer."]
     if "mean_bbox_count" in summary:
-        lines.append(f"Mean boxes per sample: {summary['mean_bbox_count']}; "
+        lines.append(f"Mean boxes per sample with perceiver output: {summary['mean_bbox_count']}; "
                      f"with evidence: {100 * summary['with_evidence_fraction']:.1f} %.")
     lines += ["", "Settings: `" + json.dumps(summary.get("settings", {})) + "`", ""]
     return "\n".join(lines)
@@ -151,7 +174,7 @@ def _html(summary: dict[str, Any], examples: list[tuple[EvalSample, dict[str, An
             f'<div class="card"><img src="{_thumbnail(sample, row)}" alt="{esc(sample.uid)}">'
             f"<p><b>{esc(sample.uid)}</b> ({esc(sample.category)}) — {verdict}</p>"
             f"<p>{esc(sample.question)}</p><p>truth <b>{esc(row['ground_truth'])}</b>, "
-            f"answer <b>{esc(row['extracted_answer'][:200])}</b>, boxes {row['bbox_count']}</p></div>")
+            f"answer <b>{esc((row['extracted_answer'] or '-')[:200])}</b>, boxes {row['bbox_count']}</p></div>")
     return ("<!doctype html><html><head><meta charset='utf-8'>"
             f"<title>{esc(summary['task'])} {esc(summary['mode'])}</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"

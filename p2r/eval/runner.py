@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from p2r.eval.benchmarks import EvalSample
-from p2r.eval.inference import DEFAULT_NEEDS_MODEL, Backend, BackendSpec, Mode, Output
+from p2r.eval.inference import IN_PROCESS_MODES, NEEDS_MODEL, Backend, BackendSpec, Mode, Output
 from p2r.eval.report import RESULTS, grade_rows, result_row, summarize, write_reports
 
 Chunk = list[EvalSample]
@@ -76,7 +76,7 @@ def run_chunk(backend: Backend, mode: Mode, chunk: Chunk) -> list[dict[str, Any]
     backend.settings = replace(backend.settings, mode=mode)
     images = [s.image.load() for s in chunk]
     outputs: list[Output] = backend.run(chunk, images)
-    return [result_row(s, o) for s, o in zip(chunk, outputs, strict=True)]
+    return [result_row(s, o, mode) for s, o in zip(chunk, outputs, strict=True)]
 
 
 Work = list[tuple[Mode, Chunk]]
@@ -124,8 +124,8 @@ def evaluate(samples: Sequence[EvalSample], spec: BackendSpec, outputs: dict[Mod
     """Evaluate ``samples`` in every mode of ``outputs`` (mode -> output directory), sharing the
     engines across modes; returns each mode's summary. Samples already in a mode's
     ``results.jsonl`` are skipped (resume)."""
-    if spec.reasoner_endpoint is not None and "default" in outputs:
-        raise ValueError(DEFAULT_NEEDS_MODEL)  # before any work, not at the first default-mode chunk
+    if spec.reasoner_endpoint is not None and set(IN_PROCESS_MODES) & set(outputs):
+        raise ValueError(NEEDS_MODEL)  # before any work, not at the first default-mode chunk
     files: dict[Mode, ResultsFile] = {}
     work: Work = []
     for mode, out_dir in outputs.items():
