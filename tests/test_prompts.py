@@ -161,8 +161,8 @@ def test_eval_prompts_render_token_for_token_through_the_chat_template(tiny_mode
     mca_post = ("Provide your detailed reasoning between the <think> </think> tags, and then answer the question "
                 "with the option's letter from the given choices (e.g., A, B, etc.) within the <answer> </answer> "
                 "tags.\n")
-    default = f"Question: {q}\nAnswer the question with the option's letter from the given choices (e.g., A, B, etc.) " \
-              "directly.\n"
+    default = (f"Question: {q}\nAnswer the question with the option's letter from the given choices "
+               "(e.g., A, B, etc.) directly.\n")
     thinking = f"Question: {q}\nThink step by step. \n" + mca_post
     perceive = (f"Question: {q}\nLocate the key visual evidence in the image for answering this question. Report "
                 'bbox coordinates in JSON format only: [{"bbox_2d": [x1, y1, x2, y2], "label": "<description>"}] '
