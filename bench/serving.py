@@ -172,7 +172,7 @@ class Ours:
         self.server.stop()
 
     def reason_requests(self, samples: list[Any]) -> list[Any]:
-        from p2r.services.handlers import FORM_TO_PB
+        from p2r.services.protocol import FORM_TO_PB
         from p2r.v1 import p2r_pb2 as pb
 
         return [pb.ReasonRequest(image=s.images[0].data, question=s.question, answer_form=FORM_TO_PB[s.form],

@@ -97,7 +97,7 @@ def reference_rewards(cfg: Any, samples: list[Any], replies: list[list[str]]) ->
     from p2r.core.prompts import AnswerForm
     from p2r.core.rewards import perceiver_penalty
     from p2r.services.client import Client
-    from p2r.services.handlers import FORM_TO_PB
+    from p2r.services.protocol import FORM_TO_PB
     from p2r.trainer.rewards import ImageBytes
     from p2r.v1 import p2r_pb2 as pb
 

@@ -326,7 +326,7 @@ def ask(target: str, image_path: Path, question: str, form: str, timeout_s: floa
 
     from p2r.core.prompts import AnswerForm
     from p2r.services.client import Client
-    from p2r.services.handlers import FORM_TO_PB
+    from p2r.services.protocol import FORM_TO_PB
     from p2r.v1 import p2r_pb2 as pb
 
     if not image_path.is_file():

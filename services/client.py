@@ -1,71 +1,66 @@
 """Client library for the P2R services, used by the trainer, the evaluation and the CLI.
 
-Retries are gRPC's own (the channel's service config): exponential backoff with jitter, only
-on UNAVAILABLE (server restarting, connection refused) and RESOURCE_EXHAUSTED (admission
-control said "later"). INVALID_ARGUMENT, DEADLINE_EXCEEDED and the rest are never retried:
-retrying a bad request or an exhausted deadline cannot help. Every call carries a deadline.
+The one retry policy of the project is ``RetryPolicy`` here, carried out by gRPC itself (the
+channel's service config): exponential backoff with jitter, only on UNAVAILABLE (server
+restarting, connection refused) and RESOURCE_EXHAUSTED (admission control said "later").
+INVALID_ARGUMENT, DEADLINE_EXCEEDED and the rest are never retried: retrying a bad request or
+an exhausted deadline cannot help, and a server bug (INTERNAL) does not go away on a retry.
+Every call carries a deadline, which covers all its attempts. A caller that must carry on
+without an answer (the trainer drops the sample) catches the final ``grpc.RpcError``; it never
+retries on top, which would multiply the attempts.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from p2r.core.bbox import Region
-from p2r.core.generation import Sampling
 from p2r.core.grading import VerifyRequest
+from p2r.services.protocol import ALL_SERVICES, MAX_MESSAGE_BYTES, verify_to_pb
 from p2r.v1 import p2r_pb2 as pb
 from p2r.v1 import p2r_pb2_grpc as pb_grpc
 
-MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 RETRYABLE_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
-
-
-def sampling_to_pb(sampling: Sampling) -> pb.SamplingParams:
-    """Every field set explicitly, so the server's role defaults never apply by accident."""
-    return pb.SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                             max_tokens=sampling.max_tokens, repetition_penalty=sampling.repetition_penalty,
-                             **({"seed": sampling.seed} if sampling.seed is not None else {}))
-
-
-def region_to_pb(region: Region) -> pb.Region:
-    return pb.Region(x1=region.x1, y1=region.y1, x2=region.x2, y2=region.y2, label=region.label or "")
-
-
-def region_from_pb(region: pb.Region) -> Region:
-    return Region(region.x1, region.y1, region.x2, region.y2, region.label or None)
-
-
-def verify_to_pb(request: VerifyRequest) -> pb.VerifyRequest:
-    return pb.VerifyRequest(question=request.question, ground_truth=request.ground_truth, answer=request.answer)
+"""The only codes ever retried (names as the gRPC service config spells them)."""
+MAX_GRPC_ATTEMPTS = 5
+"""gRPC silently treats a larger ``maxAttempts`` as 5; ``RetryPolicy`` refuses one instead."""
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    max_attempts: int = 5          # gRPC caps this at 5
+    """How many attempts a call gets (the first included) and how long it waits between them;
+    the codes retried are always ``RETRYABLE_CODES``."""
+
+    max_attempts: int = MAX_GRPC_ATTEMPTS
     initial_backoff_s: float = 0.2
     max_backoff_s: float = 5.0
     multiplier: float = 2.0
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_attempts <= MAX_GRPC_ATTEMPTS:
+            raise ValueError(f"max_attempts must be 1..{MAX_GRPC_ATTEMPTS} (gRPC's limit), got {self.max_attempts}")
+
+    def method_config(self) -> dict[str, Any]:
+        """The service-config ``methodConfig`` entry for every p2r.v1 service."""
+        config: dict[str, Any] = {"name": [{"service": s} for s in ALL_SERVICES]}
+        if self.max_attempts > 1:  # gRPC rejects a retryPolicy with maxAttempts < 2
+            config["retryPolicy"] = {
+                "maxAttempts": self.max_attempts,
+                "initialBackoff": f"{self.initial_backoff_s}s",
+                "maxBackoff": f"{self.max_backoff_s}s",
+                "backoffMultiplier": self.multiplier,
+                "retryableStatusCodes": list(RETRYABLE_CODES),
+            }
+        return config
+
 
 def channel_options(retry: RetryPolicy | None = None) -> list[tuple[str, Any]]:
     retry = retry or RetryPolicy()
-    service_config = {
-        "methodConfig": [{
-            "name": [{"service": s} for s in
-                     ("p2r.v1.Perceiver", "p2r.v1.Reasoner", "p2r.v1.Verifier", "p2r.v1.P2R", "p2r.v1.Admin")],
-            "retryPolicy": {
-                "maxAttempts": retry.max_attempts,
-                "initialBackoff": f"{retry.initial_backoff_s}s",
-                "maxBackoff": f"{retry.max_backoff_s}s",
-                "backoffMultiplier": retry.multiplier,
-                "retryableStatusCodes": list(RETRYABLE_CODES),
-            },
-        }]
-    }
+    service_config = {"methodConfig": [retry.method_config()]}
     return [
         ("grpc.enable_retries", 1),
         ("grpc.service_config", json.dumps(service_config)),
@@ -131,3 +126,21 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ServiceVerifier:
+    """``grading.FreeFormVerifier`` over the verifier service, for the trainer and the evaluation.
+
+    ``send(call, requests)`` sends the batch RPCs; by default one ``VerifyBatch`` whose failure
+    raises (the evaluation's choice: a run must not report unverified answers as graded). The
+    trainer passes its bounded-concurrency sender whose failed batch gives ``None`` verdicts.
+    """
+
+    def __init__(self, client: Client, send: Callable[[Callable[[list[Any]], list[Any]], list[Any]],
+                                                     list[Any]] | None = None) -> None:
+        self.client = client
+        self.send = send or (lambda call, requests: call(requests))
+
+    def verify_batch(self, requests: Sequence[VerifyRequest]) -> list[bool | None]:
+        results = self.send(self.client.verify_batch, [verify_to_pb(r) for r in requests])
+        return [None if r is None else r.correct for r in results]

@@ -31,19 +31,12 @@ from p2r.core.images import ImageError, PixelBounds, load_image, open_image
 from p2r.core.prompts import AnswerForm
 from p2r.core.source_image import SourceImage
 from p2r.services import metrics
-from p2r.services.client import region_to_pb
 from p2r.services.config import ServeConfig
 from p2r.services.cpus import default_workers
 from p2r.services.engine import AsyncEngine, GenerationOut
 from p2r.services.errors import InvalidArgument
+from p2r.services.protocol import FORM_FROM_PB, region_to_pb
 from p2r.v1 import p2r_pb2 as pb
-
-_FORMS = {
-    pb.ANSWER_FORM_MCA: AnswerForm.MCA,
-    pb.ANSWER_FORM_NA: AnswerForm.NA,
-    pb.ANSWER_FORM_FREE_FORM: AnswerForm.FREE_FORM,
-}
-FORM_TO_PB = {v: k for k, v in _FORMS.items()}
 
 
 def _ms(seconds: float) -> float:
@@ -132,9 +125,9 @@ class Handlers:
 
     @staticmethod
     def form(value: int, field: str) -> AnswerForm:
-        if value not in _FORMS:
+        if value not in FORM_FROM_PB:
             raise InvalidArgument(f"{field}: answer_form must be MCA, NA or FREE_FORM")
-        return _FORMS[value]
+        return FORM_FROM_PB[value]
 
     @staticmethod
     def variant(value: int) -> prompts.Variant:

@@ -17,7 +17,8 @@ from google.protobuf.json_format import MessageToDict
 
 from p2r.core.prompts import AnswerForm
 from p2r.services import metrics
-from p2r.services.handlers import FORM_TO_PB, answer
+from p2r.services.handlers import answer
+from p2r.services.protocol import FORM_TO_PB
 from p2r.v1 import p2r_pb2 as pb
 
 if TYPE_CHECKING:

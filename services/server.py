@@ -30,21 +30,11 @@ from p2r.services.config import ServeConfig
 from p2r.services.engine import AsyncEngine, EngineLimits
 from p2r.services.errors import InvalidArgument, Overloaded, Status, status_of
 from p2r.services.handlers import Handlers, RoleBackend, answer
+from p2r.services.protocol import ADMIN_SERVICE, MAX_MESSAGE_BYTES, SERVICE_NAMES
 from p2r.v1 import p2r_pb2 as pb
 from p2r.v1 import p2r_pb2_grpc as pb_grpc
 
 log = logging.getLogger("p2r.serve")
-
-MAX_MESSAGE_BYTES = 512 * 1024 * 1024
-"""Batches of hundreds of full-resolution images fit in one call."""
-
-SERVICE_NAMES = {
-    "perceiver": "p2r.v1.Perceiver",
-    "reasoner": "p2r.v1.Reasoner",
-    "verifier": "p2r.v1.Verifier",
-    "gateway": "p2r.v1.P2R",
-}
-
 
 class Admission:
     """Counts admitted work items; refuses, instead of queueing, beyond the limit."""
@@ -162,13 +152,13 @@ class Server:
         pb_grpc.add_AdminServicer_to_server(servicers.admin, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
-            [*names, "p2r.v1.Admin", health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            [*names, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], self.grpc)
         self.port = self.grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await self.grpc.start()
         if "gateway" in self.config.roles and self.config.http_port is not None:
             await self._start_http()
-        for name in ["", *names, "p2r.v1.Admin"]:
+        for name in ["", *names, ADMIN_SERVICE]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.ready = True
         log.info("p2r serve: %s on %s:%d ready", ",".join(self.config.roles), self.config.host, self.port)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from p2r.core.bbox import BBOX_LIST_SCHEMA, parse_regions
 from p2r.services.checkpoints import sha256_file
-from p2r.services.client import Client, channel_options
+from p2r.services.client import Client, RetryPolicy, channel_options
 from p2r.services.launch import ServerProc, start_server
 from p2r.v1 import p2r_pb2 as pb
 from p2r.v1 import p2r_pb2_grpc as pb_grpc
@@ -252,32 +252,70 @@ def test_client_retries_only_retryable_codes() -> None:
     policy = config["methodConfig"][0]["retryPolicy"]
     assert policy["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
     assert policy["backoffMultiplier"] == 2.0 and policy["maxAttempts"] == 5
+    assert {n["service"] for n in config["methodConfig"][0]["name"]} == {
+        "p2r.v1.Perceiver", "p2r.v1.Reasoner", "p2r.v1.Verifier", "p2r.v1.P2R", "p2r.v1.Admin"}
+    with pytest.raises(ValueError, match=r"max_attempts must be 1\.\.5"):
+        RetryPolicy(max_attempts=6)  # gRPC would silently make it 5
     # Against a port nobody listens on: UNAVAILABLE once the retries are spent, before the deadline
     # (DEADLINE_EXCEEDED otherwise: the call would have waited for a server instead).
     with Client("127.0.0.1:1", timeout_s=3) as c:
         code, _ = _code(lambda: c.status())
         assert code == grpc.StatusCode.UNAVAILABLE
     # Against a server that answers with a given code: the attempts it receives are the retries.
-    for answer, attempts in ((grpc.StatusCode.UNAVAILABLE, 5), (grpc.StatusCode.RESOURCE_EXHAUSTED, 5),
-                             (grpc.StatusCode.INVALID_ARGUMENT, 1)):
-        with _answering(answer) as (target, calls), Client(target, timeout_s=30) as c:
+    C = grpc.StatusCode
+    for answer, policy_attempts, attempts in (
+            (C.UNAVAILABLE, 5, 5), (C.RESOURCE_EXHAUSTED, 5, 5), (C.UNAVAILABLE, 2, 2), (C.UNAVAILABLE, 1, 1),
+            (C.INVALID_ARGUMENT, 5, 1), (C.DEADLINE_EXCEEDED, 5, 1), (C.INTERNAL, 5, 1),
+            (C.FAILED_PRECONDITION, 5, 1)):
+        retry = RetryPolicy(max_attempts=policy_attempts, initial_backoff_s=0.01)
+        with _answering(answer) as (target, calls), Client(target, timeout_s=30, retry=retry) as c:
             code, _ = _code(lambda: c.status())
-            assert code == answer and len(calls) == attempts, (answer, len(calls))
+            assert code == answer and len(calls) == attempts, (answer, policy_attempts, len(calls))
+
+
+def test_trainer_gives_up_after_the_client_retries() -> None:
+    """The trainer's per-sample give-up is built on the client's policy: ``reward_retries`` + 1
+    attempts on a retryable code, one on any other, never more; the samples become None."""
+    from p2r.core.prompts import AnswerForm
+    from p2r.data.dataset import Sample
+    from p2r.trainer.config import TrainConfig
+    from p2r.trainer.rewards import ReasonerReward
+
+    C = grpc.StatusCode
+    samples = [Sample(i, "What animal?", "a cat", AnswerForm.FREE_FORM, []) for i in range(3)]
+    replies = [["a cat"]] * 3
+    for answer, retries, attempts in ((C.UNAVAILABLE, 2, 3), (C.RESOURCE_EXHAUSTED, 0, 1),
+                                      (C.INVALID_ARGUMENT, 3, 1), (C.DEADLINE_EXCEEDED, 3, 1)):
+        with _answering(answer) as (target, calls):
+            cfg = TrainConfig(role="reasoner", model="m", data="d.parquet", output="o", verifier_endpoint=target,
+                              perceiver_endpoint="127.0.0.1:1",
+                              reward_retries=retries, service_timeout_s=30, reward_batch_size=2)
+            rewards, stats = ReasonerReward(cfg)(samples, replies)
+            # 3 replies in batches of 2: two batch RPCs, each given its attempts, then given up.
+            assert rewards == [[None]] * 3 and stats.dropped == 3 and stats.service_calls == 2, answer
+            assert len(calls) == 2 * attempts, (answer, retries, len(calls))
 
 
 @contextmanager
-def _answering(code: grpc.StatusCode) -> Iterator[tuple[str, list[pb.StatusRequest]]]:
-    """A gRPC server on loopback whose Admin.Status always fails with ``code``; yields its target
-    and the list of the calls it received (the client's attempts, which a time bound cannot count)."""
-    calls: list[pb.StatusRequest] = []
+def _answering(code: grpc.StatusCode) -> Iterator[tuple[str, list[object]]]:
+    """A gRPC server on loopback whose Admin.Status and Verifier.VerifyBatch always fail with
+    ``code``; yields its target and the list of the calls it received (the client's attempts,
+    which a time bound cannot count)."""
+    calls: list[object] = []
 
     class Admin(pb_grpc.AdminServicer):
         def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
             calls.append(request)
             context.abort(code, "as told")
 
+    class Verifier(pb_grpc.VerifierServicer):
+        def VerifyBatch(self, request: pb.VerifyBatchRequest, context: grpc.ServicerContext) -> pb.VerifyBatchResponse:
+            calls.append(request)
+            context.abort(code, "as told")
+
     server = grpc.server(ThreadPoolExecutor(2))
     pb_grpc.add_AdminServicer_to_server(Admin(), server)
+    pb_grpc.add_VerifierServicer_to_server(Verifier(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:

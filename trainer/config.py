@@ -81,7 +81,8 @@ class TrainConfig(YamlSettings):
     # Reward calls
     reward_batch_size: int = Field(64, ge=1, description="items per batch RPC")
     reward_concurrency: int = Field(4, ge=1, description="batch RPCs in flight at once")
-    reward_retries: int = Field(3, ge=0)
+    reward_retries: int = Field(3, ge=0, le=4, description="retries of a reward RPC on UNAVAILABLE or "
+                                "RESOURCE_EXHAUSTED only (the client's RetryPolicy; gRPC allows 5 attempts)")
     service_timeout_s: float = Field(600.0, gt=0)
 
     # Validation (trainer/validation.py): greedy, n = 1, the role's reward

@@ -1,7 +1,9 @@
 """Role-aware rewards of PRA-GRPO (p2r-method.md §Rewards), computed against live services.
 
 A reward is a float, or ``None`` when it could not be computed (a service still failing after
-retries): such a sample is dropped from the step and counted - never silently scored 0.
+the client library's retries, ``services.client.RetryPolicy`` with ``reward_retries`` retries):
+such a sample is dropped from the step and counted - never silently scored 0. Nothing here
+retries on top of the client.
 """
 
 from __future__ import annotations
@@ -12,17 +14,17 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
 from p2r.core.bbox import Region, parse_regions
-from p2r.core.grading import GradeItem, VerifyRequest, grade_batch
+from p2r.core.grading import GradeItem, grade_batch
 from p2r.core.images import encode_image
 from p2r.core.rewards import perceiver_penalty
 from p2r.data.dataset import Sample
-from p2r.services.client import Client, region_to_pb, verify_to_pb
-from p2r.services.handlers import FORM_TO_PB
+from p2r.services.client import Client, RetryPolicy, ServiceVerifier
+from p2r.services.protocol import FORM_TO_PB, region_to_pb
 from p2r.v1 import p2r_pb2 as pb
 
 log = logging.getLogger("p2r.train.rewards")
@@ -41,57 +43,31 @@ class RewardStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-class RewardFn(Protocol):
-    def __call__(self, samples: Sequence[Sample], responses: Sequence[Sequence[str]]) -> tuple[
-        list[list[float | None]], RewardStats]: ...
-
-
-def _retry(fn: Callable[[], Any], retries: int, what: str) -> Any:
-    """Call ``fn``; on a gRPC error retry with exponential backoff; None after the last try."""
-    delay = 0.5
-    for attempt in range(retries + 1):
-        try:
-            return fn()
-        except grpc.RpcError as e:
-            if attempt == retries or e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                log.warning("%s failed for good (%s: %s)", what, e.code().name, e.details())
-                return None
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
-    return None
+def service_client(endpoint: str, cfg: Any) -> Client:
+    """A client of a reward service under the one retry policy, with ``reward_retries`` retries."""
+    return Client(endpoint, timeout_s=cfg.service_timeout_s, retry=RetryPolicy(max_attempts=cfg.reward_retries + 1))
 
 
 def batched_calls(
-    call: Callable[[list[Any]], list[Any]], items: list[Any], batch_size: int, concurrency: int, retries: int,
+    call: Callable[[list[Any]], list[Any]], items: list[Any], batch_size: int, concurrency: int,
     stats: RewardStats,
 ) -> list[Any | None]:
-    """Send ``items`` as batch RPCs, ``concurrency`` at a time; a failed batch gives Nones."""
+    """Send ``items`` as batch RPCs, ``concurrency`` at a time. A batch still failing after the
+    client's retries is given up: its items are None (logged), and the step goes on."""
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
     def one(chunk: list[Any]) -> list[Any | None]:
-        result = _retry(lambda: call(chunk), retries, f"batch of {len(chunk)}")
-        return list(result) if result is not None else [None] * len(chunk)
+        try:
+            return list(call(chunk))
+        except grpc.RpcError as e:
+            log.warning("batch of %d failed for good (%s: %s)", len(chunk), e.code().name, e.details())
+            return [None] * len(chunk)
 
     with ThreadPoolExecutor(max(1, min(concurrency, len(chunks)))) as pool:
         results = list(pool.map(one, chunks))
     stats.service_calls += len(chunks)
     stats.service_items += len(items)
     return [r for chunk in results for r in chunk]
-
-
-class ServiceVerifier:
-    """The verifier service behind ``FreeFormVerifier``: batch RPCs with bounded concurrency;
-    a batch still failing after its retries gives None verdicts."""
-
-    def __init__(self, client: Client, cfg: Any, stats: RewardStats) -> None:
-        self.client, self.cfg, self.stats = client, cfg, stats
-
-    def verify_batch(self, requests: Sequence[VerifyRequest]) -> list[bool | None]:
-        verdicts = batched_calls(
-            lambda chunk: self.client.verify_batch([verify_to_pb(r) for r in chunk]),
-            list(requests), self.cfg.reward_batch_size, self.cfg.reward_concurrency, self.cfg.reward_retries,
-            self.stats)
-        return [None if v is None else v.correct for v in verdicts]
 
 
 def grade(
@@ -103,7 +79,8 @@ def grade(
     graded = grade_batch(
         [GradeItem(items[i][1] or "", items[i][0].ground_truth, items[i][0].form, items[i][0].question)
          for i in present],
-        ServiceVerifier(verifier, cfg, stats) if verifier is not None else None,
+        ServiceVerifier(verifier, lambda call, requests: batched_calls(
+            call, requests, cfg.reward_batch_size, cfg.reward_concurrency, stats)) if verifier is not None else None,
     )
     out: list[float | None] = [None] * len(items)
     for i, verdict in zip(present, graded, strict=True):
@@ -133,9 +110,8 @@ class PerceiverReward:
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
-        self.reasoner = Client(cfg.reasoner_endpoint, timeout_s=cfg.service_timeout_s)
-        self.verifier = Client(cfg.verifier_endpoint, timeout_s=cfg.service_timeout_s) if cfg.verifier_endpoint \
-            else None
+        self.reasoner = service_client(cfg.reasoner_endpoint, cfg)
+        self.verifier = service_client(cfg.verifier_endpoint, cfg) if cfg.verifier_endpoint else None
         self.images = ImageBytes()
 
     def __call__(self, samples: Sequence[Sample], responses: Sequence[Sequence[str]]) -> tuple[
@@ -166,7 +142,7 @@ class PerceiverReward:
                     for s, regions in calls]
         stats.extra["reasoner_requests"] = len(requests)
         results = batched_calls(self.reasoner.reason_batch, requests, self.cfg.reward_batch_size,
-                                self.cfg.reward_concurrency, self.cfg.reward_retries, stats)
+                                self.cfg.reward_concurrency, stats)
         graded = grade([(s, None if res is None else res.completions[0].text) for (s, _), res
                         in zip(calls, results, strict=True)], self.verifier, self.cfg, stats)
         for i, j, k in slots:
@@ -181,8 +157,7 @@ class ReasonerReward:
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
-        self.verifier = Client(cfg.verifier_endpoint, timeout_s=cfg.service_timeout_s) if cfg.verifier_endpoint \
-            else None
+        self.verifier = service_client(cfg.verifier_endpoint, cfg) if cfg.verifier_endpoint else None
 
     def __call__(self, samples: Sequence[Sample], responses: Sequence[Sequence[str]]) -> tuple[
             list[list[float | None]], RewardStats]:
@@ -204,7 +179,7 @@ class PerceiverCache:
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
-        self.client = Client(cfg.perceiver_endpoint, timeout_s=cfg.service_timeout_s)
+        self.client = service_client(cfg.perceiver_endpoint, cfg)
         self.images = ImageBytes()
         self.regions: dict[int, list[Region]] = {}
         self.calls = 0
@@ -216,7 +191,7 @@ class PerceiverCache:
             requests = [pb.PerceiveRequest(image=self.images(s), question=s.question, sampling=params)
                         for s in missing]
             results = batched_calls(self.client.perceive_batch, requests, self.cfg.reward_batch_size,
-                                    self.cfg.reward_concurrency, self.cfg.reward_retries, stats)
+                                    self.cfg.reward_concurrency, stats)
             self.calls += len(missing)
             for s, res in zip(missing, results, strict=True):
                 if res is not None:
