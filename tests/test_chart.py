@@ -108,8 +108,9 @@ def test_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None
     ({"minio": {"enabled": False}, "s3": {"existingSecret": "creds"}}, "s3.externalEndpoint is required"),
     ({"roles": {"reasoner": {"enabled": False}}, "controller": {"enabled": False}},
      "enable roles.perceiver and roles.reasoner"),
-    ({"roles": {"verifier": {"enabled": False}}}, "controller.enabled needs roles.perceiver, roles.reasoner and"),
-    ({"roles": {"gateway": {"autoscaling": {"enabled": True}}}}, "runs no engine"),
+    ({"roles": {"verifier": {"enabled": False}}, "controller": {"enabled": True}},
+     "controller.enabled needs roles.perceiver, roles.reasoner and"),
+    ({"gatewayAPI": {"enabled": True}}, "gatewayAPI.parentRefs is required"),
 ])
 def test_inconsistent_values_fail_with_a_clear_message(values: dict[str, Any], message: str) -> None:
     import helm_python
@@ -142,11 +143,12 @@ def test_serve_yaml_is_what_p2r_serve_loads(profile: str, rendered: dict[str, li
         assert cfg.roles == [role] and cfg.host == "0.0.0.0"
         assert (cfg.port, cfg.metrics_port) == (values["ports"]["grpc"], values["ports"]["metrics"])
         assert cfg.grace_period_s == values["drain"]["gracePeriodSeconds"]
-        assert str(cfg.checkpoint_cache).startswith("/cache/")
+        assert str(cfg.checkpoint_cache) == f"/cache/models/{role}"  # each role its own cache directory
         if role == "gateway":
             assert cfg.http_port == values["ports"]["http"]
-            assert cfg.perceiver_endpoint == f"p2r-perceiver:{values['ports']['grpc']}"
-            assert cfg.reasoner_endpoint == f"p2r-reasoner:{values['ports']['grpc']}"
+            for remote in ("perceiver", "reasoner"):  # the headless Service, for round_robin
+                assert getattr(cfg, f"{remote}_endpoint") == (
+                    f"dns:///p2r-{remote}.{NAMESPACE}.svc.cluster.local:{values['ports']['grpc']}")
             assert cfg.model is None
         else:
             assert cfg.model == values["roles"][role]["model"]
@@ -158,6 +160,12 @@ def test_role_serve_config_overrides_the_shared_one() -> None:
     assert _serve_yaml(docs, "perceiver")["max_in_flight"] == 7
     assert _serve_yaml(docs, "perceiver")["structured_perceiver"] is False  # a false override is kept
     assert _serve_yaml(docs, "reasoner")["max_in_flight"] == 100
+
+
+def _bound(spec: dict[str, Any], bound: str) -> Any:
+    """A numeric bound of a schema node, also inside pydantic's ``anyOf`` for optionals."""
+    found = [spec.get(bound), *(s.get(bound) for s in spec.get("anyOf", []))]
+    return next((b for b in found if b is not None), None)
 
 
 def _types(spec: dict[str, Any]) -> set[str]:
@@ -183,7 +191,7 @@ def test_serve_config_schema_matches_the_code() -> None:
             for key, sub in spec["properties"].items():
                 assert key in limits and _types(sub) == _types(limits[key]), key
                 for bound in ("minimum", "exclusiveMinimum", "maximum"):
-                    assert sub.get(bound) == limits[key].get(bound), (key, bound)
+                    assert _bound(sub, bound) == _bound(limits[key], bound), (key, bound)
             continue
         assert spec["type"] == code["properties"][name]["type"], name
         assert spec.get("minimum") == code["properties"][name].get("minimum"), name
@@ -195,7 +203,7 @@ def _gpus(c: dict[str, Any], kind: str) -> int:
 
 @pytest.mark.parametrize(("profile", "expected"), [
     ("default", {"perceiver": 1, "reasoner": 1, "verifier": 1, "gateway": 0}),
-    ("gpu-production", {"perceiver": 1, "reasoner": 1, "verifier": 1, "gateway": 0}),
+    ("gpu-production", {"perceiver": 1, "reasoner": 2, "verifier": 1, "gateway": 0}),
     ("cpu-smoke", {"perceiver": 0, "reasoner": 0, "verifier": 0, "gateway": 0}),
 ])
 def test_gpu_requests(profile: str, expected: dict[str, int], rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -247,16 +255,25 @@ def test_probes_and_drain(profile: str, rendered: dict[str, list[dict[str, Any]]
         assert ("http" in ports) == (role == "gateway")
 
 
+def all_pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """pod_specs plus bare Pods (the `helm test` hook)."""
+    return [*pod_specs(docs), *((f"Pod/{d['metadata']['name']}", d["spec"]) for d in find(docs, "Pod"))]
+
+
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_every_p2r_command_parses_with_the_real_cli(profile: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
     seen = set()
-    for _name, spec in pod_specs(rendered[profile]):
+    for _name, spec in all_pod_specs(rendered[profile]):
         for c in containers(spec):
             if c.get("command", [""])[0] == "p2r":
                 ctx = parse_p2r_command([*c["command"], *c.get("args", [])])
                 seen.add(f"{ctx.parent.info_name if ctx.parent else ''} {ctx.info_name}".strip())
     values = merged_values(PROFILES[profile])
-    assert {"p2r serve", "pipeline run"} | ({"models tiny"} if values["models"]["tiny"]["enabled"] else set()) == seen
+    expected = {"p2r serve", "data synth", "p2r ask"}  # serving, and the `helm test` pod
+    expected |= {"pipeline run"} if values["controller"]["enabled"] else set()
+    expected |= {"models tiny"} if values["models"]["tiny"]["enabled"] else set()
+    expected |= {"models upload"} if values["models"]["seed"]["enabled"] else set()
+    assert expected == seen
 
 
 def test_config_change_rolls_the_pods() -> None:
@@ -268,7 +285,8 @@ def test_config_change_rolls_the_pods() -> None:
 VERBS = {"read": "get", "get": "get", "create": "create", "patch": "patch", "delete": "delete", "list": "list",
          "replace": "update", "watch": "watch"}
 RESOURCES = {"config_map": ("", "configmaps"), "deployment": ("apps", "deployments"), "job": ("batch", "jobs"),
-             "pod": ("", "pods"), "pod_log": ("", "pods/log"), "secret": ("", "secrets")}
+             "pod": ("", "pods"), "pod_log": ("", "pods/log"), "secret": ("", "secrets"),
+             "persistent_volume_claim": ("", "persistentvolumeclaims"), "event": ("", "events")}
 # kubeflow-training's TrainingClient methods and the API calls they make.
 TRAINING_CLIENT = {"create_job": {"create"}, "get_job": {"get"}, "get_job_conditions": {"get"},
                    "delete_job": {"delete"}, "wait_for_job_conditions": {"get", "watch"}, "list_jobs": {"list"}}
@@ -306,6 +324,9 @@ def test_pipeline_yaml_is_what_the_controller_loads(profile: str, rendered: dict
     from p2r.controller.config import load_pipeline_config
 
     values = merged_values(PROFILES[profile])
+    if not values["controller"]["enabled"]:
+        assert not find(rendered[profile], "ConfigMap", "p2r-pipeline")
+        return
     path = tmp_path / "pipeline.yaml"
     path.write_text(one(rendered[profile], "ConfigMap", "p2r-pipeline")["data"]["pipeline.yaml"])
     cfg = load_pipeline_config(path)
@@ -316,7 +337,8 @@ def test_pipeline_yaml_is_what_the_controller_loads(profile: str, rendered: dict
     for role, name in k.deployments.items():
         container = one(rendered[profile], "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
         assert container["name"] == k.server_container, role
-    assert k.s3_secret == (values["s3"]["existingSecret"] or "p2r-s3")
+    # Trainers and eval write checkpoints as the least-privilege writer (the release's MinIO).
+    assert k.s3_secret == ("p2r-s3-writer" if values["minio"]["enabled"] else values["s3"]["existingSecret"])
     assert k.image == one(rendered[profile], "Deployment", "p2r-controller")["spec"]["template"]["spec"][
         "containers"][0]["image"]
     gpus = {kind: k.resources.get(kind, {}).get("nvidia.com/gpu") for kind in ("requests", "limits")}
@@ -331,6 +353,9 @@ def test_controller_rbac_is_least_privilege(profile: str, rendered: dict[str, li
     docs = rendered[profile]
     values = merged_values(PROFILES[profile])
     assert not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding")
+    if not values["controller"]["enabled"]:
+        assert not find(docs, "Role") and not find(docs, "ServiceAccount")
+        return
     role = one(docs, "Role", "p2r-controller")
     rules: dict[tuple[str, str], set[str]] = {}
     for rule in role["rules"]:
@@ -362,19 +387,28 @@ def test_no_plaintext_credentials(profile: str, rendered: dict[str, list[dict[st
         assert "stringData" not in secret
     values = merged_values(PROFILES[profile])
     secrets = find(docs, "Secret")
-    if values["minio"]["enabled"] and not values["s3"]["existingSecret"]:
-        assert [s["metadata"]["name"] for s in secrets] == ["p2r-s3"]
-        assert secrets[0]["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    admin = values["s3"]["existingSecret"] or "p2r-s3"
+    if values["minio"]["enabled"]:
+        users = {"reader": "p2r-s3-reader", "writer": "p2r-s3-writer"}
+        assert sorted(s["metadata"]["name"] for s in secrets) == sorted({admin, *users.values()} - {
+            values["s3"]["existingSecret"]})
+        for s in secrets:
+            assert s["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     else:
         assert not secrets
-    # Every pod that talks to S3 reads both keys from the same Secret.
-    secret_name = values["s3"]["existingSecret"] or "p2r-s3"
+        users = {"reader": admin, "writer": admin}
+    # Each pod reads both keys from one Secret: role servers the read-only user, the controller
+    # the writer, MinIO and the hooks the admin.
+    expected = {"serve": users["reader"], "controller": users["writer"], "minio": admin, "mc": admin}
     for name, spec in pod_specs(docs):
         for c in containers(spec):
             env = {e["name"]: e for e in c.get("env", [])}
             if "AWS_SECRET_ACCESS_KEY" in env:
-                ref = env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]
-                assert ref == {"name": secret_name, "key": values["s3"]["secretKeyKey"]}, name
+                want = expected.get(c["name"], admin)
+                for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                    ref = env[key]["valueFrom"]["secretKeyRef"]
+                    assert ref == {"name": want, "key": values["s3"][
+                        "accessKeyKey" if key == "AWS_ACCESS_KEY_ID" else "secretKeyKey"]}, (name, c["name"])
 
 
 def test_generated_credentials_are_random() -> None:
@@ -449,7 +483,13 @@ def test_services_select_their_pods(profile: str, rendered: dict[str, list[dict[
 def test_autoscaling_on_waiting_requests(rendered: dict[str, list[dict[str, Any]]]) -> None:
     docs = rendered["gpu-production"]
     hpas = {h["metadata"]["name"]: h for h in find(docs, "HorizontalPodAutoscaler")}
-    assert set(hpas) == {"p2r-perceiver", "p2r-reasoner"}
+    assert set(hpas) == {"p2r-perceiver", "p2r-reasoner", "p2r-gateway"}
+    # The gateway runs no engine: it scales on CPU.
+    gateway = hpas.pop("p2r-gateway")["spec"]
+    assert gateway["metrics"] == [{"type": "Resource", "resource": {"name": "cpu", "target": {
+        "type": "Utilization", "averageUtilization": 70}}}]
+    assert (gateway["minReplicas"], gateway["maxReplicas"]) == (2, 6)
+    assert "replicas" not in one(docs, "Deployment", "p2r-gateway")["spec"]
     for name, hpa in hpas.items():
         assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
         metric = hpa["spec"]["metrics"][0]["pods"]
@@ -466,9 +506,14 @@ def test_network_policies(rendered: dict[str, list[dict[str, Any]]]) -> None:
     docs = rendered["gpu-production"]
     policies = {p["metadata"]["name"]: p["spec"] for p in find(docs, "NetworkPolicy")}
     deny = policies.pop("p2r-default-deny")
+    # The gateway admits what its exposure needs: the ingress controller (ingress.from) and the
+    # release's `helm test` pod.
+    gateway_from = [*merged_values(PROFILES["gpu-production"])["ingress"]["from"],
+                    {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "p2r",
+                                                     "app.kubernetes.io/instance": "p2r",
+                                                     "app.kubernetes.io/component": "test"}}}]
     assert deny["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "p2r", "app.kubernetes.io/instance": "p2r"}
     assert deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
-    gateway_from = PROFILES["gpu-production"]["networkPolicy"]["gatewayFrom"]
     metrics_from = merged_values(PROFILES["gpu-production"])["networkPolicy"]["metricsFrom"]
     internal = [{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "p2r"}}}]
     for name, spec in policies.items():
@@ -480,8 +525,7 @@ def test_network_policies(rendered: dict[str, list[dict[str, Any]]]) -> None:
                 assert ports == {"grpc", "http"} and rule["from"] == gateway_from
             else:
                 assert rule["from"] == internal, (name, rule)
-    assert set(policies) == {"p2r-perceiver", "p2r-reasoner", "p2r-verifier", "p2r-gateway", "p2r-controller",
-                             "p2r-minio"}
+    assert set(policies) == {"p2r-perceiver", "p2r-reasoner", "p2r-verifier", "p2r-gateway", "p2r-minio"}
 
 
 def test_monitoring_switches(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -492,7 +536,7 @@ def test_monitoring_switches(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "9090"
     assert "p2r-rules.yaml" in one(default, "ConfigMap", "p2r-alert-rules")["data"]
     monitors = {m["metadata"]["name"] for m in find(prod, "ServiceMonitor")}
-    assert monitors == {f"p2r-{c}" for c in (*ROLES, "controller")}
+    assert monitors == {f"p2r-{c}" for c in ROLES}  # the controller is off in gpu-production
     for m in find(prod, "ServiceMonitor") + find(prod, "PodMonitor") + find(prod, "PrometheusRule"):
         assert m["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     for m in find(prod, "ServiceMonitor"):
