@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from p2r.controller.pods import PodTemplate
 from p2r.services.config import ServeConfig
 from p2r.trainer.config import TrainConfig
 
@@ -125,6 +126,13 @@ class Kubernetes(Strict):
     eval_resources: dict[str, Any] = Field(default_factory=dict)
     data_pvc: str | None = Field(None, description="PersistentVolumeClaim mounted at data_mount in every pod")
     data_mount: str = "/data"
+    pod: PodTemplate = Field(default_factory=PodTemplate, description="security, placement, Kueue queue and "
+                             "labels of the trainer and eval pods (controller/pods.py)")
+    owner_config_map: str | None = Field(
+        None, description="ConfigMap (the chart's pipeline.yaml) that owns every object the controller creates: "
+                          "deleting it (helm uninstall) garbage-collects the jobs, their pods and the run state")
+    inputs_poll_s: float = Field(30.0, gt=0, description="how often missing inputs (models, data claim, "
+                                                         "PyTorchJob CRD) are checked again")
     poll_s: float = Field(5.0, gt=0)
     rollout_timeout_s: float = Field(1800.0, gt=0)
     job_timeout_s: float = Field(7 * 86400.0, gt=0)

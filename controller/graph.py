@@ -1,9 +1,11 @@
 """The step graph of a P2R run and the loop that walks it; both backends run this same graph.
 
-    [prepare] → serve_reasoner → stage1 → verify_stage1 → serve_perceiver → stage2 → verify_stage2
+    [prepare | inputs] → serve_reasoner → stage1 → verify_stage1 → serve_perceiver → stage2 → verify_stage2
               → eval → report
 
-``serve_reasoner`` puts the base model up as the frozen reasoner and the verifier; ``stage1``
+``prepare`` (local) builds missing tiny inputs; ``inputs`` (Kubernetes) waits, reporting what is
+missing, until the models, the data claim and the PyTorchJob CRD exist. ``serve_reasoner`` puts
+the base model up as the frozen reasoner and the verifier; ``stage1``
 trains the perceiver against them; ``verify_stage1`` checks the newest stage-1 checkpoint file by
 file against its manifest (stage 2 never starts from an incomplete one); ``serve_perceiver`` serves
 that checkpoint as the frozen perceiver; ``stage2`` trains the reasoner from it; ``eval`` runs
@@ -90,6 +92,10 @@ class Backend(Protocol):
     def cancel_detached(self, state: dict[str, Any]) -> None:
         """Stop a run's work when no controller is alive to do it (``p2r pipeline cancel``)."""
 
+    def check_inputs(self, ctx: Context) -> dict[str, Any]:
+        """Wait until the run's inputs exist, reporting what is missing (Kubernetes only: local
+        inputs are checked when the config loads)."""
+
 
 @dataclass(frozen=True)
 class Step:
@@ -161,6 +167,10 @@ def _prepare(ctx: Context) -> dict[str, Any]:
     return made
 
 
+def _inputs(ctx: Context) -> dict[str, Any]:
+    return ctx.backend.check_inputs(ctx)
+
+
 def _serve_reasoner(ctx: Context) -> dict[str, Any]:
     models = {"reasoner": ctx.config.base_model, "verifier": ctx.config.verifier}
     return {"models": models, "endpoints": ctx.backend.serve(ctx, models)}
@@ -226,8 +236,11 @@ def _report(ctx: Context) -> dict[str, Any]:
 
 def build_graph(config: PipelineConfig) -> list[Step]:
     prepare = [Step("prepare", _prepare)] if config.prepare is not None else []
+    # On Kubernetes nothing is created until the models, data claim and CRD exist (kube.py).
+    inputs = [Step("inputs", _inputs)] if config.backend == "kubernetes" else []
     return [
         *prepare,
+        *inputs,
         Step("serve_reasoner", _serve_reasoner),
         Step("stage1", _stage("stage1", "perceiver", "reasoner"), frozenset({"reasoner", "verifier"})),
         Step("verify_stage1", _verify("stage1")),

@@ -5,13 +5,23 @@
   that restarts later still loads the right checkpoint), then awaited until the rollout is
   complete (observed generation, updated / ready / available replicas). Their Services are the
   endpoints the trainer pods call (``NAME.NAMESPACE.svc:PORT``).
-- Stages: one PyTorchJob per attempt, created with the ``kubeflow-training`` SDK, named
-  ``RUN-STAGE-ATTEMPT``. The name is written to the state before the job is created, so a
-  restarted controller re-attaches to the job instead of creating a second one. The trainer's
-  YAML config is a ConfigMap mounted at ``/etc/p2r``; S3 credentials come from a Secret
-  (``envFrom``), never from the config or the state. The operator's own restarts are off
-  (``backoffLimit: 0``): retries are the controller's, counted and backed off in one place, and a
-  retried stage continues from its newest complete checkpoint (``--resume auto``).
+- Inputs: before anything is created the ``inputs`` step waits until the PyTorchJob CRD, the
+  data claim and the models in object storage exist, reporting what is missing in the run state,
+  as Kubernetes Events and in the log (``check_inputs``).
+- Pods: every trainer and eval pod comes from the one pod template in ``controller/pods.py``
+  (also the source of ``manifests/base``): restricted security context, read-only root with
+  scratch volumes, no API token, placement and an optional Kueue queue from ``kubernetes.pod``.
+- Ownership: with ``kubernetes.owner_config_map`` (the chart's pipeline ConfigMap) every object
+  the controller creates carries an ownerReference to it, so ``helm uninstall`` makes the garbage
+  collector delete the jobs, their pods and the run state. Every object is also labelled
+  ``app.kubernetes.io/managed-by: p2r-pipeline`` and ``p2r.io/run: RUN`` for a label-based cleanup.
+- Stages: one PyTorchJob per attempt, named ``RUN-STAGE-ATTEMPT``. The name is written to the
+  state before the job is created, so a restarted controller re-attaches to the job instead of
+  creating a second one. The trainer's YAML config is a ConfigMap mounted at ``/etc/p2r``; S3
+  credentials come from a Secret (``secretKeyRef``), never from the config or the
+  state. The operator's own restarts are off (``backoffLimit: 0``): retries are the controller's,
+  counted and backed off in one place, and a retried stage continues from its newest complete
+  checkpoint (``--resume auto``).
 - Evaluation: a ``batch/v1`` Job ``RUN-eval-ATTEMPT`` running ``p2r eval``.
 - State: the ConfigMap ``p2r-pipeline-RUN`` (key ``state.json``; ``cancel`` set by
   ``p2r pipeline cancel``).
@@ -19,23 +29,26 @@
 
 from __future__ import annotations
 
-import copy
+import datetime
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 import yaml
 
+from p2r.controller import pods
 from p2r.controller.config import PipelineConfig
 from p2r.controller.graph import Context, StepFailed
 from p2r.controller.state import now
+from p2r.controller.storage import read_json
+from p2r.services.checkpoints import MANIFEST
 
 log = logging.getLogger("p2r.pipeline.kube")
 
-TRAIN_CONFIG_DIR = "/etc/p2r"
 MODEL_ENV = "P2R_MODEL"
 MODEL_ANNOTATION = "p2r.io/model"
 
@@ -59,9 +72,12 @@ def _labels(run: str, step: str, attempt: int | None = None, component: str | No
 class ConfigMapStore:
     """The run state in a ConfigMap: survives the controller pod, readable with kubectl."""
 
-    def __init__(self, core: Any, namespace: str, run: str) -> None:
+    def __init__(self, core: Any, namespace: str, run: str, labels: dict[str, str] | None = None,
+                 owner: Callable[[], dict[str, Any] | None] | None = None) -> None:
         self.core, self.namespace, self.run = core, namespace, run
         self.name = f"p2r-pipeline-{run}"
+        self.labels = {**_labels(run, "state"), **(labels or {})}
+        self.owner = owner
 
     def _read(self) -> dict[str, str] | None:
         from kubernetes.client.exceptions import ApiException
@@ -78,7 +94,6 @@ class ConfigMapStore:
         return json.loads(data["state.json"]) if data and data.get("state.json") else None
 
     def _write(self, data: dict[str, str]) -> None:
-        from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
         try:
@@ -86,9 +101,12 @@ class ConfigMapStore:
         except ApiException as e:
             if e.status != 404:
                 raise
-            body = client.V1ConfigMap(metadata=client.V1ObjectMeta(
-                name=self.name, namespace=self.namespace, labels=_labels(self.run, "state")), data=data)
-            self.core.create_namespaced_config_map(self.namespace, body)
+            meta: dict[str, Any] = {"name": self.name, "namespace": self.namespace, "labels": self.labels}
+            owner = self.owner() if self.owner else None
+            if owner:
+                meta["ownerReferences"] = [owner]
+            self.core.create_namespaced_config_map(self.namespace, {"apiVersion": "v1", "kind": "ConfigMap",
+                                                                    "metadata": meta, "data": data})
 
     def save(self, state: dict[str, Any]) -> None:
         state["updated"] = now()
@@ -113,7 +131,6 @@ class KubeBackend:
     name = "kubernetes"
 
     def __init__(self, config: PipelineConfig) -> None:
-        from kubeflow.training import TrainingClient
         from kubernetes import client
         from kubernetes import config as kconfig
         from kubernetes.config.config_exception import ConfigException
@@ -137,11 +154,10 @@ class KubeBackend:
         self.apps = client.AppsV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
-        self.training = TrainingClient(client_configuration=api_config, namespace=self.namespace,
-                                       job_kind="PyTorchJob")
+        self._owner: dict[str, Any] | None = None
 
     def store(self) -> ConfigMapStore:
-        return ConfigMapStore(self.core, self.namespace, self.config.name)
+        return ConfigMapStore(self.core, self.namespace, self.config.name, self.k.pod.labels, self.owner)
 
     # ------------------------------------------------------------------------- services
 
@@ -229,85 +245,150 @@ class KubeBackend:
     def release(self, ctx: Context, keep: set[str]) -> None:
         """The Deployments are the cluster's serving fleet: they stay."""
 
+    # ---------------------------------------------------------------------------- inputs
+
+    def missing_inputs(self) -> list[str]:
+        """What the run needs and the cluster lacks: the PyTorchJob CRD, the data claim, the
+        models in object storage. One readable item each, naming the fix."""
+        from kubernetes.client.exceptions import ApiException
+
+        missing: list[str] = []
+        try:
+            served = {r.name for r in self.custom.get_api_resources("kubeflow.org", "v1").resources or []}
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            served = set()
+        if "pytorchjobs" not in served:
+            missing.append("the PyTorchJob CRD (kubeflow.org/v1): install the Kubeflow training operator")
+        if self.k.data_pvc:
+            try:
+                self.core.read_namespaced_persistent_volume_claim(self.k.data_pvc, self.namespace)
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+                missing.append(f"PersistentVolumeClaim {self.namespace}/{self.k.data_pvc} (kubernetes.data_pvc) "
+                               "with the training data")
+        for key, uri in (("base_model", self.config.base_model), ("verifier_model", self.config.verifier)):
+            if not uri.startswith("s3://"):  # hf:// and paths on a claim are resolved by the pods
+                continue
+            try:
+                read_json(f"{uri.rstrip('/')}/{MANIFEST}")
+            except FileNotFoundError:
+                missing.append(f"{key} {uri}: no {MANIFEST} (upload it: p2r models upload DIR {uri})")
+            except Exception as e:  # unreachable storage or bad credentials: say so, keep waiting
+                missing.append(f"{key} {uri}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})")
+        return missing
+
+    def _event(self, kind: str, reason: str, message: str) -> None:
+        """A Kubernetes Event on the run's state ConfigMap (``kubectl describe configmap
+        p2r-pipeline-RUN``, ``kubectl get events``). Best effort: reporting never stops a run."""
+        from kubernetes.client.exceptions import ApiException
+
+        store = self.store()
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{store.name}.{time.time_ns():x}", "namespace": self.namespace,
+                         "labels": self._labels("state")},
+            "involvedObject": {"apiVersion": "v1", "kind": "ConfigMap", "name": store.name,
+                               "namespace": self.namespace},
+            "reason": reason, "message": message[:1024], "type": kind, "count": 1,
+            "firstTimestamp": stamp, "lastTimestamp": stamp,
+            "source": {"component": "p2r-pipeline"}, "reportingComponent": "p2r-pipeline",
+            "reportingInstance": socket.gethostname()[:128],
+        }
+        try:
+            self.core.create_namespaced_event(self.namespace, body)
+        except ApiException as e:
+            log.warning("could not record the Event %s: %s", reason, e.reason)
+
+    def check_inputs(self, ctx: Context) -> dict[str, Any]:
+        """Wait until every input exists. While one is missing the run says so: its state
+        (``reason``, and ``missing`` in the step's outputs, shown by ``p2r pipeline status``), a
+        Warning Event ``InputsMissing`` whenever the list changes, and the log; nothing is
+        created and no attempt is spent. When all are there, a Normal Event ``InputsReady``."""
+        reported: list[str] | None = None
+        while True:
+            missing = self.missing_inputs()
+            if not missing:
+                if reported:
+                    self._event("Normal", "InputsReady", "all inputs found; the run starts")
+                ctx.state["reason"] = None
+                return {"missing": []}
+            if missing != reported:
+                message = "waiting for inputs: " + "; ".join(missing)
+                log.warning("%s", message)
+                ctx.state["reason"] = message
+                ctx.record(missing=missing)
+                self._event("Warning", "InputsMissing", message)
+                reported = missing
+            ctx.sleep(self.k.inputs_poll_s)
+
     # ---------------------------------------------------------------------------- pods
 
     def train_workdir(self, stage: str) -> str:
-        return f"/tmp/p2r-work/{stage}"
+        return f"{pods.TRAIN_WORKDIR}/{stage}"
 
-    def _pod_parts(self, extra_mounts: list[Any] | None = None) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
-        """env, envFrom, volumeMounts, volumes shared by trainer and eval pods."""
-        from kubernetes import client
+    def _labels(self, step: str, attempt: int | None = None, component: str | None = None) -> dict[str, str]:
+        return {**_labels(self.config.name, step, attempt, component), **self.k.pod.labels}
 
-        env = [client.V1EnvVar(name=name, value=value) for name, value in self.k.env.items()]
-        endpoint = self.k.s3_endpoint or os.environ.get("P2R_S3_ENDPOINT")
-        if endpoint:
-            env += [client.V1EnvVar(name="P2R_S3_ENDPOINT", value=endpoint),
-                    client.V1EnvVar(name="P2R_S3_SECURE", value=str(self.k.s3_secure).lower())]
-        if self.k.s3_secret:  # the keys stay in the Secret: pods reference them, nothing is copied
-            for name, key in (("AWS_ACCESS_KEY_ID", self.k.s3_access_key_ref),
-                              ("AWS_SECRET_ACCESS_KEY", self.k.s3_secret_key_ref)):
-                ref = client.V1SecretKeySelector(name=self.k.s3_secret, key=key)
-                env.append(client.V1EnvVar(name=name, value_from=client.V1EnvVarSource(secret_key_ref=ref)))
-        env_from: list[Any] = []
-        mounts, volumes = list(extra_mounts or []), []
-        if self.k.data_pvc:
-            mounts.append(client.V1VolumeMount(name="data", mount_path=self.k.data_mount))
-            claim = client.V1PersistentVolumeClaimVolumeSource(claim_name=self.k.data_pvc)
-            volumes.append(client.V1Volume(name="data", persistent_volume_claim=claim))
-        return env, env_from, mounts, volumes
-
-    def pytorchjob(self, name: str, stage: str, role: str, attempt: int, metrics_port: int | None = None) -> Any:
-        """The stage's PyTorchJob (kubeflow-training SDK model): Master + (workers-1) Workers,
-        each a ``pytorch`` container running ``p2r train``; the operator injects MASTER_ADDR,
-        MASTER_PORT, WORLD_SIZE and RANK, which the trainer reads. Service links are off: their
-        ``P2R_*_PORT`` variables would land in p2r's ``P2R_*`` settings."""
-        from kubeflow.training import models
-        from kubernetes import client
-
-        env, env_from, mounts, volumes = self._pod_parts(
-            [client.V1VolumeMount(name="train-config", mount_path=TRAIN_CONFIG_DIR, read_only=True),
-             client.V1VolumeMount(name="dshm", mount_path="/dev/shm")])
-        volumes.append(client.V1Volume(name="train-config",
-                                       config_map=client.V1ConfigMapVolumeSource(name=f"{name}-config")))
-        # PyTorch's data workers and NCCL use /dev/shm; the container default (64 MiB) is too small.
-        volumes.append(client.V1Volume(name="dshm", empty_dir=client.V1EmptyDirVolumeSource(medium="Memory")))
-        container = client.V1Container(
-            name="pytorch", image=self.k.image, image_pull_policy=self.k.image_pull_policy,
-            command=["p2r", "train", "--role", role, "--config", f"{TRAIN_CONFIG_DIR}/train.yaml", "--resume", "auto"],
-            env=env or None, env_from=env_from or None, volume_mounts=mounts,
-            resources=client.V1ResourceRequirements(**self.k.resources) if self.k.resources else None)
-        def template(ports: list[Any] | None) -> Any:
-            c = copy.deepcopy(container)
-            c.ports = ports
-            return client.V1PodTemplateSpec(
-                metadata=client.V1ObjectMeta(labels=_labels(self.config.name, stage, attempt, "trainer")),
-                spec=client.V1PodSpec(containers=[c], volumes=volumes, enable_service_links=False,
-                                      service_account_name=self.k.service_account))
-
-        # Rank 0 (the Master) serves the trainer's metrics, on the port the PodMonitor scrapes.
-        master_ports = ([client.V1ContainerPort(name="metrics", container_port=metrics_port)]
-                        if metrics_port else None)
-        specs = {"Master": models.KubeflowOrgV1ReplicaSpec(replicas=1, restart_policy="Never",
-                                                           template=template(master_ports))}
-        if self.k.workers > 1:
-            specs["Worker"] = models.KubeflowOrgV1ReplicaSpec(replicas=self.k.workers - 1, restart_policy="Never",
-                                                              template=template(None))
-        return models.KubeflowOrgV1PyTorchJob(
-            api_version="kubeflow.org/v1", kind="PyTorchJob",
-            metadata=client.V1ObjectMeta(name=name, namespace=self.namespace,
-                                         labels=_labels(self.config.name, stage, attempt)),
-            spec=models.KubeflowOrgV1PyTorchJobSpec(
-                run_policy=models.KubeflowOrgV1RunPolicy(backoff_limit=0, clean_pod_policy="None"),
-                pytorch_replica_specs=specs))
-
-    def _put_config_map(self, name: str, data: dict[str, str], step: str) -> None:
-        from kubernetes import client
+    def owner(self) -> dict[str, Any] | None:
+        """The ownerReference every created object carries (``kubernetes.owner_config_map``),
+        read once; None when no owner is configured."""
         from kubernetes.client.exceptions import ApiException
 
-        body = client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name, namespace=self.namespace,
-                                                               labels=_labels(self.config.name, step)), data=data)
+        if not self.k.owner_config_map:
+            return None
+        if self._owner is None:
+            try:
+                cm = self.core.read_namespaced_config_map(self.k.owner_config_map, self.namespace)
+            except ApiException as e:
+                if e.status == 404:
+                    raise StepFailed(f"kubernetes.owner_config_map: ConfigMap {self.namespace}/"
+                                     f"{self.k.owner_config_map} not found") from None
+                raise
+            self._owner = pods.owner_reference({"apiVersion": "v1", "kind": "ConfigMap",
+                                                "metadata": self.api.sanitize_for_serialization(cm.metadata)})
+        return self._owner
+
+    def _env(self) -> list[dict[str, Any]]:
+        """Env shared by trainer and eval pods: extra plain env, the S3 endpoint, the S3 keys
+        by reference (they stay in the Secret: nothing is copied)."""
+        env: list[dict[str, Any]] = [{"name": name, "value": value} for name, value in self.k.env.items()]
+        endpoint = self.k.s3_endpoint or os.environ.get("P2R_S3_ENDPOINT")
+        if endpoint:
+            env += [{"name": "P2R_S3_ENDPOINT", "value": endpoint},
+                    {"name": "P2R_S3_SECURE", "value": str(self.k.s3_secure).lower()}]
+        if self.k.s3_secret:
+            for name, key in (("AWS_ACCESS_KEY_ID", self.k.s3_access_key_ref),
+                              ("AWS_SECRET_ACCESS_KEY", self.k.s3_secret_key_ref)):
+                env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": self.k.s3_secret, "key": key}}})
+        return env
+
+    def pytorchjob(self, name: str, stage: str, role: str, attempt: int,
+                   metrics_port: int | None = None) -> dict[str, Any]:
+        """The stage's PyTorchJob from the one pod template (``controller/pods.py``). The
+        operator's own restarts are off (``backoffLimit: 0``, ``restartPolicy: Never``):
+        retries are the controller's."""
+        return pods.pytorchjob(
+            self.k.pod, name=name, namespace=self.namespace, labels=self._labels(stage, attempt),
+            pod_labels=self._labels(stage, attempt, "trainer"), image=self.k.image,
+            pull_policy=self.k.image_pull_policy, role=role, config_map=f"{name}-config", config_file="train.yaml",
+            env=self._env(), resources=self.k.resources or None, workers=self.k.workers, data_pvc=self.k.data_pvc,
+            data_mount=self.k.data_mount, metrics_port=metrics_port, restart_policy="Never", backoff_limit=0,
+            owner=self.owner(), service_account=self.k.service_account)
+
+    def _put_config_map(self, name: str, data: dict[str, str], step: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        meta: dict[str, Any] = {"name": name, "namespace": self.namespace, "labels": self._labels(step)}
+        owner = self.owner()
+        if owner:
+            meta["ownerReferences"] = [owner]
         try:
-            self.core.create_namespaced_config_map(self.namespace, body)
+            self.core.create_namespaced_config_map(self.namespace, {"apiVersion": "v1", "kind": "ConfigMap",
+                                                                    "metadata": meta, "data": data})
         except ApiException as e:
             if e.status != 409:
                 raise
@@ -332,35 +413,25 @@ class KubeBackend:
             if port is not None:  # in a pod, Prometheus scrapes the pod IP, not loopback
                 train_config = {**train_config, "metrics_port": port, "metrics_host": "0.0.0.0"}
             self._put_config_map(f"{name}-config", {"train.yaml": yaml.safe_dump(train_config)}, stage)
-            self.training.create_job(job=self.pytorchjob(name, stage, role, ctx.attempt, port),
-                                     namespace=self.namespace)
+            self.custom.create_namespaced_custom_object("kubeflow.org", "v1", self.namespace, "pytorchjobs",
+                                                        self.pytorchjob(name, stage, role, ctx.attempt, port))
             log.info("created PyTorchJob %s", name)
         else:
             log.info("re-attached to PyTorchJob %s", name)
 
-        def conditions() -> list[Any] | None:
-            if self._get_pytorchjob(name) is None:
-                return None
-            return list(self.training.get_job_conditions(name=name, namespace=self.namespace))
+        def conditions() -> list[dict[str, Any]] | None:
+            job = self._get_pytorchjob(name)
+            return None if job is None else list((job.get("status") or {}).get("conditions") or [])
 
         return self._watch(ctx, "PyTorchJob", name, conditions, ("Succeeded",), self.k.job_timeout_s)
 
-    def eval_job(self, name: str, args: list[str], attempt: int) -> Any:
-        from kubernetes import client
-
-        env, env_from, mounts, volumes = self._pod_parts()
-        container = client.V1Container(
-            name="eval", image=self.k.image, image_pull_policy=self.k.image_pull_policy, command=["p2r", "eval", *args],
-            env=env or None, env_from=env_from or None, volume_mounts=mounts or None,
-            resources=client.V1ResourceRequirements(**self.k.eval_resources) if self.k.eval_resources else None)
-        return client.V1Job(
-            api_version="batch/v1", kind="Job",
-            metadata=client.V1ObjectMeta(name=name, namespace=self.namespace,
-                                         labels=_labels(self.config.name, "eval", attempt)),
-            spec=client.V1JobSpec(backoff_limit=0, template=client.V1PodTemplateSpec(
-                metadata=client.V1ObjectMeta(labels=_labels(self.config.name, "eval", attempt, "eval")),
-                spec=client.V1PodSpec(restart_policy="Never", containers=[container], volumes=volumes or None,
-                                      enable_service_links=False, service_account_name=self.k.service_account))))
+    def eval_job(self, name: str, args: list[str], attempt: int) -> dict[str, Any]:
+        return pods.eval_job(
+            self.k.pod, name=name, namespace=self.namespace, labels=self._labels("eval", attempt),
+            pod_labels=self._labels("eval", attempt, "eval"), image=self.k.image,
+            pull_policy=self.k.image_pull_policy, command=["p2r", "eval", *args], args=None, env=self._env(),
+            resources=self.k.eval_resources or None, data_pvc=self.k.data_pvc, data_mount=self.k.data_mount,
+            restart_policy="Never", backoff_limit=0, owner=self.owner(), service_account=self.k.service_account)
 
     def _get_job(self, name: str) -> Any:
         from kubernetes.client.exceptions import ApiException
@@ -379,15 +450,15 @@ class KubeBackend:
             self.batch.create_namespaced_job(self.namespace, self.eval_job(name, args, ctx.attempt))
             log.info("created Job %s", name)
 
-        def conditions() -> list[Any] | None:
+        def conditions() -> list[dict[str, Any]] | None:
             job = self._get_job(name)
             if job is None:
                 return None
-            return list((job.status.conditions if job.status else None) or [])
+            return list(self.api.sanitize_for_serialization(job.status.conditions if job.status else None) or [])
 
         return self._watch(ctx, "Job", name, conditions, ("Complete", "SuccessCriteriaMet"), self.config.eval.timeout_s)
 
-    def _watch(self, ctx: Context, kind: str, name: str, conditions: Callable[[], list[Any] | None],
+    def _watch(self, ctx: Context, kind: str, name: str, conditions: Callable[[], list[dict[str, Any]] | None],
                done: tuple[str, ...], timeout_s: float) -> dict[str, Any]:
         """Poll a job's conditions until one of ``done`` or ``Failed`` is true; a deleted job or
         one past its timeout (then deleted) fails the step. The true conditions are recorded in
@@ -400,7 +471,7 @@ class KubeBackend:
             found = conditions()
             if found is None:
                 raise StepFailed(f"{kind} {name} was deleted")
-            current = {c.type: c for c in found if c.status == "True"}
+            current = {c["type"]: c for c in found if c.get("status") == "True"}
             if sorted(current) != seen:
                 seen = sorted(current)
                 ctx.record(conditions=seen)
@@ -408,7 +479,8 @@ class KubeBackend:
                 return {"job": name}
             if "Failed" in current:
                 c = current["Failed"]
-                raise StepFailed(f"{kind} {name} failed: {c.reason or 'Failed'}: {c.message or 'no message'}")
+                raise StepFailed(f"{kind} {name} failed: {c.get('reason') or 'Failed'}: "
+                                 f"{c.get('message') or 'no message'}")
             if time.monotonic() > deadline:
                 self._delete(name, kind)
                 raise StepFailed(f"{kind} {name} ran past {timeout_s:.0f} s; deleted")

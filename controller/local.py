@@ -251,3 +251,7 @@ class LocalBackend:
         for record in state["steps"].values():
             if record["status"] == "running" and record["outputs"].get("pid"):
                 kill_pid(record["outputs"]["pid"])
+
+    def check_inputs(self, ctx: Context) -> dict[str, Any]:
+        """Local inputs are checked when the config loads (or built by ``prepare``): nothing to wait for."""
+        return {}

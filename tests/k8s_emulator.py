@@ -22,17 +22,37 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
+PYTORCHJOBS = "kubeflow.org/v1/pytorchjobs"
 RESOURCES = {
-    "kubeflow.org/v1/pytorchjobs": {"kind": "PyTorchJob", "namespaced": True},
+    PYTORCHJOBS: {"kind": "PyTorchJob", "namespaced": True, "verbs": ["create", "get", "list", "delete"]},
     "apps/v1/deployments": {"kind": "Deployment", "namespaced": True},
     "v1/configmaps": {"kind": "ConfigMap", "namespaced": True},
     "batch/v1/jobs": {"kind": "Job", "namespaced": True},
+    "v1/events": {"kind": "Event", "namespaced": True},
+    "v1/persistentvolumeclaims": {"kind": "PersistentVolumeClaim", "namespaced": True},
 }
 
 
+class Emulated:
+    """A running emulator: its URL, and ``install`` for an API the test adds later (a CRD)."""
+
+    def __init__(self, url: str, loop: asyncio.AbstractEventLoop, km: Any) -> None:
+        self.url, self._loop, self._km = url, loop, km
+
+    def install(self, resource: str) -> None:
+        done = threading.Event()
+
+        def add() -> None:
+            self._km.resources[resource] = RESOURCES[resource]
+            done.set()
+
+        self._loop.call_soon_threadsafe(add)
+        assert done.wait(10), "the emulator did not take the resource"
+
+
 @contextmanager
-def emulator() -> Iterator[str]:
-    """Run a KubernetesEmulator; yields its URL."""
+def emulator(without: tuple[str, ...] = ()) -> Iterator[Emulated]:
+    """Run a KubernetesEmulator serving RESOURCES except ``without`` (e.g. no PyTorchJob CRD yet)."""
     from kmock._internal import apps, k8s
 
     holder: dict[str, Any] = {}
@@ -41,19 +61,20 @@ def emulator() -> Iterator[str]:
     async def main() -> None:
         async with k8s.KubernetesEmulator() as km, apps.Server(km) as server:
             for resource, info in RESOURCES.items():
-                km.resources[resource] = info
-            holder["url"] = str(server.url).rstrip("/")
+                if resource not in without:
+                    km.resources[resource] = info
+            holder["emulated"] = Emulated(str(server.url).rstrip("/"), asyncio.get_running_loop(), km)
             while not stop.is_set():
                 await asyncio.sleep(0.05)
 
     thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
-    while "url" not in holder:
+    while "emulated" not in holder:
         assert thread.is_alive() and time.monotonic() < deadline, "emulator did not start"
         time.sleep(0.05)
     try:
-        yield holder["url"]
+        yield holder["emulated"]
     finally:
         stop.set()
         thread.join(10)
@@ -70,10 +91,24 @@ def write_kubeconfig(path: Path, url: str) -> Path:
 
 
 def validate_pytorchjob(obj: dict[str, Any]) -> None:
-    """Fail unless ``obj`` is a valid PyTorchJob: the one validator the manifest tests use too."""
-    from tests.k8s_support import pytorchjob_errors
+    """Fail unless ``obj`` is a valid PyTorchJob whose pods meet the release's security: the
+    validators and assertions the manifest and chart tests use too, on every supported
+    Kubernetes version."""
+    validate_created(obj)
 
-    errors = pytorchjob_errors(obj)
+
+def validate_created(obj: dict[str, Any]) -> None:
+    """Strict validation of an object the controller created (a PyTorchJob against the
+    Kubeflow schema and webhook rules, a Job with ``kubernetes-validate --strict``) plus the
+    shared pod security assertions (``tests/k8s_support.pod_security_errors``)."""
+    from tests.k8s_support import KUBE_VERSIONS, pod_security_errors, pod_specs, validation_errors
+
+    obj = {k: v for k, v in obj.items() if k != "status"}  # what the controller sent, not the test's status
+    errors = [f"{v}: {e}" for v in KUBE_VERSIONS for e in validation_errors(obj, v)]
+    for name, spec in pod_specs([obj]):
+        errors += pod_security_errors(name, spec)
+        if spec.get("automountServiceAccountToken") is not False:
+            errors.append(f"{name}: mounts an API token (automountServiceAccountToken is not false)")
     assert not errors, "\n".join(errors)
 
 
@@ -108,6 +143,20 @@ class Cluster:
             "status": {"replicas": 1, "readyReplicas": 0, "updatedReplicas": 0, "availableReplicas": 0},
         })
 
+    def create_pvc(self, name: str) -> None:
+        self.core.create_namespaced_persistent_volume_claim(self.ns, {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "namespace": self.ns},
+            "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}}})
+
+    def create_owner(self, name: str, uid: str) -> None:
+        """The chart's pipeline ConfigMap; the API server would assign the uid, the emulator does not."""
+        self.core.create_namespaced_config_map(self.ns, {
+            "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": self.ns, "uid": uid},
+            "data": {"pipeline.yaml": "{}"}})
+
+    def events(self) -> list[dict[str, Any]]:
+        return [self.api.sanitize_for_serialization(e) for e in self.core.list_namespaced_event(self.ns).items]
+
     def deployment(self, name: str) -> dict[str, Any]:
         return self.api.sanitize_for_serialization(self.apps.read_namespaced_deployment(name, self.ns))
 
@@ -137,7 +186,11 @@ class Cluster:
                                                           {"status": {"conditions": conditions}})
 
     def jobs(self) -> list[dict[str, Any]]:
-        return [self.api.sanitize_for_serialization(j) for j in self.batch.list_namespaced_job(self.ns).items]
+        """The Jobs as stored (raw JSON: a typed model would drop a misspelt field unseen)."""
+        import json
+
+        response = self.batch.list_namespaced_job(self.ns, _preload_content=False)
+        return json.loads(response.data)["items"]  # type: ignore[no-any-return]
 
     def set_job_condition(self, name: str, kind: str, message: str = "") -> None:
         status: dict[str, Any] = {"conditions": [{"type": kind, "status": "True", "message": message or kind}]}
@@ -153,6 +206,9 @@ class Cluster:
             if e.status == 404:
                 return None
             raise
+
+    def raw_config_map(self, name: str) -> dict[str, Any]:
+        return self.api.sanitize_for_serialization(self.core.read_namespaced_config_map(name, self.ns))
 
     def everything(self) -> str:
         """Every stored object as text (to look for leaked credentials)."""

@@ -110,6 +110,33 @@ def containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return [*spec.get("initContainers", []), *spec["containers"]]
 
 
+def pod_security_errors(name: str, spec: dict[str, Any]) -> list[str]:
+    """Where a pod spec falls short of the security every P2R pod meets (PSA "restricted" and
+    more): non-root, RuntimeDefault seccomp, no Service links, and per container a read-only
+    root, no privilege escalation, every capability dropped and none added, a writable /tmp.
+    The one check for the chart's pods, the manifests' and the pods the controller creates."""
+    errors = []
+    sc = spec.get("securityContext") or {}
+    if sc.get("runAsNonRoot") is not True:
+        errors.append(f"{name}: securityContext.runAsNonRoot is not true")
+    if sc.get("seccompProfile") != {"type": "RuntimeDefault"}:
+        errors.append(f"{name}: securityContext.seccompProfile is {sc.get('seccompProfile')}, not RuntimeDefault")
+    if spec.get("enableServiceLinks") is not False:  # P2R_<SERVICE>_PORT would reach p2r's P2R_* settings
+        errors.append(f"{name}: enableServiceLinks is not false")
+    for c in containers(spec):
+        where, csc = f"{name}/{c['name']}", c.get("securityContext") or {}
+        if csc.get("readOnlyRootFilesystem") is not True:
+            errors.append(f"{where}: readOnlyRootFilesystem is not true")
+        if csc.get("allowPrivilegeEscalation") is not False:
+            errors.append(f"{where}: allowPrivilegeEscalation is not false")
+        caps = csc.get("capabilities") or {}
+        if caps.get("drop") != ["ALL"] or caps.get("add"):
+            errors.append(f"{where}: capabilities are {caps}, not drop [ALL] with nothing added")
+        if "/tmp" not in {m["mountPath"] for m in c.get("volumeMounts", [])}:
+            errors.append(f"{where}: no writable /tmp volume under the read-only root")
+    return errors
+
+
 # ------------------------------------------------------------------------------- validation
 
 

@@ -4,7 +4,9 @@ emulated API server over HTTP (kmock), with a real S3 server (moto) for checkpoi
 The controller runs as the real ``p2r pipeline run`` process; the test plays the cluster: it
 makes Deployments ready once they point at the expected model, uploads checkpoints and sets
 PyTorchJob conditions as the training pods and the operator would, and completes the eval Job.
-Every PyTorchJob the controller creates is validated against the Kubeflow CRD.
+Every object the controller creates is validated strictly (PyTorchJobs against the Kubeflow CRD and
+the operator webhook's rules, the eval Job with kubernetes-validate) and its pods must pass the same
+security assertions as the chart's pods (``tests/k8s_support.pod_security_errors``).
 """
 
 from __future__ import annotations
@@ -23,20 +25,49 @@ import pytest
 import yaml
 
 from p2r.services.checkpoints import upload_checkpoint, write_manifest
-from tests.k8s_emulator import Cluster, emulator, validate_pytorchjob, wait_for, write_kubeconfig
+from tests.k8s_emulator import (
+    PYTORCHJOBS,
+    Cluster,
+    emulator,
+    validate_created,
+    validate_pytorchjob,
+    wait_for,
+    write_kubeconfig,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 NS = "p2r"
 DEPLOYMENTS = {"reasoner": "p2r-reasoner", "perceiver": "p2r-perceiver", "verifier": "p2r-verifier"}
+OWNER, OWNER_UID = "p2r-pipeline", "6f1c2e0a-0000-4000-8000-00000000c0de"
+MODELS = ("s3://models/qwen3-vl-tiny", "s3://models/verifier")
+
+
+def seed_models(tmp_path: Path, env: dict[str, str], uris: tuple[str, ...] = MODELS) -> None:
+    """The models the run starts from, in object storage with their manifests (what
+    ``p2r models upload`` writes)."""
+    for i, uri in enumerate(uris):
+        upload_as_trainer(tmp_path, uri, 0, f"model{i}-{uuid.uuid4().hex[:6]}", env)
 
 
 @pytest.fixture()
-def cluster(tmp_path: Path) -> Iterator[tuple[Cluster, Path]]:
-    with emulator() as url:
-        c = Cluster(url, NS)
+def cluster(tmp_path: Path, s3_server: dict[str, str]) -> Iterator[tuple[Cluster, Path]]:
+    """A cluster with every input the run needs: the PyTorchJob CRD, the data claim, the role
+    Deployments, the chart's pipeline ConfigMap (the owner) and the models in S3."""
+    seed_models(tmp_path, s3_server)
+    with emulator() as em:
+        c = Cluster(em.url, NS)
         for role, name in DEPLOYMENTS.items():
             c.create_deployment(name, role)
-        yield c, write_kubeconfig(tmp_path / "kubeconfig", url)
+        c.create_pvc("p2r-data")
+        c.create_owner(OWNER, OWNER_UID)
+        yield c, write_kubeconfig(tmp_path / "kubeconfig", em.url)
+
+
+def owned(obj: dict[str, Any]) -> bool:
+    """Owned by the chart's pipeline ConfigMap, so deleting it (helm uninstall) collects ``obj``."""
+    return obj["metadata"].get("ownerReferences") == [
+        {"apiVersion": "v1", "kind": "ConfigMap", "name": OWNER, "uid": OWNER_UID, "controller": False,
+         "blockOwnerDeletion": False}]
 
 
 def write_config(tmp_path: Path, kubeconfig: Path, name: str, bucket: str, **over: Any) -> Path:
@@ -52,7 +83,8 @@ def write_config(tmp_path: Path, kubeconfig: Path, name: str, bucket: str, **ove
                        "s3_secret_key_ref": "secret-key", "s3_endpoint": "minio.p2r.svc:9000", "poll_s": 0.1,
                        "trainer_metrics_port": 9100,
                        "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
-                       "resources": {"limits": {"cpu": "2", "memory": "8Gi"}}, "data_pvc": "p2r-data"},
+                       "resources": {"limits": {"cpu": "2", "memory": "8Gi"}}, "data_pvc": "p2r-data",
+                       "owner_config_map": OWNER, "inputs_poll_s": 0.2, **over.pop("kubernetes", {})},
         **over,
     }
     path = tmp_path / f"{name}.yaml"
@@ -150,7 +182,12 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
                                               s3_server: dict[str, str]) -> None:
     c, kubeconfig = cluster
     run, bucket, port = "kube-ok", f"runs-{uuid.uuid4().hex[:8]}", free_port()
-    config = write_config(tmp_path, kubeconfig, run, bucket, metrics_port=port)
+    gpu_nodes = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    pod_template = {"trainer": {"node_selector": gpu_nodes, "priority_class_name": "p2r-training",
+                                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                 "effect": "NoSchedule"}]},
+                    "image_pull_secrets": [{"name": "regcred"}], "labels": {"app.kubernetes.io/instance": "rel"}}
+    config = write_config(tmp_path, kubeconfig, run, bucket, metrics_port=port, kubernetes={"pod": pod_template})
     proc = controller(config, s3_server)
     try:
         # serve_reasoner: the frozen reasoner on the base model, the verifier on its own model
@@ -169,8 +206,20 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
         assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "p2r-s3", "key": "secret-key"}}
         assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {"secretKeyRef": {"name": "p2r-s3", "key": "access-key"}}
         assert env["P2R_S3_ENDPOINT"]["value"] == "minio.p2r.svc:9000" and "envFrom" not in container
-        assert {v["name"] for v in pod["volumes"]} == {"train-config", "data", "dshm"}
-        assert pod["enableServiceLinks"] is False
+        assert [v["name"] for v in pod["volumes"]] == ["config", "data", "work", "tmp", "dshm"]
+        assert {"name": "data", "persistentVolumeClaim": {"claimName": "p2r-data", "readOnly": True}} in pod["volumes"]
+        # the one pod template: security, no token, placement and pull secrets from kubernetes.pod
+        assert pod["enableServiceLinks"] is False and pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsUser"] == 10001 and pod["imagePullSecrets"] == [{"name": "regcred"}]
+        assert pod["nodeSelector"] == gpu_nodes and pod["priorityClassName"] == "p2r-training"
+        assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert env["HOME"]["value"].startswith("/work/") and env["TMPDIR"]["value"] == "/tmp"
+        # helm uninstall deletes the owner ConfigMap: the garbage collector then deletes the job
+        assert owned(job) and owned(c.raw_config_map(f"{run}-stage1-1-config"))
+        assert owned(c.raw_config_map(f"p2r-pipeline-{run}"))
+        assert job["metadata"]["labels"]["app.kubernetes.io/instance"] == "rel"
+        assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
+        assert job["spec"]["runPolicy"]["suspend"] is False
         train = yaml.safe_load(c.config_map(f"{run}-stage1-1-config")["train.yaml"])  # type: ignore[index]
         assert train["role"] == "perceiver" and train["model"] == "s3://models/qwen3-vl-tiny"
         assert train["reasoner_endpoint"] == "p2r-reasoner.p2r.svc:50051"
@@ -181,8 +230,9 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
         for replica in ("Master", "Worker"):
             labels = specs[replica]["template"]["metadata"]["labels"]
             assert labels["app.kubernetes.io/component"] == "trainer" and labels["app.kubernetes.io/part-of"] == "p2r"
-        assert container["ports"] == [{"name": "metrics", "containerPort": 9100}]
-        assert "ports" not in specs["Worker"]["template"]["spec"]["containers"][0]
+        rendezvous = {"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"}
+        assert container["ports"] == [rendezvous, {"name": "metrics", "containerPort": 9100, "protocol": "TCP"}]
+        assert specs["Worker"]["template"]["spec"]["containers"][0]["ports"] == [rendezvous]
         samples = scrape(port)  # what the Pipeline dashboard reads
         assert samples["p2r_pipeline_running"] == 1.0
         assert samples['p2r_pipeline_current_step{step="stage1"}'] == 1.0
@@ -231,6 +281,11 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
                            "--limit", "6", "--verifier-endpoint", "p2r-verifier.p2r.svc:50051",
                            "--max-new-tokens", "32"]
         assert eval_job["spec"]["backoffLimit"] == 0
+        validate_created(eval_job)
+        eval_pod = eval_job["spec"]["template"]["spec"]
+        assert owned(eval_job) and "nodeSelector" not in eval_pod  # eval needs no GPU node
+        assert eval_pod["automountServiceAccountToken"] is False
+        assert eval_pod["imagePullSecrets"] == [{"name": "regcred"}]
         summary = {"task": "synthetic", "mode": "p2r", "n": 6, "overall": 50.0,
                    "categories": {"colour": 66.7, "count": 33.3}}
         put_object(bucket, f"{run}/eval/summary.json", json.dumps(summary).encode(), s3_server)
@@ -258,12 +313,16 @@ def test_failed_job_is_retried_with_a_new_name_then_the_run_stops(tmp_path: Path
                                                                   s3_server: dict[str, str]) -> None:
     c, kubeconfig = cluster
     run, port = "kube-fail", free_port()
-    config = write_config(tmp_path, kubeconfig, run, f"runs-{uuid.uuid4().hex[:8]}", metrics_port=port)
+    config = write_config(tmp_path, kubeconfig, run, f"runs-{uuid.uuid4().hex[:8]}", metrics_port=port,
+                          kubernetes={"pod": {"queue_name": "gpu-queue"}})
     proc = controller(config, s3_server)
     try:
         for role, model in (("reasoner", "s3://models/qwen3-vl-tiny"), ("verifier", "s3://models/verifier")):
             ready_when_pointing_at(c, role, model, proc)
-        stage_job(c, f"{run}-stage1-1", proc)
+        job = stage_job(c, f"{run}-stage1-1", proc)
+        # Kueue: the queue label, created suspended so Kueue admits the whole gang at once
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+        assert job["spec"]["runPolicy"]["suspend"] is True
         c.set_pytorchjob_condition(f"{run}-stage1-1", "Failed", "OOMKilled", "master-0 was OOM-killed")
         stage_job(c, f"{run}-stage1-2", proc)  # the retry: a new, valid job
         state = state_of(c, run)["steps"]["stage1"]
@@ -352,3 +411,59 @@ def test_sigterm_keeps_the_run_and_cancel_without_a_controller_deletes_the_job(
     cancel = p2r("pipeline", "cancel", "--config", str(config), "--wait", "1", env=s3_server)
     assert cancel.returncode == 0, cancel.stderr
     assert c.pytorchjobs() == [] and state_of(c, run)["status"] == "cancelled"
+
+
+def test_missing_inputs_are_reported_until_they_exist(tmp_path: Path, s3_server: dict[str, str]) -> None:
+    """A fresh cluster: no training operator, no data claim, no model uploaded. The controller
+    creates nothing and rolls nothing; it says what is missing in its state (``p2r pipeline
+    status``) and as a Warning Event, and starts by itself once all three exist."""
+    run, model = "kube-inputs", f"s3://models/absent-{uuid.uuid4().hex[:8]}"
+    with emulator(without=(PYTORCHJOBS,)) as em:
+        c = Cluster(em.url, NS)
+        for role, name in DEPLOYMENTS.items():
+            c.create_deployment(name, role)
+        c.create_owner(OWNER, OWNER_UID)
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", em.url)
+        seed_models(tmp_path, s3_server, ("s3://models/verifier",))
+        config = write_config(tmp_path, kubeconfig, run, f"runs-{uuid.uuid4().hex[:8]}", base_model=model)
+        proc = controller(config, s3_server)
+        try:
+            def reason() -> str:
+                data = c.config_map(f"p2r-pipeline-{run}")
+                return str(json.loads(data["state.json"]).get("reason") or "") if data else ""
+
+            wait_for("the missing inputs in the state", lambda: "base_model" in reason(),
+                     alive=lambda: proc.poll() is None)
+            text = reason()
+            assert text.startswith("waiting for inputs: ")
+            assert "the PyTorchJob CRD (kubeflow.org/v1)" in text
+            assert f"PersistentVolumeClaim {NS}/p2r-data" in text
+            assert f"base_model {model}: no manifest.json (upload it: p2r models upload DIR {model})" in text
+            assert "verifier_model" not in text  # that one is there
+            state = state_of(c, run)
+            assert state["status"] == "running" and state["current"] == "inputs"
+            assert len(state["steps"]["inputs"]["outputs"]["missing"]) == 3
+            events = [e for e in c.events() if e["reason"] == "InputsMissing"]
+            assert events and events[0]["type"] == "Warning" and events[0]["message"] == text
+            assert events[0]["involvedObject"]["name"] == f"p2r-pipeline-{run}"
+            status = p2r("pipeline", "status", "--config", str(config), env=s3_server)
+            assert status.returncode == 0 and text in status.stdout, status.stdout + status.stderr
+            # nothing was started or rolled while the inputs are missing
+            assert all(c.model_env(c.deployment(name)) is None for name in DEPLOYMENTS.values())
+            assert c.jobs() == []
+
+            # The platform team installs the operator, creates the claim, uploads the model.
+            em.install(PYTORCHJOBS)
+            c.create_pvc("p2r-data")
+            seed_models(tmp_path, s3_server, (model,))
+            ready_when_pointing_at(c, "reasoner", model, proc)  # the run goes on by itself
+            assert any(e["reason"] == "InputsReady" and e["type"] == "Normal" for e in c.events())
+            state = state_of(c, run)
+            assert state["steps"]["inputs"]["status"] == "succeeded" and state["steps"]["inputs"]["attempts"] == 1
+            assert state["steps"]["inputs"]["outputs"]["missing"] == []
+            cancel = p2r("pipeline", "cancel", "--config", str(config), env=s3_server)
+            assert cancel.returncode == 0, cancel.stderr
+            proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()

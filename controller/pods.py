@@ -1,0 +1,217 @@
+"""The one pod template of the training run: every trainer (PyTorchJob) and evaluation (Job) pod.
+
+Two things start these pods: the controller (``controller/kube.py``, at run time) and the
+kustomize manifests (``manifests/base/*.yaml``, applied by hand). Both are built here, once:
+the controller calls :func:`pytorchjob` and :func:`eval_job`, and ``scripts/manifests.py``
+writes ``manifests/base`` from the same functions (``tests/test_manifests.py`` fails when the
+committed files differ from what it would write). So the security context, read-only root,
+scratch volumes, ``/dev/shm``, Service links, token mounting and placement of a training pod
+are decided in this module and nowhere else; the chart only passes values into
+:class:`PodTemplate` (``controller.jobs`` and the release-wide security contexts).
+
+The builders return plain dicts in the API's JSON shape (what ``kubectl get -o json`` shows), so
+the objects the controller sends and the manifests on disk are the same data, validated by the
+same strict schemas in the tests.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# The images' unprivileged user (docker/*.Dockerfile create uid 10001); the chart's
+# podSecurityContext / containerSecurityContext defaults are the same (tests/test_chart.py).
+POD_SECURITY_CONTEXT: dict[str, Any] = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                                        "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                              "capabilities": {"drop": ["ALL"]}}
+GPU_TOLERATIONS: list[dict[str, Any]] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+"""Kueue admits a job carrying this label as a whole (gang admission) from that LocalQueue."""
+
+TRAIN_CONFIG_DIR = "/etc/p2r"
+WORK_DIR = "/work"
+"""Writable scratch under a read-only root: HOME, the trainer's workdir, model caches."""
+TRAIN_WORKDIR = f"{WORK_DIR}/p2r-train"
+MASTER_PORT = 23456
+"""The training operator's default rendezvous port (``pytorchjob-port``), named on every replica."""
+BASE_ENV: list[dict[str, Any]] = [{"name": "HOME", "value": f"{WORK_DIR}/home"}, {"name": "TMPDIR", "value": "/tmp"}]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Placement(_Strict):
+    """Where one kind of pod may run."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] = Field(default_factory=dict)
+    priority_class_name: str | None = None
+
+
+class PodTemplate(_Strict):
+    """How the controller's trainer and eval pods are built (``kubernetes.pod`` in pipeline.yaml;
+    the chart fills it from its values). Defaults meet Pod Security "restricted"."""
+
+    security_context: dict[str, Any] = Field(default_factory=lambda: copy.deepcopy(POD_SECURITY_CONTEXT),
+                                             description="pod securityContext")
+    container_security_context: dict[str, Any] = Field(
+        default_factory=lambda: copy.deepcopy(CONTAINER_SECURITY_CONTEXT), description="container securityContext")
+    image_pull_secrets: list[dict[str, str]] = Field(default_factory=list, description="[{name: regcred}]")
+    automount_service_account_token: bool = Field(
+        False, description="trainer and eval pods never call the API server: no token by default")
+    trainer: Placement = Field(default_factory=lambda: Placement(tolerations=copy.deepcopy(GPU_TOLERATIONS)))
+    eval: Placement = Field(default_factory=Placement)
+    queue_name: str | None = Field(None, description="Kueue LocalQueue: label kueue.x-k8s.io/queue-name and "
+                                                     "create the jobs suspended, for Kueue to admit whole")
+    labels: dict[str, str] = Field(default_factory=dict, description="extra labels on every object created "
+                                                                     "(the chart adds app.kubernetes.io/instance)")
+    work_size_limit: str = "200Gi"
+    tmp_size_limit: str = "10Gi"
+    shm_size_limit: str = "32Gi"
+    eval_work_size_limit: str = "20Gi"
+
+
+def _drop_empty(d: dict[str, Any]) -> dict[str, Any]:
+    """Leave out unset fields (None, empty lists and maps) the way the API server would show them."""
+    return {k: v for k, v in d.items() if v not in (None, [], {})}
+
+
+def container(t: PodTemplate, *, name: str, image: str, pull_policy: str, command: list[str],
+              env: list[dict[str, Any]], mounts: list[dict[str, Any]], resources: dict[str, Any] | None = None,
+              args: list[str] | None = None, ports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One container: the template's security context, HOME/TMPDIR on scratch volumes."""
+    return _drop_empty({
+        "name": name, "image": image, "imagePullPolicy": pull_policy, "command": command, "args": args,
+        "ports": ports, "env": [*copy.deepcopy(BASE_ENV), *env], "resources": resources,
+        "securityContext": copy.deepcopy(t.container_security_context), "volumeMounts": mounts,
+    })
+
+
+def pod_spec(t: PodTemplate, placement: Placement, containers: list[dict[str, Any]], volumes: list[dict[str, Any]],
+             *, restart_policy: str | None = None, service_account: str | None = None) -> dict[str, Any]:
+    """The pod spec every training-run pod shares. Service links are off: their
+    ``P2R_<SERVICE>_PORT`` variables would land in p2r's ``P2R_*`` settings."""
+    return _drop_empty({
+        "restartPolicy": restart_policy,
+        "serviceAccountName": service_account,
+        "automountServiceAccountToken": t.automount_service_account_token,
+        "enableServiceLinks": False,
+        "securityContext": copy.deepcopy(t.security_context),
+        "imagePullSecrets": copy.deepcopy(t.image_pull_secrets),
+        "priorityClassName": placement.priority_class_name,
+        "nodeSelector": dict(placement.node_selector),
+        "tolerations": copy.deepcopy(placement.tolerations),
+        "affinity": copy.deepcopy(placement.affinity),
+        "containers": containers,
+        "volumes": volumes,
+    })
+
+
+def _metadata(name: str, namespace: str | None, labels: dict[str, str], t: PodTemplate,
+              owner: dict[str, Any] | None) -> dict[str, Any]:
+    labels = {**labels, **t.labels}
+    if t.queue_name:
+        labels[KUEUE_QUEUE_LABEL] = t.queue_name
+    meta: dict[str, Any] = {"name": name}
+    if namespace:
+        meta["namespace"] = namespace
+    meta["labels"] = labels
+    if owner:
+        meta["ownerReferences"] = [copy.deepcopy(owner)]
+    return meta
+
+
+def data_volume(claim: str | None, mount: str, read_only: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(volume, mount) of the training data: a claim, or an emptyDir when there is none."""
+    if claim:
+        volume = {"name": "data", "persistentVolumeClaim": _drop_empty({"claimName": claim,
+                                                                        "readOnly": read_only or None})}
+    else:
+        volume = {"name": "data", "emptyDir": {"sizeLimit": "1Gi"}}
+    return volume, _drop_empty({"name": "data", "mountPath": mount, "readOnly": read_only or None})
+
+
+def pytorchjob(t: PodTemplate, *, name: str, namespace: str | None, labels: dict[str, str],
+               pod_labels: dict[str, str], image: str, pull_policy: str, role: str, config_map: str,
+               config_file: str, env: list[dict[str, Any]], resources: dict[str, Any] | None, workers: int,
+               data_pvc: str | None, data_mount: str, metrics_port: int | None, restart_policy: str,
+               backoff_limit: int, suspend: bool = False, owner: dict[str, Any] | None = None,
+               service_account: str | None = None) -> dict[str, Any]:
+    """A stage's PyTorchJob: Master + (workers-1) Workers, each a ``pytorch`` container running
+    ``p2r train``; the operator injects MASTER_ADDR, MASTER_PORT, WORLD_SIZE and RANK, which the
+    trainer reads. Rank 0 serves the trainer's metrics on the port named ``metrics`` (the chart's
+    PodMonitor scrapes it). Volumes in this order (overlays patch them by index): config, data,
+    work, tmp, dshm."""
+    data, data_mount_spec = data_volume(data_pvc, data_mount)
+    volumes = [{"name": "config", "configMap": {"name": config_map}}, data,
+               {"name": "work", "emptyDir": {"sizeLimit": t.work_size_limit}},
+               {"name": "tmp", "emptyDir": {"sizeLimit": t.tmp_size_limit}},
+               # PyTorch's data workers and NCCL use /dev/shm; the container default (64 MiB) is too small.
+               {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": t.shm_size_limit}}]
+    mounts = [{"name": "config", "mountPath": TRAIN_CONFIG_DIR, "readOnly": True}, data_mount_spec,
+              {"name": "work", "mountPath": WORK_DIR}, {"name": "tmp", "mountPath": "/tmp"},
+              {"name": "dshm", "mountPath": "/dev/shm"}]
+    command = ["p2r", "train", "--role", role, "--config", f"{TRAIN_CONFIG_DIR}/{config_file}", "--resume", "auto"]
+
+    def replica(replicas: int, master: bool) -> dict[str, Any]:
+        ports = [{"name": "pytorchjob-port", "containerPort": MASTER_PORT, "protocol": "TCP"}]
+        if master and metrics_port:
+            ports.append({"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"})
+        c = container(t, name="pytorch", image=image, pull_policy=pull_policy, command=command,
+                      env=copy.deepcopy(env), mounts=copy.deepcopy(mounts), resources=copy.deepcopy(resources),
+                      ports=ports)
+        spec = pod_spec(t, t.trainer, [c], copy.deepcopy(volumes), service_account=service_account)
+        return {"replicas": replicas, "restartPolicy": restart_policy,
+                "template": {"metadata": {"labels": {**pod_labels, **t.labels}}, "spec": spec}}
+
+    specs = {"Master": replica(1, True)}
+    if workers > 1:
+        specs["Worker"] = replica(workers - 1, False)
+    return {
+        "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+        "metadata": _metadata(name, namespace, labels, t, owner),
+        "spec": {"runPolicy": {"cleanPodPolicy": "None", "backoffLimit": backoff_limit,
+                               "suspend": bool(suspend or t.queue_name)},
+                 "pytorchReplicaSpecs": specs},
+    }
+
+
+def eval_job(t: PodTemplate, *, name: str, namespace: str | None, labels: dict[str, str],
+             pod_labels: dict[str, str], image: str, pull_policy: str, command: list[str], args: list[str] | None,
+             env: list[dict[str, Any]], resources: dict[str, Any] | None, data_pvc: str | None,
+             data_mount: str | None, restart_policy: str, backoff_limit: int, suspend: bool = False,
+             ttl_seconds: int | None = None, owner: dict[str, Any] | None = None,
+             service_account: str | None = None) -> dict[str, Any]:
+    """The evaluation Job: one ``eval`` container running ``p2r eval`` against the role services
+    (no GPU of its own). Volumes: data (when a claim is given), work, tmp."""
+    volumes, mounts = [], []
+    if data_pvc and data_mount:
+        volume, mount = data_volume(data_pvc, data_mount)
+        volumes.append(volume)
+        mounts.append(mount)
+    volumes += [{"name": "work", "emptyDir": {"sizeLimit": t.eval_work_size_limit}},
+                {"name": "tmp", "emptyDir": {"sizeLimit": t.tmp_size_limit}}]
+    mounts += [{"name": "work", "mountPath": WORK_DIR}, {"name": "tmp", "mountPath": "/tmp"}]
+    c = container(t, name="eval", image=image, pull_policy=pull_policy, command=command, args=args, env=env,
+                  mounts=mounts, resources=resources)
+    spec = _drop_empty({"suspend": bool(suspend or t.queue_name), "backoffLimit": backoff_limit,
+                        "ttlSecondsAfterFinished": ttl_seconds})
+    spec["template"] = {"metadata": {"labels": {**pod_labels, **t.labels}},
+                        "spec": pod_spec(t, t.eval, [c], volumes, restart_policy=restart_policy,
+                                         service_account=service_account)}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(name, namespace, labels, t, owner),
+            "spec": spec}
+
+
+def owner_reference(obj: dict[str, Any]) -> dict[str, Any]:
+    """An ownerReference to ``obj`` (as read from the API): deleting it (``helm uninstall``)
+    makes the garbage collector delete what it owns. ``blockOwnerDeletion`` stays off: it needs
+    update rights on the owner's finalizers and nothing here must hold a deletion up."""
+    meta = obj["metadata"]
+    return {"apiVersion": obj.get("apiVersion") or "v1", "kind": obj.get("kind") or "ConfigMap",
+            "name": meta["name"], "uid": meta["uid"], "controller": False, "blockOwnerDeletion": False}
