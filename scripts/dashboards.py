@@ -23,6 +23,10 @@ from typing import Any
 OUT = Path(__file__).resolve().parent.parent / "charts" / "p2r" / "files" / "dashboards"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 SEL = 'namespace=~"$namespace", component=~"$component"'
+# Exporters outside P2R label series by namespace and pod only: the DCGM exporter (GPU metrics,
+# kubernetes pod mapping on) and kube-state-metrics. Joining them with `up` of the P2R targets
+# (the ServiceMonitors add namespace and pod) gives each pod its component.
+BY_POD = f"on (namespace, pod) group_left (component) max by (namespace, pod, component) (up{{{SEL}}})"
 
 
 @dataclass
@@ -103,48 +107,82 @@ SERVING = [
         (f"sum by (component) (rate(p2r_engine_aborted_requests_total{{{SEL}}}[$__rate_interval]))",
          "{{component}} aborted (deadline / cancel)"),
     ], unit="short"),
+    Panel("Engine queue time p95 (vLLM)", quantiles("vllm:request_queue_time_seconds", "component", qs=(0.95,)),
+          unit="s", description="Time a request waits in vLLM's scheduler before its prefill starts."),
+    Panel("Preemptions per second (vLLM)", [
+        (f"sum by (component) (rate(vllm:num_preemptions_total{{{SEL}}}[$__rate_interval]))", "{{component}}"),
+    ], description="Sequences evicted from the KV cache and recomputed: the cache is too small for max_num_seqs."),
+    Panel("Load shed (RESOURCE_EXHAUSTED)", [
+        (f'sum by (component) (rate(p2r_requests_total{{{SEL}, code="RESOURCE_EXHAUSTED"}}[$__rate_interval]))',
+         "{{component}}"),
+    ], unit="reqps", description="Refused by admission (max_in_flight); P2RLoadShedding alerts on its ratio."),
+    Panel("Pod restarts", [
+        (f"sum by (component) (increase(kube_pod_container_status_restarts_total{{namespace=~\"$namespace\"}}"
+         f"[$__range]) * {BY_POD})", "{{component}}"),
+    ], kind="bargauge", description="Container restarts in the time range (kube-state-metrics)."),
+    Panel("GPU utilisation (DCGM)", [
+        (f'avg by (component, pod) (DCGM_FI_DEV_GPU_UTIL{{namespace=~"$namespace"}} * {BY_POD})',
+         "{{component}} {{pod}}"),
+    ], unit="percent", description="NVIDIA DCGM exporter; empty on CPU clusters."),
+    Panel("GPU memory used (DCGM)", [
+        (f'sum by (component, pod) (DCGM_FI_DEV_FB_USED{{namespace=~"$namespace"}} * {BY_POD})',
+         "{{component}} {{pod}}"),
+    ], unit="decmbytes"),
+    Panel("GPU power (DCGM)", [
+        (f'sum by (component, pod) (DCGM_FI_DEV_POWER_USAGE{{namespace=~"$namespace"}} * {BY_POD})',
+         "{{component}} {{pod}}"),
+    ], unit="watt"),
     Panel("Loaded checkpoint", [
         (f"max by (component, pod, uri) (p2r_checkpoint_info{{{SEL}}})", "{{component}} {{pod}} {{uri}}"),
     ], kind="table", width=24, extra={"format": "table", "instant": True}),
 ]
 
+TSEL = f'{SEL}, training_job=~"$training_job"'
+TRAINER_BY_POD = f"on (namespace, pod) group_left max by (namespace, pod) (up{{{TSEL}}})"
+
 TRAINING = [
     Panel("Reward mean ± std", [
-        (f"p2r_train_reward_mean{{{SEL}}}", "{{training_job}} mean"),
-        (f"p2r_train_reward_mean{{{SEL}}} + p2r_train_reward_std{{{SEL}}}", "{{training_job}} mean + std"),
-        (f"p2r_train_reward_mean{{{SEL}}} - p2r_train_reward_std{{{SEL}}}", "{{training_job}} mean - std"),
+        (f"p2r_train_reward_mean{{{TSEL}}}", "{{training_job}} mean"),
+        (f"p2r_train_reward_mean{{{TSEL}}} + p2r_train_reward_std{{{TSEL}}}", "{{training_job}} mean + std"),
+        (f"p2r_train_reward_mean{{{TSEL}}} - p2r_train_reward_std{{{TSEL}}}", "{{training_job}} mean - std"),
     ], description="In the reasoner stage the reward is the answer's correctness, so this is its accuracy."),
     Panel("Reward by answer form", [
-        (f"p2r_train_reward_mean_mca{{{SEL}}}", "mca"),
-        (f"p2r_train_reward_mean_na{{{SEL}}}", "na"),
-        (f"p2r_train_reward_mean_free_form{{{SEL}}}", "free_form"),
+        (f"p2r_train_reward_mean_mca{{{TSEL}}}", "mca"),
+        (f"p2r_train_reward_mean_na{{{TSEL}}}", "na"),
+        (f"p2r_train_reward_mean_free_form{{{TSEL}}}", "free_form"),
     ], description="Per answer form: accuracy on multiple choice, numeric and free-form questions (reasoner stage)."),
-    Panel("KL to the reference", [(f"p2r_train_kl{{{SEL}}}", "{{training_job}}")]),
-    Panel("Entropy", [(f"p2r_train_entropy{{{SEL}}}", "{{training_job}}")]),
-    Panel("Response length (tokens)", [(f"p2r_train_response_len{{{SEL}}}", "{{training_job}}")]),
-    Panel("Boxes per perceiver response", [(f"p2r_train_bbox_count{{{SEL}}}", "{{training_job}}")],
+    Panel("KL to the reference", [(f"p2r_train_kl{{{TSEL}}}", "{{training_job}}")]),
+    Panel("Entropy", [(f"p2r_train_entropy{{{TSEL}}}", "{{training_job}}")]),
+    Panel("Response length (tokens)", [(f"p2r_train_response_len{{{TSEL}}}", "{{training_job}}")]),
+    Panel("Boxes per perceiver response", [(f"p2r_train_bbox_count{{{TSEL}}}", "{{training_job}}")],
           description="Perceiver stage only."),
     Panel("Step time split", [
-        (f"p2r_train_rollout_s{{{SEL}}}", "rollout"),
-        (f"p2r_train_reward_s{{{SEL}}}", "reward (services)"),
-        (f"p2r_train_update_s{{{SEL}}}", "update"),
-        (f"p2r_train_sync_s{{{SEL}}}", "weight sync"),
+        (f"p2r_train_rollout_s{{{TSEL}}}", "rollout"),
+        (f"p2r_train_reward_s{{{TSEL}}}", "reward (services)"),
+        (f"p2r_train_update_s{{{TSEL}}}", "update"),
+        (f"p2r_train_sync_s{{{TSEL}}}", "weight sync"),
     ], unit="s", stack=True),
-    Panel("Rollouts per second", [(f"p2r_train_samples_per_s{{{SEL}}}", "{{training_job}}")]),
-    Panel("Step", [(f"p2r_train_step{{{SEL}}}", "{{training_job}}")], kind="stat",
+    Panel("Rollouts per second", [(f"p2r_train_samples_per_s{{{TSEL}}}", "{{training_job}}")]),
+    Panel("Step", [(f"p2r_train_step{{{TSEL}}}", "{{training_job}}")], kind="stat",
           description="P2RTrainingStalled fires when this stops moving."),
     Panel("Dropped samples per step", [
-        (f"p2r_train_dropped{{{SEL}}}", "dropped (reward could not be computed)"),
-        (f"p2r_train_kept{{{SEL}}}", "kept"),
+        (f"p2r_train_dropped{{{TSEL}}}", "dropped (reward could not be computed)"),
+        (f"p2r_train_kept{{{TSEL}}}", "kept"),
     ]),
     Panel("Clip fraction and gradient norm", [
-        (f"p2r_train_clip_fraction{{{SEL}}}", "clip fraction"),
-        (f"p2r_train_grad_norm{{{SEL}}}", "grad norm"),
+        (f"p2r_train_clip_fraction{{{TSEL}}}", "clip fraction"),
+        (f"p2r_train_grad_norm{{{TSEL}}}", "grad norm"),
     ]),
     Panel("Loss and learning rate", [
-        (f"p2r_train_loss{{{SEL}}}", "loss"),
-        (f"p2r_train_lr{{{SEL}}}", "lr"),
+        (f"p2r_train_loss{{{TSEL}}}", "loss"),
+        (f"p2r_train_lr{{{TSEL}}}", "lr"),
     ]),
+    Panel("Trainer GPU utilisation (DCGM)", [
+        (f'avg by (pod) (DCGM_FI_DEV_GPU_UTIL{{namespace=~"$namespace"}} * {TRAINER_BY_POD})', "{{pod}}"),
+    ], unit="percent", description="NVIDIA DCGM exporter, joined to the trainer pods of the selected jobs."),
+    Panel("Trainer GPU memory used (DCGM)", [
+        (f'sum by (pod) (DCGM_FI_DEV_FB_USED{{namespace=~"$namespace"}} * {TRAINER_BY_POD})', "{{pod}}"),
+    ], unit="decmbytes"),
 ]
 
 PIPELINE = [
@@ -204,8 +242,10 @@ def panel_json(p: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
     return out
 
 
-def dashboard(uid: str, title: str, panels: list[Panel], component_query: str, tags: list[str]) -> dict[str, Any]:
-    """A whole dashboard: panels laid out left to right, rows of 24 grid units."""
+def dashboard(uid: str, title: str, panels: list[Panel], component_query: str, tags: list[str],
+              extra_vars: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
+    """A whole dashboard: panels laid out left to right, rows of 24 grid units; ``extra_vars``
+    are (name, label) query variables over ``component_query`` after namespace and component."""
     laid: list[dict[str, Any]] = []
     x = y = 0
     for i, p in enumerate(panels, start=1):
@@ -223,6 +263,7 @@ def dashboard(uid: str, title: str, panels: list[Panel], component_query: str, t
              "current": {}, "hide": 0, "refresh": 1},
             variable("namespace", "Namespace", f"label_values({component_query}, namespace)"),
             variable("component", "Component", f"label_values({component_query}, component)"),
+            *(variable(name, label, f"label_values({component_query}, {name})") for name, label in extra_vars),
         ]},
         "panels": laid,
     }
@@ -230,7 +271,8 @@ def dashboard(uid: str, title: str, panels: list[Panel], component_query: str, t
 
 DASHBOARDS = {
     "serving": dashboard("p2r-serving", "P2R / Serving", SERVING, "p2r_in_flight_items", ["serving"]),
-    "training": dashboard("p2r-training", "P2R / Training (PRA-GRPO)", TRAINING, "p2r_train_step", ["training"]),
+    "training": dashboard("p2r-training", "P2R / Training (PRA-GRPO)", TRAINING, "p2r_train_step", ["training"],
+                          extra_vars=(("training_job", "Training job"),)),
     "pipeline": dashboard("p2r-pipeline", "P2R / Pipeline", PIPELINE, "p2r_pipeline_running", ["pipeline"]),
 }
 

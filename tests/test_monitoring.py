@@ -35,8 +35,18 @@ from tests.k8s_support import ROOT, find, one, render
 DASHBOARDS = ROOT / "charts" / "p2r" / "files" / "dashboards"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-ALERTS = {"P2RHighErrorRate", "P2RHighLatency", "P2RTrainingStalled", "P2RPipelineFailed"}
-GRAFANA_VARS = {"$__rate_interval": "1m", "$__range": "5m", "$namespace": ".*", "$component": ".*"}
+SERVING_ROLES = ("perceiver", "reasoner", "verifier", "gateway")
+# Availability alerts: one per component the default release deploys (the controller is off).
+AVAILABILITY = {f"P2R{role.title()}Unavailable" for role in SERVING_ROLES}
+ALERTS = {"P2RHighErrorRate", "P2RLoadShedding", "P2RHighLatency", "P2RTrainingStalled", "P2RPipelineFailed",
+          *AVAILABILITY}
+GRAFANA_VARS = {"$__rate_interval": "1m", "$__range": "5m", "$namespace": ".*", "$component": ".*",
+                "$training_job": ".*"}
+# Series the dashboards read from exporters beside P2R (no P2R process exports them): Prometheus'
+# own `up`, the NVIDIA DCGM exporter's GPU gauges and kube-state-metrics' restart counter.
+EXTERNAL = {"up", "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_POWER_USAGE",
+            "kube_pod_container_status_restarts_total"}
+RUNBOOK = "https://github.com/p2r-platform/p2r-platform/blob/main/charts/p2r/RUNBOOK.md"
 
 
 # ------------------------------------------------------------------------------------ PromQL
@@ -133,6 +143,13 @@ def test_dashboards_cover_what_the_issue_asks() -> None:
             "p2r_queue_latency_seconds_bucket", "vllm:kv_cache_usage_perc", "vllm:num_requests_waiting",
             "vllm:generation_tokens_total"} <= names["serving"]
     assert not {n for n in names["serving"] if n.startswith("vllm:gpu_")}  # removed names go blank
+    # GPU (DCGM), restarts, vLLM queue time and preemptions, load shedding (issue 17).
+    assert {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "kube_pod_container_status_restarts_total",
+            "vllm:request_queue_time_seconds_bucket", "vllm:num_preemptions_total"} <= names["serving"]
+    assert "DCGM_FI_DEV_GPU_UTIL" in names["training"]
+    training = json.loads((DASHBOARDS / "training.json").read_text())
+    assert "training_job" in {v["name"] for v in training["templating"]["list"]}
+    assert all('training_job=~"$training_job"' in t["expr"] for p in training["panels"] for t in p["targets"])
     assert {"p2r_train_reward_mean", "p2r_train_reward_mean_mca", "p2r_train_reward_mean_na",
             "p2r_train_reward_mean_free_form", "p2r_train_kl", "p2r_train_entropy", "p2r_train_response_len",
             "p2r_train_bbox_count", "p2r_train_rollout_s", "p2r_train_reward_s", "p2r_train_update_s",
@@ -172,11 +189,17 @@ def test_rule_file_is_identical_in_both_forms() -> None:
 def test_promtool_check_rules(tmp_path: Path) -> None:
     rules = rendered_rules()
     assert {r["alert"] for g in rules["groups"] for r in g["rules"]} == ALERTS
+    for rule in (r for g in rules["groups"] for r in g["rules"]):
+        assert {"summary", "description", "runbook_url"} <= set(rule["annotations"]), rule["alert"]
+        assert rule["annotations"]["runbook_url"] == f"{RUNBOOK}#{rule['alert'].lower()}"
+    runbook = (ROOT / "charts" / "p2r" / "RUNBOOK.md").read_text()
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^## (.+)$", runbook, re.M)}
+    assert {r["alert"].lower() for g in rules["groups"] for r in g["rules"]} <= anchors  # every link lands
     path = tmp_path / "rules.yaml"
     path.write_text(yaml.safe_dump(rules))
     out = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "4 rules found" in out.stdout
+    assert f"{len(ALERTS)} rules found" in out.stdout
     broken = {"groups": [{"name": "x", "rules": [{"alert": "Bad", "expr": "sum(rate(x[5m])"}]}]}
     path.write_text(yaml.safe_dump(broken))
     out = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
@@ -186,17 +209,26 @@ def test_promtool_check_rules(tmp_path: Path) -> None:
 SRV = 'namespace="p2r", component="gateway"'
 ERROR_ANN = {"summary": "P2R gateway fails 10% of its RPCs",
              "description": "More than 5% of RPCs end in a server-side error (INTERNAL, UNAVAILABLE, "
-                            "RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...). Check p2r_requests_total by code on the "
-                            "serving dashboard and the pod logs."}
+                            "DEADLINE_EXCEEDED, ...; load shedding is P2RLoadShedding). Check p2r_requests_total by "
+                            "code on the serving dashboard and the pod logs.",
+             "runbook_url": f"{RUNBOOK}#p2rhigherrorrate"}
+SHED_ANN = {"summary": "P2R gateway sheds 20% of its RPCs (RESOURCE_EXHAUSTED)",
+            "description": "More than 10% of RPCs are refused because the server's admission (max_in_flight) is "
+                           "full: scale the role (replicas, HPA maxReplicas) or raise max_in_flight if the engine has "
+                           "headroom.",
+            "runbook_url": f"{RUNBOOK}#p2rloadshedding"}
 LATENCY_ANN = {"summary": "P2R gateway p95 latency is 1m 57s",
                "description": "p95 end-to-end RPC latency above 60 s: look at queue time and KV-cache use on the "
-                              "serving dashboard; scale the role or lower max_num_seqs."}
+                              "serving dashboard; scale the role or lower max_num_seqs.",
+               "runbook_url": f"{RUNBOOK}#p2rhighlatency"}
 STALL_ANN = {"summary": "P2R training made no step in 30 minutes",
              "description": "p2r_train_step of trainer-0:9090 has not changed for 30 minutes: check rollout / "
-                            "reward time on the training dashboard and the reward services."}
+                            "reward time on the training dashboard and the reward services.",
+             "runbook_url": f"{RUNBOOK}#p2rtrainingstalled"}
 FAILED_ANN = {"summary": "P2R pipeline run failed",
               "description": "A pipeline run ended in failure: see p2r_pipeline_step_failures_total by step on the "
-                             "pipeline dashboard and the controller's logs."}
+                             "pipeline dashboard and the controller's logs.",
+              "runbook_url": f"{RUNBOOK}#p2rpipelinefailed"}
 
 # One promtool case per alert: it fires on the condition it names and stays quiet on the look-alike
 # (client errors, a slow LoadCheckpoint, a trainer that just started, an old failure).
@@ -241,6 +273,64 @@ CASES: dict[str, dict[str, Any]] = {
                  "exp_annotations": FAILED_ANN}]},
             {"eval_time": "45m", "alertname": "P2RPipelineFailed", "exp_alerts": []}]},
 }
+
+
+
+def _availability_case(role: str) -> dict[str, Any]:
+    """Fires when every target of the role is down, and when none exists at all (absent: the
+    role's request metrics vanish with its pods); quiet while one of two pods is up."""
+    alert = f"P2R{role.title()}Unavailable"
+    labels = {"severity": "critical", "namespace": "p2r", "component": role}
+    ann = {"summary": f"P2R {role} has no pod answering in p2r",
+           "description": f"Prometheus scrapes no live {role} target (every pod down, or none scheduled). Check the "
+                          f"Deployment's pods, events and logs (kubectl -n p2r get pods -l "
+                          f"app.kubernetes.io/component={role}).",
+           "runbook_url": f"{RUNBOOK}#{alert.lower()}"}
+    return {"interval": "1m", "input_series": [
+        {"series": f'up{{namespace="p2r", component="{role}", pod="a"}}', "values": "1x10 0x20 _x40"},
+        {"series": f'up{{namespace="p2r", component="{role}", pod="b"}}', "values": "1x20 0x10 _x40"}],
+        "alert_rule_test": [
+            {"eval_time": "18m", "alertname": alert, "exp_alerts": []},  # pod b still up
+            {"eval_time": "28m", "alertname": alert, "exp_alerts": [{"exp_labels": labels, "exp_annotations": ann}]},
+            {"eval_time": "60m", "alertname": alert, "exp_alerts": [{"exp_labels": labels, "exp_annotations": ann}]}]}
+
+
+CASES.update({f"P2R{role.title()}Unavailable": _availability_case(role) for role in SERVING_ROLES})
+CASES["P2RLoadShedding"] = {"interval": "1m", "input_series": [
+    {"series": f'p2r_requests_total{{{SRV}, method="Answer", code="OK"}}', "values": "0+80x30"},
+    {"series": f'p2r_requests_total{{{SRV}, method="Answer", code="RESOURCE_EXHAUSTED"}}', "values": "0+20x30"}],
+    "alert_rule_test": [
+        {"eval_time": "20m", "alertname": "P2RLoadShedding", "exp_alerts": [
+            {"exp_labels": {"severity": "warning", "namespace": "p2r", "component": "gateway"},
+             "exp_annotations": SHED_ANN}]},
+        # Shedding is not an error: P2RHighErrorRate stays quiet at 20 % RESOURCE_EXHAUSTED.
+        {"eval_time": "20m", "alertname": "P2RHighErrorRate", "exp_alerts": []}]}
+
+
+def test_ratio_alerts_need_minimum_traffic(tmp_path: Path) -> None:
+    """Half of 0.05 RPC/s failing (below minRequestRate 0.1/s) fires nothing; the same ratio at
+    10 RPC/s fires, so the guard and not the ratio is what kept it quiet."""
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rendered_rules()))
+    for per_minute, fires in (("0+1.5x30", False), ("0+300x30", True)):
+        case = {"interval": "1m", "input_series": [
+            {"series": f'p2r_requests_total{{{SRV}, method="Answer", code="OK"}}', "values": per_minute},
+            {"series": f'p2r_requests_total{{{SRV}, method="Answer", code="INTERNAL"}}', "values": per_minute}],
+            "alert_rule_test": [{"eval_time": "20m", "alertname": "P2RHighErrorRate", "exp_alerts": [
+                {"exp_labels": {"severity": "critical", "namespace": "p2r", "component": "gateway"},
+                 "exp_annotations": {**ERROR_ANN, "summary": "P2R gateway fails 50% of its RPCs"}}] if fires else []}]}
+        (tmp_path / "test.yaml").write_text(yaml.safe_dump({"rule_files": ["rules.yaml"], "tests": [case]}))
+        out = subprocess.run([PROMTOOL, "test", "rules", "test.yaml"], capture_output=True, text=True, timeout=60,
+                             cwd=tmp_path)
+        assert out.returncode == 0, (per_minute, out.stdout + out.stderr)
+
+
+def test_availability_rules_follow_the_deployed_components() -> None:
+    """One availability rule per deployed component: a disabled role has none, the controller one."""
+    rules = rendered_rules({"roles": {"verifier": {"enabled": False}, "gateway": {"model": "/models/m"}}})
+    names = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    assert "P2RVerifierUnavailable" not in names and "P2RGatewayUnavailable" in names
+    with_controller = rendered_rules({"controller": {"enabled": True}})
+    assert "P2RControllerUnavailable" in {r["alert"] for g in with_controller["groups"] for r in g["rules"]}
 
 
 def test_every_alert_has_a_case() -> None:
@@ -363,13 +453,13 @@ def test_dashboard_and_alert_metrics_are_exported_live(role_server: Any, live_tr
     missing = {}
     for dashboard, queries in dashboard_queries().items():
         for title, expr in queries:
-            if gone := metric_names(expr) - live[dashboard]:
+            if gone := metric_names(expr) - live[dashboard] - EXTERNAL:
                 missing[f"{dashboard}: {title}"] = sorted(gone)
     assert not missing, f"not exported (first trainer row: {sorted(row)}):\n" + json.dumps(missing, indent=1)
     everything = set().union(*live.values())
     for group in rendered_rules()["groups"]:
         for rule in group["rules"]:
-            assert metric_names(rule["expr"]) <= everything, rule["alert"]
+            assert metric_names(rule["expr"]) <= everything | {"up"}, rule["alert"]
 
 
 def _query(base: str, expr: str) -> list[dict[str, Any]]:
