@@ -1,7 +1,8 @@
 """Role logic of the servers, on p2r.v1 messages, independent of the transport.
 
 Each role validates a request completely before any work starts (so a batch with one bad item
-fails as a whole, naming ``requests[i].field``), does the CPU-heavy image work in a thread, and
+fails as a whole, naming ``requests[i].field``; only a ReasonBatch item with invalid regions fails
+alone, in its result's ``error``), does the CPU-heavy image work in a thread, and
 awaits the shared ``AsyncEngine``. The gateway's ``answer`` composes perceive and reason through
 ``RoleBackend`` objects that are either this process's handlers or remote gRPC stubs.
 """
@@ -22,7 +23,7 @@ from PIL import Image
 
 from p2r.core import prompts
 from p2r.core.answers import extract_answer, extract_reasoning
-from p2r.core.bbox import BBOX_LIST_SCHEMA, Region, parse_regions
+from p2r.core.bbox import BBOX_LIST_SCHEMA, Region, parse_regions, region_problem
 from p2r.core.evidence import build_evidence
 from p2r.core.flow import perceiver_request, reasoner_request, verifier_request
 from p2r.core.generation import ChatRequest, Sampling
@@ -50,6 +51,16 @@ class Prepared:
     chat: ChatRequest
     sampling: Sampling
     extra: dict[str, Any]
+
+
+class ItemInvalid(InvalidArgument):
+    """A batch item that fails alone (ReasonBatch: invalid regions): the batch answers it with
+    ``result`` - its ``error`` naming the item - and the other items as usual. In a single call
+    it is INVALID_ARGUMENT like any bad field."""
+
+    def __init__(self, message: str, result: Any) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class Handlers:
@@ -135,10 +146,13 @@ class Handlers:
 
     @staticmethod
     def regions(items: Any, field: str) -> list[Region]:
+        """Regions as sent, by the rule model output is parsed with (finite, x1 < x2, y1 < y2):
+        whatever ``parse_regions`` accepts is accepted here, so a trainer never loses a sample."""
         out = []
         for i, r in enumerate(items):
-            if not (r.x1 < r.x2 and r.y1 < r.y2):
-                raise InvalidArgument(f"{field}regions[{i}]: a region needs x1 < x2 and y1 < y2")
+            problem = region_problem(r.x1, r.y1, r.x2, r.y2)
+            if problem is not None:
+                raise InvalidArgument(f"{field}regions[{i}]: {problem}")
             out.append(Region(r.x1, r.y1, r.x2, r.y2, r.label or None))
         return out
 
@@ -173,7 +187,10 @@ class Handlers:
         question = self.question(req.question, f"{field}question")
         form = self.form(req.answer_form, f"{field}answer_form")
         sampling = self.sampling(req.sampling, f"{field}sampling", self.config.reason_max_tokens)
-        regions = self.regions(req.regions, field)
+        try:
+            regions = self.regions(req.regions, field)
+        except InvalidArgument as e:  # one degenerate item must not cost its batch
+            raise ItemInvalid(str(e), pb.ReasonResult(id=req.id, error=str(e))) from None
         image = self.image(req.image, f"{field}image")
         variant = self.variant(req.variant)
 
@@ -252,9 +269,11 @@ class Handlers:
         """Validate every item, then decode and generate each item as soon as it is ready: the
         engine starts on the first item while later images are still being cropped."""
         started = time.perf_counter()
-        builders = [prepare(r, "" if single else f"requests[{i}].") for i, r in enumerate(requests)]
+        builders = [_builder(prepare, r, "" if single else f"requests[{i}].", single) for i, r in enumerate(requests)]
 
-        async def one(request: Any, build: Callable[[], Prepared]) -> Any:
+        async def one(request: Any, build: Callable[[], Prepared] | ItemInvalid) -> Any:
+            if isinstance(build, ItemInvalid):
+                return build.result
             prepared = await asyncio.get_running_loop().run_in_executor(self._prepare_pool, build)
             return await run(request, prepared, started)
 
@@ -276,6 +295,17 @@ class Handlers:
     async def verify(self, req: pb.VerifyRequest) -> pb.VerifyResult:
         [result] = await self.batch([req], self.prepare_verify, self.run_verify, single=True)
         return result
+
+
+def _builder(prepare: Callable[[Any, str], Callable[[], Prepared]], request: Any, field: str,
+             single: bool) -> Callable[[], Prepared] | ItemInvalid:
+    """``prepare(request, field)``, or in a batch the item's own failure (``ItemInvalid``)."""
+    try:
+        return prepare(request, field)
+    except ItemInvalid as e:
+        if single:
+            raise
+        return e
 
 
 class RoleBackend(Protocol):

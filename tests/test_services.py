@@ -184,6 +184,34 @@ def test_bad_item_in_a_batch_is_named(client: Client) -> None:
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "empty" in message
 
 
+def test_degenerate_region_fails_its_item_alone_and_doubles_keep_precision(client: Client) -> None:
+    """Issue 15 item 5: Region coordinates are doubles, so the valid box [500.00001, 10,
+    500.000011, 200] stays x1 < x2 on the server (as 32-bit floats it became x1 == x2); a ReasonBatch
+    item with x1 == x2, +-inf or NaN fails alone with its own ``error`` naming ``requests[i]``, and
+    the rest of the batch is answered. Huge finite boxes (3e38) are valid boxes, as the perceiver's
+    parser accepts them, and are answered (outlines are clamped at the image)."""
+    def reason(*regions: pb.Region) -> pb.ReasonRequest:
+        return pb.ReasonRequest(image=png(), question="Q?", answer_form=pb.ANSWER_FORM_MCA, regions=list(regions),
+                                sampling=sampling(max_tokens=2))
+
+    inf = float("inf")
+    items = [reason(pb.Region(x1=500.00001, y1=10, x2=500.000011, y2=200, label="thin")),
+             reason(pb.Region(x1=5, y1=5, x2=5, y2=9)),
+             reason(pb.Region(x1=0, y1=0, x2=10, y2=10), pb.Region(x1=-inf, y1=0, x2=inf, y2=10)),
+             reason(pb.Region(x1=float("nan"), y1=0, x2=1, y2=1)),
+             reason(pb.Region(x1=0, y1=0, x2=3e38, y2=3e38, label="huge"))]
+    results = client.reason_batch(items)
+    assert [r.error for r in results] == [
+        "", "requests[1].regions[0]: a region needs x1 < x2 and y1 < y2",
+        "requests[2].regions[1]: coordinates must be finite numbers",
+        "requests[3].regions[0]: coordinates must be finite numbers", ""]
+    assert [len(r.completions) for r in results] == [1, 0, 0, 0, 1]
+    assert results[0].with_evidence and results[4].with_evidence
+    # a single call with the same degenerate region is INVALID_ARGUMENT, as any bad field
+    code, message = _code(lambda: client.reasoner.Reason(items[1], timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and message == "regions[0]: a region needs x1 < x2 and y1 < y2"
+
+
 def test_answer_rejects_bad_input(client: Client) -> None:
     code, message = _code(lambda: client.answer(pb.AnswerRequest(image=png(), question="", answer_form=1)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and message == "question: question is empty"

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from p2r.core.bbox import Region, parse_regions
+from p2r.core.errors import UserError
 from p2r.core.grading import GradeItem, grade_batch
 from p2r.core.images import encode_image
 from p2r.core.rewards import perceiver_penalty
@@ -143,7 +144,8 @@ class PerceiverReward:
         stats.extra["reasoner_requests"] = len(requests)
         results = batched_calls(self.reasoner.reason_batch, requests, self.cfg.reward_batch_size,
                                 self.cfg.reward_concurrency, stats)
-        graded = grade([(s, None if res is None else res.completions[0].text) for (s, _), res
+        # An item the reasoner refused alone (``error``) cannot be scored: dropped, not 0.
+        graded = grade([(s, None if res is None or res.error else res.completions[0].text) for (s, _), res
                         in zip(calls, results, strict=True)], self.verifier, self.cfg, stats)
         for i, j, k in slots:
             rewards[i][j] = graded[k]
@@ -205,11 +207,11 @@ class PluginReward:
     def __init__(self, path: str) -> None:
         module, _, name = path.partition(":")
         if not module or not name:
-            raise ValueError(f"reward_plugin must look like 'package.module:function', got {path!r}")
+            raise UserError(f"reward_plugin must look like 'package.module:function', got {path!r}")
         try:
             self.fn = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"reward_plugin {path!r} cannot be loaded: {e}") from None
+            raise UserError(f"reward_plugin {path!r} cannot be loaded: {e}") from None
 
     def __call__(self, samples: Sequence[Sample], responses: Sequence[Sequence[str]]) -> tuple[
             list[list[float | None]], RewardStats]:
