@@ -62,8 +62,8 @@ class PodTemplate(_Strict):
     container_security_context: dict[str, Any] = Field(
         default_factory=lambda: copy.deepcopy(CONTAINER_SECURITY_CONTEXT), description="container securityContext")
     image_pull_secrets: list[dict[str, str]] = Field(default_factory=list, description="[{name: regcred}]")
-    automount_service_account_token: bool = Field(
-        False, description="trainer and eval pods never call the API server: no token by default")
+    api_access: bool = Field(False, description="mount the ServiceAccount token (automountServiceAccountToken); "
+                                                "trainer and eval pods never call the API server")
     trainer: Placement = Field(default_factory=lambda: Placement(tolerations=copy.deepcopy(GPU_TOLERATIONS)))
     eval: Placement = Field(default_factory=Placement)
     queue_name: str | None = Field(None, description="Kueue LocalQueue: label kueue.x-k8s.io/queue-name and "
@@ -78,7 +78,7 @@ class PodTemplate(_Strict):
 
 def _drop_empty(d: dict[str, Any]) -> dict[str, Any]:
     """Leave out unset fields (None, empty lists and maps) the way the API server would show them."""
-    return {k: v for k, v in d.items() if v not in (None, [], {})}
+    return {k: v for k, v in d.items() if v not in (None, "", [], {})}
 
 
 def container(t: PodTemplate, *, name: str, image: str, pull_policy: str, command: list[str],
@@ -99,7 +99,7 @@ def pod_spec(t: PodTemplate, placement: Placement, containers: list[dict[str, An
     return _drop_empty({
         "restartPolicy": restart_policy,
         "serviceAccountName": service_account,
-        "automountServiceAccountToken": t.automount_service_account_token,
+        "automountServiceAccountToken": t.api_access,
         "enableServiceLinks": False,
         "securityContext": copy.deepcopy(t.security_context),
         "imagePullSecrets": copy.deepcopy(t.image_pull_secrets),

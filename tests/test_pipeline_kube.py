@@ -467,3 +467,49 @@ def test_missing_inputs_are_reported_until_they_exist(tmp_path: Path, s3_server:
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_chart_values_reach_the_pods_the_controller_builds(tmp_path: Path) -> None:
+    """The chart's controller.jobs values and release-wide security settings become the pods
+    the controller creates (through pipeline.yaml's kubernetes.pod), and the chart's default
+    security contexts are the pod template's own (one fact, checked equal)."""
+    from p2r.controller import pods
+    from p2r.controller.config import load_pipeline_config
+    from p2r.controller.kube import KubeBackend
+    from tests.k8s_support import merged_values, one, render
+
+    defaults = merged_values({})
+    assert defaults["podSecurityContext"] == pods.POD_SECURITY_CONTEXT
+    assert defaults["containerSecurityContext"] == pods.CONTAINER_SECURITY_CONTEXT
+    assert defaults["controller"]["jobs"]["trainer"]["tolerations"] == pods.GPU_TOLERATIONS
+    gpu = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    values = {"controller": {"enabled": True, "jobs": {
+        "queueName": "team-a", "trainer": {"nodeSelector": gpu, "priorityClassName": "p2r-training"},
+        "eval": {"tolerations": [{"key": "spot", "operator": "Exists"}]}}},
+        "imagePullSecrets": [{"name": "regcred"}], "podSecurityContext": {"runAsUser": 20001}}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(one(render(values), "ConfigMap", "p2r-pipeline")["data"]["pipeline.yaml"])
+    config = load_pipeline_config(path)
+    assert config.kubernetes.owner_config_map == "p2r-pipeline"
+    config.kubernetes.kubeconfig = str(write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:9"))
+    backend = KubeBackend(config)
+    backend._owner = {"apiVersion": "v1", "kind": "ConfigMap", "name": "p2r-pipeline", "uid": OWNER_UID,
+                      "controller": False, "blockOwnerDeletion": False}  # read from the API at run time
+    job = backend.pytorchjob("run1-stage1-1", "stage1", "perceiver", 1, 9090)
+    evaluation = backend.eval_job("run1-eval-1", ["--model", "s3://p2r/m", "--task", "synthetic",
+                                                  "--data", "/data/e", "--out", "s3://p2r/o"], 1)
+    for obj in (job, evaluation):
+        validate_created(obj)
+        assert obj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+        assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == "p2r"
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == OWNER_UID
+    assert job["spec"]["runPolicy"]["suspend"] is True and evaluation["spec"]["suspend"] is True
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        pod = replica["template"]["spec"]
+        assert pod["nodeSelector"] == gpu and pod["priorityClassName"] == "p2r-training"
+        assert pod["tolerations"] == pods.GPU_TOLERATIONS and pod["imagePullSecrets"] == [{"name": "regcred"}]
+        assert pod["securityContext"]["runAsUser"] == 20001 and pod["securityContext"]["runAsNonRoot"] is True
+        assert replica["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "trainer"
+    eval_pod = evaluation["spec"]["template"]["spec"]
+    assert eval_pod["tolerations"] == [{"key": "spot", "operator": "Exists"}] and "nodeSelector" not in eval_pod
+    assert "priorityClassName" not in eval_pod
