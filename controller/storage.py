@@ -15,61 +15,58 @@ from typing import Any
 
 from p2r.services.checkpoints import (
     MANIFEST,
-    CheckpointError,
+    MAX_MANIFEST_BYTES,
     local_path,
     s3_client,
+    s3_errors,
     split_s3,
     verify_checkpoint_dir,
+    verify_manifest,
 )
 
 
-def _check_manifest_files(uri: str, files: dict[str, str]) -> None:
-    if "config.json" not in files or not any(n.endswith(".safetensors") for n in files):
-        raise CheckpointError(f"{uri}: the manifest lists no config.json or no *.safetensors weights")
-
-
 def verify_checkpoint(uri: str) -> dict[str, Any]:
-    """Verify every file of the checkpoint at ``uri`` against its manifest; returns
-    ``{"uri", "files", "bytes", "step"}``. CheckpointError says what is wrong."""
+    """Verify the checkpoint at ``uri`` by the one definition of completeness
+    (``p2r.services.checkpoints.verify_manifest``: manifest required and non-empty, nothing
+    unlisted, every listed file present with its sha256); returns ``{"uri", "files", "bytes",
+    "step"}``. CheckpointError says what is wrong."""
     if not uri.startswith("s3://"):
         path = local_path(uri)
-        if not (path / MANIFEST).is_file():
-            raise CheckpointError(f"{uri}: no {MANIFEST} (incomplete upload?)")
-        verify_checkpoint_dir(path)
+        verify_checkpoint_dir(path)  # require_manifest: a stage consumes only bound checkpoints
         manifest = json.loads((path / MANIFEST).read_text())
-        _check_manifest_files(uri, manifest.get("files", {}))
         size = sum((path / n).stat().st_size for n in manifest["files"])
         return {"uri": uri, "files": len(manifest["files"]), "bytes": size, "step": manifest.get("step")}
 
-    from minio.error import S3Error
-
     bucket, prefix = split_s3(uri)
-    try:
-        manifest = read_json(f"s3://{bucket}/{prefix}/{MANIFEST}")
-    except FileNotFoundError:
-        raise CheckpointError(f"{uri}: no {MANIFEST} (incomplete upload?)") from None
+    base = f"{prefix}/"
     client = s3_client()
-    files: dict[str, str] = manifest.get("files", {})
-    _check_manifest_files(uri, files)
     total = 0
-    for name, expected in files.items():
+
+    def streamed_digest(name: str, _expected: str) -> str:
+        nonlocal total
         digest = hashlib.sha256()
+        response = client.get_object(bucket, base + name)
         try:
-            response = client.get_object(bucket, f"{prefix}/{name}")
+            for block in response.stream(1 << 20):
+                digest.update(block)
+                total += len(block)
+        finally:
+            response.close()
+            response.release_conn()
+        return digest.hexdigest()
+
+    with s3_errors(uri):
+        present = [o.object_name[len(base):] for o in client.list_objects(bucket, prefix=base, recursive=True)]
+        manifest_text = None
+        if MANIFEST in present:
+            response = client.get_object(bucket, base + MANIFEST)
             try:
-                for block in response.stream(1 << 20):
-                    digest.update(block)
-                    total += len(block)
+                manifest_text = response.read(MAX_MANIFEST_BYTES + 1)
             finally:
                 response.close()
                 response.release_conn()
-        except S3Error as e:
-            if e.code == "NoSuchKey":
-                raise CheckpointError(f"{uri}: {name} is listed in the manifest but missing") from None
-            raise CheckpointError(f"{uri}: {name}: {e.code}: {e.message}") from None
-        if digest.hexdigest() != expected:
-            raise CheckpointError(f"{uri}: {name} does not match the manifest (sha256)")
-    return {"uri": uri, "files": len(files), "bytes": total, "step": manifest.get("step")}
+        manifest = verify_manifest(uri, manifest_text, present, streamed_digest)
+    return {"uri": uri, "files": len(manifest["files"]), "bytes": total, "step": manifest.get("step")}
 
 
 def read_json(uri: str) -> Any:
@@ -83,13 +80,12 @@ def read_json(uri: str) -> Any:
 
     bucket, key = split_s3(uri)
     try:
-        response = s3_client().get_object(bucket, key)
-        try:
-            return json.loads(response.read())
-        finally:
-            response.close()
-            response.release_conn()
-    except S3Error as e:
-        if e.code in ("NoSuchKey", "NoSuchBucket"):
-            raise FileNotFoundError(f"{uri}: no such object") from None
-        raise CheckpointError(f"{uri}: {e.code}: {e.message}") from None
+        with s3_errors(uri, missing_ok=("NoSuchKey", "NoSuchBucket")):
+            response = s3_client().get_object(bucket, key)
+            try:
+                return json.loads(response.read())
+            finally:
+                response.close()
+                response.release_conn()
+    except S3Error:  # NoSuchKey, NoSuchBucket
+        raise FileNotFoundError(f"{uri}: no such object") from None

@@ -39,7 +39,7 @@ def test_manifest_detects_tampering_and_missing_files(tmp_path: Path) -> None:
     assert manifest["step"] == 3 and set(manifest["files"]) == {"config.json", "model.safetensors", "tokenizer.json"}
     assert verify_checkpoint_dir(ckpt) == ckpt
     (ckpt / "model.safetensors").write_bytes(b"corrupt")
-    with pytest.raises(CheckpointError, match=r"model\.safetensors is missing or does not match the manifest"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors does not match the manifest \(sha256\)"):
         verify_checkpoint_dir(ckpt)
     (ckpt / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"no \*\.safetensors"):
@@ -99,7 +99,7 @@ def test_subdirectories_and_other_ranks_files_are_in_the_manifest(tmp_path: Path
     write_manifest(local, extra_files=other, step=1)
     files = json.loads((local / MANIFEST).read_text())["files"]
     assert {"train_state/__0_0.distcp", "train_state/__1_0.distcp", "model.safetensors"} <= set(files)
-    with pytest.raises(CheckpointError, match=r"train_state/__1_0\.distcp is missing"):
+    with pytest.raises(CheckpointError, match=r"train_state/__1_0\.distcp is listed in the manifest but missing"):
         verify_checkpoint_dir(local)  # rank 1's shard has not arrived
     target = tmp_path / "root" / "step-1"
     put_files(local, ["train_state/__0_0.distcp"], str(target))
@@ -117,3 +117,239 @@ def test_latest_names_the_newest_complete_checkpoint(tmp_path: Path) -> None:
     assert resolve_latest(str(root / "step-2")) == str(root / "step-2")
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         resolve_latest(f"latest:{tmp_path / 'empty'}")
+
+
+# ------------------------------------------------------- what binds a checkpoint (issue 14/16)
+
+
+def bound_checkpoint(path: Path) -> Path:
+    """A complete checkpoint: config, weights, tokenizer and the manifest that binds them."""
+    return fake_checkpoint(path, 7)
+
+
+def s3_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], endpoint: str | None = None) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if endpoint is not None:
+        monkeypatch.setenv("P2R_S3_ENDPOINT", endpoint)
+
+
+BAD_CHECKPOINTS = {
+    # name -> (how to spoil a bound checkpoint directory, what the error must name)
+    "unlisted weights": (lambda d: (d / "zz-extra.safetensors").write_bytes(b"x" * 64),
+                         r"zz-extra\.safetensors is not listed"),
+    "empty manifest": (lambda d: (d / MANIFEST).write_text('{"files": {}}'), r"manifest\.json lists no files"),
+    "non-JSON manifest": (lambda d: (d / MANIFEST).write_text("{not json"), r"manifest\.json is not valid JSON"),
+    "escaping name": (lambda d: (d / MANIFEST).write_text(json.dumps(
+        {"files": {"../../etc/passwd": "0" * 64, **json.loads((d / MANIFEST).read_text())["files"]}})),
+        r"key '\.\./\.\./etc/passwd' is not a safe relative path"),
+    "no weights listed": (lambda d: (d / MANIFEST).write_text(json.dumps(
+        {"files": {"config.json": json.loads((d / MANIFEST).read_text())["files"]["config.json"]}})),
+        r"model\.safetensors is not listed|lists no config\.json or no \*\.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_every_reader_refuses_the_same_bad_checkpoints(case: str, tmp_path: Path, s3_server: dict[str, str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """One definition of completeness (``verify_manifest``): the server's loader (local and S3)
+    and the controller's streamed check refuse the same checkpoints with the same words."""
+    from p2r.controller.storage import verify_checkpoint
+
+    spoil, named = BAD_CHECKPOINTS[case]
+    local = bound_checkpoint(tmp_path / "c")
+    spoil(local)
+    with pytest.raises(CheckpointError, match=named):
+        resolve_checkpoint(str(local), tmp_path / "cache")
+    with pytest.raises(CheckpointError, match=named):
+        resolve_checkpoint(str(local), tmp_path / "cache", allow_unverified_local=True)  # a manifest is enforced
+    with pytest.raises(CheckpointError, match=named):
+        verify_checkpoint(str(local))
+    s3_env(monkeypatch, s3_server)
+    uri = f"s3://bad-{case.replace(' ', '-').lower()}/ck"
+    put_files(local, sorted(p.name for p in local.iterdir()), uri)
+    with pytest.raises(CheckpointError, match=named):
+        resolve_checkpoint(uri, tmp_path / "cache")
+    with pytest.raises(CheckpointError, match=named):
+        verify_checkpoint(uri)
+    # Refused from the listing and the manifest alone: not one weight byte was downloaded.
+    assert not (tmp_path / "cache" / "s3" / uri[5:].split("/")[0] / "ck" / "model.safetensors").exists()
+
+
+def test_a_local_directory_needs_its_manifest_unless_allowed(tmp_path: Path) -> None:
+    local = bound_checkpoint(tmp_path / "c")
+    (local / MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match=r"no manifest\.json .*allow_unverified_local"):
+        resolve_checkpoint(str(local), tmp_path / "cache")
+    assert resolve_checkpoint(f"file://{local}", tmp_path / "cache", allow_unverified_local=True) == local
+
+
+@pytest.mark.parametrize("key", ["/etc/x", "abs//etc/x", "a/../../x", "..", "a/./b", "a/", "", "a\\..\\b", "a\x00b"])
+def test_unsafe_keys_are_refused_by_name(key: str, tmp_path: Path) -> None:
+    from p2r.services.checkpoints import destination
+
+    with pytest.raises(CheckpointError, match="not a safe relative path"):
+        destination(tmp_path, key, "s3://b/p")
+
+
+def test_a_key_through_a_symlink_out_of_the_target_is_refused(tmp_path: Path) -> None:
+    from p2r.services.checkpoints import destination
+
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert destination(tmp_path / "target", "a/b.json", "u") == (tmp_path / "target" / "a" / "b.json").resolve()
+    with pytest.raises(CheckpointError, match="resolves outside"):
+        destination(tmp_path / "target", "link/x", "u")
+
+
+def test_s3_object_with_an_absolute_key_writes_nothing_outside(tmp_path: Path, s3_server: dict[str, str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14 item 3: ``abs//<absolute path>`` under a checkpoint or data prefix is refused,
+    naming the key, by the checkpoint download and by ``p2r eval --data s3://``."""
+    from click.testing import CliRunner
+
+    from p2r.cli import cli
+    from p2r.services.checkpoints import download_prefix, s3_client
+
+    s3_env(monkeypatch, s3_server)
+    upload_checkpoint(bound_checkpoint(tmp_path / "c"), "s3://absk/ck")
+    outside = tmp_path / "outside" / "pwned.txt"
+    client = s3_client()
+    for prefix in ("ck", "data"):
+        client.fput_object("absk", f"{prefix}/abs/{outside}", str(tmp_path / "c" / "config.json"))
+        assert f"{prefix}/abs/{outside}" in [o.object_name for o in client.list_objects("absk", recursive=True)]
+    with pytest.raises(CheckpointError, match=rf"key 'abs/{outside}' is not a safe relative path"):
+        resolve_checkpoint("s3://absk/ck", tmp_path / "cache")
+    with pytest.raises(CheckpointError, match=rf"key 'abs/{outside}' is not a safe relative path"):
+        download_prefix("s3://absk/data", tmp_path / "data")
+    monkeypatch.setenv("P2R_CACHE", str(tmp_path / "evalcache"))
+    result = CliRunner().invoke(cli, ["eval", "--task", "synthetic", "--data", "s3://absk/data", "--mode", "default",
+                                      "--model", str(tmp_path / "c"), "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 2 and f"abs/{outside}" in result.output, result.output
+    assert not outside.exists() and not outside.parent.exists()
+
+
+def test_s3_mirror_reuses_the_cached_copy_when_its_sha256_matches(tmp_path: Path, s3_server: dict[str, str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17 item 6: resolving again (a restart) reads the cache - the weights are not fetched
+    again - while a tampered cached file is fetched again and a file the new manifest no longer
+    lists is removed from the cache. GETs are counted on a relay in front of the S3 server."""
+    from tests.s3_proxy import S3Relay
+
+    s3_env(monkeypatch, s3_server)
+    relay = S3Relay(s3_server["P2R_S3_ENDPOINT"])
+    monkeypatch.setenv("P2R_S3_ENDPOINT", relay.endpoint)
+    try:
+        local = bound_checkpoint(tmp_path / "c")
+        upload_checkpoint(local, "s3://cachek/m")
+        first = resolve_checkpoint("s3://cachek/m", tmp_path / "cache")
+        assert first == tmp_path / "cache" / "s3" / "cachek" / "m"
+        assert relay.gets("/m/model.safetensors") == 1
+        assert resolve_checkpoint("s3://cachek/m", tmp_path / "cache") == first
+        assert relay.gets("/m/model.safetensors") == 1 and relay.gets("/m/manifest.json") == 2
+        (first / "model.safetensors").write_bytes(b"tampered")
+        resolve_checkpoint("s3://cachek/m", tmp_path / "cache")
+        assert relay.gets("/m/model.safetensors") == 2
+        assert (first / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()
+        (local / "tokenizer.json").unlink()  # the next version has one file fewer
+        write_manifest(local, step=8)
+        put_files(local, ["config.json", "model.safetensors", MANIFEST], "s3://cachek/m")
+        from p2r.services.checkpoints import s3_client
+
+        s3_client().remove_object("cachek", "m/tokenizer.json")
+        resolve_checkpoint("s3://cachek/m", tmp_path / "cache")
+        assert sorted(p.name for p in first.iterdir()) == ["config.json", MANIFEST, "model.safetensors"]
+    finally:
+        relay.close()
+
+
+def test_an_unreachable_or_hanging_store_is_unavailable_naming_the_endpoint(
+        tmp_path: Path, s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2r.services.checkpoints import StorageUnavailable
+    from tests.s3_proxy import S3Relay
+
+    s3_env(monkeypatch, s3_server)
+    relay = S3Relay(s3_server["P2R_S3_ENDPOINT"])
+    monkeypatch.setenv("P2R_S3_ENDPOINT", relay.endpoint)
+    monkeypatch.setenv("P2R_S3_READ_TIMEOUT_S", "0.5")
+    try:
+        for mode in ("reset", "hang"):
+            relay.mode = mode  # type: ignore[assignment]
+            with pytest.raises(StorageUnavailable, match=rf"object store {relay.endpoint} unreachable"):
+                resolve_checkpoint("s3://any/ck", tmp_path / "cache")
+    finally:
+        relay.close()
+
+
+def test_a_cancelled_download_stops_and_leaves_no_partial_file(tmp_path: Path, s3_server: dict[str, str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from p2r.services.checkpoints import DownloadCancelled
+    from tests.s3_proxy import S3Relay
+
+    s3_env(monkeypatch, s3_server)
+    local = bound_checkpoint(tmp_path / "c")
+    (local / "model.safetensors").write_bytes(b"w" * (16 << 20))
+    write_manifest(local)
+    upload_checkpoint(local, "s3://cancelk/m")
+    relay = S3Relay(s3_server["P2R_S3_ENDPOINT"])
+    relay.mode = "slow"
+    monkeypatch.setenv("P2R_S3_ENDPOINT", relay.endpoint)
+    cancel = threading.Event()
+    target = tmp_path / "cache" / "s3" / "cancelk" / "m"
+
+    def cancel_once_a_partial_file_exists() -> None:
+        while not cancel.is_set():
+            if target.is_dir() and any(p.name.endswith(".partial") for p in target.iterdir()):
+                cancel.set()
+            threading.Event().wait(0.01)
+
+    watcher = threading.Thread(target=cancel_once_a_partial_file_exists, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(DownloadCancelled, match="download cancelled"):
+            resolve_checkpoint("s3://cancelk/m", tmp_path / "cache", cancel=cancel)
+    finally:
+        cancel.set()
+        relay.close()
+    assert not any(p.name.endswith(".partial") for p in target.iterdir())
+    assert not (target / "model.safetensors").exists()
+
+
+def hf_cache(model_dir: Path, cache: Path, repo: str, revision: str) -> Path:
+    """Hugging Face's cache layout for ``repo`` at commit ``revision``, built from a local model
+    the way ``huggingface_hub`` writes it: content in ``blobs/``, the snapshot as symlinks to
+    them, ``refs/main`` naming the commit. Returns the snapshot directory."""
+    import hashlib as _hashlib
+
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / revision
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True)
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and f.name != MANIFEST:
+            blob = root / "blobs" / _hashlib.sha256(f.read_bytes()).hexdigest()
+            shutil.copyfile(f, blob)
+            (snapshot / f.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def test_hf_uris_resolve_from_the_hugging_face_cache_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    from p2r.services.checkpoints import StorageUnavailable
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    local = bound_checkpoint(tmp_path / "c")
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = hf_cache(local, tmp_path / "cache" / "hf", "p2r-org/tiny", rev)
+    assert resolve_checkpoint("hf://p2r-org/tiny", tmp_path / "cache") == snapshot
+    assert resolve_checkpoint(f"hf://p2r-org/tiny@{rev}", tmp_path / "cache") == snapshot
+    with pytest.raises(StorageUnavailable, match=r"hf://p2r-org/other: not in the model cache .* the Hub https?://"):
+        resolve_checkpoint("hf://p2r-org/other", tmp_path / "cache")
+    for bad in ("hf://noslash", "hf://../x", "hf://a/b/c"):
+        with pytest.raises(CheckpointError, match=r"expected hf://ORG/NAME\[@revision\]"):
+            resolve_checkpoint(bad, tmp_path / "cache")

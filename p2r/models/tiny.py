@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from p2r.core import prompts
+from p2r.core.errors import UserError
 from p2r.core.images import RESIZE_FACTOR
 
 SPECIAL_TOKENS = [
@@ -222,6 +223,15 @@ def write_bench_model(out: Path | str, seed: int = 0) -> Path:
     return _write_model(out, BENCH, "p2r-bench-qwen3vl", seed, torch.float32, None)
 
 
+def _bind(out: Path) -> Path:
+    """Write the checkpoint's ``manifest.json`` last: a server loads a local directory only
+    with the manifest that binds its files (``p2r.services.checkpoints``)."""
+    from p2r.services.checkpoints import write_manifest
+
+    write_manifest(out)
+    return out
+
+
 def _write_model(out: Path | str, shape: Shape, kind: str, seed: int, dtype: torch.dtype,
                  init_std: float | None) -> Path:
     out = Path(out)
@@ -239,7 +249,7 @@ def _write_model(out: Path | str, shape: Shape, kind: str, seed: int, dtype: tor
     build_processor(tokenizer).save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "p2r_tiny.json").write_text(json.dumps({"seed": seed, "kind": kind}))
-    return out
+    return _bind(out)
 
 
 # ----------------------------------------------------------------- real-architecture presets
@@ -297,7 +307,7 @@ def preset_config(name: str) -> Qwen3VLConfig:
     import copy
 
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r} (presets: {', '.join(PRESETS)})")
+        raise UserError(f"unknown model preset {name!r} (presets: {', '.join(PRESETS)})")
     return Qwen3VLConfig(**copy.deepcopy(PRESETS[name]), **QWEN_TOKEN_IDS)
 
 
@@ -384,7 +394,7 @@ def write_preset_model(out: Path | str, preset: str | Qwen3VLConfig, seed: int =
     tokenizer.save_pretrained(out)
     kind = f"p2r-random-{preset}" if isinstance(preset, str) else "p2r-random-qwen3vl"
     (out / "p2r_tiny.json").write_text(json.dumps({"seed": seed, "kind": kind}))
-    return out
+    return _bind(out)
 
 
 def _init_specs(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
