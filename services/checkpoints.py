@@ -504,6 +504,35 @@ def put_files(local_dir: Path, names: list[str], uri: str) -> str:
     return uri
 
 
+def upload_model(src: Path, uri: str) -> dict[str, int]:
+    """Copy the model directory ``src`` and its manifest to ``s3://BUCKET/PREFIX`` (or a path):
+    how a team seeds object storage from a volume (``p2r models upload``). A manifest in ``src``
+    is verified and uploaded as it is; without one the manifest is computed here (``src`` may be
+    read-only) and written last, so readers never see a half-uploaded model. Returns
+    ``{"files", "bytes"}``."""
+    import tempfile
+
+    if not uri.startswith("s3://") and "://" in uri and not uri.startswith("file://"):
+        raise CheckpointError(f"{uri}: the destination must be s3://BUCKET/PREFIX, file:// or a path")
+    if uri.startswith("s3://") and not split_s3(uri)[1]:
+        raise CheckpointError(f"{uri}: expected s3://BUCKET/PREFIX (a prefix to hold the model)")
+    verify_checkpoint_dir(src, require_manifest=False)
+    if (src / MANIFEST).is_file():
+        files = parse_manifest((src / MANIFEST).read_bytes(), str(src))["files"]
+        manifest_dir = src
+    else:
+        files = manifest_files(src)
+        manifest_dir = Path(tempfile.mkdtemp(prefix="p2r-manifest-"))
+        (manifest_dir / MANIFEST).write_text(manifest_json(files))
+    try:
+        put_files(src, sorted(files), uri)
+        put_files(manifest_dir, [MANIFEST], uri)
+    finally:
+        if manifest_dir != src:
+            shutil.rmtree(manifest_dir, ignore_errors=True)
+    return {"files": len(files), "bytes": sum((src / n).stat().st_size for n in files)}
+
+
 def complete_checkpoints(root_uri: str) -> list[tuple[int, str]]:
     """``(step, uri)`` of every ``step-N`` checkpoint under ``root_uri`` that has its manifest,
     oldest first. Files are verified against the manifest when a checkpoint is resolved."""

@@ -362,7 +362,8 @@ def _upload(model_dir: Path, s3: dict[str, str], bucket: str, prefix: str, with_
                    secret_key=s3["AWS_SECRET_ACCESS_KEY"], secure=False)
     if not client.bucket_exists(bucket):
         client.make_bucket(bucket)
-    files = sorted(p for p in model_dir.iterdir() if p.is_file())
+    # The model's own manifest stays behind: this helper decides whether the prefix gets one.
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name != "manifest.json")
     for f in files:
         client.fput_object(bucket, f"{prefix}/{f.name}", str(f))
     if with_manifest:
