@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -152,7 +153,61 @@ def test_sigkill_then_resume_auto(tmp_path: Path, tiny_model_dir: Path, syntheti
     result = train(config, "--role", "perceiver", "--max-steps", str(done + 2), "--resume", "auto")
     assert result["steps"] == done + 2
     assert [r["step"] for r in metrics(work)[-2:]] == [done + 1, done + 2]  # continued, not restarted
+    # Rows the killed run wrote past its last checkpoint are gone: every step appears once.
+    assert [r["step"] for r in metrics(work)] == list(range(1, done + 3))
     assert [s for s, _ in complete_checkpoints(str(output))][-1] == done + 2
+
+
+class _Payload:
+    """Pickled, this runs ``touch marker`` when loaded: what a replaced state file would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_refuses_pickles_and_rewrites_metrics_from_the_resumed_step(
+        tmp_path: Path, tiny_model_dir: Path, synthetic_dir: Path) -> None:
+    """A checkpoint whose ``trainer_state.json`` or ``train_state/.metadata`` was replaced by a
+    pickle payload, with its manifest regenerated (so it verifies), is refused on resume with one
+    line naming the file, exit 2, and the payload never runs. The untouched checkpoint resumes;
+    metrics.jsonl loses the rows past the resumed step, so each step appears once."""
+    import shutil
+
+    from p2r.services.checkpoints import write_manifest
+
+    output, work = tmp_path / "out", tmp_path / "work"
+    config = write_config(
+        tmp_path / "r.yaml", role="perceiver", model=tiny_model_dir, data=synthetic_dir / "train.parquet",
+        output=output, workdir=work, reward_plugin="tests.plugins:starts_with_digit", rollouts_per_prompt=2,
+        prompts_per_step=2, learning_rate=0.005, kl_coef=0.0, max_response_tokens=2, save_every=2, epochs=100,
+        gradient_checkpointing=False)
+    train(config, "--role", "perceiver", "--max-steps", "3")
+    assert [r["step"] for r in metrics(work)] == [1, 2, 3]
+    step2 = output / "step-2"
+    assert (step2 / "trainer_state.json").is_file() and not (step2 / "trainer_state.pt").exists()
+
+    marker = tmp_path / "payload-ran"
+    payload = pickle.dumps(_Payload(marker))
+    for replaced in ("trainer_state.json", "train_state/.metadata"):
+        bad = tmp_path / f"tampered-{replaced.replace('/', '-')}" / "step-2"
+        shutil.copytree(step2, bad)
+        (bad / replaced).write_bytes(payload)
+        (bad / MANIFEST).unlink()
+        write_manifest(bad, step=2, role="perceiver")  # what someone with write access would do
+        out = subprocess.run([sys.executable, "-m", "p2r.cli", "train", "--config", str(config), "--role",
+                              "perceiver", "--max-steps", "4", "--resume", str(bad)], capture_output=True, text=True,
+                             timeout=600, cwd=ROOT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+        last = out.stderr.strip().splitlines()[-1]
+        assert out.returncode == 2 and last.startswith("p2r: error: ") and replaced in last, out.stderr[-2000:]
+        assert "refused" in last and not marker.exists()
+    assert [r["step"] for r in metrics(work)] == [1, 2, 3]  # a refused resume changes nothing
+
+    result = train(config, "--role", "perceiver", "--max-steps", "4", "--resume", str(step2))
+    assert result["steps"] == 4
+    assert [r["step"] for r in metrics(work)] == [1, 2, 3, 4]  # step 3 written once, by the resumed run
 
 
 def test_unreachable_reasoner_drops_samples_instead_of_scoring_zero(synthetic_dir: Path) -> None:

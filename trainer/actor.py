@@ -318,12 +318,16 @@ class Actor:
         dcp.save({"model": model_sd, "optimiser": optim_sd}, checkpoint_id=str(directory))
 
     def load_train_state(self, directory: Path) -> None:
+        """The shards ``save_train_state`` wrote (at any world size), read without unpickling
+        anything the files name (trainer/state.py)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        from p2r.trainer.state import SafeFileSystemReader, SafeLoadPlanner
+
         model_sd, optim_sd = get_state_dict(self.model, self.optimiser)
         state = {"model": model_sd, "optimiser": optim_sd}
-        dcp.load(state, checkpoint_id=str(directory))
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), planner=SafeLoadPlanner())
         set_state_dict(self.model, self.optimiser, model_state_dict=state["model"],
                        optim_state_dict=state["optimiser"])
 

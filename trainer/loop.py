@@ -12,7 +12,8 @@ log-probs are the detached current ones.
 A checkpoint is the full Hugging Face model (gathered to rank 0, in the compute dtype: what the
 services load), ``train_state/`` (fp32 model and AdamW shards through torch.distributed.checkpoint,
 each rank uploading its own files, so ``--resume auto`` works on another world size too),
-``trainer_state.pt`` (position, scheduler, RNG) and the manifest over all of them, written last.
+``trainer_state.json`` (position, scheduler, RNG: JSON, never a pickle - trainer/state.py) and
+the manifest over all of them, written last. A resume drops ``metrics.jsonl`` rows past its step.
 """
 
 from __future__ import annotations
@@ -51,10 +52,19 @@ from p2r.trainer.grpo import group_advantages
 from p2r.trainer.lengths import counter_for, filter_overlong
 from p2r.trainer.rewards import PerceiverCache, PerceiverReward, PluginReward, ReasonerReward, RewardStats
 from p2r.trainer.rollout import RolloutEngine
+from p2r.trainer.state import (
+    PositionState,
+    TrainerState,
+    capture_rng,
+    check_train_state,
+    read_state,
+    restore_rng,
+    trim_metrics,
+    write_state,
+)
 from p2r.trainer.validation import dump_rollouts, validate
 
 log = logging.getLogger("p2r.train")
-STATE_FILE = "trainer_state.pt"
 
 
 @dataclass
@@ -107,8 +117,11 @@ class Trainer:
         # The engine starts before the actor takes GPU memory (vLLM sizes its share from what
         # is free), then sleeps until the first rollout.
         self.engine_dtype = compute_dtype(cfg.compute_dtype)
-        state = torch.load(start / STATE_FILE, weights_only=False) if resume_uri else None
-        resumed_step = int(state["position"]["step"]) if state else 0
+        # Read (and refuse, if tampered) the resume state before any engine starts.
+        state = read_state(start) if resume_uri else None
+        if state is not None:
+            check_train_state(start / TRAIN_STATE_DIR)
+        resumed_step = state.position.step if state else 0
         self.engine = RolloutEngine(str(start), rollout_limits(cfg, self.engine_dtype),
                                     seed=cfg.seed + self.rank + 1000 * resumed_step, sleep_level=cfg.sleep_level)
         self.engine.sleep()
@@ -146,6 +159,10 @@ class Trainer:
             self.val_samples = filter_overlong(load_samples(cfg.val_data, cfg.image_prefix), self.counter, cfg.role,
                                                self.bounds, cfg.max_prompt_tokens).kept
         self.metrics_path = cfg.workdir / "metrics.jsonl"
+        if state is not None and self.rank == 0:
+            dropped = trim_metrics(self.metrics_path, self.pos.step)
+            if dropped:
+                log.info("metrics.jsonl: %d rows past step %d dropped (written again now)", dropped, self.pos.step)
         self.gauges: dict[str, Any] = {}
         if cfg.metrics_port is not None and self.rank == 0:
             from p2r.services.metrics import serve_metrics
@@ -272,13 +289,11 @@ class Trainer:
         if self.rank == 0:
             self.actor.model.save_pretrained(local, state_dict=full)
             self.actor.processor.save_pretrained(local)
-            torch.save({
-                "scheduler": self.actor.scheduler.state_dict(), "position": vars(self.pos),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "numpy_rng": np.random.get_state(), "world_size": self.world,
-                "skipped_steps": self.actor.skipped_steps, "overlong_dropped": self.overlong_dropped,
-            "unreadable_dropped": self.unreadable_dropped, "overlong_fallbacks": self.overlong_fallbacks,
-            }, local / STATE_FILE)
+            write_state(local, TrainerState(
+                scheduler=self.actor.scheduler.state_dict(), position=PositionState(**vars(self.pos)),
+                rng=capture_rng(), world_size=self.world, skipped_steps=self.actor.skipped_steps,
+                overlong_dropped=self.overlong_dropped, unreadable_dropped=self.unreadable_dropped,
+                overlong_fallbacks=self.overlong_fallbacks))
             remote = {k: v for d in gathered if d for k, v in d.items()}
             write_manifest(local, extra_files=remote, step=self.pos.step, role=self.cfg.role)
             listed = json.loads((local / MANIFEST).read_text())["files"]
@@ -287,15 +302,13 @@ class Trainer:
         dist.barrier()
         return uri
 
-    def _load_state(self, checkpoint: Path, state: dict[str, Any]) -> None:
-        """Continue from ``checkpoint``: its train-state shards and its ``trainer_state.pt``."""
+    def _load_state(self, checkpoint: Path, state: TrainerState) -> None:
+        """Continue from ``checkpoint``: its train-state shards and its ``trainer_state.json``."""
         self.actor.load_train_state(checkpoint / TRAIN_STATE_DIR)
-        self.actor.scheduler.load_state_dict(state["scheduler"])
-        self.actor.skipped_steps = int(state.get("skipped_steps", 0))
-        self.pos = Position(**state["position"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        np.random.set_state(state["numpy_rng"])
+        self.actor.scheduler.load_state_dict(state.scheduler)
+        self.actor.skipped_steps = state.skipped_steps
+        self.pos = Position(**state.position.model_dump())
+        restore_rng(state.rng)
 
     # ---------------------------------------------------------------------------------- run
 
