@@ -7,6 +7,9 @@ trainer configs loaded by the real ``TrainConfig``, so the manifests cannot drif
 from __future__ import annotations
 
 import copy
+import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +19,18 @@ import yaml
 
 from tests.k8s_support import (
     KUBE_VERSIONS,
+    KUBECTL,
     MANIFESTS,
+    ROOT,
+    _chart,
     containers,
     find,
     kustomize,
+    merged_values,
     one,
     parse_p2r_command,
     plaintext_credentials,
+    pod_security_errors,
     pod_specs,
     pytorchjob_errors,
     render,
@@ -58,8 +66,8 @@ def _files() -> list[Path]:
     out = []
     for p in sorted(MANIFESTS.rglob("*.yaml")):
         docs = [d for d in yaml.safe_load_all(p.read_text()) if d]
-        if docs and all(isinstance(d, dict) and "apiVersion" in d and d.get("kind") != "Kustomization"
-                        for d in docs):
+        if docs and all(isinstance(d, dict) and "apiVersion" in d
+                        and d.get("kind") not in ("Kustomization", "Component") for d in docs):
             out.append(p)
     return out
 
@@ -135,33 +143,50 @@ def test_gpu_resources_and_shared_memory(overlay: str, per_job: int, built: dict
     assert all(_gpus(c, "limits") == 0 for c in containers(eval_pod))  # eval calls the deployed services
 
 
-def _config(docs: list[dict[str, Any]], stage: str, tmp: Path) -> Any:
+def _env(c: dict[str, Any]) -> dict[str, str]:
+    """A container's literal env values."""
+    return {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+
+
+def _expand(argv: list[str], env: dict[str, str]) -> list[str]:
+    """Kubernetes' ``$(VAR)`` expansion of command and args from the container's env."""
+    return [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in argv]
+
+
+def _config(docs: list[dict[str, Any]], stage: str, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The stage's trainer config as ``p2r train`` loads it in the Master pod: the file plus the
+    pod's ``P2R_TRAIN_*`` env (the role endpoints)."""
     from p2r.trainer.config import load_train_config
 
     path = tmp / f"{stage}.yaml"
     path.write_text(one(docs, "ConfigMap", "p2r-train-config")["data"][f"{stage}.yaml"])
-    return load_train_config(path)
+    master = one(docs, "PyTorchJob", f"p2r-{stage}")["spec"]["pytorchReplicaSpecs"]["Master"]
+    with monkeypatch.context() as m:
+        for name, value in _env(master["template"]["spec"]["containers"][0]).items():
+            if name.startswith("P2R_TRAIN_"):
+                m.setenv(name, value)
+        return load_train_config(path)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_trainer_pods_match_config_and_chart(overlay: str, built: dict[str, list[dict[str, Any]]],
-                                             tmp_path: Path) -> None:
+                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Configs load in the real TrainConfig; endpoints, Secret and S3 endpoint are the names a
     `helm install p2r charts/p2r` release creates; rank 0 exposes the metrics port the config
     serves, labelled for the chart's PodMonitor; stage 2 and eval wait suspended."""
     docs = built[overlay]
     chart = render({})
     chart_services = {s["metadata"]["name"]: {p["port"] for p in s["spec"]["ports"]} for s in find(chart, "Service")}
-    chart_secret = one(chart, "Secret", "p2r-s3")
+    chart_secrets = {s["metadata"]["name"]: s for s in find(chart, "Secret")}
     for stage, role in (("stage1", "perceiver"), ("stage2", "reasoner")):
-        cfg = _config(docs, stage, tmp_path)
+        cfg = _config(docs, stage, tmp_path, monkeypatch)
         assert cfg.role == role
         for endpoint in filter(None, (cfg.reasoner_endpoint, cfg.perceiver_endpoint, cfg.verifier_endpoint)):
             host, port = endpoint.split(":")
             assert int(port) in chart_services[host], endpoint
         assert cfg.output.startswith("s3://p2r/")
         if stage == "stage2":  # stage 2 trains the stage-1 checkpoint, whatever its step
-            stage1 = _config(docs, "stage1", tmp_path)
+            stage1 = _config(docs, "stage1", tmp_path, monkeypatch)
             assert cfg.model == f"latest:{stage1.output}"
         assert cfg.max_prompt_tokens + cfg.max_response_tokens <= cfg.max_model_len
         job = one(docs, "PyTorchJob", f"p2r-{stage}")
@@ -178,7 +203,7 @@ def test_trainer_pods_match_config_and_chart(overlay: str, built: dict[str, list
             assert int(port) in chart_services[host]
             for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
                 ref = env[key]["valueFrom"]["secretKeyRef"]
-                assert ref["name"] == "p2r-s3" and ref["key"] in chart_secret["data"]
+                assert ref["name"] == "p2r-s3-writer" and ref["key"] in chart_secrets[ref["name"]]["data"]
             ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
             assert ports.get("metrics") == (cfg.metrics_port if replica == "Master" else None), replica
             assert cfg.metrics_host == "0.0.0.0"  # reachable from Prometheus, not only inside the pod
@@ -190,8 +215,9 @@ def test_every_command_parses_with_the_real_cli(overlay: str, built: dict[str, l
     seen = set()
     for name, spec in pod_specs(built[overlay]):
         for c in containers(spec):
-            argv = [*c["command"], *c.get("args", [])]
+            argv = _expand([*c["command"], *c.get("args", [])], _env(c))
             assert argv[0] == "p2r", name
+            assert not any("$(" in a for a in argv), argv  # every $(VAR) is set in the container
             ctx = parse_p2r_command(argv)
             seen.add(ctx.command.name)
             if ctx.command.name == "eval":
@@ -213,13 +239,10 @@ def test_security_and_no_plaintext_credentials(overlay: str, built: dict[str, li
     docs = built[overlay]
     assert not plaintext_credentials(docs)
     assert not find(docs, "Secret")
+    errors = [e for name, spec in pod_specs(docs) for e in pod_security_errors(name, spec)]
+    assert not errors, "\n".join(errors)  # the chart's and the controller's pods pass the same check
     for name, spec in pod_specs(docs):
-        assert spec["securityContext"]["runAsNonRoot"] is True and spec["automountServiceAccountToken"] is False
-        assert spec["enableServiceLinks"] is False, name  # P2R_<SERVICE>_PORT would reach P2R_* settings
-        for c in containers(spec):
-            sc = c["securityContext"]
-            assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"], (name, c["name"])
-            assert sc["capabilities"]["drop"] == ["ALL"], (name, c["name"])
+        assert spec["automountServiceAccountToken"] is False, name
 
 
 def test_example_secret_holds_only_placeholders() -> None:
@@ -227,3 +250,106 @@ def test_example_secret_holds_only_placeholders() -> None:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc["kind"] == "Secret":
                 assert set(doc["stringData"].values()) == {"REPLACE_ME"}, path
+
+
+def _generator() -> Any:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import manifests  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return manifests
+
+
+def test_base_is_the_controller_pod_template() -> None:
+    """manifests/base's workloads and the release component are exactly what scripts/manifests.py
+    writes from controller/pods.py, the functions the controller builds its pods with."""
+    for path, text in _generator().render().items():
+        assert path.read_text() == text, f"{path.relative_to(ROOT)} is stale: run scripts/manifests.py"
+
+
+def test_pod_security_check_is_not_a_silent_pass(built: dict[str, list[dict[str, Any]]]) -> None:
+    name, spec = next(pod_specs(built["gpu-production"]))
+    assert pod_security_errors(name, spec) == []
+    for path, value in ((("securityContext", "runAsNonRoot"), False), (("securityContext", "seccompProfile"), None),
+                        (("enableServiceLinks",), True)):
+        bad = copy.deepcopy(spec)
+        node = bad
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        assert pod_security_errors(name, bad), path
+    for key, value in (("readOnlyRootFilesystem", False), ("allowPrivilegeEscalation", True),
+                       ("capabilities", {"drop": ["ALL"], "add": ["NET_ADMIN"]})):
+        bad = copy.deepcopy(spec)
+        bad["containers"][0]["securityContext"][key] = value
+        assert any(key.split("Root")[0] in e or "capabilities" in e for e in pod_security_errors(name, bad)), key
+    bad = copy.deepcopy(spec)
+    bad["containers"][0]["volumeMounts"] = [m for m in bad["containers"][0]["volumeMounts"] if m["mountPath"] != "/tmp"]
+    assert any("/tmp" in e for e in pod_security_errors(name, bad))
+
+
+def _release_values(docs: list[dict[str, Any]]) -> set[str]:
+    """Every endpoint, S3 endpoint and Secret name the jobs use."""
+    found = set()
+    for _, spec in pod_specs(docs):
+        for c in containers(spec):
+            for e in c.get("env", []):
+                if e["name"].endswith("_ENDPOINT"):
+                    found.add(e["value"])
+                if "secretKeyRef" in e.get("valueFrom", {}):
+                    found.add(e["valueFrom"]["secretKeyRef"]["name"])
+    return found
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_any_release_name(overlay: str, tmp_path: Path) -> None:
+    """An overlay for `helm install prod charts/p2r` changes only release.yaml; every Service,
+    the S3 endpoint and the Secret the jobs use then exist in that release, none of the default
+    release's names is left, and the configs name no release at all."""
+    import subprocess
+
+    shutil.copytree(MANIFESTS, tmp_path / "manifests")
+    release = tmp_path / "manifests" / "overlays" / overlay / "release.yaml"
+    doc = yaml.safe_load(release.read_text())
+    doc["data"] = {"fullname": "prod-p2r", "s3Endpoint": "prod-p2r-minio:9000", "s3Secret": "prod-p2r-s3-writer"}
+    release.write_text(yaml.safe_dump(doc))
+    out = subprocess.run([str(KUBECTL), "kustomize", str(release.parent)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert not find(docs, "ConfigMap", "p2r-release")  # local to kustomize, never applied
+    rendered = _chart().render({}, name="prod", namespace="p2r", is_install=True)
+    chart = [d for path, text in rendered.items() if not path.endswith("NOTES.txt") for d in yaml.safe_load_all(text)
+             if d]
+    services = {s["metadata"]["name"]: {p["port"] for p in s["spec"]["ports"]} for s in find(chart, "Service")}
+    secrets = {s["metadata"]["name"] for s in find(chart, "Secret")}
+    used = _release_values(docs)
+    assert len(used) >= 5, used
+    for value in used:
+        if ":" in value:
+            host, port = value.split(":")
+            assert int(port) in services.get(host, set()), value
+        else:
+            assert value in secrets, value
+    assert not any(v.startswith("p2r-") for v in used), used
+    for cm in find(docs, "ConfigMap"):
+        text = "".join(cm["data"].values())  # no service of any release in a trainer config
+        assert not re.search(r"[\w-]+-(perceiver|reasoner|verifier|minio):\d+", text), cm["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_outputs_are_apart_from_the_controller_runs(overlay: str, built: dict[str, list[dict[str, Any]]],
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifests write under s3://p2r/kustomize/, never under the controller's STORAGE/NAME of
+    the chart's default pipeline (or s3://p2r/runs/ at all), so a hand-applied run and the
+    controller's run cannot overwrite each other's checkpoints or choose the other's as latest."""
+    chart_run = merged_values({})["controller"]["config"]
+    controller_root = f"{chart_run['storage'].rstrip('/')}/{chart_run['name']}/"
+    outputs = [_config(built[overlay], stage, tmp_path, monkeypatch).output for stage in ("stage1", "stage2")]
+    for _, spec in pod_specs(built[overlay]):
+        for c in containers(spec):
+            outputs += [a.split("=", 1)[1] for a in c.get("args", []) if a.startswith("--out=")]
+    assert len(outputs) == 3, outputs
+    for out in outputs:
+        assert out.startswith("s3://p2r/kustomize/"), out
+        assert not f"{out}/".startswith((controller_root, "s3://p2r/runs/")), out
