@@ -17,13 +17,7 @@ from typing import Any
 
 import click
 
-USER_ERROR_EXIT = 2
-
-
-class PipelineUserError(click.ClickException):
-    """A config or usage problem: one line, exit 2."""
-
-    exit_code = USER_ERROR_EXIT
+from p2r.core.errors import UserError
 
 
 class PipelineEnded(click.ClickException):
@@ -38,7 +32,7 @@ def _load(config_path: Path) -> Any:
     try:
         return load_pipeline_config(config_path)
     except ConfigError as e:
-        raise PipelineUserError(str(e)) from None
+        raise UserError(str(e)) from None
 
 
 def open_backend(config: Any) -> tuple[Any, Any]:
@@ -49,7 +43,7 @@ def open_backend(config: Any) -> tuple[Any, Any]:
         try:
             backend = KubeBackend(config)
         except KubeError as e:
-            raise PipelineUserError(str(e)) from None
+            raise UserError(str(e)) from None
         return backend, backend.store()
     from p2r.controller.local import LocalBackend
     from p2r.controller.state import FileStore
@@ -114,7 +108,7 @@ def run(config_path: Path) -> None:
     try:
         state = run_pipeline(config, backend, store)
     except StepFailed as e:
-        raise PipelineUserError(str(e)) from None
+        raise UserError(str(e)) from None
     click.echo(format_status(state, store.describe()))
     if state["status"] != SUCCEEDED:
         raise PipelineEnded(f"run {config.name} {state['status']}: {state['reason']}")
@@ -126,7 +120,7 @@ def _recorded(config_path: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
     backend, store = open_backend(config)
     state = store.load()
     if state is None:
-        raise PipelineUserError(f"run {config.name} has no state in {store.describe()} (not started)")
+        raise UserError(f"run {config.name} has no state in {store.describe()} (not started)")
     return config, backend, store, state
 
 

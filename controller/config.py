@@ -160,6 +160,10 @@ class PipelineConfig(Strict):
     workdir: str = Field("p2r-pipeline", description="local: state, logs, configs, service caches")
     stage1: dict[str, Any] = Field(default_factory=dict, description="p2r train settings of stage 1 (perceiver)")
     stage2: dict[str, Any] = Field(default_factory=dict, description="p2r train settings of stage 2 (reasoner)")
+    baseline: dict[str, Any] | None = Field(
+        None, description="p2r train settings of the optional plain-GRPO baseline (role baseline: from "
+        "base_model, the original image, the no-evidence reasoner prompt, its own answer graded) on the same "
+        "data, to compare P2R with vanilla GRPO; checkpoints in STORAGE/NAME/baseline/. null: not run")
     serve: dict[str, Any] = Field(default_factory=dict, description="p2r serve settings of the local role servers")
     eval: Eval = Field(default_factory=Eval)
     retry: Retry = Field(default_factory=Retry)
@@ -197,8 +201,9 @@ class PipelineConfig(Strict):
     def _stages(self) -> PipelineConfig:
         for section, fields, known in (("stage1", CONTROLLED_TRAIN_FIELDS, TrainConfig.model_fields),
                                        ("stage2", CONTROLLED_TRAIN_FIELDS, TrainConfig.model_fields),
+                                       ("baseline", CONTROLLED_TRAIN_FIELDS, TrainConfig.model_fields),
                                        ("serve", CONTROLLED_SERVE_FIELDS, ServeConfig.model_fields)):
-            values: dict[str, Any] = getattr(self, section)
+            values: dict[str, Any] = getattr(self, section) or {}
             for key in values:
                 if key in fields:
                     raise ValueError(f"{section}.{key} is set by the pipeline, remove it")
@@ -297,9 +302,13 @@ def load_pipeline_config(path: Path) -> PipelineConfig:
         if not Path(config.data).is_file() and not (prep and prep.train_samples):
             raise ConfigError(f"data: no such file {config.data}")
     # Trainer settings fail now, with the trainer's own validation, not when the stage starts.
-    for stage, role, endpoint in (("stage1", "perceiver", "reasoner"), ("stage2", "reasoner", "perceiver")):
+    stages = [("stage1", "perceiver", "reasoner"), ("stage2", "reasoner", "perceiver")]
+    if config.baseline is not None:
+        stages.append(("baseline", "baseline", None))
+    for stage, role, endpoint in stages:
         try:
-            config.train_config(stage, role, config.base_model, {endpoint: "x:1", "verifier": "x:1"}, "w")
+            endpoints = {"verifier": "x:1", **({endpoint: "x:1"} if endpoint else {})}
+            config.train_config(stage, role, config.base_model, endpoints, "w")
         except ValidationError as e:
             raise ConfigError(_one_line(e, stage)) from None
     return config

@@ -1,7 +1,7 @@
 """The step graph of a P2R run and the loop that walks it; both backends run this same graph.
 
     [prepare | inputs] → serve_reasoner → stage1 → verify_stage1 → serve_perceiver → stage2 → verify_stage2
-              → eval → report
+              [→ baseline → verify_baseline] → eval → report
 
 ``prepare`` (local) builds missing tiny inputs; ``inputs`` (Kubernetes) waits, reporting what is
 missing, until the models, the data claim and the PyTorchJob CRD exist. ``serve_reasoner`` puts
@@ -10,7 +10,9 @@ trains the perceiver against them; ``verify_stage1`` checks the newest stage-1 c
 file against its manifest (stage 2 never starts from an incomplete one); ``serve_perceiver`` serves
 that checkpoint as the frozen perceiver; ``stage2`` trains the reasoner from it; ``eval`` runs
 ``p2r eval`` on the final checkpoint (which serves both roles, as in production); ``report``
-reads the evaluation summary back into the run state.
+reads the evaluation summary back into the run state. With ``baseline:`` in the config,
+``baseline`` trains the reference's plain single-turn GRPO baseline from the base model on the same
+data (graded by the verifier service, no frozen role) and ``verify_baseline`` checks its checkpoint.
 
 The loop persists the state after every transition (see ``state.py``), retries a failed step with
 exponential backoff up to ``retry.max_attempts``, and stops cleanly on ``p2r pipeline cancel``
@@ -181,10 +183,14 @@ def _serve_perceiver(ctx: Context) -> dict[str, Any]:
     return {"models": models, "endpoints": ctx.backend.serve(ctx, models)}
 
 
-def _stage(stage: str, role: str, frozen: str) -> Callable[[Context], dict[str, Any]]:
+def _stage(stage: str, role: str, frozen: str | None) -> Callable[[Context], dict[str, Any]]:
+    """A training step; stage 2 starts from the verified stage-1 checkpoint, the others (stage 1,
+    the baseline) from the base model. ``frozen``: the served role the rewards need, if any."""
     def run(ctx: Context) -> dict[str, Any]:
-        model = ctx.config.base_model if stage == "stage1" else ctx.outputs("verify_stage1")["checkpoint"]
-        endpoints = {frozen: ctx.backend.endpoint(ctx, frozen), "verifier": ctx.backend.endpoint(ctx, "verifier")}
+        model = ctx.outputs("verify_stage1")["checkpoint"] if stage == "stage2" else ctx.config.base_model
+        endpoints = {"verifier": ctx.backend.endpoint(ctx, "verifier")}
+        if frozen is not None:
+            endpoints = {frozen: ctx.backend.endpoint(ctx, frozen), **endpoints}
         train_config = ctx.config.train_config(stage, role, model, endpoints, ctx.backend.train_workdir(stage))
         outputs = ctx.backend.train(ctx, stage, role, train_config)
         return {"model": model, "output": ctx.config.stage_root(stage), **outputs}
@@ -238,6 +244,8 @@ def build_graph(config: PipelineConfig) -> list[Step]:
     prepare = [Step("prepare", _prepare)] if config.prepare is not None else []
     # On Kubernetes nothing is created until the models, data claim and CRD exist (kube.py).
     inputs = [Step("inputs", _inputs)] if config.backend == "kubernetes" else []
+    baseline = [Step("baseline", _stage("baseline", "baseline", None), frozenset({"verifier"})),
+                Step("verify_baseline", _verify("baseline"))] if config.baseline is not None else []
     return [
         *prepare,
         *inputs,
@@ -247,6 +255,7 @@ def build_graph(config: PipelineConfig) -> list[Step]:
         Step("serve_perceiver", _serve_perceiver, frozenset({"verifier"})),
         Step("stage2", _stage("stage2", "reasoner", "perceiver"), frozenset({"perceiver", "verifier"})),
         Step("verify_stage2", _verify("stage2")),
+        *baseline,
         Step("eval", _eval, frozenset({"verifier"}) if config.eval.grade_free_form else frozenset()),
         Step("report", _report),
     ]

@@ -342,7 +342,8 @@ def ask(target: str, image_path: Path, question: str, form: str, timeout_s: floa
 
 
 @cli.command("train")
-@click.option("--role", type=click.Choice(["perceiver", "reasoner"]), required=True)
+@click.option("--role", type=click.Choice(["perceiver", "reasoner", "baseline"]), required=True,
+              help="perceiver = stage 1, reasoner = stage 2, baseline = plain GRPO (trainer/config.py TrainRole).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="YAML training config (P2R_TRAIN_* environment variables override it).")
 @click.option("--resume", default=None, help="'auto' (newest complete checkpoint under output) or a URI.")
@@ -356,7 +357,8 @@ def ask(target: str, image_path: Path, question: str, form: str, timeout_s: floa
 @_user_errors
 def train(role: str, config_path: Path, resume: str | None, max_steps: int | None, plan: bool,
           gpus: int | None, gpu_memory: str | None, plan_cpu: bool) -> None:
-    """Run one PRA-GRPO stage (perceiver = stage 1, reasoner = stage 2), or plan its memory."""
+    """Run one PRA-GRPO stage (perceiver = stage 1, reasoner = stage 2) or the plain GRPO
+    baseline (original image, no-evidence prompt, own answer graded), or plan its memory."""
     import logging
 
     from pydantic import ValidationError

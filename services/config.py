@@ -12,6 +12,7 @@ from typing import ClassVar, Literal, Self
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from p2r.core.errors import UserError
 from p2r.core.prompts import VERIFIER_MAX_TOKENS
 from p2r.services.checkpoints import DEFAULT_CACHE
 
@@ -32,6 +33,10 @@ class Limits(BaseModel):
         None, ge=1, description="GPUs one engine spans; null: every GPU the pod was given (its gpus), 1 on CPU")
     enable_prefix_caching: bool = Field(True, description="reuse the KV cache of shared prompt prefixes")
     enforce_eager: bool | None = Field(None, description="null: eager on CPU, CUDA graphs on GPU")
+
+
+class ConfigFileMissing(UserError, FileNotFoundError):
+    """``--config`` names no file: a user error, and still a FileNotFoundError to callers."""
 
 
 class YamlSettings(BaseSettings):
@@ -57,7 +62,7 @@ class YamlSettings(BaseSettings):
     @classmethod
     def load(cls, path: Path | None = None, **overrides: object) -> Self:
         if path is not None and not path.is_file():
-            raise FileNotFoundError(f"--config: no such file {path}")
+            raise ConfigFileMissing(f"--config: no such file {path}")
         cls._yaml_file = path
         try:
             return cls(**{k: v for k, v in overrides.items() if v is not None})
@@ -114,10 +119,6 @@ class ServeConfig(YamlSettings):
         if self.min_pixels > self.max_pixels:
             raise ValueError("min_pixels must not exceed max_pixels")
         return self
-
-    @property
-    def needs_engine(self) -> bool:
-        return self.model is not None
 
 
 def load_config(path: Path | None = None, **overrides: object) -> ServeConfig:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from p2r.core.errors import UserError
 from p2r.core.generation import ChatRequest, Sampling
 from p2r.services import metrics
 
@@ -94,7 +95,7 @@ def engine_kwargs(model: str, limits: EngineLimits, seed: int, platform: str | N
         if tp is None:
             tp = visible_gpus() if gpus is None else gpus
             if tp < 1:
-                raise ValueError("tensor_parallel_size: null spans the visible GPUs, and this process sees none")
+                raise UserError("tensor_parallel_size: null spans the visible GPUs, and this process sees none")
         per_platform = {"gpu_memory_utilization": limits.gpu_memory_utilization,
                         "enforce_eager": bool(limits.enforce_eager),  # None: CUDA graphs on
                         "enable_sleep_mode": limits.enable_sleep_mode,

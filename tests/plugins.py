@@ -5,11 +5,6 @@ from __future__ import annotations
 from p2r.data.dataset import Sample
 
 
-def starts_with_bracket(sample: Sample, response: str) -> float:
-    """1 when the response begins with ``[`` (a perceiver's JSON list would), else 0."""
-    return 1.0 if response.lstrip().startswith("[") else 0.0
-
-
 def starts_with_digit(sample: Sample, response: str) -> float:
     """1 when the response begins with a digit: common enough under a random policy to give
     GRPO a signal from the first step, so a rising mean reward shows learning quickly."""

@@ -47,6 +47,36 @@ def test_errors_are_one_line_and_exit_2(args: tuple[str, ...], message: str) -> 
     assert len(lines) == 1 and lines[0].startswith(message), out.stderr
 
 
+def test_only_the_projects_user_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """``UserError`` (and its subclasses, e.g. ``CheckpointError``) is one line and exit 2; a
+    ValueError from anywhere else is a bug and keeps its traceback."""
+    from p2r.cli import _Group
+    from p2r.core.errors import USER_ERROR_EXIT, UserError
+    from p2r.services.checkpoints import CheckpointError
+
+    group = _Group(name="p2r")
+
+    @group.command("user")
+    def user() -> None:
+        raise UserError("--x: not a number")
+
+    @group.command("checkpoint")
+    def checkpoint() -> None:
+        raise CheckpointError("s3://b/p/: no manifest.json")
+
+    @group.command("bug")
+    def bug() -> None:
+        int("a library bug")
+
+    for name, line in (("user", "p2r: error: --x: not a number"),
+                       ("checkpoint", "p2r: error: s3://b/p/: no manifest.json")):
+        with pytest.raises(SystemExit) as ended:
+            group.main([name], prog_name="p2r")
+        assert ended.value.code == USER_ERROR_EXIT and capsys.readouterr().err.splitlines() == [line]
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        group.main(["bug"], prog_name="p2r")
+
+
 def test_bad_image_and_empty_question_are_clear(tmp_path: Path) -> None:
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")

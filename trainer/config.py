@@ -15,17 +15,24 @@ from pydantic_settings import SettingsConfigDict
 from p2r.services.config import YamlSettings
 from p2r.trainer.grpo import Aggregation
 
-# The reference's lengths per role (p2r-method.md, training hyper-parameters).
+TrainRole = Literal["perceiver", "reasoner", "baseline"]
+"""What ``p2r train`` trains: stage 1 (perceiver), stage 2 (reasoner), or ``baseline`` - the
+reference's plain single-turn GRPO on the same data, for comparing P2R with vanilla GRPO: the
+original image, the no-evidence reasoner prompt, the role's own answer graded (no frozen role)."""
+
+# The reference's lengths per role (p2r-method.md, training hyper-parameters). The baseline
+# answers like the reasoner (2,048 response tokens) and gets the reasoner's lengths.
 ROLE_LENGTHS: dict[str, dict[str, int]] = {
     "perceiver": {"max_prompt_tokens": 2560, "max_response_tokens": 1024, "max_model_len": 4096},
     "reasoner": {"max_prompt_tokens": 8704, "max_response_tokens": 2048, "max_model_len": 12288},
+    "baseline": {"max_prompt_tokens": 8704, "max_response_tokens": 2048, "max_model_len": 12288},
 }
 
 
 class TrainConfig(YamlSettings):
     model_config = SettingsConfigDict(env_prefix="P2R_TRAIN_", env_nested_delimiter="__", extra="forbid")
 
-    role: Literal["perceiver", "reasoner"]
+    role: TrainRole
     model: str = Field(description="initial policy checkpoint (dir, file:// or s3://); latest:ROOT is the "
                        "newest complete step-N under ROOT (stage 2 from stage 1's output)")
     data: Path = Field(description="P2R-10k-layout parquet")

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2r.core.errors import UserError
 from p2r.trainer.config import TrainConfig
 from p2r.trainer.policy import LOGPROB_CHUNK_TOKENS
 
@@ -192,7 +193,7 @@ def parse_bytes(text: str) -> int:
     """``80GiB``, ``24GB``, ``141 GiB``, ``1.5TiB`` or a byte count."""
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"--gpu-memory: cannot read {text!r} (e.g. 80GiB, 24GB)")
+        raise UserError(f"--gpu-memory: cannot read {text!r} (e.g. 80GiB, 24GB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -206,7 +207,7 @@ def arch_from_config(config: Any, name: str) -> Arch:
     from transformers import Qwen3VLForConditionalGeneration
 
     if getattr(config, "model_type", None) != "qwen3_vl":
-        raise ValueError(f"plan: {name}: model_type {getattr(config, 'model_type', None)!r}; the trainer "
+        raise UserError(f"plan: {name}: model_type {getattr(config, 'model_type', None)!r}; the trainer "
                          "trains qwen3_vl (Qwen3VLForConditionalGeneration)")
     with torch.device("meta"):
         model = Qwen3VLForConditionalGeneration(config)
@@ -249,7 +250,7 @@ def load_arch(model: str) -> Arch:
     if not (path / "config.json").is_file():
         from p2r.models.tiny import PRESETS
 
-        raise ValueError(f"plan: model {model!r} is not a local checkpoint directory (no config.json) or "
+        raise UserError(f"plan: model {model!r} is not a local checkpoint directory (no config.json) or "
                          f"preset:NAME ({', '.join(PRESETS)}); set it, or P2R_TRAIN_MODEL, to one")
     from transformers import AutoConfig
 
@@ -304,10 +305,10 @@ def estimate(cfg: TrainConfig, arch: Arch, gpus: int, gpu_memory_bytes: int, *, 
     """The memory plan of ``cfg`` on ``gpus`` GPUs (or CPU ranks with ``cpu``) of
     ``gpu_memory_bytes`` each. Pure arithmetic: no torch, no device."""
     if gpus < 1:
-        raise ValueError("plan: --gpus must be at least 1")
+        raise UserError("plan: --gpus must be at least 1")
     tp = 1 if cpu else cfg.rollout_tensor_parallel_size
     if gpus % tp:
-        raise ValueError(f"plan: rollout_tensor_parallel_size {tp} does not divide {gpus} GPUs")
+        raise UserError(f"plan: rollout_tensor_parallel_size {tp} does not divide {gpus} GPUs")
     dtype, d = _dtype(cfg, cpu)
     shard = arch.sharded(gpus)
     params, grads, optimiser = FP32 * shard, FP32 * shard, 2 * FP32 * shard

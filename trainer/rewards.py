@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from p2r.core.bbox import Region, parse_regions
+from p2r.core.errors import UserError
 from p2r.core.grading import GradeItem, grade_batch
 from p2r.core.images import encode_image
 from p2r.core.rewards import perceiver_penalty
@@ -206,11 +207,11 @@ class PluginReward:
     def __init__(self, path: str) -> None:
         module, _, name = path.partition(":")
         if not module or not name:
-            raise ValueError(f"reward_plugin must look like 'package.module:function', got {path!r}")
+            raise UserError(f"reward_plugin must look like 'package.module:function', got {path!r}")
         try:
             self.fn = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"reward_plugin {path!r} cannot be loaded: {e}") from None
+            raise UserError(f"reward_plugin {path!r} cannot be loaded: {e}") from None
 
     def __call__(self, samples: Sequence[Sample], responses: Sequence[Sequence[str]]) -> tuple[
             list[list[float | None]], RewardStats]:

@@ -71,7 +71,7 @@ def dump_rollouts(path: Path, step: int, batch: Sequence[Sample], rollouts: Sequ
                 f.write(json.dumps({
                     "step": step, "index": s.index, "rollout": k, "data_source": s.data_source,
                     "form": s.form.value, "response": r.text,
-                    "answer": extract_answer(r.text) if role == "reasoner" else None,
+                    "answer": extract_answer(r.text) if role != "perceiver" else None,
                     "bbox_count": len(parse_regions(r.text)) if role == "perceiver" else None,
                     "reward": reward,
                     "dropped": None if reward is not None else "no reward: the service call failed after retries",

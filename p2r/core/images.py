@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from p2r.core.errors import UserError
+
 RESIZE_FACTOR = 32
 """Qwen3-VL: 16-pixel patches merged 2x2."""
 MIN_PIXELS = 4 * 32 * 32
@@ -22,7 +24,7 @@ EVAL_MAX_PIXELS = 4096 * 32 * 32
 MAX_ASPECT_RATIO = 200
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image that cannot be used: empty, undecodable, or beyond a configured limit."""
 
 

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from p2r.core.errors import UserError
 from p2r.core.images import TRAIN_BOUNDS, ImageError, PixelBounds, decode_image, encode_image, model_size
 from p2r.core.prompts import AnswerForm, question_from_prompt
 from p2r.data.synth import DATA_SOURCE, make_sample
@@ -29,7 +30,7 @@ from p2r.data.synth import DATA_SOURCE, make_sample
 REQUIRED_COLUMNS = ("prompt", "images", "reward_model", "extra_info")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A row of a data file that does not follow the layout; the message names row and field."""
 
 

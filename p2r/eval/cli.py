@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from p2r.cli import UserError, _user_errors
+from p2r.core.errors import UserError
 from p2r.eval.benchmarks import TASKS
 from p2r.eval.inference import MODES
 
@@ -59,7 +59,6 @@ def _local_data(uri: str) -> Path:
 @click.option("--max-pixels", type=click.IntRange(min=1024), default=None, help="Override 4096×32×32.")
 @click.option("--max-model-len", type=click.IntRange(min=256), default=16384, show_default=True)
 @click.option("--max-num-seqs", type=click.IntRange(min=1), default=16, show_default=True)
-@_user_errors
 def eval_command(task: str, data_uri: str, modes: tuple[str, ...], model: str | None, perceiver_model: str | None,
                  verifier_model: str | None, reasoner_endpoint: str | None, perceiver_endpoint: str | None,
                  verifier_endpoint: str | None, out_uri: str, limit: int | None, batch_size: int,

@@ -20,6 +20,7 @@ from PIL import Image
 
 from p2r.core import prompts
 from p2r.core.bbox import Region
+from p2r.core.errors import UserError
 from p2r.core.flow import P2RConfig, Question, verifier_request
 from p2r.core.flow import run_p2r as flow_run_p2r
 from p2r.core.generation import ChatRequest, Generator, Sampling
@@ -165,7 +166,7 @@ class ServiceBackend:
 
         s = self.settings
         if s.mode != "p2r":
-            raise ValueError(NEEDS_MODEL)
+            raise UserError(NEEDS_MODEL)
         data = [image_bytes(x) for x in samples]
         results = self.perceiver.perceive_batch([
             pb.PerceiveRequest(id=x.uid, image=d, question=x.question, variant=pb.PROMPT_VARIANT_EVAL,
@@ -217,7 +218,7 @@ class BackendSpec:
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.reasoner_endpoint is None):
-            raise ValueError("give either --model (in-process engines) or --reasoner-endpoint (role services)")
+            raise UserError("give either --model (in-process engines) or --reasoner-endpoint (role services)")
 
     def check_local_models(self) -> None:
         """Fail fast, in the driver, on a local checkpoint that is not there: a Ray worker would

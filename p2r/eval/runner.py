@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from p2r.core.errors import UserError
 from p2r.eval.benchmarks import EvalSample
 from p2r.eval.inference import IN_PROCESS_MODES, NEEDS_MODEL, Backend, BackendSpec, Mode, Output
 from p2r.eval.report import RESULTS, grade_rows, result_row, summarize, write_reports
@@ -38,7 +39,7 @@ class ResultsFile:
             header = json.loads(lines[0]).get("meta", {})
             for key in ("task", "mode", "model", "perceiver_model"):
                 if header.get(key) != meta.get(key):
-                    raise ValueError(f"{path}: holds results of {key}={header.get(key)!r}, not {meta.get(key)!r} "
+                    raise UserError(f"{path}: holds results of {key}={header.get(key)!r}, not {meta.get(key)!r} "
                                      "(use another --out)")
             # A line cut short by a crash is the only one that can be partial: the last one.
             for line in lines[1:]:
@@ -125,7 +126,7 @@ def evaluate(samples: Sequence[EvalSample], spec: BackendSpec, outputs: dict[Mod
     engines across modes; returns each mode's summary. Samples already in a mode's
     ``results.jsonl`` are skipped (resume)."""
     if spec.reasoner_endpoint is not None and set(IN_PROCESS_MODES) & set(outputs):
-        raise ValueError(NEEDS_MODEL)  # before any work, not at the first default-mode chunk
+        raise UserError(NEEDS_MODEL)  # before any work, not at the first default-mode chunk
     files: dict[Mode, ResultsFile] = {}
     work: Work = []
     for mode, out_dir in outputs.items():
