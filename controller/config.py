@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from p2r.controller.pods import PodTemplate
+from p2r.core.errors import UserError
 from p2r.services.config import ServeConfig
 from p2r.trainer.config import TrainConfig
 
@@ -35,7 +36,7 @@ CONTROLLED_SERVE_FIELDS = {"roles", "model", "host", "port", "metrics_port", "ht
                            "reasoner_endpoint", "checkpoint_cache"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A pipeline config that cannot run; the message names the field."""
 
 

@@ -1,7 +1,9 @@
 """The ``p2r`` command line.
 
-Conventions: every command is listed by ``p2r --help``; a user error is one line on stderr
-(``p2r: error: ...``) and exit code 2; long work shows a progress bar. Heavy imports (torch,
+Conventions: every command is listed by ``p2r --help``; a user error (``p2r.core.errors.UserError``
+and its subclasses, raised anywhere below a command) is one line on stderr (``p2r: error: ...``)
+and exit code 2, while any other exception is a bug and keeps its traceback; long work shows a
+progress bar. Heavy imports (torch,
 vLLM) happen inside the commands so ``p2r --help`` stays instant.
 """
 
@@ -16,13 +18,7 @@ from typing import Any, ClassVar
 
 import click
 
-USER_ERROR_EXIT = 2
-
-
-class UserError(click.ClickException):
-    """An error the user can fix; printed as one line."""
-
-    exit_code = USER_ERROR_EXIT
+from p2r.core.errors import USER_ERROR_EXIT, UserError
 
 
 class _Group(click.Group):
@@ -53,29 +49,15 @@ class _Group(click.Group):
         except click.Abort:
             click.echo("p2r: aborted", err=True)
             sys.exit(130)
+        except UserError as e:  # the project's own: one line, never a traceback
+            click.echo(f"p2r: error: {e}", err=True)
+            sys.exit(USER_ERROR_EXIT)
         except click.ClickException as e:
             message = e.format_message()
             if isinstance(e, click.UsageError) and e.ctx is not None:
                 message += f" (see '{e.ctx.command_path} --help')"
             click.echo(f"p2r: error: {message}", err=True)
             sys.exit(e.exit_code if e.exit_code else USER_ERROR_EXIT)
-
-
-def _user_errors(fn: Any) -> Any:
-    """Map the project's own validation errors to ``UserError`` (one line, exit 2)."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from p2r.core.images import ImageError
-        from p2r.data.dataset import DataError
-
-        try:
-            return fn(*args, **kwargs)
-        except (DataError, ImageError, ValueError, FileNotFoundError) as e:
-            raise UserError(str(e)) from None
-
-    return wrapper
 
 
 def _config_error(error: Any) -> UserError:
@@ -109,7 +91,6 @@ MODEL_PRESETS = ("tiny", "qwen3-vl-4b", "qwen3-vl-8b")
 @click.option("--preset", type=click.Choice(MODEL_PRESETS), default="tiny", show_default=True,
               help="tiny: the 2-layer test model; qwen3-vl-4b / qwen3-vl-8b: the real architecture, random bf16 "
                    "weights (8.9 / 17.5 GB), tokenizer padded to the real vocabulary and special-token ids.")
-@_user_errors
 def models_tiny(out_arg: Path | None, out: Path | None, seed: int, preset: str) -> None:
     """Write a random-initialised Qwen3-VL checkpoint: the tiny one (tests, demo) or a real-size preset."""
     if (out_arg is None) == (out is None):
@@ -143,7 +124,6 @@ def data() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--image-mode", type=click.Choice(["path", "bytes"]), default="path", show_default=True,
               help="Store images as files under out/images (path) or inline in the parquet (bytes).")
-@_user_errors
 def data_synth(out: Path, n: int, seed: int, image_mode: str) -> None:
     """Write a synthetic fine-grained VQA set with ground-truth answers and boxes."""
     from p2r.data.dataset import write_synthetic
@@ -156,7 +136,6 @@ def data_synth(out: Path, n: int, seed: int, image_mode: str) -> None:
 @click.argument("parquet", type=click.Path(path_type=Path))
 @click.option("--image-prefix", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory image paths are relative to (default: the parquet's directory).")
-@_user_errors
 def data_check(parquet: Path, image_prefix: Path | None) -> None:
     """Validate a P2R-10k-layout parquet, decoding every image; report the first malformed row and field."""
     from p2r.data.dataset import check_images, load_samples
@@ -238,7 +217,6 @@ def _print_result(result: dict[str, Any]) -> None:
 @click.option("--max-pixels", type=click.IntRange(min=4096), default=512 * 32 * 32, show_default=True,
               help="smart_resize pixel budget per image (training uses 2097152).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_user_errors
 def answer(model: str, image_path: Path, question: str, form: str, out: Path, max_pixels: int,
            as_json: bool) -> None:
     """Answer one question about an image in P2R mode (perceive -> evidence -> reason)."""
@@ -251,7 +229,6 @@ def answer(model: str, image_path: Path, question: str, form: str, out: Path, ma
               show_default=True, help="Where the tiny model, data and outputs go.")
 @click.option("--index", type=click.IntRange(min=0), default=0, show_default=True,
               help="Which synthetic question to answer.")
-@_user_errors
 def demo(workdir: Path, index: int) -> None:
     """Main job: build the tiny model and synthetic data, answer one question in P2R mode."""
     from p2r.data.dataset import load_samples, write_synthetic
@@ -286,7 +263,6 @@ def demo(workdir: Path, index: int) -> None:
 @click.option("--port", type=int, default=None, help="gRPC port (0 = any free port).")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (0 = any free port).")
 @click.option("--http-port", type=int, default=None, help="Gateway HTTP facade port.")
-@_user_errors
 def serve(roles: tuple[str, ...], config_path: Path | None, model: str | None, host: str | None,
           port: int | None, metrics_port: int | None, http_port: int | None) -> None:
     """Serve roles over gRPC on one vLLM engine: perceiver, reasoner, verifier, gateway."""
@@ -318,7 +294,6 @@ def serve(roles: tuple[str, ...], config_path: Path | None, model: str | None, h
 @click.option("--form", type=click.Choice(["mca", "na", "free_form"]), default="mca", show_default=True)
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.001), default=300.0, show_default=True,
               help="Deadline in seconds.")
-@_user_errors
 def ask(target: str, image_path: Path, question: str, form: str, timeout_s: float) -> None:
     """Ask a running gateway (P2R.Answer over gRPC); prints the response as JSON."""
     import grpc
@@ -354,7 +329,6 @@ def ask(target: str, image_path: Path, question: str, form: str, timeout_s: floa
 @click.option("--gpu-memory", default=None, help="With --plan: memory of one GPU, e.g. 80GiB, 24GB.")
 @click.option("--cpu", "plan_cpu", is_flag=True, help="With --plan: CPU ranks (--gpus ranks of --gpu-memory "
               "each): fp32, no engine terms.")
-@_user_errors
 def train(role: str, config_path: Path, resume: str | None, max_steps: int | None, plan: bool,
           gpus: int | None, gpu_memory: str | None, plan_cpu: bool) -> None:
     """Run one PRA-GRPO stage (perceiver = stage 1, reasoner = stage 2) or the plain GRPO
