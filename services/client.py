@@ -69,6 +69,11 @@ def channel_options(retry: RetryPolicy | None = None) -> list[tuple[str, Any]]:
         # Retried requests are buffered client-side; batches of images are large.
         ("grpc.per_rpc_retry_buffer_size", MAX_MESSAGE_BYTES),
         ("grpc.retry_buffer_size", 2 * MAX_MESSAGE_BYTES),
+        # Spread calls over every address the target resolves to (a headless Service's pods, or
+        # ipv4:A,B), not the first one only (gRPC's default pick_first). With the servers'
+        # max_connection_age the channel re-resolves, so pods added by a scale-up get traffic.
+        # Targets: "dns:///<headless-service>:<port>" (a bare host:port resolves the same way).
+        ("grpc.lb_policy_name", "round_robin"),
     ]
 
 

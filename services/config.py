@@ -108,6 +108,14 @@ class ServeConfig(YamlSettings):
     reasoner_endpoint: str = "local"
 
     grace_period_s: float = Field(30.0, ge=0, description="SIGTERM: drain in-flight requests this long")
+    # A client channel holds its HTTP/2 connections until they close; closing each after this
+    # age (gRPC sends GOAWAY, the client re-resolves its dns:/// target and reconnects) is what
+    # spreads long-lived gateway and trainer channels over the pods a scale-up added.
+    max_connection_age_s: float | None = Field(
+        300.0, gt=0, description="close each client connection after this long (+-10 % jitter); null: never")
+    max_connection_age_grace_s: float = Field(
+        600.0, ge=0, description="RPCs in flight on a closing connection get this long to finish; "
+                                 "longer than the longest client deadline (300 s), so none is cut")
     checkpoint_cache: Path = Field(DEFAULT_CACHE)
 
     @model_validator(mode="after")
@@ -119,6 +127,14 @@ class ServeConfig(YamlSettings):
         if self.min_pixels > self.max_pixels:
             raise ValueError("min_pixels must not exceed max_pixels")
         return self
+
+
+def connection_age_options(config: ServeConfig) -> list[tuple[str, int]]:
+    """The gRPC server options of ``max_connection_age_s`` / ``max_connection_age_grace_s``."""
+    if config.max_connection_age_s is None:
+        return []
+    return [("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace_s * 1000))]
 
 
 def load_config(path: Path | None = None, **overrides: object) -> ServeConfig:

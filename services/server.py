@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from p2r.services import metrics
 from p2r.services.checkpoints import resolve_checkpoint
 from p2r.services.client import aio_channel
-from p2r.services.config import ServeConfig
+from p2r.services.config import ServeConfig, connection_age_options
 from p2r.services.engine import AsyncEngine, EngineLimits
 from p2r.services.errors import InvalidArgument, Overloaded, Status, status_of
 from p2r.services.handlers import Handlers, RoleBackend, answer
@@ -138,6 +138,7 @@ class Server:
         self.grpc = grpc.aio.server(options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            *connection_age_options(self.config),
         ])
         names = [SERVICE_NAMES[r] for r in self.config.roles]
         servicers = _Servicers(self)
