@@ -14,8 +14,9 @@ reads the evaluation summary back into the run state. With ``baseline:`` in the 
 ``baseline`` trains the reference's plain single-turn GRPO baseline from the base model on the same
 data (graded by the verifier service, no frozen role) and ``verify_baseline`` checks its checkpoint.
 
-The loop persists the state after every transition (see ``state.py``), retries a failed step with
-exponential backoff up to ``retry.max_attempts``, and stops cleanly on ``p2r pipeline cancel``
+The loop persists the state after every transition (see ``state.py``), retries a step that failed
+transiently (``transient``) with exponential backoff up to ``retry.max_attempts`` - a bug fails the
+run at once, its traceback logged at ERROR - and stops cleanly on ``p2r pipeline cancel``
 (the step's work is stopped, the run marked cancelled) or on SIGTERM (the work is stopped, the run
 stays resumable: a Kubernetes controller pod being rescheduled must not cancel the pipeline).
 """
@@ -28,7 +29,6 @@ import signal
 import socket
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +55,34 @@ log = logging.getLogger("p2r.pipeline")
 
 class StepFailed(Exception):
     """A step attempt failed; the message is the reason shown by ``status`` (retried)."""
+
+
+TRANSIENT_HTTP_STATUSES = frozenset({0, 408, 409, 425, 429, 500, 502, 503, 504})
+"""HTTP answers of the cluster API or object storage that say "try again later" (0: no answer)."""
+
+
+def transient(error: BaseException) -> bool:
+    """Whether another attempt of the step can succeed, so the loop retries it.
+
+    Retried: the step's own failure (``StepFailed``: a process or job that failed, a checkpoint
+    not complete yet), I/O and network errors (``OSError``: connection refused or reset, a
+    timeout, a file not there yet), urllib3's transport errors, and a Kubernetes API or S3
+    answer with a transient HTTP status. Anything else - a ``TypeError``, a ``KeyError``, a
+    config the pipeline cannot run - is a bug or a mistake that every attempt would repeat: the
+    run fails at once, with the traceback in the log at ERROR.
+    """
+    if isinstance(error, StepFailed | OSError):
+        return True
+    status = getattr(error, "status", None)  # kubernetes.client.ApiException
+    if status is None:
+        status = getattr(getattr(error, "response", None), "status", None)  # minio.error.S3Error
+    if isinstance(status, int):
+        return status in TRANSIENT_HTTP_STATUSES
+    try:
+        from urllib3.exceptions import HTTPError
+    except ImportError:  # pragma: no cover - urllib3 comes with the kubernetes and minio clients
+        return False
+    return isinstance(error, HTTPError)
 
 
 class Cancelled(Exception):
@@ -373,8 +401,10 @@ def _walk(ctx: Context, steps: list[Step]) -> str:
             except Exception as e:
                 reason = str(e) if isinstance(e, StepFailed) else f"{type(e).__name__}: {e}"
                 reason = reason.strip().splitlines()[-1] if reason.strip() else type(e).__name__
-                if not isinstance(e, StepFailed):
-                    log.debug("%s", traceback.format_exc())
+                retryable = transient(e)
+                if not isinstance(e, StepFailed):  # not the step's reported failure: show where it came from
+                    log.error("%s: attempt %d raised %s%s", step.name, record["attempts"], type(e).__name__,
+                              "" if retryable else " (not transient: not retried)", exc_info=e)
                 elapsed = time.monotonic() - started
                 metrics.STEP_DURATION.labels(step=step.name, outcome="failed").observe(elapsed)
                 metrics.STEP_FAILURES.labels(step=step.name).inc()
@@ -382,10 +412,11 @@ def _walk(ctx: Context, steps: list[Step]) -> str:
                                           "finished": now(), "error": reason})
                 record.update(finished=now(), error=reason)
                 log.error("%s: attempt %d failed: %s", step.name, record["attempts"], reason)
-                if record["attempts"] >= retry.max_attempts:
+                if not retryable or record["attempts"] >= retry.max_attempts:
                     record["status"] = FAILED
-                    state.update(status=FAILED,
-                                 reason=f"{step.name} failed after {record['attempts']} attempts: {reason}")
+                    state.update(status=FAILED, reason=(
+                        f"{step.name} failed after {record['attempts']} attempts: {reason}" if retryable
+                        else f"{step.name} failed (not transient, not retried): {reason}"))
                     _shutdown(ctx, cancelled=False)
                     ctx.save()
                     return FAILED
