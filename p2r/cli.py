@@ -109,6 +109,32 @@ def models_tiny(out_arg: Path | None, out: Path | None, seed: int, preset: str) 
     click.echo(f"wrote random {preset} checkpoint to {path}")
 
 
+@models.command("upload")
+@click.argument("src", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("dest")
+def models_upload(src: Path, dest: str) -> None:
+    """Copy model directory SRC and its manifest to DEST (s3://BUCKET/PREFIX): seeds object
+    storage (e.g. MinIO from a volume) with a model the servers load. The manifest goes last."""
+    from p2r.services.checkpoints import upload_model
+
+    done = upload_model(src, dest)  # a CheckpointError is a UserError: one line, exit 2
+    click.echo(f"uploaded {done['files']} files ({done['bytes']} bytes) and manifest.json to {dest}")
+
+
+@models.command("manifest")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def models_manifest(directory: Path) -> None:
+    """Write DIRECTORY/manifest.json (every file's sha256), so a server loads that local model
+    directory verified, without allow_unverified_local."""
+    from p2r.services.checkpoints import verify_checkpoint_dir, write_manifest
+
+    verify_checkpoint_dir(directory, require_manifest=False)
+    manifest = write_manifest(directory)
+    verify_checkpoint_dir(directory)
+    click.echo(f"wrote {manifest}")
+
+
+
 # -------------------------------------------------------------------------------------- data
 
 

@@ -116,7 +116,11 @@ class ServeConfig(YamlSettings):
     max_connection_age_grace_s: float = Field(
         600.0, ge=0, description="RPCs in flight on a closing connection get this long to finish; "
                                  "longer than the longest client deadline (300 s), so none is cut")
-    checkpoint_cache: Path = Field(DEFAULT_CACHE)
+    checkpoint_cache: Path = Field(
+        DEFAULT_CACHE, description="model cache root; each role set downloads into its own subdirectory (model_cache)")
+    allow_unverified_local: bool = Field(
+        False, description="load a local model directory that has no manifest.json (a developer's own directory); "
+                           "remote models (s3://) always need one, and a manifest present is always enforced")
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
@@ -127,6 +131,13 @@ class ServeConfig(YamlSettings):
         if self.min_pixels > self.max_pixels:
             raise ValueError("min_pixels must not exceed max_pixels")
         return self
+
+    @property
+    def model_cache(self) -> Path:
+        """This server's own cache directory, ``checkpoint_cache/<roles joined by '-'>``: servers
+        of different roles that share one volume never write into the same directory, and a
+        restarted pod finds what its role downloaded before (kept when the sha256 still matches)."""
+        return self.checkpoint_cache / "-".join(self.roles)
 
 
 def connection_age_options(config: ServeConfig) -> list[tuple[str, int]]:

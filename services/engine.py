@@ -281,8 +281,10 @@ def checkpoint_tensors(checkpoint_dir: str) -> list[tuple[str, Any]]:
 
     from safetensors.torch import load_file
 
+    from p2r.services.checkpoints import weight_files
+
     root = Path(checkpoint_dir)
-    files = sorted(root.glob("*.safetensors"))
+    files = weight_files(root)  # exactly those the manifest lists: an unlisted file is never live
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {checkpoint_dir}")
     tensors: dict[str, Any] = {}
@@ -291,6 +293,55 @@ def checkpoint_tensors(checkpoint_dir: str) -> list[tuple[str, Any]]:
     config = json.loads((root / "config.json").read_text())
     tied = config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False))
     return with_tied_head(tensors, tied)
+
+
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+"""safetensors dtype names vLLM's weight loaders cast between (a copy into the running
+parameter); any other dtype where the running model has floats is refused."""
+
+TensorLayout = dict[str, tuple[tuple[int, ...], str]]
+
+
+def tensor_layout(files: Sequence[Any]) -> TensorLayout:
+    """``name -> (shape, dtype)`` of every tensor in ``files``, from the safetensors headers
+    only (no tensor data is read). A file that is not valid safetensors (truncated, garbage,
+    offsets past its end) is a CheckpointError naming it."""
+    from safetensors import safe_open
+
+    from p2r.services.checkpoints import CheckpointError
+
+    layout: TensorLayout = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                    tensor = st.get_slice(name)
+                    layout[name] = (tuple(tensor.get_shape()), tensor.get_dtype())
+        except Exception as e:  # safetensors raises its own error type, or OSError
+            raise CheckpointError(f"{f}: not a valid safetensors file ({type(e).__name__}: {e})") from None
+    return layout
+
+
+def check_layout(new: TensorLayout, running: TensorLayout, where: str) -> None:
+    """Refuse a checkpoint whose tensors the running engine cannot take in place: every
+    tensor name of the running model present and no other, each of the same shape and a
+    compatible dtype. Checked *before* the engine is touched - a wrong shape inside vLLM's
+    weight loader kills the engine (EngineDeadError), with every request after it."""
+    from p2r.services.checkpoints import CheckpointError
+
+    missing = sorted(set(running) - set(new))
+    if missing:
+        raise CheckpointError(f"{where}: tensor {missing[0]} is missing (the running model has it)")
+    extra = sorted(set(new) - set(running))
+    if extra:
+        raise CheckpointError(f"{where}: tensor {extra[0]} is not a tensor of the running model")
+    for name in sorted(new):
+        (shape, dtype), (want_shape, want_dtype) = new[name], running[name]
+        if shape != want_shape:
+            raise CheckpointError(f"{where}: tensor {name} has shape {list(shape)}, "
+                                  f"the running model's is {list(want_shape)}")
+        if dtype != want_dtype and not {dtype, want_dtype} <= FLOAT_DTYPES:
+            raise CheckpointError(f"{where}: tensor {name} has dtype {dtype}, the running model's is {want_dtype}")
 
 
 def tied_embedding_key(names: Iterable[str]) -> str:

@@ -14,8 +14,10 @@ import contextlib
 import contextvars
 import logging
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,11 +26,11 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from p2r.services import metrics
-from p2r.services.checkpoints import resolve_checkpoint
+from p2r.services.checkpoints import resolve_checkpoint, weight_files
 from p2r.services.client import aio_channel
 from p2r.services.config import ServeConfig, connection_age_options
-from p2r.services.engine import AsyncEngine, EngineLimits
-from p2r.services.errors import InvalidArgument, Overloaded, Status, status_of
+from p2r.services.engine import AsyncEngine, EngineLimits, TensorLayout, check_layout, tensor_layout
+from p2r.services.errors import FailedPrecondition, InvalidArgument, Overloaded, Status, status_of
 from p2r.services.handlers import Handlers, RoleBackend, answer
 from p2r.services.protocol import ADMIN_SERVICE, MAX_MESSAGE_BYTES, SERVICE_NAMES
 from p2r.v1 import p2r_pb2 as pb
@@ -101,7 +103,8 @@ class Server:
         self.port = 0
         self.metrics_port: int | None = None
         self.http_port: int | None = None
-        self._reload_lock = asyncio.Lock()
+        self._reloading: str | None = None  # the URI being reloaded
+        self._layout: TensorLayout = {}
         self._http: Any = None
         self._backends: tuple[RoleBackend, RoleBackend] | None = None
         self._stopped = asyncio.Event()
@@ -112,7 +115,9 @@ class Server:
         if self.config.model is None:
             self.handlers = Handlers(self.config, None)
             return
-        path = resolve_checkpoint(self.config.model, self.config.checkpoint_cache)
+        path = resolve_checkpoint(self.config.model, self.config.model_cache, self.config.allow_unverified_local)
+        # What a reload is checked against: the tensors the engine was built from.
+        self._layout = tensor_layout(weight_files(path))
         limits = EngineLimits(**self.config.limits.model_dump())
         self.engine = AsyncEngine(str(path), limits, seed=self.config.seed)
         self.handlers = Handlers(self.config, self.engine)
@@ -237,21 +242,85 @@ class Server:
         return status
 
     async def reload(self, uri: str) -> float:
-        """Load a checkpoint into the running engine (one reload at a time)."""
+        """Load a checkpoint into the running engine, one reload at a time.
+
+        A reload while another runs is refused at once ("reload in progress"), never queued:
+        queued reloads behind a hanging object store used to pin threads until no reload could
+        run at all. The download and the checks run on a thread of their own; when the caller
+        gives up (deadline, cancel) the download is told to stop (its partial files are removed)
+        and the slot is free at once - an abandoned download can never reach the engine. Every
+        tensor's name, shape and dtype is checked against the running model *before* the engine
+        is touched, so a refused checkpoint changes nothing and the old weights keep serving.
+        Once the swap itself has started it runs to the end (a half-swapped model is worse than
+        a late answer); the slot frees when it is done.
+        """
         if self.engine is None:
             raise InvalidArgument("uri: this server has no engine to load a checkpoint into")
-        async with self._reload_lock:
-            started = time.perf_counter()
-            try:
-                path = await asyncio.to_thread(resolve_checkpoint, uri, self.config.checkpoint_cache)
-                await self.engine.reload_weights(str(path))
-            except Exception:
-                metrics.RELOADS.labels("failed").inc()
-                raise
-            metrics.RELOADS.labels("ok").inc()
-            self.checkpoint = uri
-            metrics.CHECKPOINT.info({"uri": uri})
-            return time.perf_counter() - started
+        if self._reloading is not None:
+            raise FailedPrecondition(f"uri: reload in progress ({self._reloading}); retry when it is done")
+        self._reloading = uri
+        started = time.perf_counter()
+        cancel = threading.Event()
+        try:
+            path = await _in_thread(self._prepare_reload, uri, cancel)
+        except BaseException:
+            cancel.set()
+            self._reloading = None
+            metrics.RELOADS.labels("failed").inc()
+            raise
+        swap = asyncio.ensure_future(self._swap(uri, path, started))
+        swap.add_done_callback(self._reload_done)
+        return await asyncio.shield(swap)
+
+    def _prepare_reload(self, uri: str, cancel: threading.Event) -> Path:
+        """Resolve (download, verify) ``uri`` and check its tensors against the running model."""
+        path = resolve_checkpoint(uri, self.config.model_cache, self.config.allow_unverified_local, cancel)
+        check_layout(tensor_layout(weight_files(path)), self._layout, uri)
+        return path
+
+    async def _swap(self, uri: str, path: Path, started: float) -> float:
+        assert self.engine is not None
+        try:
+            await self.engine.reload_weights(str(path))
+        except Exception:
+            metrics.RELOADS.labels("failed").inc()
+            raise
+        metrics.RELOADS.labels("ok").inc()
+        self.checkpoint = uri
+        metrics.CHECKPOINT.info({"uri": uri})
+        return time.perf_counter() - started
+
+    def _reload_done(self, task: asyncio.Future[float]) -> None:
+        self._reloading = None
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("reload failed: %s", task.exception())
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on a new daemon thread. Unlike ``asyncio.to_thread`` it takes no slot of
+    the shared default executor, so abandoned calls (an object store that never answers) can
+    never exhaust it; cancelling the await abandons the thread, which must stop on its own."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.cancelled():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as e:  # handed to the awaiting coroutine
+            result, error = None, e
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="p2r-reload", daemon=True).start()
+    return await future
 
 
 class _Servicers:

@@ -1,19 +1,25 @@
-"""A loopback TCP relay in front of the test S3 server, standing in for the network between a
+"""Storage stand-ins for tests: ``S3Relay`` and ``hf_cache``.
+
+``S3Relay`` is a loopback TCP relay in front of the test S3 server, standing in for the network between a
 server and its object store: it forwards bytes unchanged (``forward``), or accepts connections
 and never answers (``hang``: a store that is up but stuck), or drops them at once (``reset``:
 a store that cannot be reached), or relays answers at a trickle (``slow``: 64 KiB every
 20 ms, so a download is still running when a test cancels it). It also counts the HTTP
 requests it relays by method and path, so a test can show that a cached checkpoint is not
-fetched again."""
+fetched again. ``hf_cache`` lays a local model out as a Hugging Face cache (no hub is
+reachable here; servers then run with ``HF_HUB_OFFLINE=1``)."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
+import shutil
 import socket
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Literal
 
 Mode = Literal["forward", "hang", "reset", "slow"]
@@ -87,3 +93,21 @@ class S3Relay:
         self._listener.close()
         for s in self._held:
             s.close()
+
+
+def hf_cache(model_dir: Path, cache: Path, repo: str, revision: str) -> Path:
+    """Hugging Face's cache layout for ``repo`` at commit ``revision``, built from a local model
+    the way ``huggingface_hub`` writes it: content in ``blobs/``, the snapshot as symlinks to
+    them, ``refs/main`` naming the commit. Returns the snapshot directory."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / revision
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True)
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and f.name != "manifest.json":
+            blob = root / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+            shutil.copyfile(f, blob)
+            (snapshot / f.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(revision)
+    return snapshot

@@ -234,7 +234,7 @@ def test_s3_mirror_reuses_the_cached_copy_when_its_sha256_matches(tmp_path: Path
     """Issue 17 item 6: resolving again (a restart) reads the cache - the weights are not fetched
     again - while a tampered cached file is fetched again and a file the new manifest no longer
     lists is removed from the cache. GETs are counted on a relay in front of the S3 server."""
-    from tests.s3_proxy import S3Relay
+    from tests.storage_support import S3Relay
 
     s3_env(monkeypatch, s3_server)
     relay = S3Relay(s3_server["P2R_S3_ENDPOINT"])
@@ -266,7 +266,7 @@ def test_s3_mirror_reuses_the_cached_copy_when_its_sha256_matches(tmp_path: Path
 def test_an_unreachable_or_hanging_store_is_unavailable_naming_the_endpoint(
         tmp_path: Path, s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     from p2r.services.checkpoints import StorageUnavailable
-    from tests.s3_proxy import S3Relay
+    from tests.storage_support import S3Relay
 
     s3_env(monkeypatch, s3_server)
     relay = S3Relay(s3_server["P2R_S3_ENDPOINT"])
@@ -286,7 +286,7 @@ def test_a_cancelled_download_stops_and_leaves_no_partial_file(tmp_path: Path, s
     import threading
 
     from p2r.services.checkpoints import DownloadCancelled
-    from tests.s3_proxy import S3Relay
+    from tests.storage_support import S3Relay
 
     s3_env(monkeypatch, s3_server)
     local = bound_checkpoint(tmp_path / "c")
@@ -317,26 +317,6 @@ def test_a_cancelled_download_stops_and_leaves_no_partial_file(tmp_path: Path, s
     assert not (target / "model.safetensors").exists()
 
 
-def hf_cache(model_dir: Path, cache: Path, repo: str, revision: str) -> Path:
-    """Hugging Face's cache layout for ``repo`` at commit ``revision``, built from a local model
-    the way ``huggingface_hub`` writes it: content in ``blobs/``, the snapshot as symlinks to
-    them, ``refs/main`` naming the commit. Returns the snapshot directory."""
-    import hashlib as _hashlib
-
-    root = cache / f"models--{repo.replace('/', '--')}"
-    snapshot = root / "snapshots" / revision
-    (root / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot.mkdir(parents=True)
-    for f in sorted(model_dir.iterdir()):
-        if f.is_file() and f.name != MANIFEST:
-            blob = root / "blobs" / _hashlib.sha256(f.read_bytes()).hexdigest()
-            shutil.copyfile(f, blob)
-            (snapshot / f.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
-    (root / "refs").mkdir(exist_ok=True)
-    (root / "refs" / "main").write_text(revision)
-    return snapshot
-
-
 def test_hf_uris_resolve_from_the_hugging_face_cache_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants
 
@@ -345,6 +325,8 @@ def test_hf_uris_resolve_from_the_hugging_face_cache_offline(tmp_path: Path, mon
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     local = bound_checkpoint(tmp_path / "c")
     rev = "0123456789abcdef0123456789abcdef01234567"
+    from tests.storage_support import hf_cache
+
     snapshot = hf_cache(local, tmp_path / "cache" / "hf", "p2r-org/tiny", rev)
     assert resolve_checkpoint("hf://p2r-org/tiny", tmp_path / "cache") == snapshot
     assert resolve_checkpoint(f"hf://p2r-org/tiny@{rev}", tmp_path / "cache") == snapshot
@@ -353,3 +335,36 @@ def test_hf_uris_resolve_from_the_hugging_face_cache_offline(tmp_path: Path, mon
     for bad in ("hf://noslash", "hf://../x", "hf://a/b/c"):
         with pytest.raises(CheckpointError, match=r"expected hf://ORG/NAME\[@revision\]"):
             resolve_checkpoint(bad, tmp_path / "cache")
+
+
+def test_models_upload_seeds_object_storage_and_reads_back(tmp_path: Path, s3_server: dict[str, str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``p2r models upload SRC s3://...`` (issue 17 item 1): a model directory without a manifest
+    (a read-only volume) goes up with one computed for it, written last; the uploaded prefix
+    resolves back verified, file for file. Bad input is one line and exit 2."""
+    from click.testing import CliRunner
+
+    from p2r.cli import cli
+
+    s3_env(monkeypatch, s3_server)
+    src = bound_checkpoint(tmp_path / "model")
+    (src / MANIFEST).unlink()
+    src.chmod(0o555)  # read-only, as a mounted volume: no manifest is written into it
+    try:
+        result = CliRunner().invoke(cli, ["models", "upload", str(src), "s3://seed/models/tiny"])
+    finally:
+        src.chmod(0o755)
+    assert result.exit_code == 0, result.output
+    assert "uploaded 3 files" in result.output and not (src / MANIFEST).exists()
+    back = resolve_checkpoint("s3://seed/models/tiny", tmp_path / "cache")
+    assert sorted(p.name for p in back.iterdir()) == ["config.json", MANIFEST, "model.safetensors", "tokenizer.json"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (back / name).read_bytes() == (src / name).read_bytes()
+    (tmp_path / "empty").mkdir()
+    for args, named in ([str(tmp_path / "missing"), "s3://seed/x"], "no such directory"), \
+                       ([str(tmp_path / "empty"), "s3://seed/x"], "no config.json"), \
+                       ([str(src), "http://seed/x"], "the destination must be s3://"), \
+                       ([str(src), "s3://seed"], "expected s3://BUCKET/PREFIX"):
+        result = CliRunner().invoke(cli, ["models", "upload", *args])
+        assert result.exit_code == 2, result.output
+        assert named in result.output and len(result.output.strip().splitlines()) == 1, result.output
