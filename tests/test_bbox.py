@@ -120,6 +120,14 @@ def test_integer_literal_beyond_float_range_is_an_invalid_box_not_a_crash() -> N
     text = f'[{{"bbox_2d": [0, 0, {huge}, 10], "label": "a"}}, {{"bbox_2d": [1, 2, 3, 4], "label": "b"}}]'
     assert parse_regions(text) == [Region(1, 2, 3, 4, "b")]
     assert parse_regions(f'see {{"bbox_2d": [{huge}, 0, 5, 5]}}') == []
+    # what the perceiver reward and a p2r-mode eval do with such a reply: no exception
+    from PIL import Image
+
+    from p2r.core.flow import evidence_for
+    from p2r.core.rewards import perceiver_penalty
+
+    assert perceiver_penalty(parse_regions(text)) is None
+    assert evidence_for(Image.new("RGB", (64, 48)), text, 3).with_evidence
 
 
 @pytest.mark.parametrize("space", ["\u3000", "\u00a0", "\u2003\n"])
