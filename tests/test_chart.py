@@ -8,6 +8,7 @@ from what ``p2r serve`` accepts."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -144,7 +145,7 @@ def test_serve_yaml_is_what_p2r_serve_loads(profile: str, rendered: dict[str, li
         assert cfg.roles == [role] and cfg.host == "0.0.0.0"
         assert (cfg.port, cfg.metrics_port) == (values["ports"]["grpc"], values["ports"]["metrics"])
         assert cfg.grace_period_s == values["drain"]["gracePeriodSeconds"]
-        assert str(cfg.checkpoint_cache) == f"/cache/models/{role}"  # each role its own cache directory
+        assert str(cfg.model_cache) == f"/cache/models/{role}"  # each role its own cache directory
         if role == "gateway":
             assert cfg.http_port == values["ports"]["http"]
             for remote in ("perceiver", "reasoner"):  # the headless Service, for round_robin
@@ -194,8 +195,9 @@ def test_serve_config_schema_matches_the_code() -> None:
                 for bound in ("minimum", "exclusiveMinimum", "maximum"):
                     assert _bound(sub, bound) == _bound(limits[key], bound), (key, bound)
             continue
-        assert spec["type"] == code["properties"][name]["type"], name
-        assert spec.get("minimum") == code["properties"][name].get("minimum"), name
+        assert _types(spec) == _types(code["properties"][name]), name
+        for bound in ("minimum", "exclusiveMinimum", "maximum"):
+            assert _bound(spec, bound) == _bound(code["properties"][name], bound), (name, bound)
 
 
 def _gpus(c: dict[str, Any], kind: str) -> int:
@@ -387,7 +389,8 @@ def test_no_plaintext_credentials(profile: str, rendered: dict[str, list[dict[st
     for secret in find(docs, "Secret"):
         assert "stringData" not in secret
     values = merged_values(PROFILES[profile])
-    secrets = find(docs, "Secret")
+    # The admin token Secret (templates/security.yaml) is checked in tests/test_security.py.
+    secrets = [s for s in find(docs, "Secret") if s["metadata"]["name"] != "p2r-admin-token"]
     admin = values["s3"]["existingSecret"] or "p2r-s3"
     if values["minio"]["enabled"]:
         users = {"reader": "p2r-s3-reader", "writer": "p2r-s3-writer"}
@@ -599,3 +602,442 @@ def test_values_yaml_is_documented_line_by_line() -> None:
         if not prev.startswith("#") and not is_parent:
             undocumented.append(f"{i + 1}: {line.strip()}")
     assert not undocumented, "\n".join(undocumented)
+
+
+# ------------------------------------------------------------------- issue 17: out of the box
+
+
+def _notes(values: dict[str, Any]) -> str:
+    import helm_python
+
+    rendered = helm_python.Chart.load(str(CHART)).render(values, name="p2r", namespace=NAMESPACE, is_install=True)
+    return str(rendered["p2r/templates/NOTES.txt"])
+
+
+def test_default_install_starts_no_training(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """`helm template` of the defaults creates no controller (so no PyTorchJob, no GPU training)
+    and NOTES.txt says what a pipeline would need."""
+    docs = rendered["default"]
+    assert not [d for d in docs if "controller" in d["metadata"]["name"]]
+    assert not find(docs, "PyTorchJob") and not find(docs, "Role") and not find(docs, "RoleBinding")
+    notes = _notes({})
+    assert "controller is off" in notes and "training" in notes and "data claim" in notes
+    assert "p2r models upload" in notes  # how to seed models
+    on = _notes({"controller": {"enabled": True}})
+    assert "pytorchjobs.kubeflow.org" in on and "p2r-data" in on and "InputsMissing" in on
+
+
+def test_cpu_smoke_needs_no_manual_step(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """cpu-smoke: every role serves a model its own init container writes, and the controller's
+    base model is written to MinIO by the seeding hook after the bucket hook."""
+    docs = rendered["cpu-smoke"]
+    values = merged_values(PROFILES["cpu-smoke"])
+    for role in ("perceiver", "reasoner", "verifier"):
+        spec = one(docs, "Deployment", f"p2r-{role}")["spec"]["template"]["spec"]
+        model = _serve_yaml(docs, role)["model"]
+        writes = {c["command"][-1] for c in spec["initContainers"]}
+        assert model in writes, role
+    seed = one(docs, "Job", "p2r-seed-models")
+    bucket = one(docs, "Job", "p2r-create-bucket")
+    weight = lambda j: int(j["metadata"]["annotations"]["helm.sh/hook-weight"])  # noqa: E731
+    assert weight(seed) > weight(bucket)
+    assert seed["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    spec = seed["spec"]["template"]["spec"]
+    steps = [[*c["command"], *c["args"]] for c in containers(spec)]
+    base = values["controller"]["config"]["base_model"]
+    assert steps[-1][:3] == ["p2r", "models", "upload"] and steps[-1][-1] == base
+    assert steps[0][:3] == ["p2r", "models", "tiny"] and steps[0][-1] == steps[-1][-2]
+    assert "p2r-seed-models" in _notes(PROFILES["cpu-smoke"])
+
+
+def test_role_services_are_headless_and_clients_use_dns(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Model roles: headless Services, so the gateway's dns:/// target resolves every pod for
+    round_robin. The gateway keeps a ClusterIP (or LoadBalancer) Service for outside traffic and
+    a headless one for in-cluster gRPC clients."""
+    docs = rendered["default"]
+    for role in ("perceiver", "reasoner", "verifier"):
+        assert one(docs, "Service", f"p2r-{role}")["spec"]["clusterIP"] == "None", role
+    assert "clusterIP" not in one(docs, "Service", "p2r-gateway")["spec"]
+    assert one(docs, "Service", "p2r-gateway-headless")["spec"]["clusterIP"] == "None"
+    gateway = _serve_yaml(docs, "gateway")
+    assert gateway["perceiver_endpoint"] == "dns:///p2r-perceiver.p2r.svc.cluster.local:50051"
+    other = _serve_yaml(render({"clusterDomain": "corp.internal"}), "gateway")
+    assert other["reasoner_endpoint"] == "dns:///p2r-reasoner.p2r.svc.corp.internal:50051"
+
+
+def test_role_maps_replace_and_null_removes(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Helm's merge semantics in p2r.merge: gpu-production's gateway (nodeSelector: {}) does not
+    keep roleDefaults' H100 selector; null removes a key; chart setting groups still merge."""
+    prod = rendered["gpu-production"]
+    gateway = one(prod, "Deployment", "p2r-gateway")["spec"]["template"]["spec"]
+    assert "nodeSelector" not in gateway and "tolerations" not in gateway and "runtimeClassName" not in gateway
+    reasoner = one(prod, "Deployment", "p2r-reasoner")["spec"]["template"]["spec"]
+    assert reasoner["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    docs = render({"roleDefaults": {"nodeSelector": {"pool": "gpu", "zone": "a"},
+                                    "podAnnotations": {"a": "1"}, "priorityClassName": "p2r-serving",
+                                    "serveConfig": {"limits": {"max_model_len": 4096, "max_num_seqs": 8}}},
+                   "roles": {"perceiver": {"nodeSelector": {"pool": "small"}, "priorityClassName": None,
+                                           "serveConfig": {"limits": {"max_num_seqs": 2}}},
+                             "reasoner": {"nodeSelector": None}}})
+    perceiver = one(docs, "Deployment", "p2r-perceiver")["spec"]["template"]
+    assert perceiver["spec"]["nodeSelector"] == {"pool": "small"}  # replaced, not {"pool": "small", "zone": "a"}
+    assert "priorityClassName" not in perceiver["spec"]  # null removed the default
+    assert perceiver["metadata"]["annotations"]["a"] == "1"
+    assert "nodeSelector" not in one(docs, "Deployment", "p2r-reasoner")["spec"]["template"]["spec"]
+    assert one(docs, "Deployment", "p2r-verifier")["spec"]["template"]["spec"]["nodeSelector"] == {
+        "pool": "gpu", "zone": "a"}
+    limits = _serve_yaml(docs, "perceiver")["limits"]
+    assert (limits["max_model_len"], limits["max_num_seqs"]) == (4096, 2)  # serveConfig merges key by key
+    assert _serve_yaml(docs, "reasoner")["limits"]["max_num_seqs"] == 8
+
+
+def test_engine_arguments_per_role(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """serve.yaml carries each role's engine arguments; tensor_parallel_size follows the pod's
+    GPUs unless set; the vLLM arguments computed for a GPU platform from it (services/engine.py)
+    span both GPUs with CUDA graphs on and prefix caching; on CPU the tiny profile runs eager."""
+    from p2r.services.config import Limits
+    from p2r.services.engine import EngineLimits, engine_kwargs
+
+    prod = rendered["gpu-production"]
+    reasoner = _serve_yaml(prod, "reasoner")["limits"]
+    assert reasoner["tensor_parallel_size"] == 2 and reasoner["max_num_seqs"] == 128
+    assert reasoner["gpu_memory_utilization"] == 0.92 and reasoner["max_model_len"] == 16384
+    assert _serve_yaml(prod, "perceiver")["limits"]["tensor_parallel_size"] == 1
+    assert "tensor_parallel_size" not in _serve_yaml(prod, "gateway")["limits"]
+    kwargs = engine_kwargs("/m", EngineLimits(**Limits(**reasoner).model_dump()), 0, platform="cuda", gpus=2)
+    assert kwargs["tensor_parallel_size"] == 2 and kwargs["enforce_eager"] is False
+    assert kwargs["enable_prefix_caching"] is True and kwargs["max_num_seqs"] == 128
+    assert kwargs["gpu_memory_utilization"] == 0.92
+    explicit = render({"roles": {"reasoner": {"gpus": 4, "serveConfig": {"limits": {"tensor_parallel_size": 2}}}}})
+    assert _serve_yaml(explicit, "reasoner")["limits"]["tensor_parallel_size"] == 2
+    smoke = _serve_yaml(rendered["cpu-smoke"], "reasoner")["limits"]
+    cpu = engine_kwargs("/m", EngineLimits(**Limits(**smoke).model_dump()), 0, platform="cpu")
+    assert cpu["enforce_eager"] is True and cpu["tensor_parallel_size"] == 1 and cpu["max_num_seqs"] == 4
+    default = _serve_yaml(rendered["default"], "reasoner")["limits"]
+    assert "max_num_seqs" not in default and default["enable_prefix_caching"] is True  # no CPU cap on GPUs
+
+
+def _cache_volume(docs: list[dict[str, Any]], role: str = "reasoner") -> dict[str, Any]:
+    spec = one(docs, "Deployment", f"p2r-{role}")["spec"]["template"]["spec"]
+    return next(v for v in spec["volumes"] if v["name"] == "cache")
+
+
+def test_model_cache_volumes(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Per-role cache directories, and the three kinds of /cache volume."""
+    from p2r.services.config import ServeConfig
+
+    for role in ROLES:  # ServeConfig adds the role: /cache/models/<role>
+        root = _serve_yaml(rendered["default"], role)["checkpoint_cache"]
+        cfg = ServeConfig.model_construct(checkpoint_cache=Path(root), roles=[role])
+        assert cfg.model_cache == Path(f"/cache/models/{role}")
+    assert _cache_volume(rendered["default"])["emptyDir"] == {"sizeLimit": "40Gi"}
+    shared = render({"cache": {"existingClaim": "models-rwx"}})
+    assert _cache_volume(shared)["persistentVolumeClaim"] == {"claimName": "models-rwx"}
+    eph = render({"cache": {"ephemeral": {"enabled": True, "volumeClaimTemplate": {"spec": {
+        "accessModes": ["ReadWriteOnce"], "storageClassName": "fast",
+        "resources": {"requests": {"storage": "80Gi"}}}}}}})
+    claim = _cache_volume(eph)["ephemeral"]["volumeClaimTemplate"]["spec"]
+    assert claim == {"accessModes": ["ReadWriteOnce"], "storageClassName": "fast",
+                     "resources": {"requests": {"storage": "80Gi"}}}
+    default_class = render({"cache": {"ephemeral": {"enabled": True}}})
+    assert "storageClassName" not in _cache_volume(default_class)["ephemeral"]["volumeClaimTemplate"]["spec"]
+    for d in find(eph, "Deployment"):
+        assert not errors_of(d), d["metadata"]["name"]
+    values_text = (CHART / "values.yaml").read_text()
+    assert "ReadWriteMany" in values_text and "keeps downloads across restarts" not in values_text
+
+
+def errors_of(doc: dict[str, Any]) -> list[str]:
+    return [e for v in KUBE_VERSIONS for e in validation_errors(doc, v)]
+
+
+def test_hf_models_and_token() -> None:
+    """hf:// model URIs are accepted; HF_TOKEN comes only from its Secret, HF_ENDPOINT from values."""
+    docs = render({"models": {"huggingFace": {"endpoint": "https://hf-mirror.example.com", "tokenSecret": "hf"}},
+                   "roles": {"reasoner": {"model": "hf://Qwen/Qwen3-VL-4B-Instruct"}}})
+    env = {e["name"]: e for e in one(docs, "Deployment", "p2r-reasoner")["spec"]["template"]["spec"][
+        "containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "HF_TOKEN"}
+    assert env["HF_ENDPOINT"]["value"] == "https://hf-mirror.example.com"
+    assert env["HF_HOME"]["value"].startswith("/cache/")
+    assert _serve_yaml(docs, "reasoner")["model"] == "hf://Qwen/Qwen3-VL-4B-Instruct"
+    assert not plaintext_credentials(docs)
+    assert "HF_TOKEN" not in {e["name"] for e in one(render({}), "Deployment", "p2r-reasoner")["spec"][
+        "template"]["spec"]["containers"][0]["env"]}
+
+
+# ---------------------------------------------------------------------- issue 17: operating
+
+
+def _without_secret_data(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    import copy
+
+    out = copy.deepcopy(docs)
+    for d in out:
+        if d["kind"] == "Secret":
+            d["data"] = {}
+        ann = d.get("spec", {}).get("template", {}).get("metadata", {}).get("annotations", {})
+        ann.pop("checksum/s3-credentials", None)
+    return out
+
+
+def test_secrets_stable_path() -> None:
+    """With existing Secrets two renders are identical (GitOps); with generated ones only the
+    keys and their checksums differ, each pod's checksum is that of the Secret it reads, and the
+    Secrets are kept on uninstall."""
+    import hashlib
+    import json
+
+    existing = {"s3": {"existingSecret": "s3-admin", "users": {"reader": {"existingSecret": "s3-ro"},
+                                                               "writer": {"existingSecret": "s3-rw"}}},
+                "controller": {"enabled": True}}
+    a, b = render(existing), render(existing)
+    assert a == b and not find(a, "Secret")
+    g1, g2 = render({"controller": {"enabled": True}}), render({"controller": {"enabled": True}})
+    assert g1 != g2 and _without_secret_data(g1) == _without_secret_data(g2)
+    secrets = {s["metadata"]["name"]: s for s in find(g1, "Secret")}
+    digest = {n: hashlib.sha256(json.dumps(s["data"], separators=(",", ":"), sort_keys=True).encode()).hexdigest()
+              for n, s in secrets.items()}
+    reads = {"p2r-reasoner": "p2r-s3-reader", "p2r-controller": "p2r-s3-writer", "p2r-minio": "p2r-s3"}
+    for workload, secret in reads.items():
+        obj = (find(g1, "Deployment", workload) + find(g1, "StatefulSet", workload))[0]
+        assert obj["spec"]["template"]["metadata"]["annotations"]["checksum/s3-credentials"] == digest[secret]
+    assert all(s["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for s in secrets.values())
+    keys = {base64_decode(s["data"]["AWS_ACCESS_KEY_ID"]) for s in secrets.values()}
+    assert len(keys) == 3  # three distinct users
+
+
+def base64_decode(text: str) -> str:
+    import base64
+
+    return base64.b64decode(text).decode()
+
+
+def test_bucket_hook_users_and_deadline(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The bucket hook creates the read-only and read-write users with their policies, and its
+    wait for the endpoint ends (error naming the Secret) after s3.hookWaitSeconds."""
+    import json
+
+    hook = one(rendered["default"], "Job", "p2r-create-bucket")
+    c = hook["spec"]["template"]["spec"]["containers"][0]
+    script = c["args"][0]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["P2R_WAIT_SECONDS"]["value"] == "240" and 'deadline=$(( $(date +%s) + P2R_WAIT_SECONDS ))' in script
+    assert "exit 1" in script and "Secret p2r-s3" in script
+    assert hook["spec"]["activeDeadlineSeconds"] == 360 and hook["spec"]["backoffLimit"] <= 2
+    policies = re.findall(r"cat > /tmp/(\w+)\.json <<'EOF'\n(.*?)\nEOF", script, re.S)
+    docs = {name: json.loads(body) for name, body in policies}
+    reader = [s for s in docs["reader"]["Statement"] for a in s["Action"] if a in ("s3:PutObject", "s3:DeleteObject")]
+    assert not reader  # servers read only
+    writes = [s for s in docs["writer"]["Statement"] if "s3:PutObject" in s["Action"]]
+    assert writes[0]["Resource"] == ["arn:aws:s3:::p2r/runs/*"]
+    for user in ("READER", "WRITER"):
+        assert f'mc admin user add p2r "${user}_ACCESS_KEY" "${user}_SECRET_KEY"' in script
+        assert env[f"{user}_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["name"] == f"p2r-s3-{user.lower()}"
+    external = one(rendered["external-s3"], "Job", "p2r-create-bucket")["spec"]["template"]["spec"]["containers"][0]
+    assert "mc admin" not in external["args"][0]  # no admin rights on someone else's S3
+
+
+def test_priority_classes_exist_for_gpu_production(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["gpu-production"]
+    classes = {p["metadata"]["name"]: p for p in find(docs, "PriorityClass")}
+    used = {spec["priorityClassName"] for _, spec in pod_specs(docs) if spec.get("priorityClassName")}
+    assert used and used <= set(classes)
+    assert classes["p2r-serving"]["value"] > classes["p2r-training"]["value"]
+    assert not find(rendered["default"], "PriorityClass")
+
+
+# Gateway API v1 (gateway.networking.k8s.io) GRPCRoute / HTTPRoute: the fields the chart emits,
+# transcribed from the Gateway API reference and closed to unknown keys (no CRD is installed here).
+_PARENT = {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {
+    "group": {"type": "string"}, "kind": {"type": "string"}, "namespace": {"type": "string"},
+    "name": {"type": "string"}, "sectionName": {"type": "string"}, "port": {"type": "integer"}}}
+_BACKEND = {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {
+    "group": {"type": "string"}, "kind": {"type": "string"}, "name": {"type": "string"},
+    "namespace": {"type": "string"}, "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+    "weight": {"type": "integer"}}}
+
+
+def _route_schema(kind: str, match: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+            "properties": {
+                "apiVersion": {"const": "gateway.networking.k8s.io/v1"}, "kind": {"const": kind},
+                "metadata": {"type": "object", "required": ["name"]},
+                "spec": {"type": "object", "additionalProperties": False, "properties": {
+                    "parentRefs": {"type": "array", "items": _PARENT}, "hostnames": {"type": "array"},
+                    "rules": {"type": "array", "items": {"type": "object", "additionalProperties": False,
+                                                         "properties": {
+                        "matches": {"type": "array", "items": match},
+                        "backendRefs": {"type": "array", "items": _BACKEND}}}}}}}}
+
+
+ROUTE_SCHEMAS = {
+    "GRPCRoute": _route_schema("GRPCRoute", {"type": "object", "additionalProperties": False, "properties": {
+        "method": {"type": "object", "additionalProperties": False, "properties": {
+            "type": {"enum": ["Exact", "RegularExpression"]}, "service": {"type": "string"},
+            "method": {"type": "string"}}}, "headers": {"type": "array"}}}),
+    "HTTPRoute": _route_schema("HTTPRoute", {"type": "object", "additionalProperties": False, "properties": {
+        "path": {"type": "object", "additionalProperties": False, "properties": {
+            "type": {"enum": ["Exact", "PathPrefix", "RegularExpression"]}, "value": {"type": "string"}}},
+        "headers": {"type": "array"}, "method": {"type": "string"}}}),
+}
+
+
+def test_exposure_and_network_policy_agree() -> None:
+    """Ingress, Gateway API routes and LoadBalancer: each validates, and the gateway's
+    NetworkPolicy admits exactly what that exposure needs."""
+    import jsonschema
+
+    def gateway_from(docs: list[dict[str, Any]]) -> Any:
+        rule = one(docs, "NetworkPolicy", "p2r-gateway")["spec"]["ingress"][0]
+        return rule.get("from")
+
+    test_pod = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "p2r", "app.kubernetes.io/instance": "p2r",
+                                                "app.kubernetes.io/component": "test"}}}
+    ingress = render({"ingress": {"enabled": True, "grpc": {"enabled": True}}, "networkPolicy": {"enabled": True}})
+    http, grpc_ing = one(ingress, "Ingress", "p2r-gateway"), one(ingress, "Ingress", "p2r-gateway-grpc")
+    assert not errors_of(http) and not errors_of(grpc_ing)
+    assert http["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"] == {"name": "p2r-gateway",
+                                                                                  "port": {"name": "http"}}
+    assert grpc_ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["port"] == {"name": "grpc"}
+    assert gateway_from(ingress) == [*merged_values({})["ingress"]["from"], test_pod]
+
+    peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway-system"}}}]
+    api = render({"gatewayAPI": {"enabled": True, "parentRefs": [{"name": "shared", "namespace": "gateway-system"}],
+                                 "hostnames": ["p2r.example.com"], "from": peers},
+                  "networkPolicy": {"enabled": True}})
+    for kind in ("GRPCRoute", "HTTPRoute"):
+        route = one(api, kind, "p2r-gateway")
+        assert not list(jsonschema.Draft7Validator(ROUTE_SCHEMAS[kind]).iter_errors(route)), kind
+        assert route["spec"]["rules"][0]["backendRefs"][0]["name"] == "p2r-gateway"
+    assert one(api, "GRPCRoute", "p2r-gateway")["spec"]["rules"][0]["backendRefs"][0]["port"] == 50051
+    bad = one(api, "GRPCRoute", "p2r-gateway")
+    bad["spec"]["rules"][0]["backendRef"] = []
+    assert list(jsonschema.Draft7Validator(ROUTE_SCHEMAS["GRPCRoute"]).iter_errors(bad))  # the schema is closed
+    assert gateway_from(api) == [*peers, test_pod]
+
+    lb = render({"roles": {"gateway": {"service": {"type": "LoadBalancer"}}}, "ingress": {"enabled": True},
+                 "networkPolicy": {"enabled": True}})
+    assert gateway_from(lb) is None  # load-balancer traffic comes from outside the cluster: any source
+
+
+def test_topology_spread_follows_the_release_name() -> None:
+    """A constraint without labelSelector gets the role's own selector, for any release name."""
+    import helm_python
+
+    values = PROFILES["gpu-production"]
+    rendered_other = helm_python.Chart.load(str(CHART)).render(values, name="team-a", namespace="ml", is_install=True)
+    docs = [d for text in rendered_other.values() if not text.startswith("P2R") for d in yaml.safe_load_all(text) if d]
+    spec = one(docs, "Deployment", "team-a-p2r-reasoner")["spec"]["template"]["spec"]
+    constraint = spec["topologySpreadConstraints"][0]
+    assert constraint["topologyKey"] == "topology.kubernetes.io/zone"
+    assert constraint["labelSelector"]["matchLabels"] == {"app.kubernetes.io/name": "p2r",
+                                                          "app.kubernetes.io/instance": "team-a",
+                                                          "app.kubernetes.io/component": "reasoner"}
+    assert "p2r" not in str(values.get("roleDefaults", {}).get("topologySpreadConstraints"))
+
+
+def test_helm_conventions() -> None:
+    """extraVolumes / extraVolumeMounts, envFrom, controller podAnnotations and probes,
+    image.digest, global.imageRegistry on every image, imagePullSecrets on every pod,
+    commonLabels, extraObjects."""
+    digest = "sha256:" + "a" * 64
+    docs = render({
+        "global": {"imageRegistry": "mirror.corp:5000"}, "image": {"digest": digest},
+        "imagePullSecrets": [{"name": "regcred"}], "commonLabels": {"team": "vision"},
+        "roleDefaults": {"extraVolumes": [{"name": "ca", "secret": {"secretName": "ca"}}],
+                         "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/ca", "readOnly": True}],
+                         "envFrom": [{"configMapRef": {"name": "env"}}]},
+        "controller": {"enabled": True, "podAnnotations": {"owner": "ml"}},
+        "extraObjects": [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "extra"}},
+                         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: '{{ .Release.Name }}-extra2'"],
+    })
+    assert find(docs, "ConfigMap", "extra") and find(docs, "ConfigMap", "p2r-extra2")
+    for d in docs:
+        if d["metadata"]["name"] not in ("extra", "p2r-extra2"):
+            assert d["metadata"]["labels"]["team"] == "vision", d["metadata"]["name"]
+    for name, spec in all_pod_specs(docs):
+        assert spec["imagePullSecrets"] == [{"name": "regcred"}], name
+        for c in containers(spec):
+            assert c["image"].startswith("mirror.corp:5000/"), (name, c["image"])
+            if "p2r-gpu" in c["image"]:
+                assert c["image"] == f"mirror.corp:5000/p2r-platform/p2r-gpu@{digest}"
+    reasoner = one(docs, "Deployment", "p2r-reasoner")["spec"]["template"]["spec"]
+    assert {"name": "ca", "secret": {"secretName": "ca"}} in reasoner["volumes"]
+    assert reasoner["containers"][0]["envFrom"] == [{"configMapRef": {"name": "env"}}]
+    assert {"name": "ca", "mountPath": "/etc/ca", "readOnly": True} in reasoner["containers"][0]["volumeMounts"]
+    controller = one(docs, "Deployment", "p2r-controller")["spec"]["template"]
+    assert controller["metadata"]["annotations"]["owner"] == "ml"
+    c = controller["spec"]["containers"][0]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, probe
+    assert all(not errors_of(d) for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job", "Pod"))
+
+
+def test_helm_test_pod(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """`helm test`: gateway health (gRPC p2r.v1.P2R and HTTP /readyz), then one P2R.Answer, as
+    a restricted pod that validates strictly."""
+    for profile in PROFILES:
+        pod = one(rendered[profile], "Pod", "p2r-test-gateway")
+        assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+        assert not errors_of(pod)
+        spec = pod["spec"]
+        assert spec["automountServiceAccountToken"] is False and spec["securityContext"]["runAsNonRoot"] is True
+        for c in containers(spec):
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True
+            assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        health, image = spec["initContainers"]
+        assert 'service="p2r.v1.P2R"' in health["args"][0]
+        assert health["args"][1:] == ["p2r-gateway.p2r.svc.cluster.local:50051",
+                                      "http://p2r-gateway.p2r.svc.cluster.local:8080/readyz"]
+        answer = spec["containers"][0]
+        assert answer["args"][:3] == ["ask", "--target", "p2r-gateway.p2r.svc.cluster.local:50051"]
+        assert answer["args"][4].startswith(image["args"][3] + "/images/")  # the image the synth step wrote
+
+
+def test_readme_cpu_smoke_creates_the_namespace() -> None:
+    readme = (CHART.parent.parent / "README.md").read_text()
+    installs = [line for line in readme.splitlines() if "helm install" in line and "cpu-smoke" in line]
+    assert installs and all("--create-namespace" in line for line in installs)
+
+
+def test_seed_hook_runs_for_real_on_loopback(s3_server: dict[str, str], tmp_path: Path) -> None:
+    """cpu-smoke's model bootstrap, run for real: each step of the rendered seeding Job (`p2r models
+    tiny`, `p2r models upload`) runs as its container would, against a real S3-protocol server on
+    loopback (the Job's /scratch volume is a temporary directory here), and a role server's
+    download path (resolve_checkpoint) then fetches the model the controller starts from."""
+    import os
+    import subprocess
+    import sys
+
+    from minio import Minio
+
+    from p2r.services.checkpoints import resolve_checkpoint
+
+    docs = render(PROFILES["cpu-smoke"])
+    job = one(docs, "Job", "p2r-seed-models")["spec"]["template"]["spec"]
+    values = merged_values(PROFILES["cpu-smoke"])
+    uri = values["controller"]["config"]["base_model"]
+    bucket = uri.removeprefix("s3://").split("/")[0]
+    Minio(s3_server["P2R_S3_ENDPOINT"], access_key=s3_server["AWS_ACCESS_KEY_ID"],
+          secret_key=s3_server["AWS_SECRET_ACCESS_KEY"], secure=False).make_bucket(bucket)  # the bucket hook's work
+    scratch = tmp_path / "scratch"
+    for c in containers(job):
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert "/scratch" in mounts
+        env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+        env = {k: v.replace("/scratch", str(scratch)) for k, v in env.items() if k not in ("P2R_S3_ENDPOINT",)}
+        env["TMPDIR"] = str(tmp_path)
+        argv = [a.replace("/scratch", str(scratch)) for a in c["args"]]
+        assert c["command"] == ["p2r"]
+        out = subprocess.run([sys.executable, "-m", "p2r.cli", *argv], capture_output=True, text=True, timeout=600,
+                             env={**os.environ, **env, **s3_server, "P2R_S3_SECURE": "false"})
+        assert out.returncode == 0, (c["name"], out.stdout + out.stderr)
+    env_backup = dict(os.environ)
+    try:
+        os.environ.update({**s3_server, "P2R_S3_SECURE": "false"})
+        path = resolve_checkpoint(uri, tmp_path / "cache")
+    finally:
+        os.environ.clear()
+        os.environ.update(env_backup)
+    assert (path / "config.json").is_file() and (path / "manifest.json").is_file()
