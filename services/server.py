@@ -26,10 +26,10 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from p2r.services import metrics
-from p2r.services.checkpoints import resolve_checkpoint, weight_files
+from p2r.services.checkpoints import resolve_checkpoint
 from p2r.services.client import aio_channel
 from p2r.services.config import ServeConfig, connection_age_options
-from p2r.services.engine import AsyncEngine, EngineLimits, TensorLayout, check_layout, tensor_layout
+from p2r.services.engine import AsyncEngine, EngineLimits, TensorLayout, check_layout, checkpoint_layout
 from p2r.services.errors import FailedPrecondition, InvalidArgument, Overloaded, Status, status_of
 from p2r.services.handlers import Handlers, RoleBackend, answer
 from p2r.services.protocol import ADMIN_SERVICE, MAX_MESSAGE_BYTES, SERVICE_NAMES
@@ -117,7 +117,7 @@ class Server:
             return
         path = resolve_checkpoint(self.config.model, self.config.model_cache, self.config.allow_unverified_local)
         # What a reload is checked against: the tensors the engine was built from.
-        self._layout = tensor_layout(weight_files(path))
+        self._layout = checkpoint_layout(path)
         limits = EngineLimits(**self.config.limits.model_dump())
         self.engine = AsyncEngine(str(path), limits, seed=self.config.seed)
         self.handlers = Handlers(self.config, self.engine)
@@ -275,7 +275,7 @@ class Server:
     def _prepare_reload(self, uri: str, cancel: threading.Event) -> Path:
         """Resolve (download, verify) ``uri`` and check its tensors against the running model."""
         path = resolve_checkpoint(uri, self.config.model_cache, self.config.allow_unverified_local, cancel)
-        check_layout(tensor_layout(weight_files(path)), self._layout, uri)
+        check_layout(checkpoint_layout(path), self._layout, uri)
         return path
 
     async def _swap(self, uri: str, path: Path, started: float) -> float:

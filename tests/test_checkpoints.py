@@ -368,3 +368,45 @@ def test_models_upload_seeds_object_storage_and_reads_back(tmp_path: Path, s3_se
         result = CliRunner().invoke(cli, ["models", "upload", *args])
         assert result.exit_code == 2, result.output
         assert named in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_reload_layout_check_names_the_tensor(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """What Admin.LoadCheckpoint checks before it touches the engine (issue 14 item 1): the same
+    tensor names, shapes and compatible dtypes as the running model. A tied head stored
+    explicitly (as a trainer's checkpoint may) is the same layout; bf16 for fp32 is castable."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from p2r.services.engine import check_layout, checkpoint_layout
+
+    running = checkpoint_layout(tiny_model_dir)
+    assert "lm_head.weight" in running
+
+    def variant(name: str, change: object) -> Path:
+        d = tmp_path / name
+        shutil.copytree(tiny_model_dir, d)
+        tensors = load_file(d / "model.safetensors")
+        change(tensors)  # type: ignore[operator]
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+        write_manifest(d)
+        return d
+
+    key = next(k for k in sorted(running) if k.endswith("mlp.up_proj.weight"))
+    with_head = variant("head", lambda t: t.__setitem__("lm_head.weight", t[next(
+        k for k in t if k.endswith("language_model.embed_tokens.weight"))].clone()))
+    check_layout(checkpoint_layout(with_head), running, "head")
+    bf16 = variant("bf16", lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
+    check_layout(checkpoint_layout(bf16), running, "bf16")
+    for name, change, message in (
+        ("shape", lambda t: t.__setitem__(key, t[key][:1].contiguous()), rf"tensor {key} has shape \[1, "),
+        ("dtype", lambda t: t.__setitem__(key, t[key].to(torch.int32)), rf"tensor {key} has dtype I32"),
+        ("missing", lambda t: t.pop(key), rf"tensor {key} is missing"),
+        ("extra", lambda t: t.__setitem__("model.extra.weight", torch.zeros(2)), "tensor model.extra.weight is not"),
+    ):
+        with pytest.raises(CheckpointError, match=message):
+            check_layout(checkpoint_layout(variant(name, change)), running, name)
+    garbage = tmp_path / "garbage"
+    shutil.copytree(tiny_model_dir, garbage)
+    (garbage / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{not a header")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a valid safetensors file"):
+        checkpoint_layout(garbage)
