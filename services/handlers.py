@@ -10,10 +10,7 @@ awaits the shared ``AsyncEngine``. The gateway's ``answer`` composes perceive an
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +33,7 @@ from p2r.services.config import ServeConfig
 from p2r.services.cpus import default_workers
 from p2r.services.engine import AsyncEngine, GenerationOut
 from p2r.services.errors import InvalidArgument
+from p2r.services.image_cache import DecodedImages
 from p2r.services.protocol import FORM_FROM_PB, region_to_pb
 from p2r.v1 import p2r_pb2 as pb
 
@@ -70,11 +68,8 @@ class Handlers:
         self.config = config
         self.engine = engine
         self.bounds = PixelBounds(config.min_pixels, config.max_pixels)
-        # Decoded images by content hash: a gateway's perceive and reason calls, and a
-        # trainer's rollouts of one prompt, send the same image; decode and resize it once.
-        # Images are never modified in place (evidence drawing copies), so sharing is safe.
-        self._decoded: OrderedDict[bytes, SourceImage] = OrderedDict()
-        self._cache_lock = threading.Lock()
+        # Decoded images by content hash, within a budget of decoded bytes (image_cache.py).
+        self._decoded = DecodedImages(config.decoded_image_cache_bytes)
         # The image work gets its own bounded pool: on a CPU engine it shares the cores with the
         # engine's own threads, and more builders than cores only slow both down.
         # 0: sized from the container's CPU quota, not the node's cores (services/cpus.py).
@@ -110,20 +105,15 @@ class Handlers:
     def source(self, image: Image.Image, data: bytes, field: str) -> SourceImage:
         """Decoded RGB pixels with their model-side resize, from the cache when the same bytes
         were seen recently."""
-        key = hashlib.blake2b(data, digest_size=16).digest()
-        with self._cache_lock:
-            cached = self._decoded.get(key)
-            if cached is not None:
-                self._decoded.move_to_end(key)
-                return cached
+        key = DecodedImages.key(data)
+        cached = self._decoded.get(key)
+        if cached is not None:
+            return cached
         try:
             source = SourceImage(load_image(image, field=field), self.bounds)
         except ImageError as e:
             raise InvalidArgument(str(e)) from None
-        with self._cache_lock:
-            self._decoded[key] = source
-            while len(self._decoded) > self.config.decoded_image_cache:
-                self._decoded.popitem(last=False)
+        self._decoded.put(key, source)
         return source
 
     def question(self, text: str, field: str) -> str:
