@@ -289,8 +289,10 @@ def demo(workdir: Path, index: int) -> None:
 @click.option("--port", type=int, default=None, help="gRPC port (0 = any free port).")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (0 = any free port).")
 @click.option("--http-port", type=int, default=None, help="Gateway HTTP facade port.")
+@click.option("--admin-port", type=int, default=None,
+              help="Admin gRPC port (LoadCheckpoint; off on a gateway-only server unless admin: true).")
 def serve(roles: tuple[str, ...], config_path: Path | None, model: str | None, host: str | None,
-          port: int | None, metrics_port: int | None, http_port: int | None) -> None:
+          port: int | None, metrics_port: int | None, http_port: int | None, admin_port: int | None) -> None:
     """Serve roles over gRPC on one vLLM engine: perceiver, reasoner, verifier, gateway."""
     import asyncio
     import logging
@@ -303,7 +305,7 @@ def serve(roles: tuple[str, ...], config_path: Path | None, model: str | None, h
 
     try:
         config = load_config(config_path, roles=list(dict.fromkeys(roles)), model=model, host=host, port=port,
-                             metrics_port=metrics_port, http_port=http_port)
+                             metrics_port=metrics_port, http_port=http_port, admin_port=admin_port)
     except ValidationError as e:
         raise _config_error(e) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

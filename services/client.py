@@ -21,6 +21,7 @@ import grpc
 
 from p2r.core.grading import VerifyRequest
 from p2r.services.protocol import ALL_SERVICES, MAX_MESSAGE_BYTES, verify_to_pb
+from p2r.services.security import ClientCredentials, secure_aio_channel, secure_channel
 from p2r.v1 import p2r_pb2 as pb
 from p2r.v1 import p2r_pb2_grpc as pb_grpc
 
@@ -77,28 +78,44 @@ def channel_options(retry: RetryPolicy | None = None) -> list[tuple[str, Any]]:
     ]
 
 
-def aio_channel(target: str, retry: RetryPolicy | None = None) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=channel_options(retry))
+def aio_channel(target: str, retry: RetryPolicy | None = None,
+                credentials: ClientCredentials | None = None) -> grpc.aio.Channel:
+    """An asyncio channel; ``credentials`` default to the environment's (Secret-mounted files)."""
+    return secure_aio_channel(target, credentials or ClientCredentials.from_env(), channel_options(retry))
 
 
 class Client:
-    """Blocking client for all p2r.v1 services on one target (``host:port``)."""
+    """Blocking client for all p2r.v1 services on one target (``host:port``).
 
-    def __init__(self, target: str, timeout_s: float = 300.0, retry: RetryPolicy | None = None) -> None:
+    ``credentials`` (TLS root, client certificate, API key, admin token) default to
+    ``ClientCredentials.from_env()``: what the pod's Secrets provide. ``admin_target`` is the
+    server's admin port, where ``load_checkpoint`` goes with the admin token; ``status`` is
+    answered by the public port too.
+    """
+
+    def __init__(self, target: str, timeout_s: float = 300.0, retry: RetryPolicy | None = None,
+                 credentials: ClientCredentials | None = None, admin_target: str | None = None) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(target, options=channel_options(retry))
+        credentials = credentials or ClientCredentials.from_env()
+        options = channel_options(retry)
+        self._raw, self.channel = secure_channel(target, credentials, options)
         self.perceiver = pb_grpc.PerceiverStub(self.channel)
         self.reasoner = pb_grpc.ReasonerStub(self.channel)
         self.verifier = pb_grpc.VerifierStub(self.channel)
         self.p2r = pb_grpc.P2RStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
+        self._admin_raw: grpc.Channel | None = None
+        if admin_target is not None:
+            self._admin_raw, admin_channel = secure_channel(admin_target, credentials, options, admin=True)
+            self.admin = pb_grpc.AdminStub(admin_channel)
+        self._status = pb_grpc.AdminStub(self.channel)
 
     def _t(self, timeout_s: float | None) -> float:
         return self.timeout_s if timeout_s is None else timeout_s
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
-        grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+        grpc.channel_ready_future(self._raw).result(timeout=timeout_s)
 
     def answer(self, request: pb.AnswerRequest, timeout_s: float | None = None) -> pb.AnswerResponse:
         return self.p2r.Answer(request, timeout=self._t(timeout_s))
@@ -121,10 +138,12 @@ class Client:
         return self.admin.LoadCheckpoint(pb.LoadCheckpointRequest(uri=uri), timeout=self._t(timeout_s))
 
     def status(self) -> pb.StatusResponse:
-        return self.admin.Status(pb.StatusRequest(), timeout=10)
+        return self._status.Status(pb.StatusRequest(), timeout=10)
 
     def close(self) -> None:
-        self.channel.close()
+        self._raw.close()
+        if self._admin_raw is not None:
+            self._admin_raw.close()
 
     def __enter__(self) -> Client:
         return self

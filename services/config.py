@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal, Self
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from p2r.core.errors import UserError
 from p2r.core.prompts import VERIFIER_MAX_TOKENS
 from p2r.services.checkpoints import DEFAULT_CACHE
+from p2r.services.security import is_loopback
 
 Role = Literal["perceiver", "reasoner", "verifier", "gateway"]
 ROLES: tuple[Role, ...] = ("perceiver", "reasoner", "verifier", "gateway")
@@ -33,6 +34,30 @@ class Limits(BaseModel):
         None, ge=1, description="GPUs one engine spans; null: every GPU the pod was given (its gpus), 1 on CPU")
     enable_prefix_caching: bool = Field(True, description="reuse the KV cache of shared prompt prefixes")
     enforce_eager: bool | None = Field(None, description="null: eager on CPU, CUDA graphs on GPU")
+
+
+class TLS(BaseModel):
+    """TLS of every port of this server, from files a ``kubernetes.io/tls`` Secret (e.g. made by
+    cert-manager) mounts: ``tls.crt``, ``tls.key`` and ``ca.crt``. With ``ca_file`` set, clients
+    must present a certificate it signed (mutual TLS) on the admin port, and on every port when
+    ``require_client_cert`` is true."""
+
+    cert_file: Path | None = Field(None, description="tls.crt; set with key_file to turn TLS on")
+    key_file: Path | None = Field(None, description="tls.key")
+    ca_file: Path | None = Field(None, description="ca.crt: the CA client certificates must chain to")
+    require_client_cert: bool = Field(False, description="mTLS on the public ports too (needs ca_file)")
+
+    @model_validator(mode="after")
+    def _check(self) -> TLS:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls: cert_file and key_file go together")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("tls.require_client_cert needs tls.ca_file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
 
 
 class ConfigFileMissing(UserError, FileNotFoundError):
@@ -85,8 +110,13 @@ class ServeConfig(YamlSettings):
     limits: Limits = Field(default_factory=Limits)
 
     # Input and overload protection
-    max_in_flight: int = Field(256, ge=1, description="admitted work items; beyond -> RESOURCE_EXHAUSTED")
-    max_batch_items: int = Field(1024, ge=1)
+    max_in_flight: int = Field(
+        256, ge=1, description="admitted completions (items x n); beyond -> RESOURCE_EXHAUSTED, a single call "
+        "asking for more than this can never run -> INVALID_ARGUMENT")
+    max_batch_items: int = Field(
+        64, ge=1, description="items per batch call (the trainer's reward_batch_size must fit); with "
+        "max_image_bytes it sizes the gRPC receive limit")
+    max_n: int = Field(64, ge=1, description="completions per request (sampling.n)")
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(100_000_000, ge=1, description="decoded width x height")
     max_question_chars: int = Field(16_384, ge=1)
@@ -118,6 +148,16 @@ class ServeConfig(YamlSettings):
     max_connection_age_grace_s: float = Field(
         600.0, ge=0, description="RPCs in flight on a closing connection get this long to finish; "
                                  "longer than the longest client deadline (300 s), so none is cut")
+
+    # Security (services/security.py). Secrets come from files mounted from Kubernetes Secrets,
+    # or inline (env P2R_API_KEY / P2R_ADMIN_TOKEN) for local use.
+    tls: TLS = Field(default_factory=TLS)
+    api_keys_file: Path | None = Field(None, description="API keys of the public ports, one per line")
+    api_key: SecretStr | None = Field(None, description="API keys inline, comma-separated")
+    admin: bool | None = Field(None, description="serve Admin on admin_port; null: on unless only the gateway runs")
+    admin_port: int = Field(50052, ge=0, le=65535, description="Admin gRPC (LoadCheckpoint, Status); 0 picks one")
+    admin_token_file: Path | None = Field(None, description="bearer token the admin port requires")
+    admin_token: SecretStr | None = Field(None, description="admin token inline")
     checkpoint_cache: Path = Field(
         DEFAULT_CACHE, description="model cache root; each role set downloads into its own subdirectory (model_cache)")
     allow_unverified_local: bool = Field(
@@ -132,7 +172,34 @@ class ServeConfig(YamlSettings):
             raise ValueError("a model is required for the perceiver, reasoner and verifier roles and a local gateway")
         if self.min_pixels > self.max_pixels:
             raise ValueError("min_pixels must not exceed max_pixels")
+        if self.admin_enabled and not is_loopback(self.host) and not self.admin_credentials_configured:
+            raise ValueError("admin on a non-loopback host needs admin_token(_file) or tls.ca_file (mTLS): "
+                             "LoadCheckpoint swaps the served model")
         return self
+
+    @property
+    def admin_enabled(self) -> bool:
+        """Admin is off on a gateway-only server unless asked for: it has no engine to reload and
+        is the public entry point."""
+        return self.admin if self.admin is not None else set(self.roles) != {"gateway"}
+
+    @property
+    def admin_credentials_configured(self) -> bool:
+        return bool(self.admin_token_file or self.admin_token or (self.tls.enabled and self.tls.ca_file))
+
+    @property
+    def max_receive_bytes(self) -> int:
+        """gRPC receive limit: the largest valid call is a full batch of images at the image limit
+        plus the other fields (question text, sampling), so anything larger is refused by gRPC
+        before it is buffered. Capped below gRPC's 2 GiB ceiling."""
+        per_item = self.max_image_bytes + 4 * self.max_question_chars + 64 * 1024
+        return min(2**31 - 1, self.max_batch_items * per_item + 1024 * 1024)
+
+    @property
+    def max_http_body_bytes(self) -> int:
+        """HTTP request body limit: one image at the image limit, base64-encoded (the OpenAI
+        routes take data URLs), plus the question and form overhead."""
+        return (self.max_image_bytes * 4 + 2) // 3 + 4 * self.max_question_chars + 64 * 1024
 
     @property
     def model_cache(self) -> Path:

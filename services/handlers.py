@@ -10,6 +10,8 @@ awaits the shared ``AsyncEngine``. The gateway's ``answer`` composes perceive an
 from __future__ import annotations
 
 import asyncio
+import math
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,13 +27,13 @@ from p2r.core.evidence import build_evidence
 from p2r.core.flow import perceiver_request, reasoner_request, verifier_request
 from p2r.core.generation import ChatRequest, Sampling
 from p2r.core.grading import verifier_says_yes
-from p2r.core.images import ImageError, PixelBounds, load_image, open_image
+from p2r.core.images import MAX_ASPECT_RATIO, ImageError, PixelBounds, load_image, open_image
 from p2r.core.prompts import AnswerForm
 from p2r.core.source_image import SourceImage
 from p2r.services import metrics
 from p2r.services.config import ServeConfig
 from p2r.services.cpus import default_workers
-from p2r.services.engine import AsyncEngine, GenerationOut
+from p2r.services.engine import AsyncEngine, GenerationOut, sampling_params
 from p2r.services.errors import InvalidArgument
 from p2r.services.image_cache import DecodedImages
 from p2r.services.protocol import FORM_FROM_PB, region_to_pb
@@ -49,6 +51,14 @@ class Prepared:
     chat: ChatRequest
     sampling: Sampling
     extra: dict[str, Any]
+
+
+def vllm_client_error(exc: BaseException) -> bool:
+    """Whether vLLM raised ``exc`` as the request's fault (``VLLMClientError``). vLLM is looked
+    up, not imported: it is loaded once an engine runs, and importing it early would bypass
+    ``configure_vllm_env``."""
+    module = sys.modules.get("vllm.exceptions")
+    return module is not None and isinstance(exc, module.VLLMClientError)
 
 
 class ItemInvalid(InvalidArgument):
@@ -79,17 +89,39 @@ class Handlers:
     # ------------------------------------------------------------------------------ validation
 
     def sampling(self, params: pb.SamplingParams, field: str, default_max_tokens: int) -> Sampling:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if params.HasField(name) and not math.isfinite(getattr(params, name)):
+                raise InvalidArgument(f"{field}.{name}: must be a finite number, got {getattr(params, name)}")
+        if params.HasField("n") and params.n > self.config.max_n:
+            raise InvalidArgument(f"{field}.n: {params.n} completions, over the limit max_n={self.config.max_n}")
+        max_tokens = params.max_tokens if params.HasField("max_tokens") else default_max_tokens
+        # No completion outgrows the context: vLLM ends it at max_model_len ("length"), so a
+        # larger request is capped to what the context allows instead of failing.
+        max_tokens = min(max_tokens, self.config.limits.max_model_len)
         try:
-            return Sampling(
+            sampling = Sampling(
                 n=params.n if params.HasField("n") else 1,
                 temperature=params.temperature if params.HasField("temperature") else 0.0,
                 top_p=params.top_p if params.HasField("top_p") else 1.0,
-                max_tokens=params.max_tokens if params.HasField("max_tokens") else default_max_tokens,
+                max_tokens=max_tokens,
                 seed=params.seed if params.HasField("seed") else None,
                 repetition_penalty=params.repetition_penalty if params.HasField("repetition_penalty") else 1.0,
             )
         except ValueError as e:
             raise InvalidArgument(f"{field}: {e}") from None
+        if self.engine is not None:
+            # vLLM's own rules (e.g. repetition_penalty > 0), checked now so that a bad value is
+            # INVALID_ARGUMENT naming the field before any work, not an engine error later.
+            from vllm.exceptions import VLLMValidationError
+
+            try:
+                sampling_params(sampling)
+            except (VLLMValidationError, ValueError) as e:
+                # Name the field: vLLM sets ``parameter`` on some errors; others start with it.
+                name = getattr(e, "parameter", None) or str(e).split(" ", 1)[0]
+                known = name in pb.SamplingParams.DESCRIPTOR.fields_by_name
+                raise InvalidArgument(f"{field}{'.' + name if known else ''}: {e}") from None
+        return sampling
 
     def image(self, data: bytes, field: str) -> Image.Image:
         """Check size, format and pixel count from the header; pixels are decoded later."""
@@ -98,9 +130,13 @@ class Handlers:
                 f"{field}: image is {len(data)} bytes, over the limit of {self.config.max_image_bytes} bytes"
             )
         try:
-            return open_image(data, field=field, max_pixels=self.config.max_image_pixels)
+            image = open_image(data, field=field, max_pixels=self.config.max_image_pixels)
         except ImageError as e:
             raise InvalidArgument(str(e)) from None
+        if max(image.size) > MAX_ASPECT_RATIO * max(1, min(image.size)):
+            raise InvalidArgument(f"{field}: image is {image.width}x{image.height}, an aspect ratio over the "
+                                  f"model's limit of {MAX_ASPECT_RATIO}:1")
+        return image
 
     def source(self, image: Image.Image, data: bytes, field: str) -> SourceImage:
         """Decoded RGB pixels with their model-side resize, from the cache when the same bytes
@@ -122,6 +158,12 @@ class Handlers:
         if len(text) > self.config.max_question_chars:
             raise InvalidArgument(f"{field}: question has {len(text)} characters, over the limit of "
                                   f"{self.config.max_question_chars}")
+        if self.engine is not None:
+            tokens = len(self.engine.renderer.tokenizer.encode(text, add_special_tokens=False))
+            limit = self.config.limits.max_model_len
+            if tokens >= limit:
+                raise InvalidArgument(f"{field}: question is {tokens} tokens, over the model length "
+                                      f"max_model_len={limit}")
         return text
 
     @staticmethod
@@ -131,8 +173,15 @@ class Handlers:
         return FORM_FROM_PB[value]
 
     @staticmethod
-    def variant(value: int) -> prompts.Variant:
-        return "eval" if value == pb.PROMPT_VARIANT_EVAL else "train"
+    def variant(value: int, field: str) -> prompts.Variant:
+        """Proto3 enums are open: an unknown number arrives as itself and must not silently
+        fall back to the training wording."""
+        if value == pb.PROMPT_VARIANT_TRAIN:
+            return "train"
+        if value == pb.PROMPT_VARIANT_EVAL:
+            return "eval"
+        raise InvalidArgument(f"{field}: unknown PromptVariant {value}; PROMPT_VARIANT_TRAIN (0) or "
+                              f"PROMPT_VARIANT_EVAL (1)")
 
     @staticmethod
     def regions(items: Any, field: str) -> list[Region]:
@@ -163,7 +212,7 @@ class Handlers:
         image = self.image(req.image, f"{field}image")
         structured = req.structured or self.config.structured_perceiver
         schema = BBOX_LIST_SCHEMA if structured else None
-        variant = self.variant(req.variant)
+        variant = self.variant(req.variant, f"{field}variant")
 
         def build() -> Prepared:
             # The cached resize is already at the target size, so resizing it again is a no-op.
@@ -182,7 +231,7 @@ class Handlers:
         except InvalidArgument as e:  # one degenerate item must not cost its batch
             raise ItemInvalid(str(e), pb.ReasonResult(id=req.id, error=str(e))) from None
         image = self.image(req.image, f"{field}image")
-        variant = self.variant(req.variant)
+        variant = self.variant(req.variant, f"{field}variant")
 
         def build() -> Prepared:
             started = time.perf_counter()
@@ -261,15 +310,23 @@ class Handlers:
         started = time.perf_counter()
         builders = [_builder(prepare, r, "" if single else f"requests[{i}].", single) for i, r in enumerate(requests)]
 
-        async def one(request: Any, build: Callable[[], Prepared] | ItemInvalid) -> Any:
+        async def one(request: Any, build: Callable[[], Prepared] | ItemInvalid, field: str) -> Any:
             if isinstance(build, ItemInvalid):
                 return build.result
             prepared = await asyncio.get_running_loop().run_in_executor(self._prepare_pool, build)
-            return await run(request, prepared, started)
+            try:
+                return await run(request, prepared, started)
+            except Exception as e:
+                if not vllm_client_error(e):
+                    raise
+                # vLLM refused the request as the client's (e.g. question + image tokens over
+                # max_model_len): INVALID_ARGUMENT naming the item, never INTERNAL.
+                raise InvalidArgument(f"{field.rstrip('.') or 'request'}: {e}") from None
 
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(one(r, b)) for r, b in zip(requests, builders, strict=True)]
+                tasks = [group.create_task(one(r, b, "" if single else f"requests[{i}]."))
+                         for i, (r, b) in enumerate(zip(requests, builders, strict=True))]
         except BaseExceptionGroup as eg:  # one failed item fails the call; the rest were cancelled
             raise eg.exceptions[0] from None
         return [t.result() for t in tasks]
@@ -314,6 +371,7 @@ async def answer(
     started = time.perf_counter()
     handlers.question(req.question, "question")
     handlers.form(req.answer_form, "answer_form")
+    handlers.variant(req.variant, "variant")
     if not req.image:
         raise InvalidArgument("image: image is empty (0 bytes)")
     for name in ("perceive_sampling", "reason_sampling"):

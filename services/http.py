@@ -9,16 +9,22 @@ upstream role failure, 500 (counted as INTERNAL) for a bug, 503 when the engine 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Annotated
+import contextlib
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from google.protobuf.json_format import MessageToDict
 
 from p2r.core.prompts import AnswerForm
 from p2r.services import metrics
+from p2r.services.errors import InvalidArgument
 from p2r.services.handlers import answer
 from p2r.services.protocol import FORM_TO_PB
+from p2r.services.security import bearer, read_keys, token_ok
 from p2r.v1 import p2r_pb2 as pb
 
 if TYPE_CHECKING:
@@ -37,29 +43,41 @@ def create_app(server: Server) -> FastAPI:
         ready = server.ready
         return JSONResponse({"ready": ready, "checkpoint": server.checkpoint}, status_code=200 if ready else 503)
 
+    app.add_middleware(Guard, server=server)
+
     @app.post("/v1/answer")
-    async def answer_http(
-        image: Annotated[UploadFile, File(description="JPEG, PNG or WebP")],
-        question: Annotated[str, Form()],
-        answer_form: Annotated[str, Form()] = "mca",
-        timeout_s: Annotated[float, Form(gt=0)] = 300.0,
-    ) -> dict:
+    async def answer_http(http_request: Request) -> Any:
+        """multipart/form-data: ``image`` (file: JPEG, PNG or WebP), ``question``, ``answer_form``
+        (mca | na | free_form, default mca), ``timeout_s`` (default 300)."""
         if not server.ready:
             raise HTTPException(503, "not ready")
+        fields = await read_form(http_request, server.config.max_image_bytes)
         try:
-            form = AnswerForm.parse(answer_form)
+            question = _text(fields, "question", None)
+            form = AnswerForm.parse(_text(fields, "answer_form", "mca"))
         except ValueError as e:
-            raise HTTPException(400, f"answer_form: {e}") from None
-        data = await image.read(server.config.max_image_bytes + 1)
-        if len(data) > server.config.max_image_bytes:
-            raise HTTPException(400, f"image: over the limit of {server.config.max_image_bytes} bytes")
-        request = pb.AnswerRequest(image=data, question=question, answer_form=FORM_TO_PB[form])
+            message = str(e) if isinstance(e, InvalidArgument) else f"answer_form: {e}"
+            raise HTTPException(400, message) from None
+        try:
+            timeout_s = float(_text(fields, "timeout_s", "300"))
+        except ValueError:
+            timeout_s = -1.0
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise HTTPException(400, "timeout_s: must be a number of seconds > 0")
+        data = fields.get("image")
+        if not isinstance(data, _Upload):
+            raise HTTPException(400, "image: required, as a file part of multipart/form-data")
+        request = pb.AnswerRequest(image=data.content, question=question, answer_form=FORM_TO_PB[form])
         perceiver, reasoner = server.backends()
         assert server.handlers is not None
         code = "OK"
         try:
             with server.admission.admit(1):
-                result = await asyncio.wait_for(answer(request, server.handlers, perceiver, reasoner), timeout_s)
+                result = await until_disconnected(
+                    http_request, asyncio.wait_for(answer(request, server.handlers, perceiver, reasoner), timeout_s))
+            if result is None:  # the client went away: its engine requests were aborted
+                code = "CANCELLED"
+                return Response(status_code=499)
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
@@ -72,3 +90,145 @@ def create_app(server: Server) -> FastAPI:
         return MessageToDict(result, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
     return app
+
+
+# ------------------------------------------------------------------------ guard, body, disconnect
+
+T = TypeVar("T")
+
+
+class Guard:
+    """ASGI middleware in front of every route (the OpenAI routes included):
+
+    - API keys (``authorization: Bearer KEY``) on ``/v1/...`` when the server has keys, 401
+      otherwise, compared in constant time (``security.token_ok``), as vLLM's ``--api-key``;
+      the probes and the page stay open;
+    - the request body limit (``ServeConfig.max_http_body_bytes``): a larger ``Content-Length``
+      is refused with 413 before anything is read, and a body that grows past the limit while
+      streaming (chunked, or a lying length) is cut off with 413 at that point - never
+      spooled to disk first.
+    """
+
+    def __init__(self, app: Any, server: Server) -> None:
+        self.app = app
+        self.limit = server.config.max_http_body_bytes
+        config = server.config
+        self.keys = read_keys(config.api_key.get_secret_value() if config.api_key else None, config.api_keys_file)
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
+                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        path = scope.get("path", "")
+        if self.keys and path.startswith("/v1/") and not token_ok(bearer(headers.get("authorization")), self.keys):
+            metrics.REQUESTS.labels("http", "UNAUTHENTICATED").inc()
+            await _reply(send, 401, "API key missing or invalid: send 'Authorization: Bearer <API key>'",
+                         [(b"www-authenticate", b"Bearer")])
+            return
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            metrics.REQUESTS.labels("http", "RESOURCE_EXHAUSTED").inc()
+            await _reply(send, 413, f"request body: {length} bytes, over the limit of {self.limit} bytes")
+            return
+        seen = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise HTTPException(413, f"request body: over the limit of {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def _reply(send: Callable[[dict[str, Any]], Awaitable[None]], status: int, detail: str,
+                 extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = JSONResponse({"detail": detail}).body
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(extra or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+@dataclass
+class _Upload:
+    filename: str
+    content: bytes
+
+
+async def read_form(request: Request, max_file_bytes: int) -> dict[str, bytes | _Upload]:
+    """A multipart/form-data body, parsed while it streams in (the Guard bounds its size), with
+    fields as raw bytes so their UTF-8 is checked strictly (Starlette's parser silently decodes
+    invalid UTF-8 as Latin-1)."""
+    from python_multipart.multipart import create_form_parser
+
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise HTTPException(415, "content-type: multipart/form-data required (curl -F image=@FILE -F question=...)")
+    fields: dict[str, bytes | _Upload] = {}
+
+    def on_field(field: Any) -> None:
+        fields[field.field_name.decode("utf-8", "replace")] = field.value or b""
+
+    def on_file(file: Any) -> None:
+        file.file_object.seek(0)
+        name = file.field_name.decode("utf-8", "replace")
+        fields[name] = _Upload((file.file_name or b"").decode("utf-8", "replace"), file.file_object.read())
+
+    try:
+        parser = create_form_parser({"Content-Type": content_type.encode("latin-1")}, on_field, on_file,
+                                    config={"MAX_MEMORY_FILE_SIZE": max_file_bytes + 1})
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except HTTPException:
+        raise
+    except Exception as e:  # python-multipart's parse errors
+        raise HTTPException(400, f"request body: not valid multipart/form-data: {e}") from None
+    upload = fields.get("image")
+    if isinstance(upload, _Upload) and len(upload.content) > max_file_bytes:
+        raise HTTPException(413, f"image: over the limit of {max_file_bytes} bytes")
+    return fields
+
+
+def _text(fields: dict[str, bytes | _Upload], name: str, default: str | None) -> str:
+    value = fields.get(name)
+    if value is None:
+        if default is None:
+            raise InvalidArgument(f"{name}: required")
+        return default
+    if isinstance(value, _Upload):
+        raise InvalidArgument(f"{name}: a text field, not a file")
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(f"{name}: not valid UTF-8 (byte {e.start})") from None
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Run ``work`` until it is done or the client disconnects; then it is cancelled (which
+    aborts its engine requests, as a cancelled gRPC call does) and None is returned."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 READY = re.compile(r"p2r serve ready: grpc=(\S+) metrics=(\S+) http=(\S+)")
+ADMIN = re.compile(r" admin=(\S+)")
 
 
 @dataclass
@@ -28,6 +29,8 @@ class ServerProc:
     metrics_port: int | None
     http_port: int | None
     log: list[str] = field(default_factory=list)
+    admin_target: str | None = None
+    """The admin port (``host:port``), where ``LoadCheckpoint`` is served; None when it is off."""
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         return stop_process(self.proc, sig, timeout)
@@ -49,13 +52,15 @@ def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout
 def start_server(args: list[str], env: dict[str, str] | None = None, config: Path | None = None,
                  timeout: float = 240) -> ServerProc:
     """Run ``p2r serve ARGS...`` and return once it is ready (RuntimeError with its log if not)."""
-    cmd = [sys.executable, "-m", "p2r.cli", "serve", *args, "--port", "0", "--metrics-port", "0"]
+    cmd = [sys.executable, "-m", "p2r.cli", "serve", *args, "--port", "0", "--metrics-port", "0",
+           "--admin-port", "0"]
     if config is not None:
         cmd += ["--config", str(config)]
     full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
     log: list[str] = []
     found: list[re.Match[str]] = []
+    admin: list[str] = []
 
     def pump() -> None:
         assert proc.stdout is not None
@@ -63,6 +68,7 @@ def start_server(args: list[str], env: dict[str, str] | None = None, config: Pat
             log.append(line)
             if not found and (m := READY.search(line)):
                 found.append(m)
+                admin.extend(a.group(1) for a in [ADMIN.search(line)] if a and a.group(1) != "None")
 
     threading.Thread(target=pump, daemon=True).start()
     deadline = time.monotonic() + timeout
@@ -74,4 +80,4 @@ def start_server(args: list[str], env: dict[str, str] | None = None, config: Pat
     m = found[0]
     metrics_port = None if m.group(2) == "None" else int(m.group(2))
     http_port = None if m.group(3) == "None" else int(m.group(3))
-    return ServerProc(proc, m.group(1), metrics_port, http_port, log)
+    return ServerProc(proc, m.group(1), metrics_port, http_port, log, admin[0] if admin else None)

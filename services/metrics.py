@@ -7,6 +7,8 @@ port shows the server's view (requests, codes, latencies) and the engine's view 
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, start_http_server
 
 # Latency buckets from 5 ms to 10 min: CPU test engines are slow, GPU ones fast.
@@ -43,7 +45,8 @@ VLLM_GPU_HISTOGRAMS = frozenset({
     "vllm:request_queue_time_seconds", "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds"})
 
 
-def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
-    """Start the scrape endpoint in a background thread; returns the bound port."""
-    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+def serve_metrics(port: int, host: str = "127.0.0.1", **tls: Any) -> int:
+    """Start the scrape endpoint in a background thread; returns the bound port. ``tls``:
+    ``start_http_server``'s certfile / keyfile / client_cafile (services/security.py)."""
+    server, _thread = start_http_server(port, addr=host, registry=REGISTRY, **tls)
     return int(server.server_port)

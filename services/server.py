@@ -30,9 +30,11 @@ from p2r.services.checkpoints import resolve_checkpoint
 from p2r.services.client import aio_channel
 from p2r.services.config import ServeConfig, connection_age_options
 from p2r.services.engine import AsyncEngine, EngineLimits, TensorLayout, check_layout, checkpoint_layout
-from p2r.services.errors import FailedPrecondition, InvalidArgument, Overloaded, Status, status_of
+from p2r.services.errors import FailedPrecondition, InvalidArgument, Overloaded, PermissionDenied, Status, status_of
 from p2r.services.handlers import Handlers, RoleBackend, answer
 from p2r.services.protocol import ADMIN_SERVICE, MAX_MESSAGE_BYTES, SERVICE_NAMES
+from p2r.services.security import BearerAuthInterceptor, TLSFiles, read_keys, read_secret
+from p2r.services.wire import DecodeErrorInterceptor
 from p2r.v1 import p2r_pb2 as pb
 from p2r.v1 import p2r_pb2_grpc as pb_grpc
 
@@ -48,6 +50,12 @@ class Admission:
 
     @contextlib.contextmanager
     def admit(self, items: int):  # type: ignore[no-untyped-def]
+        if items > self.limit:
+            # More than the whole capacity can never run, idle or not: the client's mistake, and
+            # INVALID_ARGUMENT is never retried (RESOURCE_EXHAUSTED would be, in vain).
+            raise InvalidArgument(
+                f"requests: {items} completions (items x sampling.n) in one call, over the server's "
+                f"admission capacity max_in_flight={self.limit}; split the batch")
         if self.in_flight + items > self.limit:
             metrics.REJECTED.inc(items)
             raise Overloaded(
@@ -67,6 +75,8 @@ class RemoteRole:
     """A perceiver or reasoner on another server, for a gateway that does not host it."""
 
     def __init__(self, target: str) -> None:
+        # Credentials for the role servers come from the gateway pod's Secrets (env), as for
+        # every other client (services/security.py ClientCredentials.from_env).
         self.channel = aio_channel(target)
         self.perceiver = pb_grpc.PerceiverStub(self.channel)
         self.reasoner = pb_grpc.ReasonerStub(self.channel)
@@ -103,6 +113,8 @@ class Server:
         self.port = 0
         self.metrics_port: int | None = None
         self.http_port: int | None = None
+        self.admin_port: int | None = None
+        self._admin_grpc: grpc.aio.Server | None = None
         self._reloading: str | None = None  # the URI being reloaded
         self._layout: TensorLayout = {}
         self._http: Any = None
@@ -137,14 +149,21 @@ class Server:
 
     async def start(self) -> None:
         """Load the model, then open the ports; health turns SERVING only when all is ready."""
+        tls = self._tls()
         if self.config.metrics_port is not None:
-            self.metrics_port = metrics.serve_metrics(self.config.metrics_port, self.config.host)
+            self.metrics_port = metrics.serve_metrics(self.config.metrics_port, self.config.host,
+                                                      **(tls.metrics_kwargs() if tls else {}))
         self.load_engine()
-        self.grpc = grpc.aio.server(options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            *connection_age_options(self.config),
-        ])
+        # The receive limit is sized from the image limit and the batch size, so a larger
+        # message is refused by gRPC itself (RESOURCE_EXHAUSTED) before it is buffered.
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", self.config.max_receive_bytes),
+                   *connection_age_options(self.config)]
+        keys = read_keys(self.config.api_key.get_secret_value() if self.config.api_key else None,
+                         self.config.api_keys_file)
+        self.grpc = grpc.aio.server(
+            options=options,
+            interceptors=[DecodeErrorInterceptor(), *([BearerAuthInterceptor(keys, "API key")] if keys else [])])
         names = [SERVICE_NAMES[r] for r in self.config.roles]
         servicers = _Servicers(self)
         if "perceiver" in self.config.roles:
@@ -155,13 +174,19 @@ class Server:
             pb_grpc.add_VerifierServicer_to_server(servicers.verifier, self.grpc)
         if "gateway" in self.config.roles:
             pb_grpc.add_P2RServicer_to_server(servicers.gateway, self.grpc)
-        pb_grpc.add_AdminServicer_to_server(servicers.admin, self.grpc)
+        # Admin on the public port answers Status only (read-only: the trainer checks its batch
+        # size against it); LoadCheckpoint is served on the admin port alone.
+        pb_grpc.add_AdminServicer_to_server(_PublicAdmin(self), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             [*names, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        self.port = (self.grpc.add_secure_port(address, tls.server_credentials(self.config.tls.require_client_cert))
+                     if tls else self.grpc.add_insecure_port(address))
         await self.grpc.start()
+        if self.config.admin_enabled:
+            await self._start_admin(servicers.admin, options, tls)
         if "gateway" in self.config.roles and self.config.http_port is not None:
             await self._start_http()
         for name in ["", *names, ADMIN_SERVICE]:
@@ -169,14 +194,39 @@ class Server:
         self.ready = True
         log.info("p2r serve: %s on %s:%d ready", ",".join(self.config.roles), self.config.host, self.port)
 
+    def _tls(self) -> TLSFiles | None:
+        t = self.config.tls
+        if t.cert_file is None or t.key_file is None:
+            return None
+        return TLSFiles(t.cert_file, t.key_file, t.ca_file)
+
+    async def _start_admin(self, admin: Any, options: list[tuple[str, Any]], tls: TLSFiles | None) -> None:
+        """The admin port: Admin (LoadCheckpoint swaps the served model) and health, behind the
+        admin token and/or client certificates (mTLS whenever a CA is configured)."""
+        token = read_secret(self.config.admin_token.get_secret_value() if self.config.admin_token else None,
+                            self.config.admin_token_file)
+        self._admin_grpc = grpc.aio.server(
+            options=options,
+            interceptors=[DecodeErrorInterceptor(),
+                          *([BearerAuthInterceptor([token], "admin token")] if token else [])])
+        pb_grpc.add_AdminServicer_to_server(admin, self._admin_grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._admin_grpc)
+        address = f"{self.config.host}:{self.config.admin_port}"
+        # Token or mTLS: without a token, a configured CA makes client certificates required.
+        self.admin_port = (self._admin_grpc.add_secure_port(address, tls.server_credentials(
+                               require_client_cert=token is None and tls.ca is not None))
+                           if tls else self._admin_grpc.add_insecure_port(address))
+        await self._admin_grpc.start()
+
     async def _start_http(self) -> None:
         import uvicorn
 
         from p2r.services.http import create_app
 
         app = create_app(self)
+        tls = self._tls()
         config = uvicorn.Config(app, host=self.config.host, port=self.config.http_port or 0,
-                                log_level="warning", lifespan="off")
+                                log_level="warning", lifespan="off", **(tls.uvicorn_kwargs() if tls else {}))
         self._http = uvicorn.Server(config)
         self._http.install_signal_handlers = lambda: None  # SIGTERM is ours
         asyncio.get_running_loop().create_task(self._http.serve())
@@ -192,6 +242,8 @@ class Server:
         await self.health.enter_graceful_shutdown()
         grace = self.config.grace_period_s if grace is None else grace
         log.info("p2r serve: draining (grace %.1f s, %d items in flight)", grace, self.admission.in_flight)
+        if self._admin_grpc is not None:
+            await self._admin_grpc.stop(0)
         if self.grpc is not None:
             await self.grpc.stop(grace)
         if self._http is not None:
@@ -334,12 +386,24 @@ class _Servicers:
         self.admin = _Admin(server)
 
 
-def _batch_size(requests: Any, limit: int) -> int:
+def _batch_size(requests: Any, limit: int, max_n: int) -> int:
+    """Admission cost of a batch: its completions (items x sampling.n), so one request asking
+    for many samples is counted as the work it is."""
     if not requests:
         raise InvalidArgument("requests: the batch is empty")
     if len(requests) > limit:
-        raise InvalidArgument(f"requests: {len(requests)} items, over the batch limit of {limit}")
-    return len(requests)
+        raise InvalidArgument(f"requests: {len(requests)} items, over the batch limit max_batch_items={limit}")
+    return sum(completions(r, max_n, f"requests[{i}].") for i, r in enumerate(requests))
+
+
+def completions(request: Any, max_n: int, field: str = "") -> int:
+    """Completions a request asks for (``sampling.n``, default 1; a verify request has one),
+    checked against ``max_n`` before admission so the refusal names the field."""
+    sampling = getattr(request, "sampling", None)
+    n = max(1, sampling.n) if sampling is not None and sampling.HasField("n") else 1
+    if n > max_n:
+        raise InvalidArgument(f"{field}sampling.n: {n} completions, over the limit max_n={max_n}")
+    return n
 
 
 class _Base:
@@ -353,16 +417,24 @@ class _Base:
 
     async def _batch(self, method: str, context: Any, requests: Any, prepare: Any, run: Any) -> list[Any]:
         try:
-            n = _batch_size(requests, self.server.config.max_batch_items)
+            n = _batch_size(requests, self.server.config.max_batch_items, self.server.config.max_n)
         except InvalidArgument as e:
             metrics.REQUESTS.labels(method, "INVALID_ARGUMENT").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return await self.server.call(method, context, n, lambda: self.h.batch(list(requests), prepare, run))
 
+    async def _single(self, method: str, context: Any, request: Any, work: Any) -> Any:
+        try:
+            n = completions(request, self.server.config.max_n)
+        except InvalidArgument as e:
+            metrics.REQUESTS.labels(method, "INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return await self.server.call(method, context, n, work)
+
 
 class _Perceiver(_Base, pb_grpc.PerceiverServicer):
     async def Perceive(self, request: pb.PerceiveRequest, context: Any) -> pb.PerceiveResult:
-        return await self.server.call("Perceive", context, 1, lambda: self.h.perceive(request))
+        return await self._single("Perceive", context, request, lambda: self.h.perceive(request))
 
     async def PerceiveBatch(self, request: pb.PerceiveBatchRequest, context: Any) -> pb.PerceiveBatchResponse:
         results = await self._batch("PerceiveBatch", context, request.requests, self.h.prepare_perceive,
@@ -372,7 +444,7 @@ class _Perceiver(_Base, pb_grpc.PerceiverServicer):
 
 class _Reasoner(_Base, pb_grpc.ReasonerServicer):
     async def Reason(self, request: pb.ReasonRequest, context: Any) -> pb.ReasonResult:
-        return await self.server.call("Reason", context, 1, lambda: self.h.reason(request))
+        return await self._single("Reason", context, request, lambda: self.h.reason(request))
 
     async def ReasonBatch(self, request: pb.ReasonBatchRequest, context: Any) -> pb.ReasonBatchResponse:
         results = await self._batch("ReasonBatch", context, request.requests, self.h.prepare_reason,
@@ -410,7 +482,19 @@ class _Admin(_Base, pb_grpc.AdminServicer):
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusResponse:
         s = self.server
         return pb.StatusResponse(checkpoint=s.checkpoint, roles=list(s.config.roles),
-                                 in_flight=s.admission.in_flight, max_in_flight=s.admission.limit)
+                                 in_flight=s.admission.in_flight, max_in_flight=s.admission.limit,
+                                 max_batch_items=s.config.max_batch_items, max_n=s.config.max_n,
+                                 max_receive_bytes=s.config.max_receive_bytes)
+
+
+class _PublicAdmin(_Admin):
+    """Admin as the public port serves it: Status only."""
+
+    async def LoadCheckpoint(self, request: pb.LoadCheckpointRequest, context: Any) -> pb.LoadCheckpointResponse:
+        async def work() -> pb.LoadCheckpointResponse:
+            raise PermissionDenied("LoadCheckpoint is served on the admin port only (admin_port), with its token")
+
+        return await self.server.call("LoadCheckpoint", context, 0, work)
 
 
 async def serve(config: ServeConfig) -> None:
@@ -422,7 +506,8 @@ async def serve(config: ServeConfig) -> None:
         loop.add_signal_handler(sig, lambda: stopping.append(loop.create_task(server.stop())))
     await server.start()
     print(f"p2r serve ready: grpc={config.host}:{server.port} metrics={server.metrics_port} "
-          f"http={server.http_port} roles={','.join(config.roles)}", flush=True)
+          f"http={server.http_port} roles={','.join(config.roles)} "
+          f"admin={f'{config.host}:{server.admin_port}' if server.admin_port else None}", flush=True)
     await server.wait()
     if server.failed:
         raise SystemExit("p2r serve: the engine died; exiting so the process is restarted")

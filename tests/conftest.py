@@ -110,3 +110,52 @@ def role_server(tiny_model_dir: Path, serve_config: Path, s3_server: dict[str, s
     )
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throw-away CA and, signed by it, a server certificate for 127.0.0.1 / localhost and a
+    client certificate, in the file names a cert-manager Secret mounts (ca.crt, tls.crt,
+    tls.key; client.crt, client.key). Generated per session with ``cryptography``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out = tmp_path_factory.mktemp("tls")
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("p2r test CA")).issuer_name(name("p2r test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    (out / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+
+    def leaf(cn: str, usage: x509.ObjectIdentifier, cert: str, key: str, sans: list[x509.GeneralName]) -> None:
+        leaf_key = ec.generate_private_key(ec.SECP256R1())
+        builder = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca.subject)
+                   .public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        (out / cert).write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        write_key(leaf_key, out / key)
+
+    leaf("localhost", ExtendedKeyUsageOID.SERVER_AUTH, "tls.crt", "tls.key",
+         [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    leaf("p2r test client", ExtendedKeyUsageOID.CLIENT_AUTH, "client.crt", "client.key", [])
+    return out

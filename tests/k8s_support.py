@@ -358,9 +358,9 @@ def plaintext_credentials(docs: list[dict[str, Any]]) -> list[str]:
         for key, text in (cm.get("data") or {}).items():
             for line in str(text).splitlines():
                 m = re.match(r"\s*[\"']?([A-Za-z_.-]+)[\"']?\s*[:=]\s*(\S+)", line)
-                # keys naming an endpoint, a Secret key or Secrets (image_pull_secrets) hold no credential
+                # keys naming an endpoint, a Secret key, a file or Secrets (image_pull_secrets) hold no credential
                 if m and CREDENTIAL_NAME.search(m.group(1)) and not m.group(1).endswith(
-                        ("_endpoint", "Ref", "pull_secrets")):
+                        ("_endpoint", "Ref", "_file", "pull_secrets")):
                     found.append(f"ConfigMap/{cm['metadata']['name']}/{key}: {m.group(1)} = {m.group(2)}")
     return found
 

@@ -45,8 +45,27 @@ class RewardStats:
 
 
 def service_client(endpoint: str, cfg: Any) -> Client:
-    """A client of a reward service under the one retry policy, with ``reward_retries`` retries."""
-    return Client(endpoint, timeout_s=cfg.service_timeout_s, retry=RetryPolicy(max_attempts=cfg.reward_retries + 1))
+    """A client of a reward service under the one retry policy, with ``reward_retries`` retries;
+    credentials (TLS CA, API key) come from the pod's Secrets via ``P2R_CLIENT_*`` (services/security.py).
+    The server's batch limits are checked now, not at the first step."""
+    client = Client(endpoint, timeout_s=cfg.service_timeout_s, retry=RetryPolicy(max_attempts=cfg.reward_retries + 1))
+    check_batch_limits(client, endpoint, cfg.reward_batch_size)
+    return client
+
+
+def check_batch_limits(client: Client, endpoint: str, batch_size: int) -> None:
+    """``reward_batch_size`` must fit the server's ``max_batch_items`` and its admission capacity
+    (``Admin.Status``): a larger batch is refused every time (INVALID_ARGUMENT), so every reward
+    would be dropped. A server that cannot be reached yet is left to the calls' own retries."""
+    try:
+        status = client.status()
+    except grpc.RpcError as e:
+        log.warning("%s: limits not checked at start-up (%s: %s)", endpoint, e.code().name, e.details())
+        return
+    for limit, value in (("max_batch_items", status.max_batch_items), ("max_in_flight", status.max_in_flight)):
+        if value and batch_size > value:
+            raise UserError(f"reward_batch_size={batch_size} is over {endpoint}'s {limit}={value}; "
+                            f"lower reward_batch_size or raise the server's {limit}")
 
 
 def batched_calls(
