@@ -1045,3 +1045,59 @@ def test_seed_hook_runs_for_real_on_loopback(s3_server: dict[str, str], tmp_path
         os.environ.clear()
         os.environ.update(env_backup)
     assert (path / "config.json").is_file() and (path / "manifest.json").is_file()
+
+
+def test_hook_wait_has_a_deadline(tmp_path: Path) -> None:
+    """The bucket hook's script, run by a real /bin/sh against an endpoint that never accepts the
+    credentials (here: no client can reach it), stops after P2R_WAIT_SECONDS with exit 1 and a
+    line naming the endpoint and the Secret, instead of waiting forever."""
+    import shutil
+    import subprocess
+
+    c = one(render({}), "Job", "p2r-create-bucket")["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["/bin/sh", "-ec"]
+    script = c["args"][0].replace("/tmp/", f"{tmp_path}/")
+    bin_dir = tmp_path / "bin"  # sh, date and sleep only: `mc alias set` fails like a refused login
+    bin_dir.mkdir()
+    for tool in ("date", "sleep", "cat"):
+        (bin_dir / tool).symlink_to(shutil.which(tool) or f"/bin/{tool}")
+    env = {"PATH": str(bin_dir), "P2R_WAIT_SECONDS": "1", "P2R_S3_ENDPOINT": "127.0.0.1:9", "P2R_S3_SECURE": "false",
+           "AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong", "P2R_S3_BUCKET": "p2r"}
+    out = subprocess.run(["/bin/sh", "-ec", script], capture_output=True, text=True, timeout=120,
+                         env={**env, "HOME": str(tmp_path)}, cwd=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "127.0.0.1:9 did not accept the credentials of Secret p2r-s3 within 1s" in out.stderr
+
+
+@pytest.mark.engine
+def test_helm_test_pod_passes_against_a_real_gateway(role_server: Any, tmp_path: Path) -> None:
+    """The `helm test` pod's steps, run as its containers would (the Service name resolved to the
+    session's real gateway on loopback, /tmp a temporary directory): gRPC health SERVING and
+    HTTP /readyz, a synthetic image, and one P2R.Answer printed as JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    spec = one(render(PROFILES["cpu-smoke"]), "Pod", "p2r-test-gateway")["spec"]
+    grpc_target = "p2r-gateway.p2r.svc.cluster.local:50051"
+    http_base = "http://p2r-gateway.p2r.svc.cluster.local:8080"
+
+    def local(arg: str) -> str:
+        return (arg.replace(http_base, f"http://127.0.0.1:{role_server.http_port}")
+                .replace(grpc_target, role_server.target).replace("/tmp", str(tmp_path)))
+
+    outputs = []
+    for c in containers(spec):
+        argv = [local(a) for a in [*c["command"], *c.get("args", [])]]
+        if argv[0] == "p2r":
+            argv = [sys.executable, "-m", "p2r.cli", *argv[1:]]
+        elif argv[0] == "python":
+            argv[0] = sys.executable
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                             env={**os.environ, "HOME": str(tmp_path)})
+        assert out.returncode == 0, (c["name"], out.stdout + out.stderr)
+        outputs.append(out.stdout)
+    assert "SERVING" in outputs[0] and "HTTP 200" in outputs[0]
+    answer = json.loads(outputs[-1])  # the P2R.Answer response: both stages ran
+    assert {"perceiver_output", "finish_reason"} <= set(answer), sorted(answer)
