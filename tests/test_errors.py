@@ -7,7 +7,6 @@ import asyncio
 import io
 import logging
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import grpc
@@ -29,6 +28,7 @@ from p2r.services.errors import (
 )
 from p2r.v1 import p2r_pb2 as pb
 from p2r.v1 import p2r_pb2_grpc as pb_grpc
+from tests.grpc_support import loopback_server
 
 C = grpc.StatusCode
 
@@ -96,15 +96,9 @@ def _hollow_roles() -> Iterator[str]:
         def Reason(self, request: pb.ReasonRequest, context: grpc.ServicerContext) -> pb.ReasonResult:
             return pb.ReasonResult(id=request.id)
 
-    server = grpc.server(ThreadPoolExecutor(2))
-    pb_grpc.add_PerceiverServicer_to_server(Perceiver(), server)
-    pb_grpc.add_ReasonerServicer_to_server(Reasoner(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.stop(None)
+    with loopback_server((pb_grpc.add_PerceiverServicer_to_server, Perceiver()),
+                         (pb_grpc.add_ReasonerServicer_to_server, Reasoner())) as target:
+        yield target
 
 
 def _count(method: str, code: str) -> float:
