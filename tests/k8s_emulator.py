@@ -155,7 +155,15 @@ class Cluster:
             "data": {"pipeline.yaml": "{}"}})
 
     def events(self) -> list[dict[str, Any]]:
-        return [self.api.sanitize_for_serialization(e) for e in self.core.list_namespaced_event(self.ns).items]
+        """The Events as stored (raw JSON, as ``jobs``)."""
+        import json
+
+        return json.loads(self.core.list_namespaced_event(self.ns, _preload_content=False).data)["items"]  # type: ignore[no-any-return]
+
+    def config_maps(self) -> list[dict[str, Any]]:
+        import json
+
+        return json.loads(self.core.list_namespaced_config_map(self.ns, _preload_content=False).data)["items"]  # type: ignore[no-any-return]
 
     def deployment(self, name: str) -> dict[str, Any]:
         return self.api.sanitize_for_serialization(self.apps.read_namespaced_deployment(name, self.ns))

@@ -302,6 +302,11 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
     assert state["steps"]["verify_stage2"]["outputs"]["checkpoint"] == final
     assert state["steps"]["report"]["outputs"]["categories"] == {"colour": 66.7, "count": 33.3}
     assert len(c.pytorchjobs()) == 2 and len(c.jobs()) == 1
+    created = [cm for cm in c.config_maps() if cm["metadata"]["name"] != OWNER]
+    assert len(created) == 3  # the run state and one trainer config per stage
+    for cm in created:  # strict, and collected with the release
+        validate_created(cm)
+        assert owned(cm) and cm["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "p2r-pipeline"
     # Credentials never reach the cluster objects or the state.
     assert s3_server["AWS_SECRET_ACCESS_KEY"] not in c.everything()
     status = p2r("pipeline", "status", "--config", str(config), env=s3_server)
@@ -445,6 +450,7 @@ def test_missing_inputs_are_reported_until_they_exist(tmp_path: Path, s3_server:
             assert len(state["steps"]["inputs"]["outputs"]["missing"]) == 3
             events = [e for e in c.events() if e["reason"] == "InputsMissing"]
             assert events and events[0]["type"] == "Warning" and events[0]["message"] == text
+            validate_created(events[0])
             assert events[0]["involvedObject"]["name"] == f"p2r-pipeline-{run}"
             status = p2r("pipeline", "status", "--config", str(config), env=s3_server)
             assert status.returncode == 0 and text in status.stdout, status.stdout + status.stderr
