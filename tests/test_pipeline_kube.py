@@ -519,3 +519,18 @@ def test_chart_values_reach_the_pods_the_controller_builds(tmp_path: Path) -> No
     eval_pod = evaluation["spec"]["template"]["spec"]
     assert eval_pod["tolerations"] == [{"key": "spot", "operator": "Exists"}] and "nodeSelector" not in eval_pod
     assert "priorityClassName" not in eval_pod
+
+
+@pytest.mark.parametrize(("jobs", "message"), [
+    ({"trainer": {"nodeSelectr": {}}}, "'nodeSelectr' not allowed"),
+    ({"eval": {"tolerations": {"key": "spot"}}}, "/controller/jobs/eval/tolerations"),
+    ({"queueName": "Team A"}, "/controller/jobs/queueName"),
+])
+def test_chart_schema_rejects_bad_job_values(jobs: dict[str, Any], message: str) -> None:
+    import helm_python
+
+    from tests.k8s_support import render
+
+    with pytest.raises(helm_python.HelmValuesError) as e:
+        render({"controller": {"enabled": True, "jobs": jobs}})
+    assert message in str(e.value), str(e.value)
