@@ -322,7 +322,9 @@ def serve(roles: tuple[str, ...], config_path: Path | None, model: str | None, h
 @click.option("--form", type=click.Choice(["mca", "na", "free_form"]), default="mca", show_default=True)
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.001), default=300.0, show_default=True,
               help="Deadline in seconds.")
-def ask(target: str, image_path: Path, question: str, form: str, timeout_s: float) -> None:
+@click.option("--stream", is_flag=True, help="P2R.AnswerStream: print each event as it arrives, one JSON "
+              "object a line: {\"regions\": ...}, then {\"delta\": ...} per text chunk, then {\"response\": ...}.")
+def ask(target: str, image_path: Path, question: str, form: str, timeout_s: float, stream: bool) -> None:
     """Ask a running gateway (P2R.Answer over gRPC); prints the response as JSON."""
     import grpc
     from google.protobuf.json_format import MessageToJson
@@ -338,6 +340,10 @@ def ask(target: str, image_path: Path, question: str, form: str, timeout_s: floa
                                answer_form=FORM_TO_PB[AnswerForm.parse(form)])
     try:
         with Client(target, timeout_s=timeout_s) as client:
+            if stream:
+                for event in client.answer_stream(request):
+                    click.echo(MessageToJson(event, preserving_proto_field_name=True, indent=None))
+                return
             response = client.answer(request)
     except grpc.RpcError as e:
         raise UserError(f"{target}: {e.code().name}: {e.details()}") from None

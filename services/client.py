@@ -120,6 +120,12 @@ class Client:
     def answer(self, request: pb.AnswerRequest, timeout_s: float | None = None) -> pb.AnswerResponse:
         return self.p2r.Answer(request, timeout=self._t(timeout_s))
 
+    def answer_stream(self, request: pb.AnswerRequest, timeout_s: float | None = None) -> Any:
+        """``P2R.AnswerStream``: iterate for the events (regions, text deltas, the response);
+        the returned call's ``cancel()`` - or dropping it - aborts the server's engine request.
+        The deadline covers the whole stream."""
+        return self.p2r.AnswerStream(request, timeout=self._t(timeout_s))
+
     def perceive_batch(
         self, requests: list[pb.PerceiveRequest], timeout_s: float | None = None
     ) -> list[pb.PerceiveResult]:

@@ -139,6 +139,14 @@ class ServeConfig(YamlSettings):
     perceiver_endpoint: str = "local"
     reasoner_endpoint: str = "local"
 
+    # Gateway: the OpenAI-compatible chat API (services/openai_api.py) on the HTTP port.
+    openai_model: str = Field("p2r", min_length=1, description="the model id /v1/models lists and requests name")
+    image_url_allowlist: list[str] = Field(
+        default_factory=list,
+        description="http(s) URL prefixes (scheme://host[:port]/path) the chat API may fetch an image_url from; "
+                    "empty: data: URLs only")
+    image_url_timeout_s: float = Field(10.0, gt=0, description="fetching one allow-listed image_url")
+
     grace_period_s: float = Field(30.0, ge=0, description="SIGTERM: drain in-flight requests this long")
     # A client channel holds its HTTP/2 connections until they close; closing each after this
     # age (gRPC sends GOAWAY, the client re-resolves its dns:/// target and reconnects) is what

@@ -8,10 +8,11 @@ images to vLLM as multimodal data; both enforce the role's per-prompt image limi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -191,6 +192,7 @@ class GenerationOut:
     completions: list[CompletionOut]
     queue_s: float
     engine_s: float
+    prompt_tokens: int = 0
 
 
 class AsyncEngine:
@@ -212,41 +214,83 @@ class AsyncEngine:
         self._ids = itertools.count()
         self.aborted = 0
 
-    async def generate(
-        self, request: ChatRequest, sampling: Sampling, json_schema: dict[str, Any] | None = None
-    ) -> GenerationOut:
-        from vllm.sampling_params import RequestOutputKind
-
+    async def _outputs(
+        self, request: ChatRequest, sampling: Sampling, json_schema: dict[str, Any] | None, kind: Any
+    ) -> AsyncIterator[Any]:
+        """vLLM's outputs of one request. A request that stops before it finished - the awaiting
+        task cancelled, or the consumer closing this iterator (a client gone mid-stream) - is
+        aborted inside vLLM and counted."""
         prompt = self.renderer.render(request)
         params = sampling_params(sampling, json_schema)
-        # One final output holding all n completions (cumulative outputs of a parallel-sampling
-        # request can hold only the completion that changed).
-        params.output_kind = RequestOutputKind.FINAL_ONLY
+        params.output_kind = kind
         request_id = f"p2r-{next(self._ids)}"
-        final = None
-        started = time.monotonic()
+        finished = False
         try:
             async for output in self.llm.generate(prompt, params, request_id=request_id):
-                final = output
+                finished = output.finished
+                yield output
         except BaseException:
-            if final is None or not final.finished:
+            if not finished:
                 self.aborted += 1
                 metrics.ABORTED.inc()
                 await self.llm.abort(request_id)
             raise
-        assert final is not None
-        elapsed = time.monotonic() - started
-        queue_s, engine_s = 0.0, elapsed
+
+    @staticmethod
+    def _times(final: Any, started: float) -> tuple[float, float]:
+        """(queue_s, engine_s) from vLLM's request stats, else the wall time as engine time."""
+        queue_s, engine_s = 0.0, time.monotonic() - started
         stats = getattr(final, "metrics", None)
         if stats is not None and stats.scheduled_ts and stats.queued_ts:
             queue_s = max(0.0, stats.scheduled_ts - stats.queued_ts)
             if stats.last_token_ts:
                 engine_s = max(0.0, stats.last_token_ts - stats.scheduled_ts)
+        return queue_s, engine_s
+
+    async def generate(
+        self, request: ChatRequest, sampling: Sampling, json_schema: dict[str, Any] | None = None
+    ) -> GenerationOut:
+        from vllm.sampling_params import RequestOutputKind
+
+        started = time.monotonic()
+        final = None
+        # One final output holding all n completions (cumulative outputs of a parallel-sampling
+        # request can hold only the completion that changed).
+        async with contextlib.aclosing(
+                self._outputs(request, sampling, json_schema, RequestOutputKind.FINAL_ONLY)) as outputs:
+            async for output in outputs:
+                final = output
+        assert final is not None
         return GenerationOut(
             [CompletionOut(c.text, len(c.token_ids), c.finish_reason or "") for c in final.outputs],
-            queue_s,
-            engine_s,
+            *self._times(final, started), len(final.prompt_token_ids or ()),
         )
+
+    async def stream(
+        self, request: ChatRequest, sampling: Sampling, json_schema: dict[str, Any] | None = None
+    ) -> AsyncIterator[str | GenerationOut]:
+        """One completion as it is generated: its text deltas (their concatenation is the
+        completion's text), then the whole ``GenerationOut`` - the same one ``generate`` returns.
+        Closing the iterator early aborts the engine request."""
+        from vllm.sampling_params import RequestOutputKind
+
+        if sampling.n != 1:
+            raise ValueError(f"a streamed request has one completion, got n={sampling.n}")
+        started = time.monotonic()
+        parts: list[str] = []
+        tokens = 0
+        last = None
+        async with contextlib.aclosing(
+                self._outputs(request, sampling, json_schema, RequestOutputKind.DELTA)) as outputs:
+            async for last in outputs:
+                delta = last.outputs[0]
+                tokens += len(delta.token_ids)
+                if delta.text:
+                    parts.append(delta.text)
+                    yield delta.text
+        assert last is not None
+        yield GenerationOut([CompletionOut("".join(parts), tokens, last.outputs[0].finish_reason or "")],
+                            *self._times(last, started), len(last.prompt_token_ids or ()))
 
     async def reload_weights(self, checkpoint_dir: str) -> None:
         """Swap weights in place from a local Hugging Face checkpoint directory.

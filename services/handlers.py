@@ -10,10 +10,11 @@ awaits the shared ``AsyncEngine``. The gateway's ``answer`` composes perceive an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -254,11 +255,24 @@ class Handlers:
 
     async def _generate(self, role: str, prepared: Prepared) -> GenerationOut:
         out = await self._need_engine().generate(prepared.chat, prepared.sampling, prepared.extra.get("schema"))
+        self._observe(role, prepared, out)
+        return out
+
+    async def _stream(self, role: str, prepared: Prepared) -> AsyncIterator[str | GenerationOut]:
+        """``_generate`` streamed: text deltas, then the ``GenerationOut`` (same metrics)."""
+        async with contextlib.aclosing(self._need_engine().stream(
+                prepared.chat, prepared.sampling, prepared.extra.get("schema"))) as items:
+            async for item in items:
+                if isinstance(item, GenerationOut):
+                    self._observe(role, prepared, item)
+                yield item
+
+    @staticmethod
+    def _observe(role: str, prepared: Prepared, out: GenerationOut) -> None:
         metrics.QUEUE_LATENCY.labels(role).observe(out.queue_s)
         metrics.ENGINE_LATENCY.labels(role).observe(out.engine_s)
         metrics.TOKENS.labels(role).inc(sum(c.num_tokens for c in out.completions))
         metrics.IMAGES.labels(role).inc(len(prepared.chat.images))
-        return out
 
     @staticmethod
     def _completions(out: GenerationOut) -> list[pb.Completion]:
@@ -272,18 +286,22 @@ class Handlers:
             for c in out.completions
         ]
         return pb.PerceiveResult(
-            id=req.id, completions=self._completions(out), regions=regions,
+            id=req.id, completions=self._completions(out), regions=regions, prompt_tokens=out.prompt_tokens,
             timings=pb.Timings(queue_ms=_ms(out.queue_s), engine_ms=_ms(out.engine_s),
                                total_ms=_ms(time.perf_counter() - started)),
         )
 
     async def run_reason(self, req: pb.ReasonRequest, prepared: Prepared, started: float) -> pb.ReasonResult:
-        out = await self._generate("reasoner", prepared)
+        return self._reason_result(req, prepared, await self._generate("reasoner", prepared), started)
+
+    def _reason_result(
+        self, req: pb.ReasonRequest, prepared: Prepared, out: GenerationOut, started: float
+    ) -> pb.ReasonResult:
         evidence = prepared.extra["evidence"]
         return pb.ReasonResult(
             id=req.id, completions=self._completions(out),
             answers=[extract_answer(c.text) for c in out.completions],
-            with_evidence=evidence.with_evidence, num_crops=evidence.num_crops,
+            with_evidence=evidence.with_evidence, num_crops=evidence.num_crops, prompt_tokens=out.prompt_tokens,
             timings=pb.Timings(queue_ms=_ms(out.queue_s), engine_ms=_ms(out.engine_s),
                                total_ms=_ms(time.perf_counter() - started),
                                evidence_ms=_ms(prepared.extra["evidence_s"])),
@@ -343,6 +361,23 @@ class Handlers:
         [result] = await self.batch([req], self.prepare_verify, self.run_verify, single=True)
         return result
 
+    async def reason_stream(self, req: pb.ReasonRequest) -> AsyncIterator[str | pb.ReasonResult]:
+        """``reason`` streamed: the completion's text deltas as generated, then the same
+        ``ReasonResult`` (one completion; ``sampling.n`` must be 1)."""
+        started = time.perf_counter()
+        build = self.prepare_reason(req, "")
+        if req.sampling.HasField("n") and req.sampling.n != 1:
+            raise InvalidArgument(f"sampling.n: a streamed reply has one completion, got {req.sampling.n}")
+        prepared = await asyncio.get_running_loop().run_in_executor(self._prepare_pool, build)
+        try:
+            async with contextlib.aclosing(self._stream("reasoner", prepared)) as items:
+                async for item in items:
+                    yield self._reason_result(req, prepared, item, started) if isinstance(item, GenerationOut) else item
+        except Exception as e:
+            if not vllm_client_error(e):
+                raise
+            raise InvalidArgument(f"request: {e}") from None  # as in batch: the client's fault
+
 
 def _builder(prepare: Callable[[Any, str], Callable[[], Prepared]], request: Any, field: str,
              single: bool) -> Callable[[], Prepared] | ItemInvalid:
@@ -362,12 +397,29 @@ class RoleBackend(Protocol):
 
     async def reason(self, req: pb.ReasonRequest) -> pb.ReasonResult: ...
 
+    def reason_stream(self, req: pb.ReasonRequest) -> AsyncIterator[str | pb.ReasonResult]:
+        """Text deltas of the one completion as generated, then the ``ReasonResult``."""
+        ...
+
 
 async def answer(
     req: pb.AnswerRequest, handlers: Handlers, perceiver: RoleBackend, reasoner: RoleBackend
 ) -> pb.AnswerResponse:
     """``P2R.Answer``: perceive, then reason on the evidence (built by the reasoner role from
     the image and the regions), exactly the flow of the method notes."""
+    async with contextlib.aclosing(answer_events(req, handlers, perceiver, reasoner, stream=False)) as events:
+        async for event in events:
+            response = event.response
+    return response
+
+
+async def answer_events(
+    req: pb.AnswerRequest, handlers: Handlers, perceiver: RoleBackend, reasoner: RoleBackend, stream: bool = True
+) -> AsyncIterator[pb.AnswerEvent]:
+    """The one P2R answer flow. ``stream``: ``P2R.AnswerStream``'s events - the regions as soon
+    as the perceiver is done, the reasoner's text deltas as generated, then the response.
+    Otherwise only the response, from a unary reason call (``answer``). Closing the iterator
+    early (client gone) aborts the engine request in progress."""
     started = time.perf_counter()
     handlers.question(req.question, "question")
     handlers.form(req.answer_form, "answer_form")
@@ -379,20 +431,39 @@ async def answer(
         if params.HasField("n") and params.n != 1:
             raise InvalidArgument(f"{name}.n: Answer returns one answer; use Perceive/Reason for n > 1")
     perceived = await perceiver.perceive(pb.PerceiveRequest(
-        id=req.id, image=req.image, question=req.question, sampling=req.perceive_sampling, variant=req.variant))
+        id=req.id, image=req.image, question=req.question, sampling=req.perceive_sampling, variant=req.variant,
+        structured=req.structured_perceiver))
     perceive_done = time.perf_counter()
     regions = perceived.regions[0].regions if perceived.regions else []
-    reasoned = await reasoner.reason(pb.ReasonRequest(
+    perceiver_output = perceived.completions[0].text
+    if stream:
+        yield pb.AnswerEvent(regions=pb.AnswerRegions(regions=regions, perceiver_output=perceiver_output,
+                                                      perceive_ms=_ms(perceive_done - started)))
+    reason_req = pb.ReasonRequest(
         id=req.id, image=req.image, question=req.question, answer_form=req.answer_form, regions=regions,
-        sampling=req.reason_sampling, variant=req.variant))
+        sampling=req.reason_sampling, variant=req.variant)
+    if stream:
+        async with contextlib.aclosing(reasoner.reason_stream(reason_req)) as items:
+            async for item in items:
+                if isinstance(item, str):
+                    yield pb.AnswerEvent(delta=item)
+                else:
+                    reasoned = item
+    else:
+        reasoned = await reasoner.reason(reason_req)
     done = time.perf_counter()
     output = reasoned.completions[0].text
     evidence_ms = reasoned.timings.evidence_ms
-    return pb.AnswerResponse(
-        id=req.id, regions=regions, perceiver_output=perceived.completions[0].text,
+    yield pb.AnswerEvent(response=pb.AnswerResponse(
+        id=req.id, regions=regions, perceiver_output=perceiver_output,
         answer=extract_answer(output), reasoning=extract_reasoning(output), reasoner_output=output,
         with_evidence=reasoned.with_evidence, num_crops=reasoned.num_crops,
+        finish_reason=reasoned.completions[0].finish_reason,
         timings=pb.AnswerTimings(
             perceive_ms=_ms(perceive_done - started), evidence_ms=evidence_ms,
             reason_ms=max(0.0, _ms(done - perceive_done) - evidence_ms), total_ms=_ms(done - started)),
-    )
+        usage=pb.AnswerUsage(
+            perceive_prompt_tokens=perceived.prompt_tokens,
+            perceive_completion_tokens=perceived.completions[0].num_tokens,
+            reason_prompt_tokens=reasoned.prompt_tokens, reason_completion_tokens=reasoned.completions[0].num_tokens),
+    ))

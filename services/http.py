@@ -13,14 +13,16 @@ import contextlib
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from google.protobuf.json_format import MessageToDict
 
 from p2r.core.prompts import AnswerForm
-from p2r.services import metrics
+from p2r.services import metrics, openai_api
 from p2r.services.errors import InvalidArgument
 from p2r.services.handlers import answer
 from p2r.services.protocol import FORM_TO_PB
@@ -29,6 +31,9 @@ from p2r.v1 import p2r_pb2 as pb
 
 if TYPE_CHECKING:
     from p2r.services.server import Server
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+"""The page at ``/`` (plain HTML, JS and CSS; no build step)."""
 
 
 def create_app(server: Server) -> FastAPI:
@@ -89,6 +94,9 @@ def create_app(server: Server) -> FastAPI:
             metrics.REQUESTS.labels("http_answer", code).inc()
         return MessageToDict(result, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
+    # The OpenAI-compatible chat API, and the page at / that uses its streaming form.
+    openai_api.mount(app, server)
+    app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="page")
     return app
 
 

@@ -16,7 +16,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,10 @@ from p2r.services.client import aio_channel
 from p2r.services.config import ServeConfig, connection_age_options
 from p2r.services.engine import AsyncEngine, EngineLimits, TensorLayout, check_layout, checkpoint_layout
 from p2r.services.errors import FailedPrecondition, InvalidArgument, Overloaded, PermissionDenied, Status, status_of
-from p2r.services.handlers import Handlers, RoleBackend, answer
+from p2r.services.handlers import Handlers, RoleBackend, answer, answer_events
 from p2r.services.protocol import ADMIN_SERVICE, MAX_MESSAGE_BYTES, SERVICE_NAMES
 from p2r.services.security import BearerAuthInterceptor, TLSFiles, read_keys, read_secret
+from p2r.services.streaming import relay
 from p2r.services.wire import DecodeErrorInterceptor
 from p2r.v1 import p2r_pb2 as pb
 from p2r.v1 import p2r_pb2_grpc as pb_grpc
@@ -86,6 +87,14 @@ class RemoteRole:
 
     async def reason(self, req: pb.ReasonRequest) -> pb.ReasonResult:
         return await self.reasoner.Reason(req, timeout=_remaining())
+
+    async def reason_stream(self, req: pb.ReasonRequest) -> AsyncIterator[str | pb.ReasonResult]:
+        """The Reasoner service has no streaming RPC: a remote reasoner's reply arrives whole,
+        as one delta, then its result (a gateway streams token by token when it hosts the
+        reasoner itself)."""
+        result = await self.reason(req)
+        yield result.completions[0].text
+        yield result
 
 
 # The deadline of the RPC being served, so calls to remote roles inherit what is left of it.
@@ -466,6 +475,13 @@ class _Gateway(_Base, pb_grpc.P2RServicer):
     async def Answer(self, request: pb.AnswerRequest, context: Any) -> pb.AnswerResponse:
         perceiver, reasoner = self.server.backends()
         return await self.server.call("Answer", context, 1, lambda: answer(request, self.h, perceiver, reasoner))
+
+    async def AnswerStream(self, request: pb.AnswerRequest, context: Any) -> AsyncIterator[pb.AnswerEvent]:
+        perceiver, reasoner = self.server.backends()
+        # Answer's call wrapper, held for the whole stream; cancelling the RPC cancels the relay.
+        async for event in relay(lambda work: self.server.call("AnswerStream", context, 1, work),
+                                 lambda: answer_events(request, self.h, perceiver, reasoner)):
+            yield event
 
 
 class _Admin(_Base, pb_grpc.AdminServicer):

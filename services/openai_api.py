@@ -1,0 +1,493 @@
+"""OpenAI-compatible Chat Completions on the gateway's HTTP port, for the clients teams already
+use (the OpenAI SDK, LangChain, lmms-eval): ``POST /v1/chat/completions`` and ``GET /v1/models``.
+
+A request is one user turn holding one image (``image_url``: a ``data:`` URL; an ``http(s)``
+URL only under a prefix of the ``image_url_allowlist`` setting, empty by default) and the
+question text. It runs the same flow as ``P2R.Answer`` (``handlers.answer_events``) under the
+same admission control, deadline and metrics (method label ``openai.chat``); ``content`` is the
+reasoner's reply and ``usage`` counts the tokens of both stages.
+
+Request fields: ``model`` (``openai_model``, default ``p2r``), ``messages``, and optionally
+``temperature``, ``top_p``, ``max_tokens`` (or ``max_completion_tokens``), ``seed`` - the
+reasoner's sampling; unset ones take the role defaults (greedy, ``reason_max_tokens``) - plus
+``stream``, ``stream_options.include_usage`` and the extension object ``p2r``::
+
+    "p2r": {"answer_form": "mca" | "na" | "free_form",      # default free_form
+            "variant": "train" | "eval",                   # prompt wording, default train
+            "perceive": {"temperature", "top_p", "max_tokens", "seed"},   # perceiver sampling
+            "structured": false,                           # constrain the perceiver to the bbox JSON schema
+            "timeout_s": 300}                              # the call's deadline
+
+Response extension (an extra top-level field ``p2r`` that standard clients ignore)::
+
+    "p2r": {"regions": [{"x1", "y1", "x2", "y2", "label"}],   # 0-1000, as the perceiver wrote them
+            "crops": [[left, top, right, bottom]],          # pixel boxes of the crops the reasoner saw
+            "colours": [str],                               # outline colour of region i: colours[i % len]
+            "image": {"width", "height"},
+            "perceiver_output": str, "answer": str, "reasoning": str,
+            "with_evidence": bool, "num_crops": int,
+            "timings": {"perceive_ms", "evidence_ms", "reason_ms", "total_ms"},
+            "usage": {"perceive_prompt_tokens", "perceive_completion_tokens",
+                      "reason_prompt_tokens", "reason_completion_tokens"}}
+
+With ``stream: true`` the reply is OpenAI-format server-sent events: a first chunk with the
+assistant role and ``p2r`` = regions, crops, image, perceiver_output and perceive_ms (as soon as
+the perceiver is done); one chunk per reasoner text delta as generated; a last chunk with the
+finish reason and ``p2r`` = everything above; a usage chunk when ``include_usage``; ``[DONE]``.
+A client that disconnects aborts the engine request in progress (perceiver or reasoner).
+
+Errors are OpenAI error objects ``{"error": {"message", "type", "param", "code"}}``: 400 with
+``param`` naming the field, 404 for an unknown model, 413 for an image over
+``max_image_bytes``, and the statuses of ``services/errors.py`` (429 overload, 504 deadline...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import time
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from google.protobuf.json_format import MessageToDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from p2r.core.bbox import MAX_IMAGE_EVIDENCE
+from p2r.core.evidence import HIGHLIGHT_COLOURS, crop_box
+from p2r.core.prompts import AnswerForm
+from p2r.services import metrics
+from p2r.services.errors import InvalidArgument
+from p2r.services.handlers import answer_events
+from p2r.services.protocol import FORM_TO_PB, region_from_pb
+from p2r.services.streaming import relay
+from p2r.v1 import p2r_pb2 as pb
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from p2r.services.server import Server
+
+METHOD = "openai.chat"
+DEFAULT_TIMEOUT_S = 300.0
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                504: "timeout"}
+
+
+class OpenAIError(Exception):
+    """A failure as OpenAI reports it: HTTP status and the error object."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        kind = _ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+# ------------------------------------------------------------------------------------ request
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _ImageURL(_Model):
+    url: str
+    detail: str | None = None
+
+
+class _Part(_Model):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: _ImageURL | None = None
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # name, ... are accepted and ignored
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_Part] | None = None
+
+
+class _Sampling(_Model):
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    seed: int | None = None
+
+
+class _Extension(_Model):
+    answer_form: Literal["mca", "na", "free_form"] = "free_form"
+    variant: Literal["train", "eval"] = "train"
+    perceive: _Sampling = Field(default_factory=_Sampling)
+    structured: bool = False
+    timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0)
+
+
+class _StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The accepted subset of OpenAI's chat request; other standard fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[_Message] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    seed: int | None = None
+    n: int | None = Field(None, ge=1, le=1)
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    p2r: _Extension = Field(default_factory=_Extension)
+
+
+def _param(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _sampling(s: _Sampling) -> pb.SamplingParams:
+    return pb.SamplingParams(**{k: v for k, v in s.model_dump().items() if v is not None})
+
+
+@dataclass
+class Parsed:
+    """A validated chat request as the P2R flow's request, plus what the reply needs."""
+
+    request: pb.AnswerRequest
+    image: Image.Image
+    stream: bool
+    include_usage: bool
+    timeout_s: float
+
+
+def _data_url(url: str, param: str) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or not header.startswith("data:") or not header.endswith(";base64"):
+        raise OpenAIError(400, f"{param}: a data URL must be data:<mime>;base64,<data>", param, "invalid_image_url")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise OpenAIError(400, f"{param}: the data URL is not valid base64 ({e})", param, "invalid_image_url") from None
+
+
+def allowed(url: str, allowlist: list[str]) -> bool:
+    """Whether ``url`` lies under one of the prefixes: same scheme, host and port, and a path
+    starting with the prefix's path (so ``https://a.com/`` never admits ``https://a.com.evil/``)."""
+    u = urllib.parse.urlsplit(url)
+    for prefix in allowlist:
+        p = urllib.parse.urlsplit(prefix)
+        try:
+            same_port = (u.port or 0) == (p.port or 0)
+        except ValueError:
+            return False
+        if (u.scheme, (u.hostname or "").lower()) == (p.scheme, (p.hostname or "").lower()) and same_port \
+                and u.path.startswith(p.path or "/"):
+            return True
+    return False
+
+
+async def fetch_image(url: str, param: str, allowlist: list[str], max_bytes: int, timeout_s: float) -> bytes:
+    """An ``http(s)`` image_url, only under the allow-list; redirects are not followed (they
+    could leave it), and the body is read no further than ``max_bytes``."""
+    import httpx
+
+    if not allowlist or not allowed(url, allowlist):
+        raise OpenAIError(400, f"{param}: {url!r} is not under an allowed image URL prefix"
+                          + ("" if allowlist else " (this server accepts data: URLs only)"), param, "invalid_image_url")
+    try:
+        async with httpx.AsyncClient(follow_redirects=False, timeout=timeout_s) as client, \
+                client.stream("GET", url) as response:
+            if response.status_code != 200:
+                raise OpenAIError(400, f"{param}: fetching the image gave HTTP {response.status_code}", param,
+                                  "invalid_image_url")
+            data = bytearray()
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) > max_bytes:
+                    raise OpenAIError(413, f"{param}: image is over the limit of {max_bytes} bytes", param,
+                                      "image_too_large")
+            return bytes(data)
+    except httpx.HTTPError as e:
+        raise OpenAIError(400, f"{param}: cannot fetch the image: {type(e).__name__}: {e}", param,
+                          "invalid_image_url") from None
+
+
+async def parse(body: Any, server: Server) -> Parsed:
+    """Validate a chat request completely (before any admission or engine work)."""
+    config = server.config
+    try:
+        req = ChatRequest.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = _param(first["loc"]) or None
+        raise OpenAIError(400, f"{param}: {first['msg']}" if param else first["msg"], param) from None
+    if req.model != config.openai_model:
+        raise OpenAIError(404, f"model: the model {req.model!r} does not exist; this server serves "
+                          f"{config.openai_model!r}", "model", "model_not_found")
+    if len(req.messages) != 1 or req.messages[0].role != "user":
+        raise OpenAIError(400, "messages: P2R answers one user turn: exactly one message, with role user",
+                          "messages")
+    content = req.messages[0].content
+    if not isinstance(content, list):
+        raise OpenAIError(400, "messages[0].content: one image_url part is required (a list of parts)",
+                          "messages[0].content")
+    images = [i for i, part in enumerate(content) if part.type == "image_url"]
+    if not images:
+        raise OpenAIError(400, "messages[0].content: one image_url part is required", "messages[0].content")
+    if len(images) > 1:
+        param = f"messages[0].content[{images[1]}]"
+        raise OpenAIError(400, f"{param}: one image per request, got {len(images)}", param)
+    i = images[0]
+    param = f"messages[0].content[{i}].image_url"
+    if content[i].image_url is None:
+        raise OpenAIError(400, f"{param}: required for a part of type image_url", param)
+    url = content[i].image_url.url
+    param += ".url"
+    if url.startswith("data:"):
+        data = _data_url(url, param)
+    elif url.startswith(("http://", "https://")):
+        data = await fetch_image(url, param, config.image_url_allowlist, config.max_image_bytes,
+                                 config.image_url_timeout_s)
+    else:
+        raise OpenAIError(400, f"{param}: expected a data: or http(s) URL", param, "invalid_image_url")
+    if len(data) > config.max_image_bytes:
+        raise OpenAIError(413, f"{param}: image is {len(data)} bytes, over the limit of {config.max_image_bytes}",
+                          param, "image_too_large")
+    assert server.handlers is not None
+    try:
+        image = server.handlers.image(data, param)
+    except InvalidArgument as e:
+        raise OpenAIError(400, str(e), param, "invalid_image_url") from None
+    question = "\n".join(p.text or "" for p in content if p.type == "text").strip()
+    if not question:
+        raise OpenAIError(400, "messages[0].content: a text part with the question is required",
+                          "messages[0].content")
+    reason = _Sampling(temperature=req.temperature, top_p=req.top_p,
+                       max_tokens=req.max_tokens if req.max_tokens is not None else req.max_completion_tokens,
+                       seed=req.seed)
+    ext = req.p2r
+    request = pb.AnswerRequest(
+        id=f"chatcmpl-{uuid.uuid4().hex}", image=data, question=question,
+        answer_form=FORM_TO_PB[AnswerForm.parse(ext.answer_form)],
+        variant=pb.PROMPT_VARIANT_EVAL if ext.variant == "eval" else pb.PROMPT_VARIANT_TRAIN,
+        perceive_sampling=_sampling(ext.perceive), reason_sampling=_sampling(reason),
+        structured_perceiver=ext.structured)
+    return Parsed(request, image, req.stream, bool(req.stream_options and req.stream_options.include_usage),
+                  ext.timeout_s)
+
+
+# Inner fields of the P2R request -> the chat request's field, for errors raised by the flow.
+_FIELDS = {"question": "messages[0].content", "image": "messages[0].content", "reason_sampling": "",
+           "perceive_sampling": "p2r.perceive", "answer_form": "p2r.answer_form", "sampling": ""}
+
+
+def _inner_param(message: str) -> str | None:
+    head = message.split(":", 1)[0]
+    root, _, rest = head.partition(".")
+    if root not in _FIELDS:
+        return None
+    mapped = ".".join(x for x in (_FIELDS[root], rest) if x)
+    return mapped or None
+
+
+# ------------------------------------------------------------------------------------ reply
+
+
+def crops(regions: Any, width: int, height: int) -> list[list[int]]:
+    """The pixel boxes of the crops the reasoner gets for ``regions``: ``evidence.crop_box`` of
+    the first ``MAX_IMAGE_EVIDENCE`` regions, empty boxes dropped (``build_evidence``'s rule)."""
+    boxes = []
+    for r in list(regions)[:MAX_IMAGE_EVIDENCE]:
+        box = crop_box(region_from_pb(r), width, height)
+        if box[2] > box[0] and box[3] > box[1]:
+            boxes.append(list(box))
+    return boxes
+
+
+def _dict(message: Any) -> Any:
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _regions_ext(regions: Any, perceiver_output: str, image: Image.Image) -> dict[str, Any]:
+    return {"regions": [_dict(r) for r in regions], "crops": crops(regions, *image.size),
+            "colours": list(HIGHLIGHT_COLOURS),
+            "image": {"width": image.width, "height": image.height}, "perceiver_output": perceiver_output}
+
+
+def _usage(u: pb.AnswerUsage) -> dict[str, int]:
+    prompt = u.perceive_prompt_tokens + u.reason_prompt_tokens
+    completion = u.perceive_completion_tokens + u.reason_completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _final_ext(r: pb.AnswerResponse, image: Image.Image) -> dict[str, Any]:
+    return {**_regions_ext(r.regions, r.perceiver_output, image), "answer": r.answer, "reasoning": r.reasoning,
+            "with_evidence": r.with_evidence, "num_crops": r.num_crops, "timings": _dict(r.timings),
+            "usage": _dict(r.usage)}
+
+
+def completion(r: pb.AnswerResponse, parsed: Parsed, model: str, created: int) -> dict[str, Any]:
+    return {
+        "id": parsed.request.id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": r.reasoner_output},
+                     "finish_reason": r.finish_reason or "stop", "logprobs": None}],
+        "usage": _usage(r.usage),
+        "p2r": _final_ext(r, parsed.image),
+    }
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+# ------------------------------------------------------------------------------------ routes
+
+
+def mount(app: FastAPI, server: Server) -> None:
+    """Add the OpenAI-compatible routes to the gateway's HTTP app."""
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_request: Request, e: OpenAIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    def fail(e: Exception) -> tuple[str, OpenAIError]:
+        """The gRPC code name (for the metrics) and the OpenAI error of an exception the flow
+        raised, through the one table (``services/errors.py``)."""
+        status = server.status_of(METHOD, e)
+        if status.http == 400:
+            return status.code.name, OpenAIError(400, status.message, _inner_param(status.message))
+        return status.code.name, OpenAIError(status.http, status.message, None, status.code.name.lower())
+
+    async def call(timeout_s: float, work: Callable[[], Awaitable[Any]]) -> Any:
+        """P2R.Answer's call wrapper on HTTP: the same admission, a deadline, the same
+        exception table and the same metrics, under the method label ``openai.chat``."""
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            with server.admission.admit(1):
+                return await asyncio.wait_for(work(), timeout_s)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as e:
+            code, error = fail(e)
+            raise error from None
+        finally:
+            metrics.REQUESTS.labels(METHOD, code).inc()
+            metrics.LATENCY.labels(METHOD).observe(time.perf_counter() - started)
+
+    async def read_body(request: Request) -> Any:
+        # Its size is bounded in front of every route (http.Guard, ServeConfig.max_http_body_bytes).
+        try:
+            return json.loads(await request.body())
+        except ValueError as e:
+            raise OpenAIError(400, f"the request body is not JSON: {e}") from None
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": server.config.openai_model, "object": "model",
+                                            "created": 0, "owned_by": "p2r"}]}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: Request) -> JSONResponse | StreamingResponse:
+        if not server.ready:
+            raise OpenAIError(503, "the server is not ready", None, "unavailable")
+        try:
+            parsed = await parse(await read_body(request), server)
+        except OpenAIError as e:
+            metrics.REQUESTS.labels(METHOD, "NOT_FOUND" if e.status == 404 else "INVALID_ARGUMENT").inc()
+            raise
+        assert server.handlers is not None
+        perceiver, reasoner = server.backends()
+        model = server.config.openai_model
+        created = int(time.time())
+
+        def events() -> AsyncIterator[pb.AnswerEvent]:
+            return answer_events(parsed.request, server.handlers, perceiver, reasoner,  # type: ignore[arg-type]
+                                 stream=parsed.stream)
+
+        if not parsed.stream:
+            async def unary() -> pb.AnswerResponse:
+                async with contextlib.aclosing(events()) as items:
+                    async for event in items:
+                        last = event
+                return last.response
+
+            r = await call(parsed.timeout_s, unary)
+            return JSONResponse(completion(r, parsed, model, created))
+
+        stream = relay(lambda work: call(parsed.timeout_s, work), events)
+        # The first event (the regions) is awaited here, so a request refused before any output
+        # (overload, a bad image) gets its HTTP status; a client gone meanwhile cancels it.
+        first = await _first_or_disconnect(stream, request)
+        if first is None:
+            return StreamingResponse(iter(()), status_code=499)  # nobody is listening
+        chunk = {"id": parsed.request.id, "object": "chat.completion.chunk", "created": created, "model": model}
+
+        async def sse() -> AsyncIterator[str]:
+            try:
+                event: pb.AnswerEvent | None = first
+                while event is not None:
+                    kind = event.WhichOneof("event")
+                    if kind == "regions":
+                        ext = {**_regions_ext(event.regions.regions, event.regions.perceiver_output, parsed.image),
+                               "perceive_ms": event.regions.perceive_ms}
+                        yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                          "finish_reason": None}], "p2r": ext})
+                    elif kind == "delta":
+                        yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": event.delta},
+                                                          "finish_reason": None}]})
+                    else:
+                        r = event.response
+                        yield _sse({**chunk, "choices": [{"index": 0, "delta": {},
+                                                          "finish_reason": r.finish_reason or "stop"}],
+                                    "p2r": _final_ext(r, parsed.image)})
+                        if parsed.include_usage:
+                            yield _sse({**chunk, "choices": [], "usage": _usage(r.usage)})
+                    event = await anext(stream, None)
+            except OpenAIError as e:  # after the 200 went out, an error is an event (as vLLM does)
+                yield _sse(e.body())
+            finally:
+                await stream.aclose()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+
+async def _first_or_disconnect(stream: AsyncIterator[pb.AnswerEvent], request: Request) -> pb.AnswerEvent | None:
+    """The stream's first event; None when the client disconnected first - then the stream is
+    cancelled, which aborts its engine request."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    first = asyncio.ensure_future(anext(stream))
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({first, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not first.done():
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        return None
+    return first.result()
