@@ -661,6 +661,12 @@ def test_role_services_are_headless_and_clients_use_dns(rendered: dict[str, list
     assert one(docs, "Service", "p2r-gateway-headless")["spec"]["clusterIP"] == "None"
     gateway = _serve_yaml(docs, "gateway")
     assert gateway["perceiver_endpoint"] == "dns:///p2r-perceiver.p2r.svc.cluster.local:50051"
+    # Servers close connections after max_connection_age_s, so long-lived channels re-resolve.
+    for role in ROLES:
+        cfg = _serve_yaml(docs, role)
+        assert (cfg["max_connection_age_s"], cfg["max_connection_age_grace_s"]) == (300, 600), role
+    assert "max_connection_age_s" not in _serve_yaml(
+        render({"serveConfig": {"max_connection_age_s": None}}), "reasoner")  # Helm drops a null: the server's default
     other = _serve_yaml(render({"clusterDomain": "corp.internal"}), "gateway")
     assert other["reasoner_endpoint"] == "dns:///p2r-reasoner.p2r.svc.corp.internal:50051"
 
