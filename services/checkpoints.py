@@ -41,6 +41,8 @@ MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 DEFAULT_CACHE = Path.home() / ".cache" / "p2r" / "checkpoints"
 """Where remote checkpoints are mirrored unless ``P2R_CHECKPOINT_CACHE`` says otherwise."""
 HF_SCHEME = "hf://"
+REMOTE_SCHEMES = ("s3://", HF_SCHEME)
+"""URIs ``resolve_checkpoint`` downloads into the cache; anything else is a local path."""
 HF_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 """What vLLM reads from a Hub repository (config, weights, tokenizer, chat template); duplicate
 ``*.bin`` / ONNX / GGUF weights a repository may also carry are not downloaded."""

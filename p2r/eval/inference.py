@@ -223,10 +223,10 @@ class BackendSpec:
     def check_local_models(self) -> None:
         """Fail fast, in the driver, on a local checkpoint that is not there: a Ray worker would
         report it as a remote traceback after the cluster started."""
-        from p2r.services.checkpoints import local_path, verify_checkpoint_dir
+        from p2r.services.checkpoints import REMOTE_SCHEMES, local_path, verify_checkpoint_dir
 
         for uri in (self.model, self.perceiver_model, self.verifier_model):
-            if uri is not None and not uri.startswith("s3://"):
+            if uri is not None and not uri.startswith(REMOTE_SCHEMES):
                 verify_checkpoint_dir(local_path(uri))
 
     def build(self, answer: bool = True, verifier: bool = True) -> EngineBackend | ServiceBackend:
