@@ -410,3 +410,17 @@ def test_reload_layout_check_names_the_tensor(tiny_model_dir: Path, tmp_path: Pa
     (garbage / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{not a header")
     with pytest.raises(CheckpointError, match=r"model\.safetensors: not a valid safetensors file"):
         checkpoint_layout(garbage)
+
+
+def test_each_role_set_has_its_own_model_cache(tmp_path: Path) -> None:
+    """Issue 17 item 6: pods of different roles sharing one cache volume never write into the
+    same directory; the chart documents the layout (``<cache>/<roles>/s3|hf``)."""
+    from p2r.services.config import ServeConfig
+
+    def cache_of(*roles: str) -> Path:
+        return ServeConfig(roles=list(roles), model="m", checkpoint_cache=tmp_path, metrics_port=None).model_cache
+
+    assert cache_of("perceiver") == tmp_path / "perceiver"
+    assert cache_of("reasoner") == tmp_path / "reasoner"
+    assert cache_of("perceiver", "reasoner", "verifier", "gateway") == tmp_path / "perceiver-reasoner-verifier-gateway"
+    assert not ServeConfig(model="m").allow_unverified_local  # off unless a deployment turns it on
