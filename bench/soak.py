@@ -49,29 +49,6 @@ BAD = {"INVALID_ARGUMENT"}
 BUSY = {"RESOURCE_EXHAUSTED"}
 
 
-def tree_rss(pid: int) -> int:
-    """RSS bytes of ``pid`` and all its descendants (vLLM's engine core is a child process)."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-                children[int(fields[1])].append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    total, stack = 0, [pid]
-    while stack:
-        p = stack.pop()
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        stack.extend(children.get(p, []))
-    return total
-
-
 def png(width: int, height: int, seed: int) -> bytes:
     from PIL import Image
 
@@ -137,7 +114,7 @@ admin_token: {ADMIN_TOKEN}
 """)
         self.server = start_server(["perceiver", "reasoner", "verifier", "gateway", "--model", str(self.model),
                                     "--http-port", "0"], env={"P2R_CHECKPOINT_CACHE": str(self.work / "cache")},
-                                   config=config)
+                                   config=config, timeout=self.args.start_timeout_s)
 
     # ------------------------------------------------------------------------------ calls
 
@@ -248,13 +225,12 @@ admin_token: {ADMIN_TOKEN}
     def run(self) -> dict[str, Any]:
         calls = self.build_calls()
         expected = {kind: allowed for kind, allowed, _ in calls}
-        pid = self.server.proc.pid
-        baseline = tree_rss(pid)
+        baseline = self.server.rss()
         done = threading.Event()
 
         def sample_rss() -> None:
             while not done.is_set():
-                self.max_rss = max(self.max_rss, tree_rss(pid))
+                self.max_rss = max(self.max_rss, self.server.rss())
                 self.rss_samples += 1
                 time.sleep(0.2)
 
@@ -363,6 +339,7 @@ def main() -> None:
     parser.add_argument("--rss-margin-mib", type=int, default=1536,
                         help="allowance above baseline + cache budget: in-flight decodes (prepare workers x "
                              "300 MB for 10,000 x 10,000 images), gRPC buffers, allocator slack")
+    parser.add_argument("--start-timeout-s", type=float, default=900.0)
     parser.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: a fresh tiny model)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
     args = parser.parse_args()

@@ -35,6 +35,34 @@ class ServerProc:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         return stop_process(self.proc, sig, timeout)
 
+    def rss(self) -> int:
+        """Resident bytes of the server and all its descendants (vLLM's engine core runs in a
+        child process), from /proc: what the server costs the machine."""
+        return tree_rss(self.proc.pid)
+
+
+def tree_rss(pid: int) -> int:
+    """RSS bytes of ``pid`` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        stack.extend(children.get(p, []))
+    return total
+
 
 def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 60) -> int:
     """Ask a child to stop (``sig``: servers drain, trainers save), kill it after ``timeout``

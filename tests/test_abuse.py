@@ -9,6 +9,7 @@ One server for the module (an engine start is ~30-60 s); each test ends with ``_
 from __future__ import annotations
 
 import http.client
+import io
 import math
 import random
 import re
@@ -40,6 +41,11 @@ MAX_IN_FLIGHT = 16
 MAX_BATCH = 8
 MAX_N = 8
 MAX_IMAGE_BYTES = 2_000_000
+CACHE_BUDGET = 256 * 1024 * 1024
+RSS_MARGIN = 1536 * 1024 * 1024
+"""Above baseline + cache budget: the image being decoded (a 10,000 x 10,000 RGB image is 300 MB,
+plus its converted copy and the resize) and allocator slack. Unbounded, 16 such images keep
+~5 GB."""
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +63,8 @@ max_image_bytes: {MAX_IMAGE_BYTES}
 max_image_pixels: 100000000
 max_question_chars: 40000
 max_pixels: 262144
+decoded_image_cache_bytes: {CACHE_BUDGET}
+prepare_workers: 1
 perceive_max_tokens: 1024
 reason_max_tokens: 1024
 grace_period_s: 30
@@ -71,7 +79,7 @@ limits:
 """)
     server = start_server(
         ["perceiver", "reasoner", "verifier", "gateway", "--model", str(tiny_model_dir), "--http-port", "0"],
-        env={"P2R_CHECKPOINT_CACHE": str(work / "cache")}, config=config)
+        env={"P2R_CHECKPOINT_CACHE": str(work / "cache")}, config=config, timeout=900)
     yield server
     server.stop()
 
@@ -285,7 +293,8 @@ def test_n_is_capped_and_admission_counts_completions(abuse_server: ServerProc, 
     assert f"max_in_flight={MAX_IN_FLIGHT}" in message and "32 completions" in message
     assert _metric(abuse_server, tls_certs, "p2r_requests_total") - before == 1  # not retried
     # A batch within the capacity runs, all its completions returned.
-    ok = client.perceiver.PerceiveBatch(pb.PerceiveBatchRequest(requests=[_perceive(n=4)] * 2), timeout=300)
+    ok = client.perceiver.PerceiveBatch(pb.PerceiveBatchRequest(requests=[_perceive(n=4, temperature=1.0)] * 2),
+                                        timeout=300)
     assert [len(r.completions) for r in ok.results] == [4, 4]
     _alive(client)
 
@@ -417,3 +426,41 @@ def test_unauthenticated_calls_leave_no_engine_work(abuse_server: ServerProc, tl
                 grpc.StatusCode.UNAUTHENTICATED
     assert client.status().in_flight == 0
     _alive(client)
+
+
+# ------------------------------------------------------------------------------ item 6: memory
+
+
+def test_large_pixel_small_file_pngs_keep_memory_bounded(abuse_server: ServerProc, client: Client) -> None:
+    """16 distinct 10,000 x 10,000 PNGs (~100 KB files, 300 MB decoded each, within the pixel
+    limit): the decoded-image cache is bounded by bytes, so RSS stays within baseline + budget
+    + margin instead of keeping every decoded image."""
+    images = []
+    for i in range(16):
+        image = Image.new("RGB", (10_000, 10_000), (i * 13 % 256, 255 - i * 7 % 256, i * 29 % 256))
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", compress_level=9)
+        del image
+        images.append(buf.getvalue())
+    assert max(len(b) for b in images) < MAX_IMAGE_BYTES
+    baseline = abuse_server.rss()
+    peak = baseline
+    for data in images:
+        result = client.perceiver.Perceive(
+            pb.PerceiveRequest(image=data, question="q", sampling=pb.SamplingParams(max_tokens=1)), timeout=600)
+        assert len(result.completions) == 1
+        peak = max(peak, abuse_server.rss())
+    assert peak - baseline <= CACHE_BUDGET + RSS_MARGIN, (baseline >> 20, peak >> 20)
+    _alive(client)
+
+
+# ------------------------------------------------------------------------------ item 8: trainer
+
+
+def test_trainer_checks_its_batch_size_against_the_server(abuse_server: ServerProc, client: Client) -> None:
+    from p2r.core.errors import UserError
+    from p2r.trainer.rewards import check_batch_limits
+
+    check_batch_limits(client, abuse_server.target, MAX_BATCH)
+    with pytest.raises(UserError, match=f"reward_batch_size=9 is over .*max_batch_items={MAX_BATCH}"):
+        check_batch_limits(client, abuse_server.target, MAX_BATCH + 1)
