@@ -68,10 +68,12 @@ def configure_vllm_env(limits: EngineLimits) -> None:
 
 def visible_gpus() -> int:
     """GPUs this process may use (``CUDA_VISIBLE_DEVICES`` / the device plugin's assignment),
-    counted through NVML without initialising CUDA in this process (vLLM's workers do that)."""
-    import torch
+    counted the way vLLM counts them: without initialising CUDA in this process, which would
+    break the engine's forked workers (``torch.cuda.device_count`` may initialise it)."""
+    from vllm.platforms import current_platform
 
-    return torch.cuda.device_count()
+    count = getattr(current_platform, "device_count", None)
+    return int(count()) if count is not None else 0
 
 
 def engine_kwargs(model: str, limits: EngineLimits, seed: int, platform: str | None = None,
