@@ -39,7 +39,7 @@ def png(size: tuple[int, int] = (640, 480), colour: str = "white") -> bytes:
 
 @pytest.fixture(scope="module")
 def client(role_server: ServerProc) -> Client:
-    c = Client(role_server.target, timeout_s=120)
+    c = Client(role_server.target, timeout_s=120, admin_target=role_server.admin_target)
     c.wait_ready()
     return c
 

@@ -77,7 +77,7 @@ def test_perceiver_stage_against_live_services(tmp_path: Path, role_server: Serv
         assert r["service_calls"] >= 1 and 0.0 <= r["reward_mean"] <= 1.0
         assert "bbox_count" in r and r["kl"] >= 0.0
     # The checkpoint is loaded back by the services, no conversion step.
-    with Client(role_server.target) as client:
+    with Client(role_server.target, admin_target=role_server.admin_target) as client:
         assert client.load_checkpoint(result["checkpoint"]).uri == result["checkpoint"]
         client.load_checkpoint(str(tiny_model_dir))
 
