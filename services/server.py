@@ -302,6 +302,13 @@ class Server:
             asyncio.get_running_loop().create_task(self.stop(grace=0))
         return status
 
+    async def refuse(self, method: str, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        """End an RPC that failed before ``call`` admitted it (a batch over the limits), mapped and
+        counted like a failure inside it."""
+        status = self.status_of(method, exc)
+        metrics.REQUESTS.labels(method, status.code.name).inc()
+        await context.abort(status.code, status.message)
+
     async def reload(self, uri: str) -> float:
         """Load a checkpoint into the running engine, one reload at a time.
 
@@ -428,16 +435,14 @@ class _Base:
         try:
             n = _batch_size(requests, self.server.config.max_batch_items, self.server.config.max_n)
         except InvalidArgument as e:
-            metrics.REQUESTS.labels(method, "INVALID_ARGUMENT").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await self.server.refuse(method, context, e)
         return await self.server.call(method, context, n, lambda: self.h.batch(list(requests), prepare, run))
 
     async def _single(self, method: str, context: Any, request: Any, work: Any) -> Any:
         try:
             n = completions(request, self.server.config.max_n)
         except InvalidArgument as e:
-            metrics.REQUESTS.labels(method, "INVALID_ARGUMENT").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await self.server.refuse(method, context, e)
         return await self.server.call(method, context, n, work)
 
 

@@ -1,0 +1,48 @@
+"""The wire facts both ends share (``services/protocol.py``): service names from the proto, the
+answer-form table both ways, and the core <-> p2r.v1 conversions."""
+
+from __future__ import annotations
+
+from p2r.core.bbox import Region
+from p2r.core.generation import Sampling
+from p2r.core.grading import VerifyRequest
+from p2r.core.prompts import AnswerForm
+from p2r.services.protocol import (
+    ADMIN_SERVICE,
+    ALL_SERVICES,
+    FORM_FROM_PB,
+    FORM_TO_PB,
+    SERVICE_NAMES,
+    region_from_pb,
+    region_to_pb,
+    sampling_to_pb,
+    verify_to_pb,
+)
+from p2r.v1 import p2r_pb2 as pb
+
+
+def test_service_names_are_the_protos() -> None:
+    assert SERVICE_NAMES == {"perceiver": "p2r.v1.Perceiver", "reasoner": "p2r.v1.Reasoner",
+                             "verifier": "p2r.v1.Verifier", "gateway": "p2r.v1.P2R"}
+    assert ADMIN_SERVICE == "p2r.v1.Admin"
+    assert set(ALL_SERVICES) == {s.full_name for s in pb.DESCRIPTOR.services_by_name.values()}
+
+
+def test_every_answer_form_maps_both_ways_and_unspecified_does_not() -> None:
+    assert set(FORM_TO_PB) == set(AnswerForm)
+    assert all(FORM_FROM_PB[FORM_TO_PB[form]] is form for form in AnswerForm)
+    assert pb.ANSWER_FORM_UNSPECIFIED not in FORM_FROM_PB
+    assert FORM_TO_PB[AnswerForm.FREE_FORM] == pb.ANSWER_FORM_FREE_FORM
+
+
+def test_conversions() -> None:
+    region = Region(1.5, 2.0, 30.25, 40.0, "red circle")
+    assert region_from_pb(region_to_pb(region)) == region
+    unlabelled = region_to_pb(Region(0, 0, 1, 1, None))
+    assert unlabelled.label == "" and region_from_pb(unlabelled).label is None
+    params = sampling_to_pb(Sampling(n=2, temperature=0.5, top_p=0.9, max_tokens=7, repetition_penalty=1.05))
+    # every field set explicitly (the server's role defaults never apply), seed only when given
+    assert all(params.HasField(f) for f in ("n", "temperature", "top_p", "max_tokens", "repetition_penalty"))
+    assert not params.HasField("seed") and sampling_to_pb(Sampling(seed=3)).seed == 3
+    assert verify_to_pb(VerifyRequest("Q?", "a cat", "cat")) == pb.VerifyRequest(
+        question="Q?", ground_truth="a cat", answer="cat")
