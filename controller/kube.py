@@ -248,8 +248,8 @@ class KubeBackend:
     # ---------------------------------------------------------------------------- inputs
 
     def missing_inputs(self) -> list[str]:
-        """What the run needs and the cluster lacks: the PyTorchJob CRD, the data claim, the
-        models in object storage. One readable item each, naming the fix."""
+        """What the run needs and the cluster lacks: the PyTorchJob CRD, the role Deployments,
+        the data claim, the models in object storage. One readable item each, naming the fix."""
         from kubernetes.client.exceptions import ApiException
 
         missing: list[str] = []
@@ -261,6 +261,14 @@ class KubeBackend:
             served = set()
         if "pytorchjobs" not in served:
             missing.append("the PyTorchJob CRD (kubeflow.org/v1): install the Kubeflow training operator")
+        for role, name in sorted(self.k.deployments.items()):
+            try:
+                self.apps.read_namespaced_deployment(name, self.namespace)
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+                missing.append(f"Deployment {self.namespace}/{name} (kubernetes.deployments.{role}): install the "
+                               "chart with that role enabled")
         if self.k.data_pvc:
             try:
                 self.core.read_namespaced_persistent_volume_claim(self.k.data_pvc, self.namespace)

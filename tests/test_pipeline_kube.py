@@ -419,14 +419,15 @@ def test_sigterm_keeps_the_run_and_cancel_without_a_controller_deletes_the_job(
 
 
 def test_missing_inputs_are_reported_until_they_exist(tmp_path: Path, s3_server: dict[str, str]) -> None:
-    """A fresh cluster: no training operator, no data claim, no model uploaded. The controller
-    creates nothing and rolls nothing; it says what is missing in its state (``p2r pipeline
-    status``) and as a Warning Event, and starts by itself once all three exist."""
+    """A fresh cluster: no training operator, no verifier Deployment, no data claim, no model
+    uploaded. The controller creates nothing and rolls nothing; it says what is missing in its
+    state (``p2r pipeline status``) and as a Warning Event, and starts by itself once all exist."""
     run, model = "kube-inputs", f"s3://models/absent-{uuid.uuid4().hex[:8]}"
     with emulator(without=(PYTORCHJOBS,)) as em:
         c = Cluster(em.url, NS)
         for role, name in DEPLOYMENTS.items():
-            c.create_deployment(name, role)
+            if role != "verifier":  # a release without the verifier role
+                c.create_deployment(name, role)
         c.create_owner(OWNER, OWNER_UID)
         kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", em.url)
         seed_models(tmp_path, s3_server, ("s3://models/verifier",))
@@ -444,10 +445,11 @@ def test_missing_inputs_are_reported_until_they_exist(tmp_path: Path, s3_server:
             assert "the PyTorchJob CRD (kubeflow.org/v1)" in text
             assert f"PersistentVolumeClaim {NS}/p2r-data" in text
             assert f"base_model {model}: no manifest.json (upload it: p2r models upload DIR {model})" in text
+            assert f"Deployment {NS}/p2r-verifier (kubernetes.deployments.verifier)" in text
             assert "verifier_model" not in text  # that one is there
             state = state_of(c, run)
             assert state["status"] == "running" and state["current"] == "inputs"
-            assert len(state["steps"]["inputs"]["outputs"]["missing"]) == 3
+            assert len(state["steps"]["inputs"]["outputs"]["missing"]) == 4
             events = [e for e in c.events() if e["reason"] == "InputsMissing"]
             assert events and events[0]["type"] == "Warning" and events[0]["message"] == text
             validate_created(events[0])
@@ -455,11 +457,13 @@ def test_missing_inputs_are_reported_until_they_exist(tmp_path: Path, s3_server:
             status = p2r("pipeline", "status", "--config", str(config), env=s3_server)
             assert status.returncode == 0 and text in status.stdout, status.stdout + status.stderr
             # nothing was started or rolled while the inputs are missing
-            assert all(c.model_env(c.deployment(name)) is None for name in DEPLOYMENTS.values())
+            assert all(c.model_env(c.deployment(name)) is None for role, name in DEPLOYMENTS.items()
+                       if role != "verifier")
             assert c.jobs() == []
 
-            # The platform team installs the operator, creates the claim, uploads the model.
+            # The platform team installs the operator, enables the role, creates the claim, uploads the model.
             em.install(PYTORCHJOBS)
+            c.create_deployment(DEPLOYMENTS["verifier"], "verifier")
             c.create_pvc("p2r-data")
             seed_models(tmp_path, s3_server, (model,))
             ready_when_pointing_at(c, "reasoner", model, proc)  # the run goes on by itself
