@@ -55,7 +55,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -393,9 +393,15 @@ def mount(app: FastAPI, server: Server) -> None:
             metrics.LATENCY.labels(METHOD).observe(time.perf_counter() - started)
 
     async def read_body(request: Request) -> Any:
-        # Its size is bounded in front of every route (http.Guard, ServeConfig.max_http_body_bytes).
+        # Its size is bounded in front of every route (http.Guard, ServeConfig.max_http_body_bytes);
+        # a body that grows past the bound while streaming is refused here as an OpenAI error.
         try:
-            return json.loads(await request.body())
+            body = await request.body()
+        except HTTPException as e:
+            raise OpenAIError(e.status_code, str(e.detail), None,
+                              "request_too_large" if e.status_code == 413 else None) from None
+        try:
+            return json.loads(body)
         except ValueError as e:
             raise OpenAIError(400, f"the request body is not JSON: {e}") from None
 
