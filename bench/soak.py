@@ -132,7 +132,8 @@ admin_token: {ADMIN_TOKEN}
         no_admin = Client(target, timeout_s=30, credentials=ClientCredentials(api_key=API_KEY), admin_target=admin)
         small = png(96, 64, 0)
         thin = png(4000, 10, 1)
-        huge = [png(10_000, 10_000, 100 + i) for i in range(16)]  # ~100 KB files, 300 MB decoded each
+        # ~100 KB files, 300 MB decoded each: the decoded-image cache must bound them by bytes.
+        huge = [png(10_000, 10_000, 100 + i) for i in range(self.args.large_images)]
         rng = random.Random(0)
         long_question = "".join(rng.choice(string.ascii_letters + " .,") for _ in range(30_000))
         limit = self.client.status().max_receive_bytes
@@ -332,10 +333,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration-s", type=float, default=300.0)
     parser.add_argument("--concurrency", type=int, default=128)
-    parser.add_argument("--max-in-flight", type=int, default=64)
+    parser.add_argument("--max-in-flight", type=int, default=32,
+                        help="below max_batch_items x max_n (8 x 8), so an over-capacity batch exists")
     parser.add_argument("--reload-every-s", type=float, default=20.0)
     parser.add_argument("--sigterm-before-end-s", type=float, default=3.0)
     parser.add_argument("--cache-budget-mib", type=int, default=1024)
+    parser.add_argument("--large-images", type=int, default=16, help="distinct 10,000 x 10,000 PNGs in the mix")
     parser.add_argument("--rss-margin-mib", type=int, default=1536,
                         help="allowance above baseline + cache budget: in-flight decodes (prepare workers x "
                              "300 MB for 10,000 x 10,000 images), gRPC buffers, allocator slack")
