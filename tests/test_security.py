@@ -98,3 +98,47 @@ def test_chart_wires_secrets(tmp_path: Path) -> None:
     pod = one(plain, "Deployment", "p2r-reasoner")["spec"]["template"]["spec"]
     assert "grpc" in pod["containers"][0]["readinessProbe"]
     assert _serve_yaml(plain, "reasoner")["admin_token_file"] == "/etc/p2r/admin/token"
+
+
+def test_engine_less_gateway_tls_api_key_and_admin_token(tls_certs: Path) -> None:
+    """In-process server without an engine: TLS, the API-key interceptor, the asyncio client's
+    metadata interceptor (what a gateway uses towards remote roles) and the admin token."""
+    import asyncio
+
+    import grpc
+
+    from p2r.services.security import ClientCredentials, secure_aio_channel
+    from p2r.services.server import Server
+    from p2r.v1 import p2r_pb2_grpc as pb_grpc
+
+    config = ServeConfig(roles=["gateway"], perceiver_endpoint="127.0.0.1:1", reasoner_endpoint="127.0.0.1:1",
+                         port=0, metrics_port=None, api_key="k1,k2", admin=True, admin_port=0, admin_token="adm",
+                         tls={"cert_file": tls_certs / "tls.crt", "key_file": tls_certs / "tls.key"})
+
+    async def code(target: str, creds: ClientCredentials, metadata: tuple[tuple[str, str], ...] = ()) -> str:
+        async with secure_aio_channel(target, creds, []) as channel:
+            try:
+                await pb_grpc.AdminStub(channel).Status(pb.StatusRequest(), timeout=30, metadata=metadata)
+            except grpc.aio.AioRpcError as e:
+                return e.code().name
+        return "OK"
+
+    async def run() -> list[str]:
+        server = Server(config)
+        await server.start()
+        try:
+            public, admin = f"127.0.0.1:{server.port}", f"127.0.0.1:{server.admin_port}"
+            ca = tls_certs / "ca.crt"
+            return [
+                await code(public, ClientCredentials(ca_file=ca, api_key="k2")),
+                await code(public, ClientCredentials(ca_file=ca)),
+                await code(public, ClientCredentials(ca_file=ca, api_key="k3")),
+                await code(public, ClientCredentials(api_key="k1")),  # plaintext to a TLS port
+                await code(admin, ClientCredentials(ca_file=ca), (("authorization", "Bearer adm"),)),
+                await code(admin, ClientCredentials(ca_file=ca, api_key="k1")),
+            ]
+        finally:
+            await server.stop(0)
+
+    assert asyncio.run(run()) == ["OK", "UNAUTHENTICATED", "UNAUTHENTICATED", "UNAVAILABLE", "OK",
+                                  "UNAUTHENTICATED"]
