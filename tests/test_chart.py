@@ -1003,6 +1003,21 @@ def test_helm_test_pod(rendered: dict[str, list[dict[str, Any]]]) -> None:
         answer = spec["containers"][0]
         assert answer["args"][:3] == ["ask", "--target", "p2r-gateway.p2r.svc.cluster.local:50051"]
         assert answer["args"][4].startswith(image["args"][3] + "/images/")  # the image the synth step wrote
+    # Under TLS (security.tls) the test trusts the release's CA, presents its certificate for mTLS,
+    # asks HTTPS, and sends tests.apiKeySecret's key: what every P2R client reads (P2R_CLIENT_*).
+    if "security" not in merged_values({}):
+        return
+    secure = render({"security": {"tls": {"secretName": "p2r-tls", "requireClientCert": True}},
+                     "tests": {"apiKeySecret": {"name": "test-key", "key": "key"}}})
+    pod = one(secure, "Pod", "p2r-test-gateway")
+    assert not errors_of(pod) and not plaintext_credentials(secure)
+    assert {"name": "tls", "secret": {"secretName": "p2r-tls", "defaultMode": 0o440}} in pod["spec"]["volumes"]
+    for c in containers(pod["spec"]):
+        env = {e["name"]: e for e in c["env"]}
+        assert env["P2R_CLIENT_CA_FILE"]["value"] == "/etc/p2r/tls/ca.crt" and "P2R_CLIENT_CERT_FILE" in env
+        assert env["P2R_CLIENT_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "test-key", "key": "key"}
+        assert {"name": "tls", "mountPath": "/etc/p2r/tls", "readOnly": True} in c["volumeMounts"]
+    assert pod["spec"]["initContainers"][0]["args"][2].startswith("https://")
 
 
 def test_readme_cpu_smoke_creates_the_namespace() -> None:

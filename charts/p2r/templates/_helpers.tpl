@@ -324,8 +324,22 @@ PREFIXES (none: read-only). Call with (dict "bucket" NAME "prefixes" LIST). */}}
 
 {{/* The common part of the `helm test` containers: environment, resources, security, /tmp. */}}
 {{- define "p2r.testContainer" -}}
+{{- $sec := .Values.security | default dict -}}
+{{- $tls := ($sec.tls | default dict) -}}
 env:
   - {name: HOME, value: /tmp}
+  {{- if $tls.secretName }}
+  - {name: P2R_CLIENT_CA_FILE, value: /etc/p2r/tls/ca.crt}
+  {{- if $tls.requireClientCert }}
+  - {name: P2R_CLIENT_CERT_FILE, value: /etc/p2r/tls/tls.crt}
+  - {name: P2R_CLIENT_KEY_FILE, value: /etc/p2r/tls/tls.key}
+  {{- end }}
+  {{- end }}
+  {{- with .Values.tests.apiKeySecret }}
+  - name: P2R_CLIENT_API_KEY
+    valueFrom:
+      secretKeyRef: {name: {{ .name }}, key: {{ .key }}}
+  {{- end }}
 resources:
   requests: {cpu: 100m, memory: 256Mi}
   limits: {memory: 1Gi}
@@ -333,4 +347,7 @@ securityContext:
   {{- toYaml .Values.containerSecurityContext | nindent 2 }}
 volumeMounts:
   - {name: tmp, mountPath: /tmp}
+  {{- if $tls.secretName }}
+  - {name: tls, mountPath: /etc/p2r/tls, readOnly: true}
+  {{- end }}
 {{- end -}}
