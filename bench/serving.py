@@ -11,7 +11,17 @@ engines, and ``vllm serve`` gets the same flags). Paths:
   (b) ours    - ``p2r serve``: unary ``Reasoner.Reason`` and ``P2R.Answer`` at each concurrency
                 level, and one ``ReasonBatch`` call; raw image bytes, evidence built server-side
   (c) openai  - ``vllm serve``'s OpenAI chat API with base64 JPEG images, one blocking request per
-                sample (the reference implementation's path), and the same at concurrency 32
+                sample (the reference implementation's path), and the same at concurrency 32; and
+                streamed (``stream: true``) at each concurrency level, for its time to first token
+  (d) ours, OpenAI-compatible - the gateway's own ``/v1/chat/completions`` (the whole P2R flow,
+                the original image as a base64 PNG data URL), unary and streamed, and gRPC
+                ``P2R.AnswerStream``, at each concurrency level
+
+Time to first token (TTFT, the "ttft" column: median over requests, then median and min-max
+over repeats) is measured on the streamed paths as request sent -> first reasoner text
+received. On our paths it includes the whole perceiver stage (the regions come first), so it is
+the wait a user of the P2R endpoint sees; on ``vllm serve`` it is one reasoner request whose
+evidence the client already built.
 
 The offline rows are not an upper bound: ``LLM.generate`` renders and processes the prompts
 in the calling process while a server overlaps that with the engine (and our server prepares
@@ -50,7 +60,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +86,8 @@ class Timing:
     wall: float
     latencies: list[float]
     tokens: int
+    ttfts: list[float] = field(default_factory=list)
+    """Per request, seconds to the first reasoner text (streamed paths only)."""
 
 
 Measure = Callable[[list[Any]], dict[str, Timing]]
@@ -95,12 +107,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _timed(fn: Callable[[Any], tuple[float, int]], items: list[Any], concurrency: int) -> Timing:
-    """Run ``fn`` (returning latency, tokens) over items with ``concurrency`` workers."""
+def _timed(fn: Callable[[Any], tuple[float, ...]], items: list[Any], concurrency: int) -> Timing:
+    """Run ``fn`` (returning latency, tokens[, time to first token]) over items with
+    ``concurrency`` workers."""
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(fn, items))
-    return Timing(time.perf_counter() - started, [r[0] for r in results], sum(r[1] for r in results))
+    return Timing(time.perf_counter() - started, [r[0] for r in results], int(sum(r[1] for r in results)),
+                  [r[2] for r in results if len(r) > 2])
+
+
+def _sse(resp: Any) -> Any:
+    """The JSON events of an OpenAI-format server-sent event stream, until ``[DONE]``."""
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
+def _chat_stream(url: str, body: dict[str, Any]) -> tuple[float, int, float]:
+    """One streamed chat completion: latency, completion tokens (from the usage chunk), TTFT."""
+    t = time.perf_counter()
+    ttft = None
+    tokens = 0
+    req = urllib.request.Request(url, data=json.dumps({**body, "stream": True,
+                                                       "stream_options": {"include_usage": True}}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        for chunk in _sse(resp):
+            if ttft is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                ttft = time.perf_counter() - t
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    latency = time.perf_counter() - t
+    return latency, tokens, latency if ttft is None else ttft
 
 
 def _gt_regions(sample: Any) -> list[Any]:
@@ -161,8 +205,10 @@ class Ours:
 
         config = tmp / "serve.yaml"
         config.write_text(json.dumps({"max_pixels": MAX_PIXELS, "max_in_flight": 4096, "limits": LIMITS}))
-        self.server = start_server(["reasoner", "perceiver", "gateway", "--model", str(model)], config=config,
-                                   env=ENV)
+        self.server = start_server(["reasoner", "perceiver", "gateway", "--model", str(model), "--http-port", "0"],
+                                   config=config, env=ENV)
+        self.chat_url = f"http://127.0.0.1:{self.server.http_port}/v1/chat/completions"
+        self.max_tokens = max_tokens
         self.client = Client(self.server.target, timeout_s=600)
         self.client.wait_ready()
         self.params = pb.SamplingParams(max_tokens=max_tokens)
@@ -212,6 +258,52 @@ class Ours:
             return {f"ours gRPC P2R.Answer, concurrency {concurrency}": _timed(self.one_answer, requests, concurrency)}
 
         return measure
+
+    def answer_requests(self, samples: list[Any]) -> list[Any]:
+        from p2r.v1 import p2r_pb2 as pb
+
+        return [pb.AnswerRequest(image=r.image, question=r.question, answer_form=r.answer_form,
+                                 perceive_sampling=self.params, reason_sampling=self.params)
+                for r in self.reason_requests(samples)]
+
+    def one_answer_stream(self, req: Any) -> tuple[float, int, float]:
+        t = time.perf_counter()
+        ttft = None
+        for event in self.client.answer_stream(req):
+            if ttft is None and event.WhichOneof("event") == "delta":
+                ttft = time.perf_counter() - t
+            if event.WhichOneof("event") == "response":
+                u = event.response.usage
+                tokens = u.perceive_completion_tokens + u.reason_completion_tokens
+        latency = time.perf_counter() - t
+        return latency, tokens, latency if ttft is None else ttft
+
+    def answer_stream(self, concurrency: int) -> Measure:
+        name = f"ours gRPC P2R.AnswerStream, concurrency {concurrency}"
+        return lambda samples: {name: _timed(self.one_answer_stream, self.answer_requests(samples), concurrency)}
+
+    def chat_body(self, req: Any) -> dict[str, Any]:
+        from p2r.services.protocol import FORM_FROM_PB
+
+        url = "data:image/png;base64," + base64.b64encode(req.image).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": req.question}]
+        return {"model": "p2r", "temperature": 0, "max_tokens": self.max_tokens,
+                "messages": [{"role": "user", "content": content}],
+                "p2r": {"answer_form": FORM_FROM_PB[req.answer_form].value, "timeout_s": 600,
+                        "perceive": {"temperature": 0, "max_tokens": self.max_tokens}}}
+
+    def one_chat(self, req: Any) -> tuple[float, int]:
+        t = time.perf_counter()
+        http = urllib.request.Request(self.chat_url, data=json.dumps(self.chat_body(req)).encode(),
+                                      headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(http, timeout=600) as resp:
+            usage = json.loads(resp.read())["usage"]
+        return time.perf_counter() - t, usage["completion_tokens"]
+
+    def chat(self, concurrency: int, stream: bool) -> Measure:
+        name = f"ours OpenAI-compatible P2R{' stream' if stream else ''}, concurrency {concurrency}"
+        one = (lambda r: _chat_stream(self.chat_url, self.chat_body(r))) if stream else self.one_chat
+        return lambda samples: {name: _timed(one, self.answer_requests(samples), concurrency)}
 
 
 class OpenAI:
@@ -277,6 +369,12 @@ class OpenAI:
         name = f"vLLM OpenAI HTTP + base64 JPEG, {label}"
         return lambda samples: {name: _timed(self.one, samples, concurrency)}
 
+    def measure_stream(self, concurrency: int) -> Measure:
+        name = f"vLLM OpenAI HTTP + base64 JPEG stream, concurrency {concurrency}"
+        url = f"http://127.0.0.1:{self.port}/v1/chat/completions"
+        return lambda samples: {name: _timed(lambda s: _chat_stream(url, json.loads(self.body(s))), samples,
+                                             concurrency)}
+
 
 def row(name: str, timings: list[Timing], baseline: list[Timing], n: int) -> dict[str, Any]:
     """One table row: per-repeat values and their median / min / max; "vs offline" pairs
@@ -289,6 +387,8 @@ def row(name: str, timings: list[Timing], baseline: list[Timing], n: int) -> dic
         "p50_ms": summary([1000 * statistics.median(v) for v in lat], 1) if lat else None,
         "p99_ms": summary([1000 * v[min(len(v) - 1, int(0.99 * len(v)))] for v in lat], 1) if lat else None,
         "generated_tokens": summary([t.tokens for t in timings], 0),
+        "ttft_ms": summary([1000 * statistics.median(t.ttfts) for t in timings], 1)
+        if all(t.ttfts for t in timings) else None,
         "vs_offline": summary([r * b.wall / n for r, b in zip(rps, baseline, strict=True)]),
     }
 
@@ -321,6 +421,12 @@ def main() -> None:
         paths += [PathSpec("ours", ours.reason_batch, OFFLINE_REASON)]
         paths += [PathSpec("ours", ours.answer(c), OFFLINE_P2R) for c in levels]
         paths += [PathSpec("openai", openai.measure(c), OFFLINE_REASON) for c in (1, 32)]
+        # The streamed and OpenAI-compatible paths, ours beside vllm serve's at each level, interleaved.
+        for c in levels:
+            paths += [PathSpec("ours", ours.chat(c, stream=False), OFFLINE_P2R),
+                      PathSpec("ours", ours.chat(c, stream=True), OFFLINE_P2R),
+                      PathSpec("ours", ours.answer_stream(c), OFFLINE_P2R),
+                      PathSpec("openai", openai.measure_stream(c), OFFLINE_REASON)]
         per_engine = max(sum(p.engine == e for p in paths) for e in {p.engine for p in paths})
         variants = image_variants(base, 1 + args.repeats * per_engine)
         # Warm-up on variant 0, never measured: every engine starts the first repeat in the same state.
@@ -340,12 +446,14 @@ def main() -> None:
     rows = [row(name, ts, timings[vs[name]], args.n) for name, ts in timings.items()]
     print(header(f"serving benchmark: tiny Qwen3-VL, {args.n} requests per measurement, max_tokens "
                  f"{args.max_tokens}, greedy, max_pixels {MAX_PIXELS}", args.repeats, load))
-    cols = f"{'path':64} {'req/s':>20} {'p50 ms':>9} {'p99 ms':>9} {'tokens':>7} {'vs offline':>19}"
+    cols = (f"{'path':64} {'req/s':>20} {'p50 ms':>9} {'p99 ms':>9} {'ttft ms':>24} {'tokens':>7} "
+            f"{'vs offline':>19}")
     print(cols)
     print("-" * len(cols))
     for r in rows:
         p50, p99 = (f"{r[k]['median']:.1f}" if r[k] else "-" for k in ("p50_ms", "p99_ms"))
-        print(f"{r['path']:64} {spread(r['req_per_s']):>20} {p50:>9} {p99:>9} "
+        ttft = spread(r["ttft_ms"], 1) if r["ttft_ms"] else "-"
+        print(f"{r['path']:64} {spread(r['req_per_s']):>20} {p50:>9} {p99:>9} {ttft:>24} "
               f"{r['generated_tokens']['median']:>7.0f} {spread(r['vs_offline']):>19}")
     print(f"\nvs offline: req/s over the same repeat's {OFFLINE_REASON!r} ({OFFLINE_P2R!r} for P2R.Answer); "
           f"load average at end {load_end}")
