@@ -389,3 +389,14 @@ def test_cancelling_answer_stream_aborts_the_engine_request(client: Client, role
     assert e.value.code() == grpc.StatusCode.CANCELLED
     _wait_aborted(role_server, before)
     _wait_counted(role_server, "AnswerStream", "CANCELLED", cancelled)
+
+
+@engine
+def test_answer_stream_bad_input_is_invalid_argument(client: Client) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.answer_stream(pb.AnswerRequest(image=png(), question=" ", answer_form=pb.ANSWER_FORM_MCA)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("question:")
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.answer_stream(pb.AnswerRequest(image=b"not an image", question="Q?",
+                                                   answer_form=pb.ANSWER_FORM_MCA)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image" in e.value.details()
