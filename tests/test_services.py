@@ -254,11 +254,12 @@ def test_deadline_exceeded_aborts_the_engine_request(client: Client, role_server
 
 
 def test_overload_is_resource_exhausted_quickly(client: Client) -> None:
-    # One batch larger than the admission limit (64) is refused outright.
+    # One batch larger than the whole capacity (64) can never run: INVALID_ARGUMENT naming the
+    # limit, never retried (issue 14 item 8; tests/test_abuse.py pins the max_in_flight case).
     too_many = [pb.PerceiveRequest(image=png((64, 64)), question="Q?") for _ in range(65)]
     code, message = _code(lambda: client.perceiver.PerceiveBatch(pb.PerceiveBatchRequest(requests=too_many),
                                                                  timeout=60, wait_for_ready=True))
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 64" in message
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "=64" in message, message
     # While 60 items are in flight, 10 more are refused at once instead of queueing.
     slow = [pb.PerceiveRequest(image=png((64, 64)), question="Q?", sampling=sampling(temperature=1.0, max_tokens=400))
             for _ in range(60)]
@@ -470,8 +471,11 @@ def test_http_facade(role_server: ServerProc, synth_image: bytes) -> None:
     form = httpx.post(f"{base}/v1/answer", files={"image": ("a.png", synth_image, "image/png")},
                       data={"question": "Q", "answer_form": "essay"}, timeout=60)
     assert form.status_code == 400 and "unknown answer form 'essay'" in form.json()["detail"]
-    missing = httpx.post(f"{base}/v1/answer", data={"question": "Q"}, timeout=60)
-    assert missing.status_code == 422
+    # The form is parsed as it streams (services/http.py read_form): not multipart -> 415, no image -> 400.
+    not_multipart = httpx.post(f"{base}/v1/answer", data={"question": "Q"}, timeout=60)
+    assert not_multipart.status_code == 415 and "multipart/form-data" in not_multipart.json()["detail"]
+    missing = httpx.post(f"{base}/v1/answer", files={"question": (None, b"Q")}, timeout=60)
+    assert missing.status_code == 400 and missing.json()["detail"].startswith("image: required")
 
 
 # -------------------------------------------------------------------- gateway, SIGTERM
