@@ -112,6 +112,10 @@ class Kubernetes(Strict):
         description="role -> Deployment name (a Service of the same name fronts it)")
     server_container: str = Field("serve", description="container of the role Deployments that runs p2r serve")
     grpc_port: int = Field(50051, ge=1, le=65535)
+    cluster_domain: str = Field(
+        "cluster.local", pattern=r"^[a-z0-9.-]+$",  # as the chart's schema (clusterDomain)
+        description="the cluster's DNS domain: pods call the roles at dns:///NAME.NAMESPACE.svc.DOMAIN:grpc_port "
+                    "(the chart's clusterDomain)")
     s3_endpoint: str | None = Field(None, description="host:port pods reach S3 at; default: the controller's "
                                                       "P2R_S3_ENDPOINT")
     s3_secure: bool = False

@@ -3,8 +3,9 @@
 - Services: the chart's role Deployments (``kubernetes.deployments``) are rolled to the model a
   stage needs by setting ``P2R_MODEL`` on their server container (a Deployment update, so a pod
   that restarts later still loads the right checkpoint), then awaited until the rollout is
-  complete (observed generation, updated / ready / available replicas). Their Services are the
-  endpoints the trainer pods call (``NAME.NAMESPACE.svc:PORT``).
+  complete (observed generation, updated / ready / available replicas). Their (headless)
+  Services are the endpoints the trainer and eval pods call
+  (``dns:///NAME.NAMESPACE.svc.CLUSTER_DOMAIN:PORT``, spread by the clients' ``round_robin``).
 - Inputs: before anything is created the ``inputs`` step waits until the PyTorchJob CRD, the
   data claim and the models in object storage exist, reporting what is missing in the run state,
   as Kubernetes Events and in the log (``check_inputs``).
@@ -162,7 +163,14 @@ class KubeBackend:
     # ------------------------------------------------------------------------- services
 
     def _endpoint(self, role: str) -> str:
-        return f"{self.k.deployments[role]}.{self.namespace}.svc:{self.k.grpc_port}"
+        """The gRPC target trainer and eval pods call a role at: ``dns:///`` of its Service (the
+        chart's are headless, named as the Deployment), fully qualified with the cluster domain.
+        DNS then answers every ready pod and the clients' ``round_robin`` (services/client.py)
+        spreads a stage's calls over all of them, pods a scale-up adds included once the
+        servers' ``max_connection_age`` makes the channel re-resolve. Fully qualified, so it
+        resolves without the pod's DNS search path, and under TLS the name checked is the
+        Service's cluster DNS name (the one its certificate must carry)."""
+        return f"dns:///{self.k.deployments[role]}.{self.namespace}.svc.{self.k.cluster_domain}:{self.k.grpc_port}"
 
     def _deployment(self, name: str) -> dict[str, Any]:
         from kubernetes.client.exceptions import ApiException

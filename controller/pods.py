@@ -53,6 +53,17 @@ class Placement(_Strict):
     priority_class_name: str | None = None
 
 
+class HuggingFace(_Strict):
+    """Hub access of the trainer and eval pods, which load an ``hf://`` base model themselves
+    (services/checkpoints.py ``download_hf`` reads ``HF_TOKEN`` and ``HF_ENDPOINT``); the chart
+    fills it from ``models.huggingFace``, as for its role pods. The token stays in its Secret."""
+
+    endpoint: str | None = Field(None, description="HF_ENDPOINT: a mirror or proxy of the Hub; unset: huggingface.co")
+    token_secret: str | None = Field(None, description="Secret holding HF_TOKEN (gated or private repositories); "
+                                                       "unset: no token")
+    token_key_ref: str = Field("HF_TOKEN", min_length=1, description="key of the token in token_secret")
+
+
 class PodTemplate(_Strict):
     """How the controller's trainer and eval pods are built (``kubernetes.pod`` in pipeline.yaml;
     the chart fills it from its values). Defaults meet Pod Security "restricted"."""
@@ -70,6 +81,8 @@ class PodTemplate(_Strict):
                                                      "create the jobs suspended, for Kueue to admit whole")
     labels: dict[str, str] = Field(default_factory=dict, description="extra labels on every object created "
                                                                      "(the chart adds app.kubernetes.io/instance)")
+    hugging_face: HuggingFace = Field(default_factory=HuggingFace, description="HF_ENDPOINT / HF_TOKEN of "
+                                      "every container, for hf:// models")
     work_size_limit: str = "200Gi"
     tmp_size_limit: str = "10Gi"
     shm_size_limit: str = "32Gi"
@@ -81,13 +94,25 @@ def _drop_empty(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v not in (None, "", [], {})}
 
 
+def hf_env(hf: HuggingFace) -> list[dict[str, Any]]:
+    """``HF_ENDPOINT`` and ``HF_TOKEN`` (by ``secretKeyRef``: the token is never copied) when set."""
+    env: list[dict[str, Any]] = []
+    if hf.endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": hf.endpoint})
+    if hf.token_secret:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": hf.token_secret,
+                                                                       "key": hf.token_key_ref}}})
+    return env
+
+
 def container(t: PodTemplate, *, name: str, image: str, pull_policy: str, command: list[str],
               env: list[dict[str, Any]], mounts: list[dict[str, Any]], resources: dict[str, Any] | None = None,
               args: list[str] | None = None, ports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """One container: the template's security context, HOME/TMPDIR on scratch volumes."""
+    """One container: the template's security context, HOME/TMPDIR on scratch volumes, the
+    Hugging Face settings."""
     return _drop_empty({
         "name": name, "image": image, "imagePullPolicy": pull_policy, "command": command, "args": args,
-        "ports": ports, "env": [*copy.deepcopy(BASE_ENV), *env], "resources": resources,
+        "ports": ports, "env": [*copy.deepcopy(BASE_ENV), *hf_env(t.hugging_face), *env], "resources": resources,
         "securityContext": copy.deepcopy(t.container_security_context), "volumeMounts": mounts,
     })
 

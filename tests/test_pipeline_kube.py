@@ -186,7 +186,8 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
     pod_template = {"trainer": {"node_selector": gpu_nodes, "priority_class_name": "p2r-training",
                                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
                                                  "effect": "NoSchedule"}]},
-                    "image_pull_secrets": [{"name": "regcred"}], "labels": {"app.kubernetes.io/instance": "rel"}}
+                    "image_pull_secrets": [{"name": "regcred"}], "labels": {"app.kubernetes.io/instance": "rel"},
+                    "hugging_face": {"endpoint": "https://hf-mirror.corp", "token_secret": "hf-token"}}
     config = write_config(tmp_path, kubeconfig, run, bucket, metrics_port=port, kubernetes={"pod": pod_template})
     proc = controller(config, s3_server)
     try:
@@ -214,6 +215,9 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
         assert pod["nodeSelector"] == gpu_nodes and pod["priorityClassName"] == "p2r-training"
         assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert env["HOME"]["value"].startswith("/work/") and env["TMPDIR"]["value"] == "/tmp"
+        # an hf:// base model: the Hub mirror, the token by reference from its Secret
+        assert env["HF_ENDPOINT"]["value"] == "https://hf-mirror.corp"
+        assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}
         # helm uninstall deletes the owner ConfigMap: the garbage collector then deletes the job
         assert owned(job) and owned(c.raw_config_map(f"{run}-stage1-1-config"))
         assert owned(c.raw_config_map(f"p2r-pipeline-{run}"))
@@ -222,8 +226,9 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
         assert job["spec"]["runPolicy"]["suspend"] is False
         train = yaml.safe_load(c.config_map(f"{run}-stage1-1-config")["train.yaml"])  # type: ignore[index]
         assert train["role"] == "perceiver" and train["model"] == "s3://models/qwen3-vl-tiny"
-        assert train["reasoner_endpoint"] == "p2r-reasoner.p2r.svc:50051"
-        assert train["verifier_endpoint"] == "p2r-verifier.p2r.svc:50051"
+        # dns:/// of the headless role Services: the trainers' round_robin reaches every pod
+        assert train["reasoner_endpoint"] == "dns:///p2r-reasoner.p2r.svc.cluster.local:50051"
+        assert train["verifier_endpoint"] == "dns:///p2r-verifier.p2r.svc.cluster.local:50051"
         assert train["output"] == f"s3://{bucket}/{run}/stage1" and train["max_steps"] == 3
         # the chart's PodMonitor finds rank 0: component label, a "metrics" port, bound to the pod IP
         assert train["metrics_port"] == 9100 and train["metrics_host"] == "0.0.0.0"
@@ -267,7 +272,8 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
         assert job2["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"][3] \
             == "reasoner"
         train2 = yaml.safe_load(c.config_map(f"{run}-stage2-1-config")["train.yaml"])  # type: ignore[index]
-        assert train2["model"] == stage1 and train2["perceiver_endpoint"] == "p2r-perceiver.p2r.svc:50051"
+        assert train2["model"] == stage1
+        assert train2["perceiver_endpoint"] == "dns:///p2r-perceiver.p2r.svc.cluster.local:50051"
         upload_as_trainer(tmp_path, f"s3://{bucket}/{run}/stage2/step-2", 2, "s2", s3_server)
         c.set_pytorchjob_condition(f"{run}-stage2-1", "Succeeded")
 
@@ -278,7 +284,7 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
         command = eval_job["spec"]["template"]["spec"]["containers"][0]["command"]
         assert command == ["p2r", "eval", "--model", final, "--perceiver-model", final, "--task", "synthetic",
                            "--data", "/data/synthetic-eval", "--mode", "p2r", "--out", f"s3://{bucket}/{run}/eval",
-                           "--limit", "6", "--verifier-endpoint", "p2r-verifier.p2r.svc:50051",
+                           "--limit", "6", "--verifier-endpoint", "dns:///p2r-verifier.p2r.svc.cluster.local:50051",
                            "--max-new-tokens", "32"]
         assert eval_job["spec"]["backoffLimit"] == 0
         validate_created(eval_job)
@@ -286,6 +292,8 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
         assert owned(eval_job) and "nodeSelector" not in eval_pod  # eval needs no GPU node
         assert eval_pod["automountServiceAccountToken"] is False
         assert eval_pod["imagePullSecrets"] == [{"name": "regcred"}]
+        eval_env = {e["name"]: e for e in eval_pod["containers"][0]["env"]}  # eval loads hf:// models too
+        assert eval_env["HF_ENDPOINT"] == env["HF_ENDPOINT"] and eval_env["HF_TOKEN"] == env["HF_TOKEN"]
         summary = {"task": "synthetic", "mode": "p2r", "n": 6, "overall": 50.0,
                    "categories": {"colour": 66.7, "count": 33.3}}
         put_object(bucket, f"{run}/eval/summary.json", json.dumps(summary).encode(), s3_server)
@@ -319,7 +327,7 @@ def test_failed_job_is_retried_with_a_new_name_then_the_run_stops(tmp_path: Path
     c, kubeconfig = cluster
     run, port = "kube-fail", free_port()
     config = write_config(tmp_path, kubeconfig, run, f"runs-{uuid.uuid4().hex[:8]}", metrics_port=port,
-                          kubernetes={"pod": {"queue_name": "gpu-queue"}})
+                          kubernetes={"pod": {"queue_name": "gpu-queue"}, "cluster_domain": "corp.internal"})
     proc = controller(config, s3_server)
     try:
         for role, model in (("reasoner", "s3://models/qwen3-vl-tiny"), ("verifier", "s3://models/verifier")):
@@ -328,6 +336,13 @@ def test_failed_job_is_retried_with_a_new_name_then_the_run_stops(tmp_path: Path
         # Kueue: the queue label, created suspended so Kueue admits the whole gang at once
         assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
         assert job["spec"]["runPolicy"]["suspend"] is True
+        # the cluster's own DNS domain in the role targets
+        train = yaml.safe_load(c.config_map(f"{run}-stage1-1-config")["train.yaml"])  # type: ignore[index]
+        assert train["reasoner_endpoint"] == "dns:///p2r-reasoner.p2r.svc.corp.internal:50051"
+        assert train["verifier_endpoint"] == "dns:///p2r-verifier.p2r.svc.corp.internal:50051"
+        # no Hugging Face settings configured: no HF_* variables
+        env = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
+        assert not [e for e in env if e["name"].startswith("HF_")]
         c.set_pytorchjob_condition(f"{run}-stage1-1", "Failed", "OOMKilled", "master-0 was OOM-killed")
         stage_job(c, f"{run}-stage1-2", proc)  # the retry: a new, valid job
         state = state_of(c, run)["steps"]["stage1"]
@@ -480,9 +495,10 @@ def test_missing_inputs_are_reported_until_they_exist(tmp_path: Path, s3_server:
 
 
 def test_chart_values_reach_the_pods_the_controller_builds(tmp_path: Path) -> None:
-    """The chart's controller.jobs values and release-wide security settings become the pods
-    the controller creates (through pipeline.yaml's kubernetes.pod), and the chart's default
-    security contexts are the pod template's own (one fact, checked equal)."""
+    """The chart's controller.jobs values, release-wide security settings, Hugging Face settings
+    and cluster domain become the pods the controller creates and the targets they call (through
+    pipeline.yaml's kubernetes section), and the chart's default security contexts are the pod
+    template's own (one fact, checked equal)."""
     from p2r.controller import pods
     from p2r.controller.config import load_pipeline_config
     from p2r.controller.kube import KubeBackend
@@ -496,11 +512,14 @@ def test_chart_values_reach_the_pods_the_controller_builds(tmp_path: Path) -> No
     values = {"controller": {"enabled": True, "jobs": {
         "queueName": "team-a", "trainer": {"nodeSelector": gpu, "priorityClassName": "p2r-training"},
         "eval": {"tolerations": [{"key": "spot", "operator": "Exists"}]}}},
-        "imagePullSecrets": [{"name": "regcred"}], "podSecurityContext": {"runAsUser": 20001}}
+        "imagePullSecrets": [{"name": "regcred"}], "podSecurityContext": {"runAsUser": 20001},
+        "clusterDomain": "corp.internal",
+        "models": {"huggingFace": {"endpoint": "https://hf-mirror.corp", "tokenSecret": "hf", "tokenSecretKey": "tok"}}}
     path = tmp_path / "pipeline.yaml"
     path.write_text(one(render(values), "ConfigMap", "p2r-pipeline")["data"]["pipeline.yaml"])
     config = load_pipeline_config(path)
     assert config.kubernetes.owner_config_map == "p2r-pipeline"
+    assert config.kubernetes.cluster_domain == "corp.internal"
     config.kubernetes.kubeconfig = str(write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:9"))
     backend = KubeBackend(config)
     backend._owner = {"apiVersion": "v1", "kind": "ConfigMap", "name": "p2r-pipeline", "uid": OWNER_UID,
@@ -523,6 +542,18 @@ def test_chart_values_reach_the_pods_the_controller_builds(tmp_path: Path) -> No
     eval_pod = evaluation["spec"]["template"]["spec"]
     assert eval_pod["tolerations"] == [{"key": "spot", "operator": "Exists"}] and "nodeSelector" not in eval_pod
     assert "priorityClassName" not in eval_pod
+    hf = [{"name": "HF_ENDPOINT", "value": "https://hf-mirror.corp"},
+          {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "tok"}}}]
+    for pod in [*(r["template"]["spec"] for r in job["spec"]["pytorchReplicaSpecs"].values()), eval_pod]:
+        env = pod["containers"][0]["env"]
+        assert [e for e in env if e["name"].startswith("HF_")] == hf
+    assert backend._endpoint("verifier") == "dns:///p2r-verifier.p2r.svc.corp.internal:50051"
+    # the defaults: no Hub settings for the pods, the standard cluster domain
+    defaults_cm = one(render({"controller": {"enabled": True}}), "ConfigMap", "p2r-pipeline")
+    path.write_text(defaults_cm["data"]["pipeline.yaml"])
+    config = load_pipeline_config(path)
+    assert config.kubernetes.cluster_domain == "cluster.local"
+    assert config.kubernetes.pod.hugging_face == pods.HuggingFace()
 
 
 @pytest.mark.parametrize(("jobs", "message"), [
