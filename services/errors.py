@@ -51,6 +51,11 @@ class NotFound(Exception):
     """The named thing (checkpoint, route, model) does not exist."""
 
 
+class TooLarge(Exception):
+    """A request over a size limit (HTTP body, image): RESOURCE_EXHAUSTED as gRPC itself reports
+    an over-limit message, and HTTP 413 - not 429, since retrying the same request cannot help."""
+
+
 class Unavailable(Exception):
     """The server cannot serve now (starting, draining, engine gone); retry elsewhere or later."""
 
@@ -63,6 +68,7 @@ ERRORS: dict[type[BaseException], tuple[grpc.StatusCode, int]] = {
     FailedPrecondition: (grpc.StatusCode.FAILED_PRECONDITION, 409),
     CheckpointError: (grpc.StatusCode.FAILED_PRECONDITION, 409),
     Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    TooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
     asyncio.CancelledError: (grpc.StatusCode.CANCELLED, 499),  # nginx's "client closed request"
     Unavailable: (grpc.StatusCode.UNAVAILABLE, 503),
     TimeoutError: (grpc.StatusCode.DEADLINE_EXCEEDED, 504),

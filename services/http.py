@@ -23,7 +23,7 @@ from google.protobuf.json_format import MessageToDict
 
 from p2r.core.prompts import AnswerForm
 from p2r.services import metrics, openai_api
-from p2r.services.errors import InvalidArgument
+from p2r.services.errors import InvalidArgument, TooLarge, Unauthenticated, status_of
 from p2r.services.handlers import answer
 from p2r.services.protocol import FORM_TO_PB
 from p2r.services.security import bearer, read_keys, token_ok
@@ -131,14 +131,14 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         path = scope.get("path", "")
         if self.keys and path.startswith("/v1/") and not token_ok(bearer(headers.get("authorization")), self.keys):
-            metrics.REQUESTS.labels("http", "UNAUTHENTICATED").inc()
-            await _reply(send, 401, "API key missing or invalid: send 'Authorization: Bearer <API key>'",
-                         [(b"www-authenticate", b"Bearer")])
+            await self._refuse(send, path, Unauthenticated(
+                "API key missing or invalid: send 'Authorization: Bearer <API key>'"),
+                [(b"www-authenticate", b"Bearer")])
             return
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            metrics.REQUESTS.labels("http", "RESOURCE_EXHAUSTED").inc()
-            await _reply(send, 413, f"request body: {length} bytes, over the limit of {self.limit} bytes")
+            await self._refuse(send, path, TooLarge(
+                f"request body: {length} bytes, over the limit of {self.limit} bytes"))
             return
         seen = 0
 
@@ -148,19 +148,30 @@ class Guard:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise HTTPException(413, f"request body: over the limit of {self.limit} bytes")
+                    status = status_of(TooLarge(f"request body: over the limit of {self.limit} bytes"), "http")
+                    raise HTTPException(status.http, status.message)
             return message
 
         await self.app(scope, limited, send)
 
-
-async def _reply(send: Callable[[dict[str, Any]], Awaitable[None]], status: int, detail: str,
-                 extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = JSONResponse({"detail": detail}).body
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(extra or [])]})
-    await send({"type": "http.response.body", "body": body})
+    @staticmethod
+    async def _refuse(send: Callable[[dict[str, Any]], Awaitable[None]], path: str, exc: Exception,
+                      extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        """Answer ``exc`` before the route runs, mapped by the one table (``services/errors.py``)
+        and counted under its code: an OpenAI error object on the OpenAI routes, else
+        ``{"detail": ...}`` as FastAPI's own errors."""
+        method = openai_api.METHOD if path.startswith("/v1/chat/") else "http"  # as the route counts it
+        status = status_of(exc, method)
+        metrics.REQUESTS.labels(method, status.code.name).inc()
+        if path.startswith(openai_api.PATHS):
+            content = openai_api.from_status(status, "request_too_large" if isinstance(exc, TooLarge) else None).body()
+        else:
+            content = {"detail": status.message}
+        body = JSONResponse(content).body
+        await send({"type": "http.response.start", "status": status.http,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                *(extra or [])]})
+        await send({"type": "http.response.body", "body": body})
 
 
 @dataclass

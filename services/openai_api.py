@@ -64,7 +64,7 @@ from p2r.core.bbox import MAX_IMAGE_EVIDENCE
 from p2r.core.evidence import HIGHLIGHT_COLOURS, crop_box
 from p2r.core.prompts import AnswerForm
 from p2r.services import metrics
-from p2r.services.errors import InvalidArgument
+from p2r.services.errors import ERRORS, InvalidArgument, Status
 from p2r.services.handlers import answer_events
 from p2r.services.protocol import FORM_TO_PB, region_from_pb
 from p2r.services.streaming import relay
@@ -76,6 +76,8 @@ if TYPE_CHECKING:
     from p2r.services.server import Server
 
 METHOD = "openai.chat"
+PATHS = ("/v1/chat/", "/v1/models")
+"""The routes that answer errors as OpenAI error objects (``http.Guard`` included)."""
 DEFAULT_TIMEOUT_S = 300.0
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
@@ -92,6 +94,15 @@ class OpenAIError(Exception):
     def body(self) -> dict[str, Any]:
         kind = _ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def from_status(status: Status, code: str | None = None) -> OpenAIError:
+    """The OpenAI error for a mapped failure (``services/errors.status_of``): a 400 names the
+    field its message starts with; any other status carries ``code``, by default its gRPC code
+    name. Used by the routes and by ``http.Guard``'s refusals (401, 413) on these paths."""
+    if status.http == 400:
+        return OpenAIError(400, status.message, _inner_param(status.message), code)
+    return OpenAIError(status.http, status.message, None, code or status.code.name.lower())
 
 
 # ------------------------------------------------------------------------------------ request
@@ -370,9 +381,7 @@ def mount(app: FastAPI, server: Server) -> None:
         """The gRPC code name (for the metrics) and the OpenAI error of an exception the flow
         raised, through the one table (``services/errors.py``)."""
         status = server.status_of(METHOD, e)
-        if status.http == 400:
-            return status.code.name, OpenAIError(400, status.message, _inner_param(status.message))
-        return status.code.name, OpenAIError(status.http, status.message, None, status.code.name.lower())
+        return status.code.name, from_status(status)
 
     async def call(timeout_s: float, work: Callable[[], Awaitable[Any]]) -> Any:
         """P2R.Answer's call wrapper on HTTP: the same admission, a deadline, the same
@@ -417,7 +426,9 @@ def mount(app: FastAPI, server: Server) -> None:
         try:
             parsed = await parse(await read_body(request), server)
         except OpenAIError as e:
-            metrics.REQUESTS.labels(METHOD, "NOT_FOUND" if e.status == 404 else "INVALID_ARGUMENT").inc()
+            # Counted under the code the one table gives its HTTP status (404, 413, else 400).
+            code = next((c.name for c, h in ERRORS.values() if h == e.status), "INVALID_ARGUMENT")
+            metrics.REQUESTS.labels(METHOD, code).inc()
             raise
         assert server.handlers is not None
         perceiver, reasoner = server.backends()

@@ -24,13 +24,11 @@ from typing import Any
 
 import grpc
 
+from p2r.services.errors import ERRORS, Unauthenticated
+
 AUTH_HEADER = "authorization"
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 """Method prefixes that never need a credential (probes, service discovery)."""
-
-
-class Unauthenticated(Exception):
-    """A call without a valid credential (gRPC UNAUTHENTICATED, HTTP 401)."""
 
 
 def read_secret(value: str | None, file: Path | str | None) -> str | None:
@@ -112,13 +110,15 @@ class TLSFiles:
 
 
 def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that refuses with UNAUTHENTICATED."""
+    """A handler of the same shape as ``handler`` that refuses with ``Unauthenticated``'s code
+    (the one table, ``services/errors.py``)."""
+    code, _http = ERRORS[Unauthenticated]
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
     kwargs = {"request_deserializer": handler.request_deserializer,
@@ -155,7 +155,7 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         from p2r.services import metrics
 
-        metrics.REQUESTS.labels(details.method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
+        metrics.REQUESTS.labels(details.method.rsplit("/", 1)[-1], ERRORS[Unauthenticated][0].name).inc()
         reason = "missing" if header is None else "invalid"
         return _deny(handler, f"{self.what} {reason}: send metadata 'authorization: Bearer <{self.what}>'")
 

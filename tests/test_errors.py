@@ -22,6 +22,7 @@ from p2r.services.errors import (
     NotFound,
     Overloaded,
     PermissionDenied,
+    TooLarge,
     Unauthenticated,
     Unavailable,
     status_of,
@@ -46,6 +47,7 @@ class _Subclassed(InvalidArgument):
     (FailedPrecondition("not loaded"), C.FAILED_PRECONDITION, 409, "not loaded"),
     (CheckpointError("s3://b/p/: no manifest.json"), C.FAILED_PRECONDITION, 409, "s3://b/p/: no manifest.json"),
     (Overloaded("at capacity"), C.RESOURCE_EXHAUSTED, 429, "at capacity"),
+    (TooLarge("request body: over the limit"), C.RESOURCE_EXHAUSTED, 413, "request body: over the limit"),
     (asyncio.CancelledError(), C.CANCELLED, 499, ""),
     (Unavailable("draining"), C.UNAVAILABLE, 503, "draining"),
     (TimeoutError(), C.DEADLINE_EXCEEDED, 504, "Perceive: deadline exceeded; engine request aborted"),
@@ -74,8 +76,11 @@ def test_unexpected_is_logged_with_traceback_and_dead_engine_is_fatal(caplog: py
 
 
 def test_every_row_is_a_distinct_code() -> None:
-    rows = {k: v for k, v in ERRORS.items() if k is not CheckpointError}
+    # CheckpointError is FailedPrecondition's alias; RESOURCE_EXHAUSTED is gRPC's code both for
+    # overload (429, retry later) and for an over-limit message (413, retrying cannot help).
+    rows = {k: v for k, v in ERRORS.items() if k not in (CheckpointError, TooLarge)}
     assert len({code for code, _ in rows.values()}) == len(rows)
+    assert len({http for _, http in ERRORS.values() if http != 409}) == len(ERRORS) - 2
     assert all(400 <= http < 600 for _, http in ERRORS.values())
 
 

@@ -93,6 +93,53 @@ def _wait_counted(server: ServerProc, method: str, code: str, before: float) -> 
 # ---------------------------------------------------------------------------- no engine
 
 
+def _requests_total(method: str, code: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("p2r_requests_total", {"method": method, "code": code}) or 0.0
+
+
+def test_guard_refusals_are_openai_errors_on_openai_routes() -> None:
+    """http.Guard's 401 (API key) and 413 (Content-Length over the body limit) come from the one
+    table (services/errors.py): OpenAI error objects on the OpenAI routes, ``detail`` on
+    /v1/answer, counted under their gRPC code. An in-process app with keys; no engine."""
+    from fastapi.testclient import TestClient
+
+    from p2r.services.config import ServeConfig
+    from p2r.services.http import create_app
+    from p2r.services.server import Server
+
+    config = ServeConfig(roles=["gateway"], perceiver_endpoint="127.0.0.1:1", reasoner_endpoint="127.0.0.1:1",
+                         port=0, metrics_port=None, api_key="k1")
+    over = str(config.max_http_body_bytes + 1)
+    http = TestClient(create_app(Server(config)))
+    auth = {"authorization": "Bearer k1"}
+    for path, method in [("/v1/chat/completions", "openai.chat"), ("/v1/models", "http")]:
+        before = _requests_total(method, "UNAUTHENTICATED")
+        r = http.post(path, json={}) if path.endswith("completions") else http.get(path)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert (error["type"], error["code"]) == ("authentication_error", "unauthenticated")
+        assert "API key" in error["message"]
+        assert _requests_total(method, "UNAUTHENTICATED") == before + 1
+    before = _requests_total("openai.chat", "RESOURCE_EXHAUSTED")
+    r = http.post("/v1/chat/completions", content=b"{}", headers={**auth, "content-length": over})
+    assert r.status_code == 413, r.text
+    assert r.json() == {"error": {"message": f"request body: {over} bytes, over the limit of "
+                                             f"{config.max_http_body_bytes} bytes",
+                                  "type": "invalid_request_error", "param": None, "code": "request_too_large"}}
+    assert _requests_total("openai.chat", "RESOURCE_EXHAUSTED") == before + 1
+    # The plain routes keep FastAPI's shape, from the same table.
+    before = _requests_total("http", "RESOURCE_EXHAUSTED")
+    r = http.post("/v1/answer", content=b"x", headers={**auth, "content-length": over})
+    assert r.status_code == 413 and r.json()["detail"].startswith(f"request body: {over} bytes")
+    assert _requests_total("http", "RESOURCE_EXHAUSTED") == before + 1
+    r = http.post("/v1/answer")
+    assert r.status_code == 401 and "API key" in r.json()["detail"]
+    assert http.get("/healthz").status_code == 200  # the probes stay open
+
+
 def test_allowlist_matches_scheme_host_port_and_path_prefix() -> None:
     prefixes = ["https://img.example.com/p2r/", "http://127.0.0.1:8080/"]
     assert allowed("https://img.example.com/p2r/a.png", prefixes)
@@ -332,6 +379,29 @@ def test_bad_requests_get_openai_errors(oai: Any, case: str, status: int, param:
         assert body["message"].startswith(param), body["message"]
     if case == "unknown model":
         assert body["code"] == "model_not_found"
+
+
+@engine
+def test_over_limit_content_length_is_an_openai_413(base: str, role_server: ServerProc) -> None:
+    """The shared gateway refuses a Content-Length over its body limit before reading the body."""
+    import http.client
+
+    before = _value(_scrape(role_server.metrics_port), "p2r_requests_total", method="openai.chat",
+                    code="RESOURCE_EXHAUSTED")
+    conn = http.client.HTTPConnection("127.0.0.1", role_server.http_port, timeout=60)
+    try:
+        conn.putrequest("POST", "/v1/chat/completions")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(300 * 1024 * 1024))
+        conn.endheaders()  # the body is never sent
+        response = conn.getresponse()
+        status, body = response.status, json.loads(response.read())
+    finally:
+        conn.close()
+    assert status == 413, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == "request_too_large" and "over the limit" in body["error"]["message"]
+    _wait_counted(role_server, "openai.chat", "RESOURCE_EXHAUSTED", before)
 
 
 @engine
