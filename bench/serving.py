@@ -198,13 +198,17 @@ class Offline:
 class Ours:
     """``p2r serve reasoner perceiver gateway`` with the same limits, over gRPC."""
 
-    def __init__(self, model: Path, tmp: Path, max_tokens: int, tokens: Callable[..., int]) -> None:
+    def __init__(self, model: Path, tmp: Path, max_tokens: int, tokens: Callable[..., int], n: int) -> None:
         from p2r.services.client import Client
         from p2r.services.launch import start_server
         from p2r.v1 import p2r_pb2 as pb
 
+        # ReasonBatch sends all ``n`` samples in one call and every request asks one completion
+        # (sampling.n = 1, under max_n), so the batch and admission limits follow ``--n``: any
+        # ``--n`` runs, not only up to the server's default max_batch_items.
         config = tmp / "serve.yaml"
-        config.write_text(json.dumps({"max_pixels": MAX_PIXELS, "max_in_flight": 4096, "limits": LIMITS}))
+        config.write_text(json.dumps({"max_pixels": MAX_PIXELS, "max_in_flight": max(4096, n),
+                                      "max_batch_items": n, "limits": LIMITS}))
         self.server = start_server(["reasoner", "perceiver", "gateway", "--model", str(model), "--http-port", "0"],
                                    config=config, env=ENV)
         self.chat_url = f"http://127.0.0.1:{self.server.http_port}/v1/chat/completions"
@@ -412,7 +416,7 @@ def main() -> None:
         model = write_tiny_model(tmp / "model")
         base = load_samples(write_synthetic(tmp / "data", args.n))
         offline = Offline(model, args.max_tokens)
-        ours = Ours(model, tmp, args.max_tokens, offline.tokens)
+        ours = Ours(model, tmp, args.max_tokens, offline.tokens, args.n)
         stack.callback(ours.close)
         openai = OpenAI(model, args.max_tokens)
         stack.callback(openai.close)
