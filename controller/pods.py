@@ -64,6 +64,26 @@ class HuggingFace(_Strict):
     token_key_ref: str = Field("HF_TOKEN", min_length=1, description="key of the token in token_secret")
 
 
+CLIENT_TLS_DIR = "/etc/p2r-client/tls"
+"""Where the TLS Secret's files are mounted (beside, not under, the config mount at /etc/p2r)."""
+CLIENT_API_KEY_DIR = "/etc/p2r-client/api-key"
+
+
+class ClientSecrets(_Strict):
+    """What the trainer and eval pods present to the role servers (services/security.py
+    ``ClientCredentials.from_env``): the TLS Secret's ``ca.crt`` (and, where the roles require
+    mTLS, its ``tls.crt`` / ``tls.key``) and an API key, each mounted read-only from its Secret
+    with only the ``P2R_CLIENT_*_FILE`` path in the env, so no secret is copied into a pod spec or
+    ConfigMap. The chart fills it from ``security.tls``, as for its role pods."""
+
+    tls_secret: str | None = Field(None, description="Secret with ca.crt (kubernetes.io/tls, e.g. cert-manager's): "
+                                                     "the roles' TLS; unset: plaintext")
+    client_cert: bool = Field(False, description="also present the Secret's tls.crt/tls.key (roles requiring mTLS)")
+    api_key_secret: str | None = Field(None, description="Secret holding one API key sent as a bearer token; "
+                                                         "unset: none")
+    api_key_key_ref: str = Field("api-key", min_length=1, description="key of the API key in api_key_secret")
+
+
 class PodTemplate(_Strict):
     """How the controller's trainer and eval pods are built (``kubernetes.pod`` in pipeline.yaml;
     the chart fills it from its values). Defaults meet Pod Security "restricted"."""
@@ -83,6 +103,8 @@ class PodTemplate(_Strict):
                                                                      "(the chart adds app.kubernetes.io/instance)")
     hugging_face: HuggingFace = Field(default_factory=HuggingFace, description="HF_ENDPOINT / HF_TOKEN of "
                                       "every container, for hf:// models")
+    client: ClientSecrets = Field(default_factory=ClientSecrets, description="TLS trust and API key of every "
+                                  "container's calls to the roles")
     work_size_limit: str = "200Gi"
     tmp_size_limit: str = "10Gi"
     shm_size_limit: str = "32Gi"
@@ -105,22 +127,49 @@ def hf_env(hf: HuggingFace) -> list[dict[str, Any]]:
     return env
 
 
+def client_secrets(c: ClientSecrets) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(env, volumes, mounts) of the client credentials: Secret files mounted read-only (owner
+    and group only), their paths in ``P2R_CLIENT_*``; nothing when none is set."""
+    env: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    if c.tls_secret:
+        files = ["ca.crt", *(["tls.crt", "tls.key"] if c.client_cert else [])]
+        volumes.append({"name": "client-tls", "secret": {"secretName": c.tls_secret, "defaultMode": 0o440,
+                                                         "items": [{"key": f, "path": f} for f in files]}})
+        mounts.append({"name": "client-tls", "mountPath": CLIENT_TLS_DIR, "readOnly": True})
+        env.append({"name": "P2R_CLIENT_CA_FILE", "value": f"{CLIENT_TLS_DIR}/ca.crt"})
+        if c.client_cert:
+            env += [{"name": "P2R_CLIENT_CERT_FILE", "value": f"{CLIENT_TLS_DIR}/tls.crt"},
+                    {"name": "P2R_CLIENT_KEY_FILE", "value": f"{CLIENT_TLS_DIR}/tls.key"}]
+    if c.api_key_secret:
+        volumes.append({"name": "client-api-key", "secret": {
+            "secretName": c.api_key_secret, "defaultMode": 0o440,
+            "items": [{"key": c.api_key_key_ref, "path": "api-key"}]}})
+        mounts.append({"name": "client-api-key", "mountPath": CLIENT_API_KEY_DIR, "readOnly": True})
+        env.append({"name": "P2R_CLIENT_API_KEY_FILE", "value": f"{CLIENT_API_KEY_DIR}/api-key"})
+    return env, volumes, mounts
+
+
 def container(t: PodTemplate, *, name: str, image: str, pull_policy: str, command: list[str],
               env: list[dict[str, Any]], mounts: list[dict[str, Any]], resources: dict[str, Any] | None = None,
               args: list[str] | None = None, ports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One container: the template's security context, HOME/TMPDIR on scratch volumes, the
-    Hugging Face settings."""
+    Hugging Face settings, the client credentials' env and mounts (their volumes: :func:`pod_spec`)."""
+    client_env, _, client_mounts = client_secrets(t.client)
     return _drop_empty({
         "name": name, "image": image, "imagePullPolicy": pull_policy, "command": command, "args": args,
-        "ports": ports, "env": [*copy.deepcopy(BASE_ENV), *hf_env(t.hugging_face), *env], "resources": resources,
-        "securityContext": copy.deepcopy(t.container_security_context), "volumeMounts": mounts,
+        "ports": ports, "env": [*copy.deepcopy(BASE_ENV), *hf_env(t.hugging_face), *client_env, *env],
+        "resources": resources, "securityContext": copy.deepcopy(t.container_security_context),
+        "volumeMounts": [*mounts, *client_mounts],
     })
 
 
 def pod_spec(t: PodTemplate, placement: Placement, containers: list[dict[str, Any]], volumes: list[dict[str, Any]],
              *, restart_policy: str | None = None, service_account: str | None = None) -> dict[str, Any]:
     """The pod spec every training-run pod shares. Service links are off: their
-    ``P2R_<SERVICE>_PORT`` variables would land in p2r's ``P2R_*`` settings."""
+    ``P2R_<SERVICE>_PORT`` variables would land in p2r's ``P2R_*`` settings. The client
+    credentials' Secret volumes come last, so the overlays' volume indexes stay put."""
     return _drop_empty({
         "restartPolicy": restart_policy,
         "serviceAccountName": service_account,
@@ -133,7 +182,7 @@ def pod_spec(t: PodTemplate, placement: Placement, containers: list[dict[str, An
         "tolerations": copy.deepcopy(placement.tolerations),
         "affinity": copy.deepcopy(placement.affinity),
         "containers": containers,
-        "volumes": volumes,
+        "volumes": [*volumes, *client_secrets(t.client)[1]],
     })
 
 

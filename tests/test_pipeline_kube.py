@@ -514,7 +514,8 @@ def test_chart_values_reach_the_pods_the_controller_builds(tmp_path: Path) -> No
         "eval": {"tolerations": [{"key": "spot", "operator": "Exists"}]}}},
         "imagePullSecrets": [{"name": "regcred"}], "podSecurityContext": {"runAsUser": 20001},
         "clusterDomain": "corp.internal",
-        "models": {"huggingFace": {"endpoint": "https://hf-mirror.corp", "tokenSecret": "hf", "tokenSecretKey": "tok"}}}
+        "models": {"huggingFace": {"endpoint": "https://hf-mirror.corp", "tokenSecret": "hf", "tokenSecretKey": "tok"}},
+        "security": {"tls": {"secretName": "p2r-tls", "requireClientCert": True}}}
     path = tmp_path / "pipeline.yaml"
     path.write_text(one(render(values), "ConfigMap", "p2r-pipeline")["data"]["pipeline.yaml"])
     config = load_pipeline_config(path)
@@ -547,6 +548,18 @@ def test_chart_values_reach_the_pods_the_controller_builds(tmp_path: Path) -> No
     for pod in [*(r["template"]["spec"] for r in job["spec"]["pytorchReplicaSpecs"].values()), eval_pod]:
         env = pod["containers"][0]["env"]
         assert [e for e in env if e["name"].startswith("HF_")] == hf
+        # security.tls: the roles' CA (and, with mTLS, the certificate) from the Secret, read-only
+        assert [e for e in env if e["name"].startswith("P2R_CLIENT_")] == [
+            {"name": "P2R_CLIENT_CA_FILE", "value": "/etc/p2r-client/tls/ca.crt"},
+            {"name": "P2R_CLIENT_CERT_FILE", "value": "/etc/p2r-client/tls/tls.crt"},
+            {"name": "P2R_CLIENT_KEY_FILE", "value": "/etc/p2r-client/tls/tls.key"}]
+        assert {"name": "client-tls", "mountPath": "/etc/p2r-client/tls", "readOnly": True} in \
+            pod["containers"][0]["volumeMounts"]
+        assert pod["volumes"][-1] == {"name": "client-tls", "secret": {
+            "secretName": "p2r-tls", "defaultMode": 0o440,
+            "items": [{"key": f, "path": f} for f in ("ca.crt", "tls.crt", "tls.key")]}}
+    assert [v["name"] for v in job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["volumes"]] == [
+        "config", "data", "work", "tmp", "dshm", "client-tls"]  # the overlays' indexes stay put
     assert backend._endpoint("verifier") == "dns:///p2r-verifier.p2r.svc.corp.internal:50051"
     # the defaults: no Hub settings for the pods, the standard cluster domain
     defaults_cm = one(render({"controller": {"enabled": True}}), "ConfigMap", "p2r-pipeline")
@@ -554,6 +567,38 @@ def test_chart_values_reach_the_pods_the_controller_builds(tmp_path: Path) -> No
     config = load_pipeline_config(path)
     assert config.kubernetes.cluster_domain == "cluster.local"
     assert config.kubernetes.pod.hugging_face == pods.HuggingFace()
+    # no security.tls: no client credentials, no mounts
+    assert config.kubernetes.pod.client == pods.ClientSecrets()
+    config.kubernetes.kubeconfig = str(tmp_path / "kubeconfig")
+    plain = KubeBackend(config)
+    plain._owner = backend._owner
+    for obj in (plain.pytorchjob("run1-stage1-1", "stage1", "perceiver", 1, None),
+                plain.eval_job("run1-eval-1", [], 1)):
+        text = json.dumps(obj)
+        assert "P2R_CLIENT_" not in text and "client-tls" not in text and "client-api-key" not in text
+    # TLS only (no mTLS): just ca.crt; an API key (a gateway as the target) as a mounted file, never its value
+    t = pods.PodTemplate(client=pods.ClientSecrets(tls_secret="p2r-tls", api_key_secret="p2r-key",
+                                                   api_key_key_ref="k"))
+    kw = {"namespace": "p2r", "labels": {}, "pod_labels": {}, "image": "p2r:1", "pull_policy": "IfNotPresent",
+          "env": [], "resources": None, "data_pvc": None, "restart_policy": "Never", "backoff_limit": 0}
+    evaluation = pods.eval_job(t, name="e-1", command=["p2r", "eval"], args=None, data_mount=None, **kw)
+    validate_created(evaluation)
+    eval_pod = evaluation["spec"]["template"]["spec"]
+    assert [e for e in eval_pod["containers"][0]["env"] if e["name"].startswith("P2R_CLIENT_")] == [
+        {"name": "P2R_CLIENT_CA_FILE", "value": "/etc/p2r-client/tls/ca.crt"},
+        {"name": "P2R_CLIENT_API_KEY_FILE", "value": "/etc/p2r-client/api-key/api-key"}]
+    assert eval_pod["volumes"][-2:] == [
+        {"name": "client-tls", "secret": {"secretName": "p2r-tls", "defaultMode": 0o440,
+                                          "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"name": "client-api-key", "secret": {"secretName": "p2r-key", "defaultMode": 0o440,
+                                              "items": [{"key": "k", "path": "api-key"}]}}]
+    job = pods.pytorchjob(t, name="s-1", role="perceiver", config_map="c", config_file="train.yaml", workers=2,
+                          data_mount="/data", metrics_port=None, **kw)
+    validate_created(job)
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        mounts = replica["template"]["spec"]["containers"][0]["volumeMounts"]
+        assert [m["name"] for m in mounts][-2:] == ["client-tls", "client-api-key"]
+        assert all(m["readOnly"] for m in mounts[-2:])
 
 
 @pytest.mark.parametrize(("jobs", "message"), [
