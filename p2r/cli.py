@@ -134,7 +134,6 @@ def models_manifest(directory: Path) -> None:
     click.echo(f"wrote {manifest}")
 
 
-
 # -------------------------------------------------------------------------------------- data
 
 

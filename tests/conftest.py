@@ -11,6 +11,15 @@ import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+# Many tests run in-process gRPC asyncio servers and channels, each under its own event loop. gRPC
+# shuts its asyncio layer down when the last aio object is freed, joining its poller thread; if that
+# object is freed by the cyclic GC while a call of a finished loop is still on the completion queue,
+# the join never returns and the whole session hangs (seen once, in an unrelated test's import). One
+# reference held for the session keeps the layer up, so no test's garbage can trigger that join.
+from grpc._cython import cygrpc
+
+cygrpc.init_grpc_aio()
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
