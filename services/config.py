@@ -121,8 +121,10 @@ class ServeConfig(YamlSettings):
     max_image_pixels: int = Field(100_000_000, ge=1, description="decoded width x height")
     max_question_chars: int = Field(16_384, ge=1)
     decoded_image_cache_bytes: int = Field(
-        1024**3, ge=0, description="budget of the decoded-image cache (by content hash) in decoded bytes: pixels, "
-        "resize and its intermediate pass of every image counted; a bigger image is not cached; 0 disables")
+        1024**3, ge=0, description="budget in decoded bytes (pixels, resize and its intermediate pass) of every "
+        "decoded image alive: the cache by content hash and the images requests hold; past it the cache is "
+        "evicted, then a decode is RESOURCE_EXHAUSTED (one alone may exceed it); a bigger image is not cached; "
+        "0 disables the cache and the bound")
     prepare_workers: int = Field(
         0, ge=0, description="threads for decoding, evidence and resizing; 0 = half the CPUs of the container's "
                              "CPU quota (cgroup cpu.max), else of the affinity mask, at least 1")

@@ -28,7 +28,7 @@ from p2r.core.evidence import build_evidence
 from p2r.core.flow import perceiver_request, reasoner_request, verifier_request
 from p2r.core.generation import ChatRequest, Sampling
 from p2r.core.grading import verifier_says_yes
-from p2r.core.images import MAX_ASPECT_RATIO, ImageError, PixelBounds, load_image, open_image
+from p2r.core.images import MAX_ASPECT_RATIO, ImageError, PixelBounds, load_image, model_size, open_image
 from p2r.core.prompts import AnswerForm
 from p2r.core.source_image import SourceImage
 from p2r.services import metrics
@@ -36,7 +36,7 @@ from p2r.services.config import ServeConfig
 from p2r.services.cpus import default_workers
 from p2r.services.engine import AsyncEngine, GenerationOut, sampling_params
 from p2r.services.errors import InvalidArgument
-from p2r.services.image_cache import DecodedImages
+from p2r.services.image_cache import DecodedImages, decode_cost
 from p2r.services.protocol import FORM_FROM_PB, region_to_pb
 from p2r.v1 import p2r_pb2 as pb
 
@@ -146,10 +146,17 @@ class Handlers:
         cached = self._decoded.get(key)
         if cached is not None:
             return cached
+        cost = decode_cost(3, image.size, model_size(*image.size, self.bounds))  # RGB once decoded
+        self._decoded.reserve(cost)
         try:
             source = SourceImage(load_image(image, field=field), self.bounds)
         except ImageError as e:
+            self._decoded.release(cost)
             raise InvalidArgument(str(e)) from None
+        except BaseException:
+            self._decoded.release(cost)
+            raise
+        self._decoded.hold(source, cost)
         self._decoded.put(key, source)
         return source
 

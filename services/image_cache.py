@@ -7,24 +7,39 @@ bitmaps cannot grow the server past it: each entry counts its decoded pixels plu
 resize and the intermediate pass ``SourceImage`` keeps, and an image bigger than the whole
 budget is simply not cached. Entries are never modified in place (evidence drawing copies), so
 sharing one between requests is safe.
+
+The same budget bounds every decoded image alive, not only the cached ones: a request keeps its
+full-resolution pixels until it ends (the crops are cut from them), so 32 admitted requests with
+10,000 x 10,000 images would hold 9 GB whatever the cache's size. ``reserve`` counts a decode
+before it happens and is released when the last holder of the ``SourceImage`` drops it; when the
+budget is full it first evicts cached entries, then refuses with ``Overloaded``
+(RESOURCE_EXHAUSTED, retried by clients) - except that one decode may always run alone, so an image
+bigger than the budget is still served, one at a time.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import threading
+import weakref
 
 from cachetools import LRUCache
 
 from p2r.core.source_image import SourceImage
+from p2r.services.errors import Overloaded
 
 
 def decoded_bytes(source: SourceImage) -> int:
     """Upper bound of the memory ``source`` holds once used: the decoded pixels, the model-side
     resize, and the first pass of a two-pass resize (one axis resized), at the image's bands."""
-    bands = len(source.image.getbands())
-    width, height = source.image.size
-    target_w, target_h = source.size
+    return decode_cost(len(source.image.getbands()), source.image.size, source.size)
+
+
+def decode_cost(bands: int, size: tuple[int, int], target: tuple[int, int]) -> int:
+    """``decoded_bytes`` from the header alone (size and model-side target), before decoding."""
+    width, height = size
+    target_w, target_h = target
     return bands * (width * height + target_w * target_h + max(target_w * height, width * target_h))
 
 
@@ -34,7 +49,10 @@ class DecodedImages:
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
         self._cache: LRUCache[bytes, SourceImage] = LRUCache(maxsize=budget_bytes, getsizeof=decoded_bytes)
-        self._lock = threading.Lock()
+        # Re-entrant: evicting the last reference to an entry runs its release under this lock.
+        self._lock = threading.RLock()
+        self._live = 0
+        """Decoded bytes reserved by images alive now: cached, held by a request, or decoding."""
 
     @staticmethod
     def key(data: bytes) -> bytes:
@@ -50,6 +68,40 @@ class DecodedImages:
             return
         with self._lock:
             self._cache[key] = source
+
+    def reserve(self, cost: int) -> None:
+        """Count a decode of ``cost`` bytes against the budget (0: no budget), evicting cached
+        entries if needed; ``Overloaded`` if it still does not fit beside the images alive."""
+        if self.budget_bytes <= 0:
+            return
+        with self._lock:
+            while self._live + cost > self.budget_bytes and len(self._cache):
+                self._cache.popitem()  # the least recent; released now unless a request holds it
+            if self._live > 0 and self._live + cost > self.budget_bytes:
+                # A finished request's image can still sit in a reference cycle (an exception's
+                # traceback, a done future) until the cyclic GC runs: collect before refusing.
+                gc.collect()
+            if self._live > 0 and self._live + cost > self.budget_bytes:
+                raise Overloaded(
+                    f"decoded images: {self._live} bytes alive + {cost} for this image is over "
+                    f"decoded_image_cache_bytes={self.budget_bytes}; retry later"
+                )
+            self._live += cost
+
+    def hold(self, source: SourceImage, cost: int) -> None:
+        """Release ``cost`` when ``source`` is freed (the cache and every request dropped it)."""
+        if self.budget_bytes > 0:
+            weakref.finalize(source, self.release, cost)
+
+    def release(self, cost: int) -> None:
+        with self._lock:
+            self._live -= cost
+
+    @property
+    def live_bytes(self) -> int:
+        """Decoded bytes of the images alive now (bounded by the budget, or one image)."""
+        with self._lock:
+            return self._live
 
     @property
     def size_bytes(self) -> int:

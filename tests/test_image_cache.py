@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from PIL import Image
 
 from p2r.core.images import PixelBounds
 from p2r.core.source_image import SourceImage
+from p2r.services.errors import Overloaded
 from p2r.services.image_cache import DecodedImages, decoded_bytes
 
 BOUNDS = PixelBounds(4 * 32 * 32, 2_097_152)
@@ -68,7 +70,46 @@ def test_handlers_decode_each_distinct_image_once_within_the_budget() -> None:
     handlers = Handlers(config, None)
     first = handlers.source(handlers.image(small, "image"), small, "image")
     assert handlers.source(handlers.image(small, "image"), small, "image") is first  # decoded once
-    # 1024x1024 decodes to ~9 MiB with its resize: over this budget, so decoded on every request.
+    del first  # that request ended; the image stays cached (and counted) until evicted
+    # 1024x1024 decodes to ~9 MiB with its resize: over this budget, so it is never cached; alone
+    # it is still served, and a second one while it is alive is refused (the live bound below).
     big_first = handlers.source(handlers.image(big, "image"), big, "image")
-    assert handlers.source(handlers.image(big, "image"), big, "image") is not big_first
-    assert handlers._decoded.size_bytes <= budget
+    assert len(handlers._decoded) == 0  # the small one was evicted to make room; the big one is not kept
+    with pytest.raises(Overloaded, match="decoded_image_cache_bytes"):
+        handlers.source(handlers.image(big, "image"), big, "image")
+    del big_first  # the request ended: its pixels are released, and the next decode runs alone
+    assert handlers._decoded.live_bytes <= budget
+    assert handlers.source(handlers.image(big, "image"), big, "image").image.size == (1024, 1024)
+
+
+def test_every_decoded_image_alive_counts_against_the_budget() -> None:
+    """Issue 14 item 6: a request keeps its full-resolution pixels until it ends, so the budget
+    bounds the images alive (cached or held), not only the cache: cached entries are evicted to make
+    room, then a decode that still does not fit is Overloaded (RESOURCE_EXHAUSTED) at once."""
+    one = decoded_bytes(_source(640, 480))
+    cache = DecodedImages(budget_bytes=2 * one + one // 2)
+    held = []
+    for i in range(2):
+        cache.reserve(one)
+        source = _source(640, 480, "white" if i else "black")
+        cache.hold(source, one)
+        cache.put(bytes([i]), source)
+        held.append(source)
+    del source
+    assert cache.live_bytes == 2 * one
+    with pytest.raises(Overloaded):  # both held by requests: evicting them frees nothing
+        cache.reserve(one)
+    assert len(cache) == 0 and cache.live_bytes == 2 * one
+    held.pop()  # one request ends; nothing else holds its image
+    assert cache.live_bytes == one
+    cache.reserve(one)  # fits now
+    assert cache.live_bytes == 2 * one
+    cache.release(one)
+    held.clear()
+    assert cache.live_bytes == 0
+    # One decode alone may exceed the budget (a huge image is served, one at a time).
+    cache.reserve(10 * one)
+    with pytest.raises(Overloaded):
+        cache.reserve(1)
+    cache.release(10 * one)
+    DecodedImages(budget_bytes=0).reserve(10**12)  # 0: no budget at all
