@@ -348,8 +348,10 @@ def main() -> None:
     parser.add_argument("--cache-budget-mib", type=int, default=1024)
     parser.add_argument("--large-images", type=int, default=16, help="distinct 10,000 x 10,000 PNGs in the mix")
     parser.add_argument("--rss-margin-mib", type=int, default=1536,
-                        help="allowance above baseline + cache budget: in-flight decodes (prepare workers x "
-                             "300 MB for 10,000 x 10,000 images), gRPC buffers, allocator slack")
+                        help="allowance above baseline + the decoded-image budget (which bounds every decoded "
+                             "image, annotated copy and crop alive): the engine's 1 GiB CPU KV cache, resident "
+                             "only once used (1024), received messages of 128 clients with 2 MB images (256), "
+                             "model-side resizes in flight and allocator slack (256)")
     parser.add_argument("--start-timeout-s", type=float, default=900.0)
     parser.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: a fresh tiny model)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")

@@ -36,7 +36,7 @@ from p2r.services.config import ServeConfig
 from p2r.services.cpus import default_workers
 from p2r.services.engine import AsyncEngine, GenerationOut, sampling_params
 from p2r.services.errors import InvalidArgument
-from p2r.services.image_cache import DecodedImages, decode_cost
+from p2r.services.image_cache import DecodedImages, conversion_cost, decode_cost, decoded_bytes, evidence_cost
 from p2r.services.protocol import FORM_FROM_PB, region_to_pb
 from p2r.v1 import p2r_pb2 as pb
 
@@ -70,6 +70,14 @@ class ItemInvalid(InvalidArgument):
     def __init__(self, message: str, result: Any) -> None:
         super().__init__(message)
         self.result = result
+
+
+@dataclass(frozen=True)
+class EvidenceShown:
+    """What a reasoner request's result reports of its evidence (the images are not kept)."""
+
+    with_evidence: bool
+    num_crops: int
 
 
 class Handlers:
@@ -141,24 +149,46 @@ class Handlers:
 
     def source(self, image: Image.Image, data: bytes, field: str) -> SourceImage:
         """Decoded RGB pixels with their model-side resize, from the cache when the same bytes
-        were seen recently."""
+        were seen recently.
+
+        ``image`` is the request's header (``self.image``), kept by the request until it ends, so
+        the pixels are decoded from a fresh open of ``data``: loading ``image`` itself would keep
+        a second full-resolution copy alive beside the cached RGB one, outside the budget."""
         key = DecodedImages.key(data)
         cached = self._decoded.get(key)
         if cached is not None:
             return cached
-        cost = decode_cost(3, image.size, model_size(*image.size, self.bounds))  # RGB once decoded
-        self._decoded.reserve(cost)
+        cost = decode_cost(image.size, model_size(*image.size, self.bounds))  # RGB once decoded
+        converting = conversion_cost(image.mode, image.size)  # the original, until converted
+        self._decoded.reserve(cost + converting)
         try:
-            source = SourceImage(load_image(image, field=field), self.bounds)
+            decoded = load_image(open_image(data, field=field, max_pixels=self.config.max_image_pixels), field=field)
+            source = SourceImage(decoded, self.bounds)
         except ImageError as e:
             self._decoded.release(cost)
             raise InvalidArgument(str(e)) from None
         except BaseException:
             self._decoded.release(cost)
             raise
+        finally:
+            self._decoded.release(converting)
         self._decoded.hold(source, cost)
         self._decoded.put(key, source)
         return source
+
+    def evidence(self, source: SourceImage, regions: list[Region], question: str, form: AnswerForm,
+                 variant: prompts.Variant) -> tuple[ChatRequest, EvidenceShown]:
+        """The reasoner's chat for ``regions`` on ``source``. The annotated full-resolution copy
+        and the crops count against the decoded-image budget while they are built, and only
+        their model-side resizes outlive this call (in the chat)."""
+        cost = evidence_cost(source.image.size, regions, self.bounds)
+        self._decoded.reserve(cost, own=decoded_bytes(source))
+        try:
+            evidence = build_evidence(source.image, regions)
+            chat = reasoner_request(evidence, question, form, self.bounds, variant, source)
+        finally:
+            self._decoded.release(cost)
+        return chat, EvidenceShown(evidence.with_evidence, evidence.num_crops)
 
     def question(self, text: str, field: str) -> str:
         if not text.strip():
@@ -244,8 +274,7 @@ class Handlers:
         def build() -> Prepared:
             started = time.perf_counter()
             source = self.source(image, req.image, f"{field}image")
-            evidence = build_evidence(source.image, regions)
-            chat = reasoner_request(evidence, question, form, self.bounds, variant, source)
+            chat, evidence = self.evidence(source, regions, question, form, variant)
             return Prepared(chat, sampling, {"evidence": evidence, "evidence_s": time.perf_counter() - started})
 
         return build

@@ -10,11 +10,13 @@ sharing one between requests is safe.
 
 The same budget bounds every decoded image alive, not only the cached ones: a request keeps its
 full-resolution pixels until it ends (the crops are cut from them), so 32 admitted requests with
-10,000 x 10,000 images would hold 9 GB whatever the cache's size. ``reserve`` counts a decode
-before it happens and is released when the last holder of the ``SourceImage`` drops it; when the
-budget is full it first evicts cached entries, then refuses with ``Overloaded``
-(RESOURCE_EXHAUSTED, retried by clients) - except that one decode may always run alone, so an image
-bigger than the budget is still served, one at a time.
+10,000 x 10,000 images would hold 13 GB whatever the cache's size. ``reserve`` counts a decode
+before it happens (with the original's pixels while a non-RGB image converts) and is released
+when the last holder of the ``SourceImage`` drops it; a reasoner request's annotated copy and
+crops are reserved while they are built. When the budget is full it first evicts cached
+entries, then refuses with ``Overloaded`` (RESOURCE_EXHAUSTED, retried by clients) - except that
+a request alone may always run, so an image bigger than the budget is still served, one at a
+time. Bytes are counted as Pillow stores them (RGB at 4 bytes a pixel).
 """
 
 from __future__ import annotations
@@ -26,21 +28,52 @@ import weakref
 
 from cachetools import LRUCache
 
+from p2r.core.bbox import MAX_IMAGE_EVIDENCE, Region
+from p2r.core.evidence import crop_box
+from p2r.core.images import PixelBounds, model_size
 from p2r.core.source_image import SourceImage
 from p2r.services.errors import Overloaded
 
 
+def pixel_bytes(mode: str) -> int:
+    """Bytes per pixel in Pillow's own storage: 1 for "1", "L" and "P", 2 for "I;16*", 4 for
+    every other mode - RGB included, which Pillow stores as RGBX (a 10,000 x 10,000 RGB image
+    holds 400 MB, not 300)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
+
+
 def decoded_bytes(source: SourceImage) -> int:
     """Upper bound of the memory ``source`` holds once used: the decoded pixels, the model-side
-    resize, and the first pass of a two-pass resize (one axis resized), at the image's bands."""
-    return decode_cost(len(source.image.getbands()), source.image.size, source.size)
+    resize, and the first pass of a two-pass resize (one axis resized), at the image's mode."""
+    return decode_cost(source.image.size, source.size, source.image.mode)
 
 
-def decode_cost(bands: int, size: tuple[int, int], target: tuple[int, int]) -> int:
+def decode_cost(size: tuple[int, int], target: tuple[int, int], mode: str = "RGB") -> int:
     """``decoded_bytes`` from the header alone (size and model-side target), before decoding."""
     width, height = size
     target_w, target_h = target
-    return bands * (width * height + target_w * target_h + max(target_w * height, width * target_h))
+    return pixel_bytes(mode) * (width * height + target_w * target_h + max(target_w * height, width * target_h))
+
+
+def conversion_cost(mode: str, size: tuple[int, int]) -> int:
+    """Bytes the decoded original holds beside its RGB conversion while ``convert`` runs (0 when
+    it decodes to RGB: ``load_image`` does not copy it)."""
+    return 0 if mode == "RGB" else pixel_bytes(mode) * size[0] * size[1]
+
+
+def evidence_cost(size: tuple[int, int], regions: list[Region], bounds: PixelBounds) -> int:
+    """Bytes a reasoner request's evidence holds while it is built: the annotated full-resolution
+    copy and the padded crops (as many as ``build_evidence`` cuts), each with its resize."""
+    width, height = size
+    cost = decode_cost(size, model_size(width, height, bounds))
+    for region in regions[:MAX_IMAGE_EVIDENCE]:
+        left, top, right, bottom = crop_box(region, width, height)
+        if right > left and bottom > top:
+            crop = (right - left, bottom - top)
+            cost += decode_cost(crop, model_size(*crop, bounds))
+    return cost
 
 
 class DecodedImages:
@@ -69,19 +102,21 @@ class DecodedImages:
         with self._lock:
             self._cache[key] = source
 
-    def reserve(self, cost: int) -> None:
-        """Count a decode of ``cost`` bytes against the budget (0: no budget), evicting cached
-        entries if needed; ``Overloaded`` if it still does not fit beside the images alive."""
+    def reserve(self, cost: int, own: int = 0) -> None:
+        """Count ``cost`` bytes about to be allocated (a decode, an annotated copy and its crops)
+        against the budget (0: no budget), evicting cached entries if needed; ``Overloaded`` if
+        it still does not fit beside the images alive. ``own``: bytes already reserved by this
+        same request (its source image), so that a request alone is never refused."""
         if self.budget_bytes <= 0:
             return
         with self._lock:
             while self._live + cost > self.budget_bytes and len(self._cache):
                 self._cache.popitem()  # the least recent; released now unless a request holds it
-            if self._live > 0 and self._live + cost > self.budget_bytes:
+            if self._live > own and self._live + cost > self.budget_bytes:
                 # A finished request's image can still sit in a reference cycle (an exception's
                 # traceback, a done future) until the cyclic GC runs: collect before refusing.
                 gc.collect()
-            if self._live > 0 and self._live + cost > self.budget_bytes:
+            if self._live > own and self._live + cost > self.budget_bytes:
                 raise Overloaded(
                     f"decoded images: {self._live} bytes alive + {cost} for this image is over "
                     f"decoded_image_cache_bytes={self.budget_bytes}; retry later"

@@ -26,6 +26,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from p2r.services import metrics
+from p2r.services.allocator import return_large_frees_to_os
 from p2r.services.checkpoints import resolve_checkpoint
 from p2r.services.client import aio_channel
 from p2r.services.config import ServeConfig, connection_age_options
@@ -520,6 +521,7 @@ class _PublicAdmin(_Admin):
 
 async def serve(config: ServeConfig) -> None:
     """Run until SIGTERM/SIGINT, then drain and exit."""
+    return_large_frees_to_os()  # before any image is decoded (allocator.py)
     server = Server(config)
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []

@@ -4,14 +4,26 @@ over the budget not kept; and the role handlers decoding each distinct image onc
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from p2r.core.images import PixelBounds
 from p2r.core.source_image import SourceImage
+from p2r.services.allocator import return_large_frees_to_os
 from p2r.services.errors import Overloaded
-from p2r.services.image_cache import DecodedImages, decoded_bytes
+from p2r.services.image_cache import (
+    DecodedImages,
+    conversion_cost,
+    decode_cost,
+    decoded_bytes,
+    evidence_cost,
+    pixel_bytes,
+)
 
 BOUNDS = PixelBounds(4 * 32 * 32, 2_097_152)
 
@@ -24,9 +36,98 @@ def test_decoded_bytes_by_hand() -> None:
     # 100x50 resizes to 96x64 (multiples of 32); the first pass keeps one side: 100x64 or 96x50.
     source = _source(100, 50)
     assert source.size == (96, 64)
-    assert decoded_bytes(source) == 3 * (100 * 50 + 96 * 64 + 100 * 64)
-    gray = SourceImage(Image.new("L", (64, 64)), BOUNDS)  # one band; no resize: 64x64 three times
+    assert decoded_bytes(source) == 4 * (100 * 50 + 96 * 64 + 100 * 64)  # RGB: 4 bytes a pixel (RGBX)
+    gray = SourceImage(Image.new("L", (64, 64)), BOUNDS)  # one byte a pixel; no resize: 64x64 three times
     assert decoded_bytes(gray) == 64 * 64 * 3
+
+
+def _rss() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "I;16", "RGB", "RGBA", "CMYK"])
+def test_pixel_bytes_is_what_pillow_allocates(mode: str) -> None:
+    """The budget counts bytes as Pillow stores them: measured, RGB takes 4 bytes a pixel."""
+    return_large_frees_to_os()  # blocks in their own mappings: RSS grows by what is allocated
+    side = 3000
+    before = _rss()
+    image = Image.new(mode, (side, side), 7)  # filled: every page is touched
+    grown = _rss() - before
+    expected = pixel_bytes(mode) * side * side
+    assert 0.9 * expected <= grown <= 1.1 * expected, (mode, grown, expected)
+    del image
+
+
+def test_a_decode_holds_no_more_than_its_reservation() -> None:
+    """The server decodes from a fresh open of the bytes and does not copy an RGB decode: the
+    request's header image never holds pixels, so the memory a decode adds stays within what it
+    reserved (it was 2.7 times that: the header loaded, plus a copy from ``convert``)."""
+    from p2r.services.config import ServeConfig
+    from p2r.services.handlers import Handlers
+
+    return_large_frees_to_os()
+    buf = io.BytesIO()
+    Image.new("RGB", (5000, 4000), (10, 200, 30)).save(buf, format="PNG", compress_level=1)
+    data = buf.getvalue()
+    config = ServeConfig(roles=["gateway"], perceiver_endpoint="127.0.0.1:1", reasoner_endpoint="127.0.0.1:1",
+                         decoded_image_cache_bytes=1 << 30)
+    handlers = Handlers(config, None)
+    header = handlers.image(data, "image")
+    before = _rss()
+    source = handlers.source(header, data, "image")
+    source.resized()
+    grown = _rss() - before
+    assert grown <= handlers._decoded.live_bytes == decoded_bytes(source), (grown, decoded_bytes(source))
+    assert grown >= 0.9 * 4 * 5000 * 4000  # the pixels themselves were measured
+    assert getattr(header, "_im", None) is None  # never loaded (Pillow sets _im on load)
+
+
+def test_a_non_rgb_decode_reserves_its_original_until_converted() -> None:
+    assert conversion_cost("RGB", (100, 100)) == 0
+    assert conversion_cost("P", (100, 100)) == 100 * 100
+    assert conversion_cost("RGBA", (100, 100)) == 4 * 100 * 100
+
+
+def test_evidence_is_reserved_while_built_and_a_request_alone_always_runs() -> None:
+    """A reasoner request's annotated copy and crops count against the budget while built; with
+    another request's image alive they may be refused, but a request alone is never refused
+    by its own source image."""
+    from p2r.core.bbox import Region
+
+    source = _source(2000, 1000)
+    own = decoded_bytes(source)
+    regions = [Region(100, 100, 400, 400, "a"), Region(500, 500, 900, 900, "b")]
+    cost = evidence_cost(source.image.size, regions, BOUNDS)
+    assert cost > decode_cost(source.image.size, source.size)  # the annotated copy, plus two crops
+    cache = DecodedImages(budget_bytes=own + cost // 2)
+    cache.reserve(own)
+    cache.reserve(cost, own=own)  # alone: over the budget, still allowed
+    cache.release(cost)
+    cache.reserve(own // 4)  # another request's small image is alive now
+    with pytest.raises(Overloaded):
+        cache.reserve(cost, own=own)
+
+
+def test_freed_image_blocks_go_back_to_the_os() -> None:
+    """With the allocator setting, a burst of large images on four threads leaves no resident
+    heap behind (glibc's dynamic threshold kept up to tens of MiB here, gigabytes in the soak)."""
+    script = """
+import sys, threading
+from PIL import Image
+from p2r.services.allocator import return_large_frees_to_os
+assert return_large_frees_to_os()
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+base = rss()
+def work(i):
+    for k in range(8):
+        image = Image.new("RGB", (3000 + 300 * k + i, 3000 + 97 * i), (i, k, 3))
+        image.resize((512, 512))
+threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+[t.start() for t in threads]; [t.join() for t in threads]
+print(rss() - base)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert int(out.stdout) <= 16 * 1024 * 1024, int(out.stdout) >> 20
 
 
 def test_budget_is_in_decoded_bytes_with_lru_eviction() -> None:

@@ -72,10 +72,14 @@ def open_image(data: bytes, *, field: str = "image", max_pixels: int | None = No
 
 
 def load_image(image: Image.Image, *, field: str = "image") -> Image.Image:
-    """Decode the pixels of an opened image into RGB; truncated or corrupt data is an ImageError."""
+    """Decode the pixels of an opened image into RGB; truncated or corrupt data is an ImageError.
+
+    An RGB image is returned as decoded: ``convert("RGB")`` would copy it, holding twice the
+    memory of a 100-megapixel image for nothing. Callers pass a freshly opened image, so the
+    other mode's original is freed as soon as this returns."""
     try:
         image.load()
-        return image.convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"{field}: cannot decode image: {e}") from None
 
