@@ -121,10 +121,11 @@ class ServeConfig(YamlSettings):
     max_image_pixels: int = Field(100_000_000, ge=1, description="decoded width x height")
     max_question_chars: int = Field(16_384, ge=1)
     decoded_image_cache_bytes: int = Field(
-        1024**3, ge=0, description="budget in decoded bytes (pixels, resize and its intermediate pass) of every "
-        "decoded image alive: the cache by content hash and the images requests hold; past it the cache is "
-        "evicted, then a decode is RESOURCE_EXHAUSTED (one alone may exceed it); a bigger image is not cached; "
-        "0 disables the cache and the bound")
+        1024**3, ge=0, description="budget in decoded bytes, as Pillow stores them (RGB: 4 a pixel; with the "
+        "resize and its intermediate pass), of every decoded image alive: the cache by content hash, the images "
+        "requests hold, a non-RGB original while it converts, a reasoner request's annotated copy and crops "
+        "while they are built; past it the cache is evicted, then the request is RESOURCE_EXHAUSTED (a request "
+        "alone may exceed it); a bigger image is not cached; 0 disables the cache and the bound")
     prepare_workers: int = Field(
         0, ge=0, description="threads for decoding, evidence and resizing; 0 = half the CPUs of the container's "
                              "CPU quota (cgroup cpu.max), else of the affinity mask, at least 1")
