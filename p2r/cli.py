@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import click
 
 from p2r.core.errors import USER_ERROR_EXIT, UserError
+from p2r.core.exiting import skip_exit_collection
 
 
 class _Group(click.Group):
@@ -254,7 +255,8 @@ def answer(model: str, image_path: Path, question: str, form: str, out: Path, ma
               show_default=True, help="Where the tiny model, data and outputs go.")
 @click.option("--index", type=click.IntRange(min=0), default=0, show_default=True,
               help="Which synthetic question to answer.")
-def demo(workdir: Path, index: int) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (as `p2r answer --json`).")
+def demo(workdir: Path, index: int, as_json: bool) -> None:
     """Main job: build the tiny model and synthetic data, answer one question in P2R mode."""
     from p2r.data.dataset import load_samples, write_synthetic
     from p2r.models.tiny import write_tiny_model
@@ -262,17 +264,18 @@ def demo(workdir: Path, index: int) -> None:
     model_dir = workdir / "tiny-model"
     if not (model_dir / "config.json").is_file():
         write_tiny_model(model_dir)
-    click.echo(f"tiny model : {model_dir}")
+    say = (lambda line: click.echo(line, err=True)) if as_json else click.echo  # stdout: the JSON alone
+    say(f"tiny model : {model_dir}")
     n = max(6, index + 1)
     parquet = write_synthetic(workdir / "synthetic", n, progress=True)
     sample = load_samples(parquet)[index]
     image_path = sample.images[0].path
     assert image_path is not None
-    click.echo(f"data       : {parquet} ({n} samples); answering #{index} "
-               f"[{sample.form.value}, truth {sample.ground_truth!r}]")
+    say(f"data       : {parquet} ({n} samples); answering #{index} "
+        f"[{sample.form.value}, truth {sample.ground_truth!r}]")
     result = _answer_one(str(model_dir), image_path, sample.question, sample.form.value,
                          workdir / "annotated.png", 512 * 32 * 32)
-    _print_result(result)
+    click.echo(json.dumps(result, indent=2)) if as_json else _print_result(result)
 
 
 # ------------------------------------------------------------------------------------- serve
@@ -410,7 +413,10 @@ def _print_plan(config: Any, gpus: int, gpu_memory: str, cpu: bool) -> None:
 
 def main() -> None:
     """Console entry point."""
-    cli(prog_name="p2r")
+    try:
+        cli(prog_name="p2r")
+    finally:
+        skip_exit_collection()
 
 
 if __name__ == "__main__":

@@ -146,20 +146,20 @@ def test_data_check_decodes_every_image_and_checks_boxes(tmp_path: Path) -> None
 
 
 @pytest.mark.engine
-def test_demo_is_the_main_job(tmp_path: Path) -> None:
-    out = run("demo", "--workdir", str(tmp_path), timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "answer   :" in out.stdout and "regions  :" in out.stdout
-    assert (tmp_path / "annotated.png").is_file()
-    assert (tmp_path / "tiny-model" / "config.json").is_file()
+def test_demo_answers_one_question_through_a_real_engine(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """``p2r demo --json`` (one engine start, shared with ``p2r answer``'s code path): the tiny
+    model and data are built, the question answered in P2R mode, the annotated image written;
+    stdout is the JSON alone, and the same result prints as the human-readable lines."""
+    from p2r.cli import _print_result
 
-
-@pytest.mark.engine
-def test_answer_json_output(tmp_path: Path, tiny_model_dir: Path, synthetic_dir: Path) -> None:
-    out = run("answer", "--model", str(tiny_model_dir), "--image", str(synthetic_dir / "images" / "000001.png"),
-              "--question", "How many red circles are there?", "--form", "na", "--out",
-              str(tmp_path / "a.png"), "--json", timeout=300)
+    out = run("demo", "--workdir", str(tmp_path), "--json", timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
-    assert result["answer_form"] == "na" and result["annotated_image"] == str(tmp_path / "a.png")
-    assert isinstance(result["regions"], list) and (tmp_path / "a.png").is_file()
+    assert result["annotated_image"] == str(tmp_path / "annotated.png") and (tmp_path / "annotated.png").is_file()
+    assert result["answer_form"] in ("mca", "na", "free_form") and isinstance(result["regions"], list)
+    assert (tmp_path / "tiny-model" / "config.json").is_file() and "answering #0" in out.stderr
+    _print_result(result)
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("answer   :") for line in lines)
+    assert any(line.startswith("regions  :") for line in lines)

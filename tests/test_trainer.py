@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from p2r.services.checkpoints import MANIFEST, complete_checkpoints
@@ -122,15 +123,37 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path: Path, tiny_model_d
         assert p.returncode == 0, err[-3000:]
     digests = [json.loads(out.strip().splitlines()[-1])["param_digest"] for out, _ in outputs]
     assert digests[0] == digests[1]
-    base = train(write_config(tmp_path / "none.yaml", role="perceiver", model=tiny_model_dir,
-                              data=synthetic_dir / "train.parquet", output=tmp_path / "n", workdir=tmp_path / "nw",
-                              reward_plugin="tests.plugins:starts_with_digit", learning_rate=0.005,
-                              max_response_tokens=4, rollouts_per_prompt=4, prompts_per_step=4),
-                 "--role", "perceiver", "--max-steps", "1")
-    assert base["param_digest"] != digests[0]  # a different (single-rank) run: the digest is sensitive
+    # The digest sees the step: the untrained model's, by the same function, differs.
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from p2r.trainer.actor import params_digest
+
+    untrained = Qwen3VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert params_digest(untrained) != digests[0]
 
 
-def test_sigkill_then_resume_auto(tmp_path: Path, tiny_model_dir: Path, synthetic_dir: Path) -> None:
+class _Payload:
+    """Pickled, this runs ``touch marker`` when loaded: what a replaced state file would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_sigkill_then_resume_auto_refusing_tampered_state(tmp_path: Path, tiny_model_dir: Path,
+                                                          synthetic_dir: Path) -> None:
+    """SIGKILL mid-run, a torn upload beside the checkpoints. A copy of the last complete
+    checkpoint whose ``trainer_state.json`` or ``train_state/.metadata`` was replaced by a pickle
+    payload, with its manifest regenerated (so it verifies), is refused on resume with one line
+    naming the file, exit 2, the payload never runs and metrics.jsonl is untouched. ``--resume
+    auto`` then skips the torn uploads, continues from the last complete step, and drops the
+    killed run's metric rows past it, so every step appears once."""
+    import shutil
+
+    from p2r.services.checkpoints import write_manifest
+
     output, work = tmp_path / "out", tmp_path / "work"
     config = write_config(
         tmp_path / "resume.yaml", role="perceiver", model=tiny_model_dir, data=synthetic_dir / "train.parquet",
@@ -148,66 +171,39 @@ def test_sigkill_then_resume_auto(tmp_path: Path, tiny_model_dir: Path, syntheti
     # An upload interrupted halfway: weights there, manifest never written.
     (output / "step-98").mkdir()
     (output / "step-98" / "model.safetensors").write_bytes(b"half")
+    # And the newest checkpoint's own upload torn too: the run resumes from the one before it,
+    # so the killed run's metric rows past that step certainly exist (and must go).
+    newest = max(s for s, _ in complete_checkpoints(str(output)))
+    (output / f"step-{newest}" / MANIFEST).unlink()
     done = max(s for s, _ in complete_checkpoints(str(output)))
-    assert done >= 4
-    result = train(config, "--role", "perceiver", "--max-steps", str(done + 2), "--resume", "auto")
-    assert result["steps"] == done + 2
-    assert [r["step"] for r in metrics(work)[-2:]] == [done + 1, done + 2]  # continued, not restarted
-    # Rows the killed run wrote past its last checkpoint are gone: every step appears once.
-    assert [r["step"] for r in metrics(work)] == list(range(1, done + 3))
-    assert [s for s, _ in complete_checkpoints(str(output))][-1] == done + 2
+    assert done == newest - 2 >= 2 and max(r["step"] for r in metrics(work)) > done
+    last = output / f"step-{done}"
+    assert (last / "trainer_state.json").is_file() and not (last / "trainer_state.pt").exists()
 
-
-class _Payload:
-    """Pickled, this runs ``touch marker`` when loaded: what a replaced state file would carry."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_resume_refuses_pickles_and_rewrites_metrics_from_the_resumed_step(
-        tmp_path: Path, tiny_model_dir: Path, synthetic_dir: Path) -> None:
-    """A checkpoint whose ``trainer_state.json`` or ``train_state/.metadata`` was replaced by a
-    pickle payload, with its manifest regenerated (so it verifies), is refused on resume with one
-    line naming the file, exit 2, and the payload never runs. The untouched checkpoint resumes;
-    metrics.jsonl loses the rows past the resumed step, so each step appears once."""
-    import shutil
-
-    from p2r.services.checkpoints import write_manifest
-
-    output, work = tmp_path / "out", tmp_path / "work"
-    config = write_config(
-        tmp_path / "r.yaml", role="perceiver", model=tiny_model_dir, data=synthetic_dir / "train.parquet",
-        output=output, workdir=work, reward_plugin="tests.plugins:starts_with_digit", rollouts_per_prompt=2,
-        prompts_per_step=2, learning_rate=0.005, kl_coef=0.0, max_response_tokens=2, save_every=2, epochs=100,
-        gradient_checkpointing=False)
-    train(config, "--role", "perceiver", "--max-steps", "3")
-    assert [r["step"] for r in metrics(work)] == [1, 2, 3]
-    step2 = output / "step-2"
-    assert (step2 / "trainer_state.json").is_file() and not (step2 / "trainer_state.pt").exists()
-
+    rows_before = metrics(work)
     marker = tmp_path / "payload-ran"
     payload = pickle.dumps(_Payload(marker))
     for replaced in ("trainer_state.json", "train_state/.metadata"):
-        bad = tmp_path / f"tampered-{replaced.replace('/', '-')}" / "step-2"
-        shutil.copytree(step2, bad)
+        bad = tmp_path / f"tampered-{replaced.replace('/', '-')}" / last.name
+        shutil.copytree(last, bad)
         (bad / replaced).write_bytes(payload)
         (bad / MANIFEST).unlink()
-        write_manifest(bad, step=2, role="perceiver")  # what someone with write access would do
+        write_manifest(bad, step=done, role="perceiver")  # what someone with write access would do
         out = subprocess.run([sys.executable, "-m", "p2r.cli", "train", "--config", str(config), "--role",
-                              "perceiver", "--max-steps", "4", "--resume", str(bad)], capture_output=True, text=True,
-                             timeout=600, cwd=ROOT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-        last = out.stderr.strip().splitlines()[-1]
-        assert out.returncode == 2 and last.startswith("p2r: error: ") and replaced in last, out.stderr[-2000:]
-        assert "refused" in last and not marker.exists()
-    assert [r["step"] for r in metrics(work)] == [1, 2, 3]  # a refused resume changes nothing
+                              "perceiver", "--max-steps", str(done + 1), "--resume", str(bad)], capture_output=True,
+                             text=True, timeout=600, cwd=ROOT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+        last_line = out.stderr.strip().splitlines()[-1]
+        assert out.returncode == 2 and last_line.startswith("p2r: error: ") and replaced in last_line, \
+            out.stderr[-2000:]
+        assert "refused" in last_line and not marker.exists()
+    assert metrics(work) == rows_before  # a refused resume changes nothing
 
-    result = train(config, "--role", "perceiver", "--max-steps", "4", "--resume", str(step2))
-    assert result["steps"] == 4
-    assert [r["step"] for r in metrics(work)] == [1, 2, 3, 4]  # step 3 written once, by the resumed run
+    result = train(config, "--role", "perceiver", "--max-steps", str(done + 1), "--resume", "auto")
+    assert result["steps"] == done + 1
+    # Continued, not restarted; the killed run's rows past the resumed step are gone: every
+    # step appears once.
+    assert [r["step"] for r in metrics(work)] == list(range(1, done + 2))
+    assert [s for s, _ in complete_checkpoints(str(output))][-1] == done + 1
 
 
 def test_unreachable_reasoner_drops_samples_instead_of_scoring_zero(synthetic_dir: Path) -> None:

@@ -332,14 +332,19 @@ class Actor:
                        optim_state_dict=state["optimiser"])
 
     def param_digest(self) -> str:
-        """sha256 over every full parameter (a collective): equal on all ranks when right."""
-        import hashlib
+        """``params_digest`` of the policy (a collective): equal on all ranks when right."""
+        return params_digest(self.model)
 
-        digest = hashlib.sha256()
-        for name, p in sorted(self.model.named_parameters()):
-            digest.update(name.encode())
-            digest.update(full_tensor(p.detach()).float().cpu().numpy().tobytes())
-        return digest.hexdigest()
+
+def params_digest(model: torch.nn.Module) -> str:
+    """sha256 over every full parameter by name, in fp32 (a collective when ``model`` is sharded)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(full_tensor(p.detach()).float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _padded(rows: list[list[float]], shape: torch.Size, device: torch.device) -> torch.Tensor:
