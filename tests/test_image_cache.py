@@ -4,7 +4,6 @@ over the budget not kept; and the role handlers decoding each distinct image onc
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,6 @@ from PIL import Image
 
 from p2r.core.images import PixelBounds
 from p2r.core.source_image import SourceImage
-from p2r.services.allocator import return_large_frees_to_os
 from p2r.services.errors import Overloaded
 from p2r.services.image_cache import (
     DecodedImages,
@@ -41,45 +39,58 @@ def test_decoded_bytes_by_hand() -> None:
     assert decoded_bytes(gray) == 64 * 64 * 3
 
 
-def _rss() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _measured(script: str) -> list[str]:
+    """Run ``script`` in a fresh interpreter and return its printed lines. RSS is measured there:
+    in a long-lived process malloc reuses free heap chunks of earlier work, and an allocation
+    would not show."""
+    prelude = ("import io, os\nfrom PIL import Image\nfrom p2r.services.allocator import return_large_frees_to_os\n"
+               "assert return_large_frees_to_os()\n"
+               "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n")
+    out = subprocess.run([sys.executable, "-c", prelude + script], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()
 
 
-@pytest.mark.parametrize("mode", ["L", "P", "I;16", "RGB", "RGBA", "CMYK"])
-def test_pixel_bytes_is_what_pillow_allocates(mode: str) -> None:
+def test_pixel_bytes_is_what_pillow_allocates() -> None:
     """The budget counts bytes as Pillow stores them: measured, RGB takes 4 bytes a pixel."""
-    return_large_frees_to_os()  # blocks in their own mappings: RSS grows by what is allocated
+    modes = ["L", "P", "I;16", "RGB", "RGBA", "CMYK"]
     side = 3000
-    before = _rss()
-    image = Image.new(mode, (side, side), 7)  # filled: every page is touched
-    grown = _rss() - before
-    expected = pixel_bytes(mode) * side * side
-    assert 0.9 * expected <= grown <= 1.1 * expected, (mode, grown, expected)
+    grown = _measured(f"""
+for mode in {modes!r}:
+    before = rss()
+    image = Image.new(mode, ({side}, {side}), 7)  # filled: every page is touched
+    print(rss() - before)
     del image
+""")
+    for mode, measured in zip(modes, map(int, grown), strict=True):
+        expected = pixel_bytes(mode) * side * side
+        assert 0.9 * expected <= measured <= 1.1 * expected, (mode, measured, expected)
 
 
 def test_a_decode_holds_no_more_than_its_reservation() -> None:
     """The server decodes from a fresh open of the bytes and does not copy an RGB decode: the
     request's header image never holds pixels, so the memory a decode adds stays within what it
     reserved (it was 2.7 times that: the header loaded, plus a copy from ``convert``)."""
-    from p2r.services.config import ServeConfig
-    from p2r.services.handlers import Handlers
-
-    return_large_frees_to_os()
-    buf = io.BytesIO()
-    Image.new("RGB", (5000, 4000), (10, 200, 30)).save(buf, format="PNG", compress_level=1)
-    data = buf.getvalue()
-    config = ServeConfig(roles=["gateway"], perceiver_endpoint="127.0.0.1:1", reasoner_endpoint="127.0.0.1:1",
-                         decoded_image_cache_bytes=1 << 30)
-    handlers = Handlers(config, None)
-    header = handlers.image(data, "image")
-    before = _rss()
-    source = handlers.source(header, data, "image")
-    source.resized()
-    grown = _rss() - before
-    assert grown <= handlers._decoded.live_bytes == decoded_bytes(source), (grown, decoded_bytes(source))
-    assert grown >= 0.9 * 4 * 5000 * 4000  # the pixels themselves were measured
-    assert getattr(header, "_im", None) is None  # never loaded (Pillow sets _im on load)
+    grown, reserved, cost, loaded = _measured("""
+from p2r.services.config import ServeConfig
+from p2r.services.handlers import Handlers
+from p2r.services.image_cache import decoded_bytes
+buf = io.BytesIO()
+Image.new("RGB", (5000, 4000), (10, 200, 30)).save(buf, format="PNG", compress_level=1)
+data = buf.getvalue()
+config = ServeConfig(roles=["gateway"], perceiver_endpoint="127.0.0.1:1", reasoner_endpoint="127.0.0.1:1",
+                     decoded_image_cache_bytes=1 << 30)
+handlers = Handlers(config, None)
+header = handlers.image(data, "image")
+before = rss()
+source = handlers.source(header, data, "image")
+source.resized()
+print(rss() - before, handlers._decoded.live_bytes, decoded_bytes(source), getattr(header, "_im", None) is not None)
+""")
+    assert reserved == cost and int(grown) <= int(reserved), (grown, reserved)
+    assert int(grown) >= 0.9 * 4 * 5000 * 4000  # the pixels themselves were measured
+    assert loaded == "False"  # the header never loaded its own pixels (Pillow sets _im on load)
 
 
 def test_a_non_rgb_decode_reserves_its_original_until_converted() -> None:
