@@ -359,10 +359,27 @@ class Handlers:
         run: Callable[[Any, Prepared, float], Awaitable[Any]],
         single: bool = False,
     ) -> list[Any]:
-        """Validate every item, then decode and generate each item as soon as it is ready: the
-        engine starts on the first item while later images are still being cropped."""
+        """Validate every item, then decode and generate each item as soon as it is ready."""
+        return await self.run_planned(requests, self.plan(requests, prepare, single), run, single)
+
+    @staticmethod
+    def plan(requests: list[Any], prepare: Callable[[Any, str], Callable[[], Prepared]],
+             single: bool = False) -> list[Callable[[], Prepared] | ItemInvalid]:
+        """Validate every item - fields, sampling, image headers, question length - without
+        decoding anything: cheap enough to run before admission, so a bad request is
+        INVALID_ARGUMENT (never retried) whatever the load, not RESOURCE_EXHAUSTED."""
+        return [_builder(prepare, r, "" if single else f"requests[{i}].", single) for i, r in enumerate(requests)]
+
+    async def run_planned(
+        self,
+        requests: list[Any],
+        builders: list[Callable[[], Prepared] | ItemInvalid],
+        run: Callable[[Any, Prepared, float], Awaitable[Any]],
+        single: bool = False,
+    ) -> list[Any]:
+        """Decode and generate each planned item as soon as it is ready: the engine starts on
+        the first item while later images are still being cropped."""
         started = time.perf_counter()
-        builders = [_builder(prepare, r, "" if single else f"requests[{i}].", single) for i, r in enumerate(requests)]
 
         async def one(request: Any, build: Callable[[], Prepared] | ItemInvalid, field: str) -> Any:
             if isinstance(build, ItemInvalid):
@@ -449,14 +466,10 @@ async def answer(
     return response
 
 
-async def answer_events(
-    req: pb.AnswerRequest, handlers: Handlers, perceiver: RoleBackend, reasoner: RoleBackend, stream: bool = True
-) -> AsyncIterator[pb.AnswerEvent]:
-    """The one P2R answer flow. ``stream``: ``P2R.AnswerStream``'s events - the regions as soon
-    as the perceiver is done, the reasoner's text deltas as generated, then the response.
-    Otherwise only the response, from a unary reason call (``answer``). Closing the iterator
-    early (client gone) aborts the engine request in progress."""
-    started = time.perf_counter()
+def validate_answer(req: pb.AnswerRequest, handlers: Handlers) -> None:
+    """The checks of an Answer request that need no decoding (the image itself is checked by
+    the perceive step); run before admission too, so a bad request is INVALID_ARGUMENT under
+    any load."""
     handlers.question(req.question, "question")
     handlers.form(req.answer_form, "answer_form")
     handlers.variant(req.variant, "variant")
@@ -466,6 +479,17 @@ async def answer_events(
         params = getattr(req, name)
         if params.HasField("n") and params.n != 1:
             raise InvalidArgument(f"{name}.n: Answer returns one answer; use Perceive/Reason for n > 1")
+
+
+async def answer_events(
+    req: pb.AnswerRequest, handlers: Handlers, perceiver: RoleBackend, reasoner: RoleBackend, stream: bool = True
+) -> AsyncIterator[pb.AnswerEvent]:
+    """The one P2R answer flow. ``stream``: ``P2R.AnswerStream``'s events - the regions as soon
+    as the perceiver is done, the reasoner's text deltas as generated, then the response.
+    Otherwise only the response, from a unary reason call (``answer``). Closing the iterator
+    early (client gone) aborts the engine request in progress."""
+    started = time.perf_counter()
+    validate_answer(req, handlers)
     perceived = await perceiver.perceive(pb.PerceiveRequest(
         id=req.id, image=req.image, question=req.question, sampling=req.perceive_sampling, variant=req.variant,
         structured=req.structured_perceiver))

@@ -24,7 +24,7 @@ from google.protobuf.json_format import MessageToDict
 from p2r.core.prompts import AnswerForm
 from p2r.services import metrics, openai_api
 from p2r.services.errors import InvalidArgument, TooLarge, Unauthenticated, status_of
-from p2r.services.handlers import answer
+from p2r.services.handlers import answer, validate_answer
 from p2r.services.protocol import FORM_TO_PB
 from p2r.services.security import bearer, read_keys, token_ok
 from p2r.v1 import p2r_pb2 as pb
@@ -77,6 +77,7 @@ def create_app(server: Server) -> FastAPI:
         assert server.handlers is not None
         code = "OK"
         try:
+            validate_answer(request, server.handlers)  # before admission: 400 under any load
             with server.admission.admit(1):
                 result = await until_disconnected(
                     http_request, asyncio.wait_for(answer(request, server.handlers, perceiver, reasoner), timeout_s))

@@ -65,7 +65,7 @@ from p2r.core.evidence import HIGHLIGHT_COLOURS, crop_box
 from p2r.core.prompts import AnswerForm
 from p2r.services import metrics
 from p2r.services.errors import ERRORS, InvalidArgument, Status
-from p2r.services.handlers import answer_events
+from p2r.services.handlers import answer_events, validate_answer
 from p2r.services.protocol import FORM_TO_PB, region_from_pb
 from p2r.services.streaming import relay
 from p2r.v1 import p2r_pb2 as pb
@@ -431,6 +431,12 @@ def mount(app: FastAPI, server: Server) -> None:
             metrics.REQUESTS.labels(METHOD, code).inc()
             raise
         assert server.handlers is not None
+        try:
+            validate_answer(parsed.request, server.handlers)  # before admission: 400 under any load
+        except Exception as e:
+            code, error = fail(e)
+            metrics.REQUESTS.labels(METHOD, code).inc()
+            raise error from None
         perceiver, reasoner = server.backends()
         model = server.config.openai_model
         created = int(time.time())

@@ -32,7 +32,7 @@ from p2r.services.client import aio_channel
 from p2r.services.config import ServeConfig, connection_age_options
 from p2r.services.engine import AsyncEngine, EngineLimits, TensorLayout, check_layout, checkpoint_layout
 from p2r.services.errors import FailedPrecondition, InvalidArgument, Overloaded, PermissionDenied, Status, status_of
-from p2r.services.handlers import Handlers, RoleBackend, answer, answer_events
+from p2r.services.handlers import Handlers, RoleBackend, answer, answer_events, validate_answer
 from p2r.services.protocol import ADMIN_SERVICE, MAX_MESSAGE_BYTES, SERVICE_NAMES
 from p2r.services.security import BearerAuthInterceptor, TLSFiles, read_keys, read_secret
 from p2r.services.streaming import relay
@@ -50,14 +50,17 @@ class Admission:
         self.in_flight = 0
         metrics.MAX_IN_FLIGHT.set(limit)
 
-    @contextlib.contextmanager
-    def admit(self, items: int):  # type: ignore[no-untyped-def]
+    def can_ever_run(self, items: int) -> None:
+        """More than the whole capacity can never run, idle or not: the client's mistake, and
+        INVALID_ARGUMENT is never retried (RESOURCE_EXHAUSTED would be, in vain)."""
         if items > self.limit:
-            # More than the whole capacity can never run, idle or not: the client's mistake, and
-            # INVALID_ARGUMENT is never retried (RESOURCE_EXHAUSTED would be, in vain).
             raise InvalidArgument(
                 f"requests: {items} completions (items x sampling.n) in one call, over the server's "
                 f"admission capacity max_in_flight={self.limit}; split the batch")
+
+    @contextlib.contextmanager
+    def admit(self, items: int):  # type: ignore[no-untyped-def]
+        self.can_ever_run(items)
         if self.in_flight + items > self.limit:
             metrics.REJECTED.inc(items)
             raise Overloaded(
@@ -432,24 +435,43 @@ class _Base:
         assert self.server.handlers is not None
         return self.server.handlers
 
-    async def _batch(self, method: str, context: Any, requests: Any, prepare: Any, run: Any) -> list[Any]:
-        try:
-            n = _batch_size(requests, self.server.config.max_batch_items, self.server.config.max_n)
-        except InvalidArgument as e:
-            await self.server.refuse(method, context, e)
-        return await self.server.call(method, context, n, lambda: self.h.batch(list(requests), prepare, run))
+    # Every request is validated before admission (cheap: no decoding): a bad one is
+    # INVALID_ARGUMENT naming its field under any load - never RESOURCE_EXHAUSTED, which the
+    # clients would retry in vain.
 
-    async def _single(self, method: str, context: Any, request: Any, work: Any) -> Any:
+    async def _batch(self, method: str, context: Any, requests: Any, prepare: Any, run: Any) -> list[Any]:
+        items = list(requests)
+        try:
+            n = _batch_size(items, self.server.config.max_batch_items, self.server.config.max_n)
+            self.server.admission.can_ever_run(n)
+            builders = self.h.plan(items, prepare)
+        except Exception as e:
+            await self.server.refuse(method, context, e)
+        return await self.server.call(method, context, n, lambda: self.h.run_planned(items, builders, run))
+
+    async def _single(self, method: str, context: Any, request: Any, prepare: Any, run: Any) -> Any:
         try:
             n = completions(request, self.server.config.max_n)
-        except InvalidArgument as e:
+            builders = self.h.plan([request], prepare, single=True)
+        except Exception as e:
             await self.server.refuse(method, context, e)
+
+        async def work() -> Any:
+            [result] = await self.h.run_planned([request], builders, run, single=True)
+            return result
+
         return await self.server.call(method, context, n, work)
+
+    async def _checked(self, method: str, context: Any, check: Callable[[], None]) -> None:
+        try:
+            check()
+        except Exception as e:
+            await self.server.refuse(method, context, e)
 
 
 class _Perceiver(_Base, pb_grpc.PerceiverServicer):
     async def Perceive(self, request: pb.PerceiveRequest, context: Any) -> pb.PerceiveResult:
-        return await self._single("Perceive", context, request, lambda: self.h.perceive(request))
+        return await self._single("Perceive", context, request, self.h.prepare_perceive, self.h.run_perceive)
 
     async def PerceiveBatch(self, request: pb.PerceiveBatchRequest, context: Any) -> pb.PerceiveBatchResponse:
         results = await self._batch("PerceiveBatch", context, request.requests, self.h.prepare_perceive,
@@ -459,7 +481,7 @@ class _Perceiver(_Base, pb_grpc.PerceiverServicer):
 
 class _Reasoner(_Base, pb_grpc.ReasonerServicer):
     async def Reason(self, request: pb.ReasonRequest, context: Any) -> pb.ReasonResult:
-        return await self._single("Reason", context, request, lambda: self.h.reason(request))
+        return await self._single("Reason", context, request, self.h.prepare_reason, self.h.run_reason)
 
     async def ReasonBatch(self, request: pb.ReasonBatchRequest, context: Any) -> pb.ReasonBatchResponse:
         results = await self._batch("ReasonBatch", context, request.requests, self.h.prepare_reason,
@@ -469,7 +491,7 @@ class _Reasoner(_Base, pb_grpc.ReasonerServicer):
 
 class _Verifier(_Base, pb_grpc.VerifierServicer):
     async def Verify(self, request: pb.VerifyRequest, context: Any) -> pb.VerifyResult:
-        return await self.server.call("Verify", context, 1, lambda: self.h.verify(request))
+        return await self._single("Verify", context, request, self.h.prepare_verify, self.h.run_verify)
 
     async def VerifyBatch(self, request: pb.VerifyBatchRequest, context: Any) -> pb.VerifyBatchResponse:
         results = await self._batch("VerifyBatch", context, request.requests, self.h.prepare_verify,
@@ -480,10 +502,12 @@ class _Verifier(_Base, pb_grpc.VerifierServicer):
 class _Gateway(_Base, pb_grpc.P2RServicer):
     async def Answer(self, request: pb.AnswerRequest, context: Any) -> pb.AnswerResponse:
         perceiver, reasoner = self.server.backends()
+        await self._checked("Answer", context, lambda: validate_answer(request, self.h))
         return await self.server.call("Answer", context, 1, lambda: answer(request, self.h, perceiver, reasoner))
 
     async def AnswerStream(self, request: pb.AnswerRequest, context: Any) -> AsyncIterator[pb.AnswerEvent]:
         perceiver, reasoner = self.server.backends()
+        await self._checked("AnswerStream", context, lambda: validate_answer(request, self.h))
         # Answer's call wrapper, held for the whole stream; cancelling the RPC cancels the relay.
         async for event in relay(lambda work: self.server.call("AnswerStream", context, 1, work),
                                  lambda: answer_events(request, self.h, perceiver, reasoner)):

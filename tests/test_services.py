@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import threading
 import time
@@ -273,6 +274,17 @@ def test_overload_is_resource_exhausted_quickly(client: Client) -> None:
         code, _ = _code(lambda: stub.PerceiveBatch(pb.PerceiveBatchRequest(requests=slow[:10]), timeout=60))
         # Refused while the 60 still run, not queued behind them until they finished.
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and not running.done()
+        # A bad request is validated before admission: INVALID_ARGUMENT naming its field even at
+        # capacity (RESOURCE_EXHAUSTED would be retried by every client, in vain).
+        bad = pb.PerceiveRequest(image=png((64, 64)), question="Q?", sampling=sampling(temperature=math.nan))
+        code, message = _code(lambda: stub.Perceive(bad, timeout=60))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "sampling.temperature" in message, message
+        code, message = _code(lambda: stub.PerceiveBatch(pb.PerceiveBatchRequest(requests=[slow[0], bad]), timeout=60))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "requests[1].sampling.temperature" in message, message
+        code, message = _code(lambda: pb_grpc.P2RStub(no_retry).Answer(
+            pb.AnswerRequest(image=png((64, 64)), question="  "), timeout=60))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "question" in message, message
+        assert not running.done()
         assert len(running.result().results) == 60
     no_retry.close()
 
