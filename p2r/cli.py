@@ -257,7 +257,8 @@ def answer(model: str, image_path: Path, question: str, form: str, out: Path, ma
               help="Which synthetic question to answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (as `p2r answer --json`).")
 def demo(workdir: Path, index: int, as_json: bool) -> None:
-    """Main job: build the tiny model and synthetic data, answer one question in P2R mode."""
+    """Build the tiny model and synthetic data, answer one question in P2R mode (the main job is
+    `p2r pipeline run`)."""
     from p2r.data.dataset import load_samples, write_synthetic
     from p2r.models.tiny import write_tiny_model
 
