@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import gc
 import logging
 import signal
 import threading
@@ -552,6 +553,11 @@ async def serve(config: ServeConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: stopping.append(loop.create_task(server.stop())))
     await server.start()
+    # What is loaded now (torch, vLLM, the engine client: ~700k objects) lives as long as the
+    # process: out of the collector's reach, a full collection scans only what requests create.
+    # The decoded-image budget collects before refusing a decode (image_cache.py); that took
+    # 0.4 s under its lock, per refusal, with the startup heap still tracked.
+    gc.freeze()
     print(f"p2r serve ready: grpc={config.host}:{server.port} metrics={server.metrics_port} "
           f"http={server.http_port} roles={','.join(config.roles)} "
           f"admin={f'{config.host}:{server.admin_port}' if server.admin_port else None}", flush=True)
