@@ -468,8 +468,8 @@ async def answer(
 
 def validate_answer(req: pb.AnswerRequest, handlers: Handlers) -> None:
     """The checks of an Answer request that need no decoding (the image itself is checked by
-    the perceive step); run before admission too, so a bad request is INVALID_ARGUMENT under
-    any load."""
+    the perceive step). Every entry point runs them before admission, so a bad request is
+    INVALID_ARGUMENT under any load; ``answer_events`` relies on it."""
     handlers.question(req.question, "question")
     handlers.form(req.answer_form, "answer_form")
     handlers.variant(req.variant, "variant")
@@ -487,9 +487,10 @@ async def answer_events(
     """The one P2R answer flow. ``stream``: ``P2R.AnswerStream``'s events - the regions as soon
     as the perceiver is done, the reasoner's text deltas as generated, then the response.
     Otherwise only the response, from a unary reason call (``answer``). Closing the iterator
-    early (client gone) aborts the engine request in progress."""
+    early (client gone) aborts the engine request in progress. Every caller (gRPC Answer and
+    AnswerStream, HTTP /v1/answer, the OpenAI route) has run ``validate_answer`` already, before
+    admission, so the question is not tokenized twice."""
     started = time.perf_counter()
-    validate_answer(req, handlers)
     perceived = await perceiver.perceive(pb.PerceiveRequest(
         id=req.id, image=req.image, question=req.question, sampling=req.perceive_sampling, variant=req.variant,
         structured=req.structured_perceiver))
