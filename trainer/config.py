@@ -67,8 +67,12 @@ class TrainConfig(YamlSettings):
     seed: int = 0
 
     # Memory and precision of the update (trainer/actor.py)
-    micro_batch_size: int = Field(4, ge=1, description="responses of one prompt per forward/backward; "
-                                  "the update does not depend on it, peak memory does")
+    micro_batch_size: int = Field(8, ge=1, description="at most this many responses of one prompt per "
+                                  "forward/backward; the update does not depend on it, peak memory does")
+    max_tokens_per_micro_batch: int | None = Field(
+        32768, ge=1, description="token budget of a micro-batch (veRL's dynamic batch size): responses of one "
+        "prompt are packed while responses x (prompt + longest response) stays within it (one response always "
+        "goes); null: micro_batch_size alone")
     gradient_checkpointing: bool = True
     compute_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="forward/backward dtype; weights and AdamW state stay fp32. auto: bf16 on GPU")
