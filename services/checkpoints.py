@@ -133,14 +133,27 @@ def parse_manifest(text: bytes | str, where: str) -> dict[str, Any]:
     return manifest
 
 
+TRAIN_STATE_DIR = "train_state"
+"""A checkpoint's fp32 model and optimiser shards (``torch.distributed.checkpoint``): read only by
+a trainer resuming that run, about 12x the size of the model files everyone else loads."""
+
+
+def model_file(name: str) -> bool:
+    """Whether a checkpoint file is part of the model a server, an evaluation or a new training
+    stage loads (everything but ``train_state/``)."""
+    return not name.startswith(f"{TRAIN_STATE_DIR}/")
+
+
 def verify_manifest(where: str, manifest_text: bytes | str | None, present: Iterable[str],
-                    digest_of: Callable[[str, str], str]) -> dict[str, Any]:
+                    digest_of: Callable[[str, str], str],
+                    wanted: Callable[[str], bool] | None = None) -> dict[str, Any]:
     """**The** definition of a complete checkpoint, shared by every reader (local directories,
     S3 mirrors, the controller's streamed check): the manifest exists and parses
     (``parse_manifest``), no file outside it is present (dot-files aside), and every listed file
     is present with its sha256. ``present`` are the relative names found; ``digest_of(name,
     expected)`` returns a listed file's sha256 (an S3 reader downloads or streams it then).
-    Returns the manifest."""
+    ``wanted`` limits the presence and digest checks to the files a reader will load (a model
+    reader skips ``train_state/``); an unlisted file is refused all the same. Returns the manifest."""
     if manifest_text is None:
         raise CheckpointError(f"{where}: no {MANIFEST} (incomplete upload?)")
     manifest = parse_manifest(manifest_text, where)
@@ -151,6 +164,8 @@ def verify_manifest(where: str, manifest_text: bytes | str | None, present: Iter
         raise CheckpointError(f"{where}: {unlisted[0]} is not listed in the manifest "
                               "(a checkpoint loads exactly the files its manifest lists)")
     for name, expected in files.items():
+        if wanted is not None and not wanted(name):
+            continue
         if name not in present:
             raise CheckpointError(f"{where}: {name} is listed in the manifest but missing")
         if digest_of(name, expected) != expected:
@@ -163,7 +178,7 @@ def local_files(path: Path) -> list[str]:
     return [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
 
 
-def verify_checkpoint_dir(path: Path, require_manifest: bool = True) -> Path:
+def verify_checkpoint_dir(path: Path, require_manifest: bool = True, with_train_state: bool = False) -> Path:
     """Check a local Hugging Face checkpoint directory against its manifest (``verify_manifest``).
 
     ``require_manifest=False`` (``allow_unverified_local``, a developer's own directory) accepts
@@ -182,7 +197,8 @@ def verify_checkpoint_dir(path: Path, require_manifest: bool = True) -> Path:
                 "loads only with allow_unverified_local / P2R_ALLOW_UNVERIFIED_LOCAL=true)")
         return path
     verify_manifest(f"checkpoint {path}", _read_manifest_file(manifest, f"checkpoint {path}"),
-                    local_files(path), lambda name, _expected: sha256_file(path / name))
+                    local_files(path), lambda name, _expected: sha256_file(path / name),
+                    None if with_train_state else model_file)
     return path
 
 
@@ -303,14 +319,16 @@ def _fetch(client: Any, bucket: str, key: str, dest: Path, expected: str, cancel
         partial.unlink(missing_ok=True)
 
 
-def download_s3(uri: str, cache_dir: Path, cancel: threading.Event | None = None) -> Path:
+def download_s3(uri: str, cache_dir: Path, cancel: threading.Event | None = None,
+                with_train_state: bool = False) -> Path:
     """Mirror the checkpoint ``s3://bucket/prefix/`` into ``cache_dir/s3/bucket/prefix``.
 
     Only the files its manifest lists are downloaded, each verified as it streams; a cached copy
     whose sha256 already matches is kept (a restart reads from the cache, not the store). A
     prefix without a manifest (an upload still running), an unlisted or unsafe object key, or a
     digest mismatch is refused. Files of an earlier version of the prefix that the manifest no
-    longer lists are removed. ``cancel`` set (the RPC gave up) stops between blocks."""
+    longer lists are removed. ``cancel`` set (the RPC gave up) stops between blocks. Without
+    ``with_train_state`` only the model's files are fetched (``model_file``)."""
     bucket, prefix = split_s3(uri)
     if not prefix:
         raise CheckpointError(f"{uri}: expected s3://BUCKET/PREFIX/")
@@ -337,7 +355,8 @@ def download_s3(uri: str, cache_dir: Path, cancel: threading.Event | None = None
                 return expected
             return _fetch(client, bucket, base + name, dest, expected, cancel)
 
-        manifest = verify_manifest(uri, manifest_text, present, digest_of)
+        manifest = verify_manifest(uri, manifest_text, present, digest_of,
+                                   None if with_train_state else model_file)
     for name in local_files(target):
         if name not in manifest["files"] and not _hidden(name):
             (target / name).unlink()  # an earlier version's file, or the old manifest
@@ -421,26 +440,29 @@ def download_hf(uri: str, cache_dir: Path) -> Path:
 
 
 def resolve_checkpoint(uri: str, cache_dir: Path, allow_unverified_local: bool = False,
-                       cancel: threading.Event | None = None) -> Path:
-    """A verified local directory for ``uri`` (remote ones mirrored under ``cache_dir``)."""
+                       cancel: threading.Event | None = None, with_train_state: bool = False) -> Path:
+    """A verified local directory for ``uri`` (remote ones mirrored under ``cache_dir``): the
+    model's files only, unless ``with_train_state`` (a trainer resuming the run that wrote it)."""
     if uri.startswith("s3://"):
-        return download_s3(uri, cache_dir, cancel)
+        return download_s3(uri, cache_dir, cancel, with_train_state)
     if uri.startswith(HF_SCHEME):
         return download_hf(uri, cache_dir)
     if "://" in uri and not uri.startswith("file://"):
         raise CheckpointError(f"{uri}: unsupported scheme (use a path, file://, s3:// or hf://)")
-    return verify_checkpoint_dir(local_path(uri), require_manifest=not allow_unverified_local)
+    return verify_checkpoint_dir(local_path(uri), require_manifest=not allow_unverified_local,
+                                 with_train_state=with_train_state)
 
 
 # ------------------------------------------------------------------------------------ writing
 
 
-def manifest_files(checkpoint_dir: Path) -> dict[str, str]:
+def manifest_files(checkpoint_dir: Path, skip: set[str] | None = None) -> dict[str, str]:
     """``relative/path -> sha256`` of every file of a finished local checkpoint (dot-files,
     ``*.tmp`` and the manifest itself aside), sub-directories by their relative POSIX path."""
-    return {p.relative_to(checkpoint_dir).as_posix(): sha256_file(p) for p in sorted(checkpoint_dir.rglob("*"))
+    skip = skip or set()
+    return {name: sha256_file(p) for p in sorted(checkpoint_dir.rglob("*"))
             if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")
-            and not _hidden(p.relative_to(checkpoint_dir).as_posix())}
+            and not _hidden(name := p.relative_to(checkpoint_dir).as_posix()) and name not in skip}
 
 
 def manifest_json(files: dict[str, str], **meta: object) -> str:
@@ -451,8 +473,10 @@ def write_manifest(checkpoint_dir: Path, extra_files: dict[str, str] | None = No
     """Hash every file of a finished local checkpoint into ``manifest.json`` (written last).
 
     ``extra_files`` are ``relative/path -> sha256`` of files this process did not write itself
-    (other ranks' training-state shards, uploaded by those ranks)."""
-    files = {**manifest_files(checkpoint_dir), **(extra_files or {})}
+    (other ranks' training-state shards, uploaded by those ranks, and this rank's own, already
+    hashed for the gather): those are not hashed again."""
+    extra = extra_files or {}
+    files = {**manifest_files(checkpoint_dir, skip=set(extra)), **extra}
     manifest = checkpoint_dir / MANIFEST
     tmp = manifest.with_suffix(".tmp")
     tmp.write_text(manifest_json(files, **meta))

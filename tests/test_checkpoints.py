@@ -71,7 +71,11 @@ def test_s3_uploads_and_resume_auto(tmp_path: Path, s3_server: dict[str, str],
     root = "s3://p2r-run/exp1/stage1"
     assert latest_checkpoint(root) is None  # bucket does not exist yet
     for step in (5, 15):
-        upload_checkpoint(fake_checkpoint(tmp_path / f"l{step}", step), f"{root}/step-{step}")
+        made = fake_checkpoint(tmp_path / f"l{step}", step)
+        (made / "train_state").mkdir()
+        (made / "train_state" / "__0_0.distcp").write_bytes(b"optimiser shard")
+        write_manifest(made, step=step)
+        upload_checkpoint(made, f"{root}/step-{step}")
     from p2r.services.checkpoints import s3_client
 
     partial = fake_checkpoint(tmp_path / "l25", 25)
@@ -81,6 +85,10 @@ def test_s3_uploads_and_resume_auto(tmp_path: Path, s3_server: dict[str, str],
     assert latest == f"{root}/step-15/"
     local = resolve_checkpoint(latest, tmp_path / "cache")
     assert json.loads((local / "config.json").read_text()) == {"step": 15}
+    # A model reader (the next stage, a server) fetches the model's files only; a resume all.
+    assert not (local / "train_state").exists()
+    resumed = resolve_checkpoint(latest, tmp_path / "cache", with_train_state=True)
+    assert (resumed / "train_state" / "__0_0.distcp").read_bytes() == b"optimiser shard"
     with pytest.raises(CheckpointError, match=r"no manifest\.json"):
         resolve_checkpoint(f"{root}/step-25/", tmp_path / "cache")
     # An object replaced after the manifest was written is caught on download.
@@ -100,12 +108,19 @@ def test_subdirectories_and_other_ranks_files_are_in_the_manifest(tmp_path: Path
     files = json.loads((local / MANIFEST).read_text())["files"]
     assert {"train_state/__0_0.distcp", "train_state/__1_0.distcp", "model.safetensors"} <= set(files)
     with pytest.raises(CheckpointError, match=r"train_state/__1_0\.distcp is listed in the manifest but missing"):
-        verify_checkpoint_dir(local)  # rank 1's shard has not arrived
+        verify_checkpoint_dir(local, with_train_state=True)  # rank 1's shard has not arrived: no resume
+    # A model reader (a server, an evaluation, the next stage) neither needs nor hashes train_state/.
+    assert verify_checkpoint_dir(local) == local
+    (local / "train_state" / "__0_0.distcp").write_bytes(b"tampered")
+    assert verify_checkpoint_dir(local) == local
+    with pytest.raises(CheckpointError, match=r"train_state/__0_0\.distcp does not match"):
+        verify_checkpoint_dir(local, with_train_state=True)
+    (local / "train_state" / "__0_0.distcp").write_bytes(b"rank0")
     target = tmp_path / "root" / "step-1"
     put_files(local, ["train_state/__0_0.distcp"], str(target))
     (target / "train_state" / "__1_0.distcp").write_bytes(b"rank1")  # what rank 1 uploads
     put_files(local, [n for n in files if n not in other] + [MANIFEST], str(target))  # what rank 0 uploads
-    assert verify_checkpoint_dir(target) == target
+    assert verify_checkpoint_dir(target, with_train_state=True) == target
 
 
 def test_latest_names_the_newest_complete_checkpoint(tmp_path: Path) -> None:

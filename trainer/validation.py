@@ -4,7 +4,10 @@ reported as accuracy overall, per data source and per answer form (``val/...`` k
 metrics.jsonl; ``p2r_train_val_accuracy{group, name}`` in Prometheus). Also the optional
 per-sample rollout dumps, for users who need to see what the policy does.
 
-Every rank validates its strided share of the set on its own engine; rank 0 gathers the rows.
+Every engine (a TP group of ranks, trainer/rollout.py) validates its strided share of the set in
+chunks of ``val_batch_size`` samples: the images of one chunk are decoded and in flight at a time,
+not a rank's whole share (about 100 GB for a 2,000-sample stage-2 set at 2,097,152 pixels). The
+first rank of each group contributes the rows; rank 0 gathers them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from p2r.core.bbox import parse_regions
 from p2r.core.generation import ChatRequest, Sampling
 from p2r.data.dataset import Sample
 from p2r.trainer.rewards import RewardStats
+from p2r.trainer.rollout import RolloutTopology
 
 RequestBuilder = Callable[[list[Sample], RewardStats], list[ChatRequest]]
 
@@ -45,17 +49,22 @@ def accuracy_rows(rows: Sequence[dict[str, Any]]) -> dict[str, float | int | Non
 
 
 def validate(samples: Sequence[Sample], requests: RequestBuilder, engine: Any, reward: Any,
-             max_tokens: int, rank: int, world: int) -> dict[str, float | int | None]:
-    """Greedy rollouts on this rank's share, scored with the role's reward; a collective."""
-    mine = list(samples[rank::world])
+             max_tokens: int, topology: RolloutTopology, batch_size: int) -> dict[str, float | int | None]:
+    """Greedy rollouts on this engine's share, chunk by chunk, scored with the role's reward; a
+    collective over every rank."""
+    mine = list(samples[topology.dp_rank :: topology.dp])
     rows: list[dict[str, Any]] = []
-    if mine:
-        built = requests(mine, RewardStats())
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
+        built = requests(chunk, RewardStats())
         outs = engine.sample(built, Sampling(n=1, temperature=0.0, max_tokens=max_tokens))
-        rewards, _ = reward(mine, [[g[0].text] for g in outs])
-        rows = [{"data_source": s.data_source, "form": s.form.value, "reward": r[0]}
-                for s, r in zip(mine, rewards, strict=True)]
-    gathered: list[list[dict[str, Any]] | None] = [None] * world
+        del built  # the chunk's decoded images go before the next chunk's are made
+        if topology.tp_rank:
+            continue  # the group's first rank scores and reports what the shared engine produced
+        rewards, _ = reward(chunk, [[g[0].text] for g in outs])
+        rows += [{"data_source": s.data_source, "form": s.form.value, "reward": r[0]}
+                 for s, r in zip(chunk, rewards, strict=True)]
+    gathered: list[list[dict[str, Any]] | None] = [None] * topology.world
     dist.all_gather_object(gathered, rows)
     return accuracy_rows([row for part in gathered if part for row in part])
 
