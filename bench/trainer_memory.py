@@ -57,7 +57,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -119,6 +119,112 @@ class Row:
 
     def state(self) -> float | None:
         return max(r.state_mib["total"] for r in self.ranks) if self.ranks else None
+
+
+# ------------------------------------------------------------------- counting collectives
+
+
+class CollectiveCounter:
+    """Counts what this rank sends through ``torch.distributed``: every collective entry point
+    FSDP2 and DTensor use (``all_gather_single`` / ``reduce_scatter_single`` and their older
+    ``*_into_tensor`` / ``*_tensor`` names, ``all_reduce``, ``all_gather``, ``broadcast``, and the
+    functional collectives of ``full_tensor``) is wrapped while the counter is active; nested calls
+    (one entry point calling another) count once.
+
+    Bytes are what a rank sends under ring algorithms (what NCCL runs inside a node), from the
+    input tensor and the world size ``W``: all-gather ``input x (W - 1)``, reduce-scatter
+    ``input x (W - 1) / W``, all-reduce ``2 x bytes x (W - 1) / W``, broadcast ``bytes x (W - 1) / W``.
+    ``trainer/plan.py``'s ``collectives`` uses the same convention. Each call is filed under
+    ``phase`` (set by the caller), with ``:backward`` appended inside an autograd backward."""
+
+    # name: (kind, bytes sent as a function of (input bytes, world size))
+    DIST: ClassVar[dict[str, tuple[str, Callable[[int, int], float]]]] = {
+        "all_gather_single": ("all_gather", lambda b, w: b * (w - 1)),
+        "all_gather_into_tensor": ("all_gather", lambda b, w: b * (w - 1)),
+        "reduce_scatter_single": ("reduce_scatter", lambda b, w: b * (w - 1) / w),
+        "reduce_scatter_tensor": ("reduce_scatter", lambda b, w: b * (w - 1) / w),
+        "all_reduce": ("all_reduce", lambda b, w: 2 * b * (w - 1) / w),
+        "broadcast": ("broadcast", lambda b, w: b * (w - 1) / w),
+    }
+    FUNCOL: ClassVar[dict[str, tuple[str, Callable[[int, int], float]]]] = {
+        "all_gather_single": DIST["all_gather_single"],
+        "all_gather_tensor": DIST["all_gather_single"],
+        "reduce_scatter_single": DIST["reduce_scatter_single"],
+        "reduce_scatter_tensor": DIST["reduce_scatter_single"],
+        "all_reduce": DIST["all_reduce"],
+    }
+
+    def __init__(self) -> None:
+        import threading
+
+        self.phase = "other"
+        self.records: dict[tuple[str, str], list[float]] = {}  # (phase, kind) -> [calls, bytes]
+        self._local = threading.local()
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def _wrap(self, module: Any, name: str, kind: str, sent: Callable[[int, int], float], input_arg: int) -> None:
+        import torch
+        import torch.distributed as dist
+
+        original = getattr(module, name)
+
+        @functools.wraps(original)
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            depth = getattr(self._local, "depth", 0)
+            if depth == 0:
+                if name == "all_gather" and module is dist:  # (tensor_list, tensor)
+                    tensor = args[1] if len(args) > 1 else kwargs["tensor"]
+                elif input_arg < len(args):
+                    tensor = args[input_arg]
+                else:
+                    tensor = next(v for k, v in kwargs.items() if k in ("input_tensor", "input", "tensor", "self"))
+                nbytes = tensor.numel() * tensor.element_size()
+                phase = self.phase + (":backward" if torch._C._current_graph_task_id() != -1 else "")
+                record = self.records.setdefault((phase, kind), [0, 0.0])
+                record[0] += 1
+                record[1] += sent(nbytes, dist.get_world_size())
+            self._local.depth = depth + 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._local.depth = depth
+
+        self._saved.append((module, name, original))
+        setattr(module, name, counted)
+
+    def __enter__(self) -> CollectiveCounter:
+        import torch.distributed as dist
+        import torch.distributed._functional_collectives as funcol
+
+        for name, (kind, sent) in self.DIST.items():
+            # dist's tensor-output APIs take (output, input); all_reduce / broadcast the tensor itself
+            self._wrap(dist, name, kind, sent, 0 if kind in ("all_reduce", "broadcast") else 1)
+        self._wrap(dist, "all_gather", "all_gather", lambda b, w: b * (w - 1), 1)
+        for name, (kind, sent) in self.FUNCOL.items():
+            self._wrap(funcol, name, kind, sent, 0)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for module, name, original in reversed(self._saved):
+            setattr(module, name, original)
+        self._saved.clear()
+
+    def reset(self) -> None:
+        self.records.clear()
+
+    def calls(self, kind: str, phase: str | None = None) -> int:
+        return int(sum(v[0] for (p, k), v in self.records.items() if k == kind and (phase is None or p == phase)))
+
+    def bytes(self, kind: str | None = None, phase: str | None = None) -> float:
+        return sum(v[1] for (p, k), v in self.records.items()
+                   if (kind is None or k == kind) and (phase is None or p == phase))
+
+    def summary(self) -> dict[str, dict[str, list[float]]]:
+        """{phase: {kind: [calls, bytes]}}"""
+        out: dict[str, dict[str, list[float]]] = {}
+        for (phase, kind), (calls, sent) in sorted(self.records.items()):
+            out.setdefault(phase, {})[kind] = [calls, sent]
+        return out
 
 
 # ------------------------------------------------------------------------------ the child

@@ -2,7 +2,9 @@
 FSDP tests: ``python -m tests.actor_worker MODEL DATA OUT [--steps N] [--micro M] [--dtype D]``
 under ``WORLD_SIZE`` / ``RANK`` / ``MASTER_*``. Every rank builds the same global batch (seeded)
 and takes its strided share, as the trainer's data shards do; rank 0 writes the full parameters
-after the last step (fp32 masters) and every rank its parameter digest."""
+after the last step (fp32 masters) and every rank its parameter digest. ``--count`` counts the
+collectives of each step, of a weight push in fp32 and in bf16 and of the HF export
+(``bench.trainer_memory.CollectiveCounter``)."""
 
 from __future__ import annotations
 
@@ -54,9 +56,10 @@ def engine_check(actor: Any, model: Path, data: Path) -> tuple[dict[str, Any], A
     The engine is returned to be kept alive: vLLM's shutdown tears down the process group."""
     from p2r.core.generation import Sampling
     from p2r.services.engine import EngineLimits, with_tied_head
-    from p2r.trainer.rollout import RolloutEngine
+    from p2r.trainer.rollout import RolloutEngine, RolloutTopology
 
-    engine = RolloutEngine(str(model), EngineLimits(max_model_len=2048, max_num_seqs=2, dtype="float32"))
+    engine = RolloutEngine(str(model), RolloutTopology(actor.rank, actor.world, 1),
+                           EngineLimits(max_model_len=2048, max_num_seqs=2, dtype="float32"))
     request = global_batch(actor.processor, data, 0)[0].request
     greedy = Sampling(max_tokens=6)
     [[before]] = engine.sample([request], greedy)
@@ -86,6 +89,13 @@ def main() -> None:
                         help="after the steps: streamed push vs full push into a rollout engine, log-probs")
     parser.add_argument("--inject", default="", help="comma-separated, one per step from the first: none, nan, "
                         "inf (in one rollout's behaviour log-probs) or ratio100 (a log-ratio of 100 everywhere)")
+    parser.add_argument("--schedule", default="step", help="the actor's collective schedule (step | micro-batch)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="max_tokens_per_micro_batch (default none)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--kl", type=float, default=0.01)
+    parser.add_argument("--count", action="store_true", help="count each step's collectives, a push's, the export's")
+    parser.add_argument("--rollout-logprobs", action="store_true",
+                        help="give every response engine log-probs of -1.0 (the parity metric's input)")
     args = parser.parse_args()
 
     from p2r.trainer.actor import Actor
@@ -93,9 +103,26 @@ def main() -> None:
 
     torch.manual_seed(0)
     cfg = TrainConfig(role="perceiver", model=str(args.model), data=args.data, output="unused",
-                      reward_plugin="tests.plugins:starts_with_digit", learning_rate=args.lr, kl_coef=0.01,
-                      micro_batch_size=args.micro, compute_dtype=args.dtype, max_response_tokens=8)
-    actor = Actor(cfg, args.model, args.model)
+                      reward_plugin="tests.plugins:starts_with_digit", learning_rate=args.lr, kl_coef=args.kl,
+                      micro_batch_size=args.micro, compute_dtype=args.dtype, max_response_tokens=8,
+                      max_tokens_per_micro_batch=args.max_tokens, temperature=args.temperature)
+    actor = Actor(cfg, args.model, args.model, schedule=args.schedule)
+    counter = None
+    if args.count:
+        from bench.trainer_memory import CollectiveCounter
+
+        counter = CollectiveCounter().__enter__()
+        counter.phase = "idle"
+        ref_logprobs = actor._ref_logprobs
+
+        def counted_ref(*a: Any, **k: Any) -> Any:
+            phase, counter.phase = counter.phase, "ref"
+            try:
+                return ref_logprobs(*a, **k)
+            finally:
+                counter.phase = phase
+
+        actor._ref_logprobs = counted_ref  # type: ignore[method-assign]
     if args.load_state:
         actor.load_train_state(args.load_state)
     stats = []
@@ -105,9 +132,40 @@ def main() -> None:
         kind = kinds[step - args.first_step] if step - args.first_step < len(kinds) else "none"
         if kind != "none":
             inject(groups, kind)
+        if args.rollout_logprobs:
+            for g in groups:
+                g.rollout_logprobs = [[-1.0] * len(r) for r in g.responses]
+        if counter is not None:
+            counter.reset()
+            counter.phase = "update"
         out = actor.update(groups[actor.rank :: actor.world])
         stats.append({"loss": out.loss, "grad_norm": out.grad_norm if out.grad_norm == out.grad_norm else None,
-                      "tokens": out.tokens, "micro_batches": out.micro_batches, "skipped": out.skipped})
+                      "tokens": out.tokens, "micro_batches": out.micro_batches, "skipped": out.skipped,
+                      "kl": out.kl, "entropy": out.entropy, "diff_mean": out.rollout_logprob_diff_mean,
+                      "diff_max": out.rollout_logprob_diff_max,
+                      "collectives": counter.summary() if counter is not None else None})
+    extra: dict[str, Any] = {}
+    if counter is not None:
+        counter.reset()
+        for name, dtype in (("push_fp32", torch.float32), ("push_bf16", torch.bfloat16)):
+            counter.phase = name
+            for _ in actor.stream_weights(dtype):
+                pass
+        counter.phase = "export"
+        export = actor.full_state_dict()
+        extra["collectives"] = counter.summary()
+        counter.__exit__()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        reference = get_model_state_dict(actor.model, options=StateDictOptions(full_state_dict=True,
+                                                                                 cpu_offload=True))
+        if actor.rank == 0:
+            extra["export"] = {"keys_equal": sorted(export) == sorted(reference),
+                               "dtype": str(next(iter(export.values())).dtype),
+                               "values_equal": all(torch.equal(export[k], v.to(actor.dtype))
+                                                   for k, v in reference.items())}
+        else:
+            extra["export"] = {"empty": not export}
     if args.save_state:
         actor.save_train_state(args.save_state)
     push, _engine = engine_check(actor, args.model, args.data) if args.engine else (None, None)
@@ -122,7 +180,7 @@ def main() -> None:
     finite = all(bool(torch.isfinite(t).all()) for t in full.values())
     (args.out / f"rank{actor.rank}.json").write_text(json.dumps({
         "digest": digest, "steps": stats, "skipped_steps": actor.skipped_steps, "finite": finite,
-        "push": push}))
+        "push": push, **extra}))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ Memory: logits are computed only at response positions (``logits_to_keep``; a 2,
 prompt would otherwise cost prompt x vocabulary logits per sequence), and the fp32 log-softmax
 runs in token chunks under activation checkpointing, so only one chunk's fp32 copy of the
 vocabulary-wide logits exists at a time, in the forward and in the backward.
+
+Temperature: the engine samples from softmax(logits / T), so the policy's log-probs (and the
+reference's, and the entropy) are computed from ``logits / temperature`` too, as veRL's and
+TRL's actors do; at T = 1 nothing changes, at any other T the ratio and the KL would otherwise
+be of a different distribution from the one that was sampled.
 """
 
 from __future__ import annotations
@@ -51,34 +56,45 @@ def vision_inputs(processor: Any, request: ChatRequest) -> dict[str, torch.Tenso
     return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
 
-def _chunk_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 ``logits / temperature`` (the division skipped at T = 1: bit-identical to before)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
 
 
-def _chunk_logprobs_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _chunk_logprobs(logits, tokens), entropy_from_logits(logits)
+def _chunk_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    return torch.log_softmax(_scaled(logits, temperature), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _chunk_logprobs_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _chunk_logprobs(logits, tokens, temperature), entropy_from_logits(_scaled(logits, temperature))
 
 
 def logprobs_from_logits(
     logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool = False, entropy_grad: bool = False,
-    chunk: int = LOGPROB_CHUNK_TOKENS,
+    chunk: int = LOGPROB_CHUNK_TOKENS, temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``[B, T]`` log p(token) (and entropy) from ``[B, T, V]`` logits, in chunks of ``chunk``
-    positions. Each chunk is recomputed in the backward instead of keeping its fp32 copy; an
-    entropy without ``entropy_grad`` is computed under ``no_grad`` (reported, not trained)."""
+    """``[B, T]`` log p(token) (and entropy) from ``[B, T, V]`` logits divided by
+    ``temperature``, in chunks of ``chunk`` positions. Each chunk is recomputed in the backward
+    instead of keeping its fp32 copy; an entropy without ``entropy_grad`` is computed under
+    ``no_grad`` (reported, not trained)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     track = torch.is_grad_enabled() and logits.requires_grad
     logps, ents = [], []
     for start in range(0, logits.shape[1], chunk):
         lg, tok = logits[:, start : start + chunk], tokens[:, start : start + chunk]
         if with_entropy and entropy_grad:
-            lp, ent = checkpoint(_chunk_logprobs_entropy, lg, tok, use_reentrant=False) if track \
-                else _chunk_logprobs_entropy(lg, tok)
+            lp, ent = checkpoint(_chunk_logprobs_entropy, lg, tok, temperature, use_reentrant=False) if track \
+                else _chunk_logprobs_entropy(lg, tok, temperature)
             ents.append(ent)
         else:
-            lp = checkpoint(_chunk_logprobs, lg, tok, use_reentrant=False) if track else _chunk_logprobs(lg, tok)
+            lp = checkpoint(_chunk_logprobs, lg, tok, temperature, use_reentrant=False) if track \
+                else _chunk_logprobs(lg, tok, temperature)
             if with_entropy:
                 with torch.no_grad():
-                    ents.append(entropy_from_logits(lg))
+                    ents.append(entropy_from_logits(_scaled(lg, temperature)))
         logps.append(lp)
     return torch.cat(logps, dim=1), (torch.cat(ents, dim=1) if with_entropy else None)
 
@@ -92,10 +108,12 @@ def response_logprobs(
     with_entropy: bool = False,
     entropy_grad: bool = False,
     vision: dict[str, torch.Tensor] | None = None,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs ``[n, T]`` of ``n`` responses to one prompt (one forward pass for them), and
-    optionally the per-token entropy. ``vision`` is the request's ``vision_inputs`` when the caller
-    already has them (one preprocessing per prompt, shared by its micro-batches)."""
+    """Log-probs ``[n, T]`` of ``n`` responses to one prompt (one forward pass for them) under
+    the sampling distribution ``softmax(logits / temperature)``, and optionally the per-token
+    entropy. ``vision`` is the request's ``vision_inputs`` when the caller already has them (one
+    preprocessing per prompt, shared by its micro-batches)."""
     n, t = responses.tokens.shape
     prompt = torch.tensor(list(prompt_ids), dtype=torch.long).unsqueeze(0).expand(n, -1)
     ids = torch.cat([prompt, responses.tokens], dim=1)
@@ -114,7 +132,7 @@ def response_logprobs(
     # nothing we need, so t + 1 are kept and the final one dropped.
     logits = model(input_ids=ids, attention_mask=attention, use_cache=False, logits_to_keep=t + 1, **kwargs).logits
     tokens = responses.tokens.to(logits.device)
-    return logprobs_from_logits(logits[:, :t], tokens, with_entropy, entropy_grad)
+    return logprobs_from_logits(logits[:, :t], tokens, with_entropy, entropy_grad, temperature=temperature)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
