@@ -274,11 +274,12 @@ class Trainer:
         group_ids = torch.tensor([g for g, _ in keep], dtype=torch.long)
         advantages = group_advantages(flat_rewards, group_ids, norm_by_std=cfg.norm_adv_by_std) if keep \
             else flat_rewards
-        groups = [PromptGroup(requests[g], list(rollouts[g][0].prompt_token_ids), [], [])
+        groups = [PromptGroup(requests[g], list(rollouts[g][0].prompt_token_ids), [], [], rollout_logprobs=[])
                   for g in range(len(rollouts))]
         for k, (g, j) in enumerate(keep):
             groups[g].responses.append(list(rollouts[g][j].token_ids))
             groups[g].advantages.append(float(advantages[k]))
+            groups[g].rollout_logprobs.append(list(rollouts[g][j].logprobs))  # type: ignore[union-attr]
         update = self.actor.update(groups)
         times["update_s"] = time.perf_counter() - t0
 
@@ -307,6 +308,10 @@ class Trainer:
             "skipped_steps": self.actor.skipped_steps, "overlong_dropped": self.overlong_dropped,
             "unreadable_dropped": self.unreadable_dropped, "overlong_fallbacks": self.overlong_fallbacks,
             "micro_batches": update.micro_batches,
+            # The engine's log-probs against the policy's on the same tokens (veRL's parity check):
+            # near 0 when the engine holds the pushed weights and samples what the update assumes.
+            "rollout_logprob_diff_mean": update.rollout_logprob_diff_mean,
+            "rollout_logprob_diff_max": update.rollout_logprob_diff_max,
             "lr": self.actor.scheduler.get_last_lr()[0], "push_bytes": push.get("push_bytes", 0.0),
             **{k: round(v, 4) for k, v in times.items()},
         }

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,14 +97,30 @@ def launcher_kwargs(topology: RolloutTopology) -> dict[str, Any]:
             "tensor_parallel_size": topology.tp, "data_parallel_size": topology.dp}
 
 
-def launcher_env(topology: RolloutTopology) -> None:
-    """What the external launcher reads, where the launcher did not set it: a PyTorchJob with
-    one process per pod sets ``RANK`` but no ``LOCAL_RANK`` (its one GPU is local rank 0), and
-    a one-process run sets nothing (the trainer's group is already initialised in-process)."""
-    os.environ.setdefault("RANK", str(topology.rank))
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "0")
+@contextmanager
+def launcher_env(topology: RolloutTopology) -> Iterator[None]:
+    """What the external launcher reads while the engine starts, where the launcher did not set
+    it, restored afterwards: a PyTorchJob with one process per pod sets ``RANK`` but no
+    ``LOCAL_RANK`` (its one GPU is local rank 0), and a one-process run sets nothing (vLLM then
+    joins the trainer's in-process group, which must exist: ``init_distributed``). The engine
+    must stay in this process (its worker is this rank's shard)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError("the rollout engine joins the trainer's process group: call init_distributed() first")
+    wanted = {"RANK": str(topology.rank), "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
+    previous = {k: os.environ.get(k) for k in [*wanted, "VLLM_ENABLE_V1_MULTIPROCESSING"]}
+    for key, value in wanted.items():
+        os.environ.setdefault(key, value)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _load_into_worker(worker: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -129,12 +146,13 @@ class RolloutEngine:
         self.sleep_level = sleep_level
         self.asleep = False
         configure_vllm_env(self.limits)
-        launcher_env(topology)
-        # The launcher's engine must stay in this process (the worker is this rank's shard).
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from vllm import LLM
+        with launcher_env(topology):
+            from vllm import LLM
 
-        self.llm = LLM(**{**engine_kwargs(model, self.limits, seed), **launcher_kwargs(topology)})
+            # Log-probs after temperature / top-p, as the update computes them (trainer/policy.py),
+            # so ``rollout_logprob_diff`` compares like with like at any temperature.
+            self.llm = LLM(**{**engine_kwargs(model, self.limits, seed), **launcher_kwargs(topology),
+                              "logprobs_mode": "processed_logprobs"})
         tokenizer = self.llm.get_tokenizer()
         self.renderer = PromptRenderer(tokenizer, self.limits.max_images_per_prompt)
         # A response must never contain vision placeholders: the model would then expect image
