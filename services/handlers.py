@@ -1,8 +1,8 @@
 """Role logic of the servers, on p2r.v1 messages, independent of the transport.
 
 Each role validates a request completely before any work starts (so a batch with one bad item
-fails as a whole, naming ``requests[i].field``; only a ReasonBatch item with invalid regions fails
-alone, in its result's ``error``), does the CPU-heavy image work in a thread, and
+fails as a whole, naming ``requests[i].field``; only a ReasonBatch item with invalid regions or a
+bad ``image_index`` fails alone, in its result's ``error``), does the CPU-heavy image work in a thread, and
 awaits the shared ``AsyncEngine``. The gateway's ``answer`` composes perceive and reason through
 ``RoleBackend`` objects that are either this process's handlers or remote gRPC stubs.
 """
@@ -14,7 +14,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -260,7 +260,29 @@ class Handlers:
 
         return build
 
-    def prepare_reason(self, req: pb.ReasonRequest, field: str) -> Callable[[], Prepared]:
+    def reason_preparer(self, images: Sequence[bytes]) -> Callable[[pb.ReasonRequest, str], Callable[[], Prepared]]:
+        """``prepare_reason`` for the items of one ReasonBatch, whose ``image_index`` names one of
+        the batch's shared ``images``."""
+        return lambda req, field: self.prepare_reason(req, field, images)
+
+    @staticmethod
+    def reason_image(req: pb.ReasonRequest, field: str, images: Sequence[bytes]) -> tuple[bytes, str]:
+        """The request's image and the field that names it: its own ``image``, or the batch's
+        ``images[image_index]``. A wrong index is the item's own fault (``ItemInvalid``: in a
+        batch it fails alone, as invalid regions do)."""
+        if not req.HasField("image_index"):
+            return req.image, f"{field}image"
+        k = req.image_index
+        problem = ("set together with image; send one of them" if req.image
+                   else None if k < len(images)
+                   else f"{k} is out of range: the call has {len(images)} shared images"
+                   + ("" if images else " (ReasonBatchRequest.images; a single Reason call has none)"))
+        if problem is not None:
+            message = f"{field}image_index: {problem}"
+            raise ItemInvalid(message, pb.ReasonResult(id=req.id, error=message))
+        return images[k], f"images[{k}]"
+
+    def prepare_reason(self, req: pb.ReasonRequest, field: str, images: Sequence[bytes] = ()) -> Callable[[], Prepared]:
         question = self.question(req.question, f"{field}question")
         form = self.form(req.answer_form, f"{field}answer_form")
         sampling = self.sampling(req.sampling, f"{field}sampling", self.config.reason_max_tokens)
@@ -268,12 +290,13 @@ class Handlers:
             regions = self.regions(req.regions, field)
         except InvalidArgument as e:  # one degenerate item must not cost its batch
             raise ItemInvalid(str(e), pb.ReasonResult(id=req.id, error=str(e))) from None
-        image = self.image(req.image, f"{field}image")
+        data, image_field = self.reason_image(req, field, images)
+        image = self.image(data, image_field)
         variant = self.variant(req.variant, f"{field}variant")
 
         def build() -> Prepared:
             started = time.perf_counter()
-            source = self.source(image, req.image, f"{field}image")
+            source = self.source(image, data, image_field)
             chat, evidence = self.evidence(source, regions, question, form, variant)
             return Prepared(chat, sampling, {"evidence": evidence, "evidence_s": time.perf_counter() - started})
 

@@ -485,8 +485,8 @@ class _Reasoner(_Base, pb_grpc.ReasonerServicer):
         return await self._single("Reason", context, request, self.h.prepare_reason, self.h.run_reason)
 
     async def ReasonBatch(self, request: pb.ReasonBatchRequest, context: Any) -> pb.ReasonBatchResponse:
-        results = await self._batch("ReasonBatch", context, request.requests, self.h.prepare_reason,
-                                    self.h.run_reason)
+        results = await self._batch("ReasonBatch", context, request.requests,
+                                    self.h.reason_preparer(request.images), self.h.run_reason)
         return pb.ReasonBatchResponse(results=results)
 
 

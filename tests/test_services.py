@@ -316,27 +316,34 @@ def test_client_retries_only_retryable_codes() -> None:
 
 
 def test_trainer_gives_up_after_the_client_retries() -> None:
-    """The trainer's per-sample give-up is built on the client's policy: ``reward_retries`` + 1
-    attempts on a retryable code, one on any other, never more; the samples become None."""
+    """The trainer's per-batch give-up is built on the client's policy: ``reward_retries`` + 1
+    attempts on UNAVAILABLE, RESOURCE_EXHAUSTED waited out until ``reward_timeout_s``, one
+    attempt on any other code, never more; the samples become None, and a step that loses more
+    than ``max_dropped_fraction`` of its rewards fails naming the service and the status."""
     from p2r.core.prompts import AnswerForm
     from p2r.data.dataset import Sample
     from p2r.trainer.config import TrainConfig
-    from p2r.trainer.rewards import ReasonerReward
+    from p2r.trainer.rewards import ReasonerReward, RewardServiceError
 
     C = grpc.StatusCode
     samples = [Sample(i, "What animal?", "a cat", AnswerForm.FREE_FORM, []) for i in range(3)]
     replies = [["a cat"]] * 3
-    for answer, retries, attempts in ((C.UNAVAILABLE, 2, 3), (C.RESOURCE_EXHAUSTED, 0, 1),
+    for answer, retries, attempts in ((C.UNAVAILABLE, 2, 3), (C.RESOURCE_EXHAUSTED, 0, None),
                                       (C.INVALID_ARGUMENT, 3, 1), (C.DEADLINE_EXCEEDED, 3, 1)):
         with _answering(answer) as (target, calls):
             cfg = TrainConfig(role="reasoner", model="m", data="d.parquet", output="o", verifier_endpoint=target,
-                              perceiver_endpoint="127.0.0.1:1",
+                              perceiver_endpoint="127.0.0.1:1", reward_timeout_s=1.5,
                               reward_retries=retries, service_timeout_s=30, reward_batch_size=2)
-            rewards, stats = ReasonerReward(cfg)(samples, replies)
+            reward = ReasonerReward(cfg)
+            started = time.monotonic()
+            with pytest.raises(RewardServiceError, match=f"3 of 3 .*{target} VerifyBatch: {answer.name}"):
+                reward(samples, replies)
             # 3 replies in batches of 2: two batch RPCs, each given its attempts, then given up.
-            assert rewards == [[None]] * 3 and stats.dropped == 3 and stats.service_calls == 2, answer
             batches = [c for c in calls if isinstance(c, pb.VerifyBatchRequest)]
-            assert len(batches) == 2 * attempts, (answer, retries, len(batches))
+            if attempts is None:  # waited out until the step's deadline, not max_attempts times
+                assert len(batches) > 2 * (retries + 1) and time.monotonic() - started >= 1.0, len(batches)
+            else:
+                assert len(batches) == 2 * attempts, (answer, retries, len(batches))
 
 
 @contextmanager
