@@ -124,10 +124,18 @@ class Kubernetes(Strict):
     s3_access_key_ref: str = Field("AWS_ACCESS_KEY_ID", description="key of the access key id in s3_secret")
     s3_secret_key_ref: str = Field("AWS_SECRET_ACCESS_KEY", description="key of the secret key in s3_secret")
     env: dict[str, str] = Field(default_factory=dict, description="extra plain env for trainer and eval pods")
-    workers: int = Field(1, ge=1, description="PyTorchJob pods per stage: 1 Master + (workers-1) Workers")
+    workers: int = Field(1, ge=1, description="PyTorchJob pods (nodes) per stage: 1 Master + (workers-1) "
+                                              "Workers, each running nproc_per_node training processes")
+    nproc_per_node: int = Field(1, ge=1, description="training processes per pod, started by torchrun "
+                                "(spec.nprocPerNode); the reference run is 1 pod x 4 (one GPU each)")
+    gpu_resource: str | None = Field(None, pattern=r"^([a-z0-9.-]+/)?[a-z0-9]([a-z0-9._-]*[a-z0-9])?$",
+                                     description="device each training process gets one of (nvidia.com/gpu): "
+                                     "trainer pods request and are limited to nproc_per_node of it; null: CPU "
+                                     "training (gloo)")
     trainer_metrics_port: int | None = Field(9090, ge=1, le=65535, description="rank 0's Prometheus port (the "
                                              "chart's PodMonitor scrapes the port named metrics); null disables")
-    resources: dict[str, Any] = Field(default_factory=dict, description="container resources of trainer pods")
+    resources: dict[str, Any] = Field(default_factory=dict, description="container resources of a trainer pod "
+                                      "(CPU, memory for all its nproc_per_node ranks); GPUs come from gpu_resource")
     eval_resources: dict[str, Any] = Field(default_factory=dict)
     data_pvc: str | None = Field(None, description="PersistentVolumeClaim mounted at data_mount in every pod")
     data_mount: str = "/data"
@@ -141,6 +149,17 @@ class Kubernetes(Strict):
     poll_s: float = Field(5.0, gt=0)
     rollout_timeout_s: float = Field(1800.0, gt=0)
     job_timeout_s: float = Field(7 * 86400.0, gt=0)
+
+    @model_validator(mode="after")
+    def _layout(self) -> Kubernetes:
+        """The GPUs of a trainer pod follow from nproc_per_node and gpu_resource, nowhere else: a
+        GPU count in ``resources`` could disagree with the processes torchrun starts."""
+        for kind, values in self.resources.items():
+            for key in values if isinstance(values, dict) else ():
+                if key == self.gpu_resource or str(key).endswith("/gpu"):
+                    raise ValueError(f"resources.{kind}.{key}: a trainer pod's GPUs are set by nproc_per_node "
+                                     "(one per process) and gpu_resource; remove it")
+        return self
 
     @field_validator("deployments")
     @classmethod

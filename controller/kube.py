@@ -16,6 +16,10 @@
   the controller creates carries an ownerReference to it, so ``helm uninstall`` makes the garbage
   collector delete the jobs, their pods and the run state. Every object is also labelled
   ``app.kubernetes.io/managed-by: p2r-pipeline`` and ``p2r.io/run: RUN`` for a label-based cleanup.
+- Layout: a stage's PyTorchJob is ``kubernetes.workers`` pods (Master + Workers) of
+  ``kubernetes.nproc_per_node`` processes each under torchrun (``spec.nprocPerNode``), one
+  ``kubernetes.gpu_resource`` per process. The reference run is one pod with 4 GPUs, so FSDP's
+  collectives stay on NVLink and shared memory; multi-node is N pods x G GPUs.
 - Stages: one PyTorchJob per attempt, named ``RUN-STAGE-ATTEMPT``. The name is written to the
   state before the job is created, so a restarted controller re-attaches to the job instead of
   creating a second one. The trainer's YAML config is a ConfigMap mounted at ``/etc/p2r``; S3
@@ -384,14 +388,16 @@ class KubeBackend:
 
     def pytorchjob(self, name: str, stage: str, role: str, attempt: int,
                    metrics_port: int | None = None) -> dict[str, Any]:
-        """The stage's PyTorchJob from the one pod template (``controller/pods.py``). The
+        """The stage's PyTorchJob from the one pod template (``controller/pods.py``):
+        ``workers`` pods x ``nproc_per_node`` torchrun processes, one ``gpu_resource`` each. The
         operator's own restarts are off (``backoffLimit: 0``, ``restartPolicy: Never``):
         retries are the controller's."""
         return pods.pytorchjob(
             self.k.pod, name=name, namespace=self.namespace, labels=self._labels(stage, attempt),
             pod_labels=self._labels(stage, attempt, "trainer"), image=self.k.image,
             pull_policy=self.k.image_pull_policy, role=role, config_map=f"{name}-config", config_file="train.yaml",
-            env=self._env(), resources=self.k.resources or None, workers=self.k.workers, data_pvc=self.k.data_pvc,
+            env=self._env(), resources=self.k.resources or None, workers=self.k.workers,
+            nproc_per_node=self.k.nproc_per_node, gpu_resource=self.k.gpu_resource, data_pvc=self.k.data_pvc,
             data_mount=self.k.data_mount, metrics_port=metrics_port, restart_policy="Never", backoff_limit=0,
             owner=self.owner(), service_account=self.k.service_account)
 

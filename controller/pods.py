@@ -5,9 +5,11 @@ kustomize manifests (``manifests/base/*.yaml``, applied by hand). Both are built
 the controller calls :func:`pytorchjob` and :func:`eval_job`, and ``scripts/manifests.py``
 writes ``manifests/base`` from the same functions (``tests/test_manifests.py`` fails when the
 committed files differ from what it would write). So the security context, read-only root,
-scratch volumes, ``/dev/shm``, Service links, token mounting and placement of a training pod
-are decided in this module and nowhere else; the chart only passes values into
-:class:`PodTemplate` (``controller.jobs`` and the release-wide security contexts).
+scratch volumes, ``/dev/shm``, Service links, token mounting, placement and the training layout
+(pods x torchrun processes per pod, one GPU per process) of a training pod are decided in this
+module and nowhere else; the chart only passes values into :class:`PodTemplate`
+(``controller.jobs`` and the release-wide security contexts) and the layout
+(``kubernetes.workers``, ``nproc_per_node``, ``gpu_resource`` of pipeline.yaml).
 
 The builders return plain dicts in the API's JSON shape (what ``kubectl get -o json`` shows), so
 the objects the controller sends and the manifests on disk are the same data, validated by the
@@ -37,6 +39,19 @@ WORK_DIR = "/work"
 TRAIN_WORKDIR = f"{WORK_DIR}/p2r-train"
 MASTER_PORT = 23456
 """The training operator's default rendezvous port (``pytorchjob-port``), named on every replica."""
+SHM_GIB_PER_PROCESS = 16
+"""/dev/shm per training process when ``PodTemplate.shm_size_limit`` is unset: NCCL's shared-memory
+transport between a pod's local ranks, PyTorch's data workers and the engine all use it."""
+TORCHRUN: list[str] = ["torchrun", "--nnodes=$(PET_NNODES)", "--nproc_per_node=$(PET_NPROC_PER_NODE)",
+                       "--node_rank=$(PET_NODE_RANK)", "--master_addr=$(MASTER_ADDR)",
+                       "--master_port=$(MASTER_PORT)", "-m", "p2r.cli"]
+"""The trainer pods' command: torchrun starts ``spec.nprocPerNode`` ranks of ``p2r train`` (the
+container's args) in each pod. The training operator (kubeflow.org/v1) puts every value into the
+container env, from which Kubernetes expands ``$(VAR)``: ``PET_NNODES`` (pods), ``PET_NPROC_PER_NODE``
+(``spec.nprocPerNode``), ``PET_NODE_RANK`` (the pod's index, Master 0), ``MASTER_ADDR`` /
+``MASTER_PORT`` (the Master's Service and ``pytorchjob-port``). The pod-level ``WORLD_SIZE`` and
+``RANK`` it also sets are replaced by torchrun's per process (``WORLD_SIZE`` = pods x nprocPerNode,
+``RANK``, ``LOCAL_RANK``), which the trainer reads."""
 BASE_ENV: list[dict[str, Any]] = [{"name": "HOME", "value": f"{WORK_DIR}/home"}, {"name": "TMPDIR", "value": "/tmp"}]
 
 
@@ -107,7 +122,8 @@ class PodTemplate(_Strict):
                                   "container's calls to the roles")
     work_size_limit: str = "200Gi"
     tmp_size_limit: str = "10Gi"
-    shm_size_limit: str = "32Gi"
+    shm_size_limit: str | None = Field(None, description=f"/dev/shm of a trainer pod; unset: "
+                                       f"{SHM_GIB_PER_PROCESS}Gi per training process (nproc_per_node)")
     eval_work_size_limit: str = "20Gi"
 
 
@@ -210,35 +226,54 @@ def data_volume(claim: str | None, mount: str, read_only: bool = True) -> tuple[
     return volume, _drop_empty({"name": "data", "mountPath": mount, "readOnly": read_only or None})
 
 
+def trainer_resources(resources: dict[str, Any] | None, nproc_per_node: int,
+                      gpu_resource: str | None) -> dict[str, Any] | None:
+    """A trainer pod's container resources: ``resources`` (CPU, memory: per pod, sized for all its
+    ranks) plus, with ``gpu_resource``, one device per training process in requests and limits."""
+    out = copy.deepcopy(resources or {})
+    if gpu_resource:
+        for kind in ("requests", "limits"):
+            out[kind] = {**out.get(kind, {}), gpu_resource: nproc_per_node}
+    return out or None
+
+
 def pytorchjob(t: PodTemplate, *, name: str, namespace: str | None, labels: dict[str, str],
                pod_labels: dict[str, str], image: str, pull_policy: str, role: str, config_map: str,
                config_file: str, env: list[dict[str, Any]], resources: dict[str, Any] | None, workers: int,
                data_pvc: str | None, data_mount: str, metrics_port: int | None, restart_policy: str,
-               backoff_limit: int, suspend: bool = False, owner: dict[str, Any] | None = None,
+               backoff_limit: int, nproc_per_node: int = 1, gpu_resource: str | None = None,
+               suspend: bool = False, owner: dict[str, Any] | None = None,
                service_account: str | None = None) -> dict[str, Any]:
-    """A stage's PyTorchJob: Master + (workers-1) Workers, each a ``pytorch`` container running
-    ``p2r train``; the operator injects MASTER_ADDR, MASTER_PORT, WORLD_SIZE and RANK, which the
-    trainer reads. Rank 0 serves the trainer's metrics on the port named ``metrics`` (the chart's
-    PodMonitor scrapes it). Volumes in this order (overlays patch them by index): config, data,
-    work, tmp, dshm."""
+    """A stage's PyTorchJob: ``workers`` pods (Master + workers-1 Workers) x ``nproc_per_node``
+    training processes each (``spec.nprocPerNode``), started by torchrun (:data:`TORCHRUN`) in
+    the ``pytorch`` container, which runs ``p2r train`` as its args. With ``gpu_resource`` every
+    process has one GPU of the pod (requests = limits = nproc_per_node), so the ranks of a pod talk
+    over NVLink and shared memory; only traffic between pods crosses the pod network. The
+    reference run is one pod with 4 GPUs (``workers=1, nproc_per_node=4``); multi-node is N pods
+    x G GPUs. Rank 0 (in the Master) serves the trainer's metrics on the port named ``metrics``
+    (the chart's PodMonitor scrapes it). Volumes in this order (overlays patch them by index):
+    config, data, work, tmp, dshm."""
     data, data_mount_spec = data_volume(data_pvc, data_mount)
+    shm = t.shm_size_limit or f"{SHM_GIB_PER_PROCESS * nproc_per_node}Gi"
     volumes = [{"name": "config", "configMap": {"name": config_map}}, data,
                {"name": "work", "emptyDir": {"sizeLimit": t.work_size_limit}},
                {"name": "tmp", "emptyDir": {"sizeLimit": t.tmp_size_limit}},
-               # PyTorch's data workers and NCCL use /dev/shm; the container default (64 MiB) is too small.
-               {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": t.shm_size_limit}}]
+               # NCCL between local ranks, PyTorch's data workers and the engine use /dev/shm; the
+               # container default (64 MiB) is too small. Memory-backed: counted in the pod's memory.
+               {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}}]
     mounts = [{"name": "config", "mountPath": TRAIN_CONFIG_DIR, "readOnly": True}, data_mount_spec,
               {"name": "work", "mountPath": WORK_DIR}, {"name": "tmp", "mountPath": "/tmp"},
               {"name": "dshm", "mountPath": "/dev/shm"}]
-    command = ["p2r", "train", "--role", role, "--config", f"{TRAIN_CONFIG_DIR}/{config_file}", "--resume", "auto"]
+    args = ["train", "--role", role, "--config", f"{TRAIN_CONFIG_DIR}/{config_file}", "--resume", "auto"]
+    pod_resources = trainer_resources(resources, nproc_per_node, gpu_resource)
 
     def replica(replicas: int, master: bool) -> dict[str, Any]:
         ports = [{"name": "pytorchjob-port", "containerPort": MASTER_PORT, "protocol": "TCP"}]
         if master and metrics_port:
             ports.append({"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"})
-        c = container(t, name="pytorch", image=image, pull_policy=pull_policy, command=command,
-                      env=copy.deepcopy(env), mounts=copy.deepcopy(mounts), resources=copy.deepcopy(resources),
-                      ports=ports)
+        c = container(t, name="pytorch", image=image, pull_policy=pull_policy, command=list(TORCHRUN),
+                      args=list(args), env=copy.deepcopy(env), mounts=copy.deepcopy(mounts),
+                      resources=copy.deepcopy(pod_resources), ports=ports)
         spec = pod_spec(t, t.trainer, [c], copy.deepcopy(volumes), service_account=service_account)
         return {"replicas": replicas, "restartPolicy": restart_policy,
                 "template": {"metadata": {"labels": {**pod_labels, **t.labels}}, "spec": spec}}
@@ -251,6 +286,8 @@ def pytorchjob(t: PodTemplate, *, name: str, namespace: str | None, labels: dict
         "metadata": _metadata(name, namespace, labels, t, owner),
         "spec": {"runPolicy": {"cleanPodPolicy": "None", "backoffLimit": backoff_limit,
                                "suspend": bool(suspend or t.queue_name)},
+                 # a string in the CRD (it also takes auto / cpu / gpu); torchrun reads it as PET_NPROC_PER_NODE
+                 "nprocPerNode": str(nproc_per_node),
                  "pytorchReplicaSpecs": specs},
     }
 

@@ -1,5 +1,6 @@
-"""Write manifests/base (the stage PyTorchJobs and the eval Job) and the release-name component
-(manifests/components/release) from the one pod template in controller/pods.py.
+"""Write manifests/base (the stage PyTorchJobs and the eval Job), the release-name component
+(manifests/components/release) and the multi-node component (manifests/components/multinode)
+from the one pod template in controller/pods.py.
 
 Why a generator: the controller builds its trainer and eval pods with ``controller/pods.py`` at
 run time; the manifests a team applies by hand must be the same pods (security context, read-only
@@ -12,6 +13,11 @@ with the default release ``p2r`` and rewritten by the ``release`` component from
 ``p2r-release`` ConfigMap of the overlay (``overlays/*/release.yaml``, local to kustomize: it is
 never applied). Endpoints reach ``p2r train`` as ``P2R_TRAIN_*_ENDPOINT`` (its env overrides) and
 ``p2r eval`` as ``$(..._ENDPOINT)`` in its arguments, so no trainer config file names a release.
+
+Layout: the base PyTorchJobs are the reference run, one pod with 4 GPUs (``nprocPerNode: "4"``,
+torchrun starting 4 ranks, no Workers), so FSDP's collectives stay on NVLink and shared memory.
+``components/multinode`` adds Workers copied from the Master (N pods x G GPUs); it is listed
+after ``components/release`` so the copies carry the release's values.
 
 Usage: ``.venv/bin/python scripts/manifests.py`` (rewrites the files).
 """
@@ -31,14 +37,19 @@ from p2r.controller import pods  # noqa: E402
 
 BASE = ROOT / "manifests" / "base"
 COMPONENT = ROOT / "manifests" / "components" / "release"
+MULTINODE = ROOT / "manifests" / "components" / "multinode"
 IMAGE = "ghcr.io/p2r-platform/p2r-gpu:0.1.0"
 GRPC = 50051
 # Values of the default release `helm install p2r charts/p2r` (fullname "p2r").
 FULLNAME = "p2r"
 S3_ENDPOINT = f"{FULLNAME}-minio:9000"
 S3_SECRET = f"{FULLNAME}-s3-writer"  # the chart's least-privilege read-write user
-TRAINER_RESOURCES = {"requests": {"cpu": "8", "memory": "96Gi", "nvidia.com/gpu": 1},
-                     "limits": {"memory": "128Gi", "nvidia.com/gpu": 1}}
+# The reference layout: one pod, 4 training processes under torchrun, one GPU each.
+PODS, NPROC_PER_NODE, GPU_RESOURCE = 1, 4, "nvidia.com/gpu"
+# Per pod, for its 4 ranks: 8 cores and 96 GiB (128 GiB limit) per rank (the plan's host peak
+# is ~25 GiB per rank at start-up and a checkpoint's on rank 0). The GPUs come from the layout.
+TRAINER_RESOURCES = {"requests": {"cpu": str(8 * NPROC_PER_NODE), "memory": f"{96 * NPROC_PER_NODE}Gi"},
+                     "limits": {"memory": f"{128 * NPROC_PER_NODE}Gi"}}
 EVAL_RESOURCES = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "16Gi"}}
 STAGES = {"stage1": ("perceiver", ("reasoner", "verifier")), "stage2": ("reasoner", ("perceiver", "verifier"))}
 EVAL_REMOTES = ("perceiver", "reasoner", "verifier")
@@ -68,16 +79,17 @@ def eval_endpoint_env(remote: str) -> str:
     return f"{remote.upper()}_ENDPOINT"
 
 
-def stage_job(stage: str) -> dict[str, Any]:
+def stage_job(stage: str, pods_per_job: int = PODS) -> dict[str, Any]:
+    """A stage's PyTorchJob; ``pods_per_job`` > 1 is what base + components/multinode build."""
     role, remotes = STAGES[stage]
     env = [*_s3_env(), *({"name": trainer_endpoint_env(r), "value": f"{FULLNAME}-{r}:{GRPC}"} for r in remotes),
            {"name": "NCCL_DEBUG", "value": "WARN"}]
     return pods.pytorchjob(
         pods.PodTemplate(), name=f"p2r-{stage}", namespace=None, labels=_labels("trainer", stage),
         pod_labels=_labels("trainer", stage), image=IMAGE, pull_policy="IfNotPresent", role=role,
-        config_map="p2r-train-config", config_file=f"{stage}.yaml", env=env, resources=TRAINER_RESOURCES, workers=4,
-        data_pvc="p2r-data", data_mount="/data", metrics_port=9090, restart_policy="OnFailure", backoff_limit=3,
-        suspend=stage == "stage2")
+        config_map="p2r-train-config", config_file=f"{stage}.yaml", env=env, resources=TRAINER_RESOURCES,
+        workers=pods_per_job, nproc_per_node=NPROC_PER_NODE, gpu_resource=GPU_RESOURCE, data_pvc="p2r-data",
+        data_mount="/data", metrics_port=9090, restart_policy="OnFailure", backoff_limit=3, suspend=stage == "stage2")
 
 
 def eval_job() -> dict[str, Any]:
@@ -97,8 +109,10 @@ def _env_path(prefix: str, container: str, env: str, tail: str = "value") -> str
 
 
 def release_component() -> dict[str, Any]:
-    """Replacements from the overlay's ``p2r-release`` ConfigMap into every release-dependent field."""
-    trainer_pods = [f"spec.pytorchReplicaSpecs.{r}.template.spec" for r in ("Master", "Worker")]
+    """Replacements from the overlay's ``p2r-release`` ConfigMap into every release-dependent field.
+    PyTorchJobs: the Master only (the base has no Workers; ``components/multinode``, listed after
+    this component, copies the rewritten Master)."""
+    trainer_pods = ["spec.pytorchReplicaSpecs.Master.template.spec"]
     eval_pod = "spec.template.spec"
     secret_tail = "valueFrom.secretKeyRef.name"
     keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -126,13 +140,35 @@ def release_component() -> dict[str, Any]:
     return {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component", "replacements": replacements}
 
 
+def multinode_patch() -> list[dict[str, Any]]:
+    """JSON patch of ``components/multinode``: a Worker replica spec copied from the Master, less
+    the metrics port (rank 0 serves it), exactly what :func:`pods.pytorchjob` builds for
+    ``workers=2``; an overlay sets ``Worker/replicas`` to N-1. The ``test`` op fails the build
+    if the Master's ports ever move, instead of removing the wrong one."""
+    ports = stage_job("stage1")["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["ports"]
+    index = next(i for i, p in enumerate(ports) if p["name"] == "metrics")
+    worker_ports = "/spec/pytorchReplicaSpecs/Worker/template/spec/containers/0/ports"
+    return [{"op": "copy", "from": "/spec/pytorchReplicaSpecs/Master", "path": "/spec/pytorchReplicaSpecs/Worker"},
+            {"op": "test", "path": f"{worker_ports}/{index}/name", "value": "metrics"},
+            {"op": "remove", "path": f"{worker_ports}/{index}"}]
+
+
+def multinode_component() -> dict[str, Any]:
+    return {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component",
+            "patches": [{"path": "worker.yaml", "target": {"group": "kubeflow.org", "version": "v1",
+                                                           "kind": "PyTorchJob"}}]}
+
+
 HEADERS = {
     "stage1-pytorchjob.yaml": """\
 # Stage 1: train the perceiver (PRA-GRPO) against the frozen reasoner.
-# Master (rank 0, serves p2r_train_* metrics on port "metrics") + 3 Workers, one GPU each:
-# WORLD_SIZE = 1 + Worker replicas. The training operator injects MASTER_ADDR, MASTER_PORT,
-# WORLD_SIZE and RANK, which `p2r train` reads. The role endpoints (P2R_TRAIN_*_ENDPOINT), the
-# S3 endpoint and the S3 Secret are the default release's; an overlay's release.yaml rewrites them.
+# The reference layout: one pod (the Master) with 4 GPUs, torchrun starting nprocPerNode = 4 ranks
+# of `p2r train` (the args), one GPU each, so FSDP's collectives run over NVLink and shared memory,
+# never the pod network. The training operator puts PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK,
+# MASTER_ADDR and MASTER_PORT into the env for torchrun's flags; rank 0 serves p2r_train_* metrics
+# on port "metrics". Multi-node (N pods x 4 GPUs): ../components/multinode adds the Workers.
+# The role endpoints (P2R_TRAIN_*_ENDPOINT), the S3 endpoint and the S3 Secret are the default
+# release's; an overlay's release.yaml rewrites them.
 """,
     "stage2-pytorchjob.yaml": """\
 # Stage 2: train the reasoner (PRA-GRPO) against the frozen perceiver.
@@ -155,12 +191,20 @@ def render() -> dict[Path, str]:
         def ignore_aliases(self, data: Any) -> bool:  # plain YAML, no &anchors for shared lists
             return True
 
-    def dump(obj: dict[str, Any]) -> str:
+    def dump(obj: Any) -> str:
         return yaml.dump(obj, Dumper=Dumper, sort_keys=False, width=120)
 
     out = {BASE / "stage1-pytorchjob.yaml": stage_job("stage1"), BASE / "stage2-pytorchjob.yaml": stage_job("stage2"),
            BASE / "eval-job.yaml": eval_job()}
     files = {path: GENERATED + HEADERS[path.name] + dump(obj) for path, obj in out.items()}
+    files[MULTINODE / "kustomization.yaml"] = (
+        GENERATED + "# Multi-node: N pods x G GPUs. Adds a Worker replica spec to every PyTorchJob, a copy of the\n"
+        "# Master less its metrics port (worker.yaml). List it after ../release, so the copies carry the\n"
+        "# release's values; the overlay then sets /spec/pytorchReplicaSpecs/Worker/replicas (N-1, default 1)\n"
+        "# and patches the Workers as it patches the Master.\n" + dump(multinode_component()))
+    files[MULTINODE / "worker.yaml"] = (
+        GENERATED + "# The Worker replica spec: the Master's pod template (same image, command, nprocPerNode ranks,\n"
+        "# GPUs, volumes), without the metrics port only rank 0 serves.\n" + dump(multinode_patch()))
     files[COMPONENT / "kustomization.yaml"] = (
         GENERATED + "# Rewrites every release-dependent value from the overlay's p2r-release ConfigMap\n"
         "# (fullname, s3Endpoint, s3Secret); see manifests/overlays/*/release.yaml.\n" + dump(release_component()))

@@ -365,11 +365,46 @@ def plaintext_credentials(docs: list[dict[str, Any]]) -> list[str]:
     return found
 
 
+TORCHRUN_OPERATOR_ENV = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "4", "PET_NODE_RANK": "0",
+                         "MASTER_ADDR": "job-master-0", "MASTER_PORT": "23456"}
+"""Example values of what the training operator puts into a PyTorchJob container's env (the pods
+expand ``$(VAR)`` in torchrun's flags from it); only the types matter to the parse check."""
+
+
+def operator_env(job: dict[str, Any], replica: str, index: int) -> dict[str, str]:
+    """What the training operator (kubeflow.org/v1, pkg/controller.v1/pytorch/envvar.go) adds to
+    the env of pod ``index`` of ``replica``: the values torchrun's flags are expanded from."""
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    ports = specs["Master"]["template"]["spec"]["containers"][0]["ports"]
+    return {"PET_NNODES": str(sum(s["replicas"] for s in specs.values())),
+            "PET_NPROC_PER_NODE": job["spec"].get("nprocPerNode", "auto"),
+            "PET_NODE_RANK": str(index + (1 if replica == "Worker" else 0)),
+            "MASTER_ADDR": f"{job['metadata']['name']}-master-0",
+            "MASTER_PORT": str(next(p["containerPort"] for p in ports if p["name"] == "pytorchjob-port"))}
+
+
+def torchrun_launch(argv: list[str]) -> tuple[Any, list[str]]:
+    """(torchrun's parsed options, the ``p2r ...`` argv it starts) of a ``torchrun ... -m p2r.cli
+    ...`` command line, parsed by torch's own torchrun parser after the operator's ``$(VAR)``s are
+    expanded (:data:`TORCHRUN_OPERATOR_ENV`)."""
+    from torch.distributed.run import get_args_parser
+
+    assert argv[0] == "torchrun", argv
+    expanded = [re.sub(r"\$\((\w+)\)", lambda m: TORCHRUN_OPERATOR_ENV.get(m.group(1), m.group(0)), a)
+                for a in argv[1:]]
+    opts = get_args_parser().parse_args(expanded)
+    assert opts.module and opts.training_script == "p2r.cli", argv  # `-m p2r.cli`: the p2r command line
+    return opts, ["p2r", *opts.training_script_args]
+
+
 def parse_p2r_command(argv: list[str]) -> click.Context:
     """Parse a container's `p2r ...` command line with the real click commands (nothing runs), so
-    a manifest or template cannot carry a flag or choice the CLI does not accept."""
+    a manifest or template cannot carry a flag or choice the CLI does not accept. A trainer's
+    ``torchrun ... -m p2r.cli ...`` launch is checked by torchrun's parser, then its p2r part."""
     from p2r.cli import cli
 
+    if argv and argv[0] == "torchrun":
+        argv = torchrun_launch(argv)[1]
     assert argv[0] == "p2r", argv
     ctx = cli.make_context("p2r", list(argv[1:]))
     cmd: click.Command = cli

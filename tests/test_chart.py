@@ -28,6 +28,7 @@ from tests.k8s_support import (
     pod_security_errors,
     pod_specs,
     profiles,
+    pytorchjob_errors,
     render,
     validation_errors,
 )
@@ -344,11 +345,25 @@ def test_pipeline_yaml_is_what_the_controller_loads(profile: str, rendered: dict
     assert k.s3_secret == ("p2r-s3-writer" if values["minio"]["enabled"] else values["s3"]["existingSecret"])
     assert k.image == one(rendered[profile], "Deployment", "p2r-controller")["spec"]["template"]["spec"][
         "containers"][0]["image"]
-    gpus = {kind: k.resources.get(kind, {}).get("nvidia.com/gpu") for kind in ("requests", "limits")}
-    if profile == "cpu-smoke":
-        assert gpus == {"requests": None, "limits": None} and k.workers == 2
-    else:  # the reference runs: 4 trainer pods of one GPU each per stage
-        assert gpus == {"requests": 1, "limits": 1} and k.workers == 4
+    # The layout is kubernetes.workers x nproc_per_node (one gpu_resource each), never a GPU count
+    # in resources (the controller refuses one).
+    assert not any(key.endswith("/gpu") for kind in k.resources.values() for key in kind)
+    if profile == "cpu-smoke":  # two one-process CPU pods (gloo)
+        assert (k.workers, k.nproc_per_node, k.gpu_resource) == (2, 1, None)
+    else:  # the reference run: one pod with 4 GPUs under torchrun per stage
+        assert (k.workers, k.nproc_per_node, k.gpu_resource) == (1, 4, "nvidia.com/gpu")
+    from p2r.controller import pods
+
+    job = pods.pytorchjob(k.pod, name="r-stage1-1", namespace=k.namespace, labels={}, pod_labels={}, image=k.image,
+                          pull_policy=k.image_pull_policy, role="perceiver", config_map="c", config_file="train.yaml",
+                          env=[], resources=k.resources or None, workers=k.workers, nproc_per_node=k.nproc_per_node,
+                          gpu_resource=k.gpu_resource, data_pvc=k.data_pvc, data_mount=k.data_mount,
+                          metrics_port=9090, restart_policy="Never", backoff_limit=0)
+    assert pytorchjob_errors(job) == []
+    assert job["spec"]["nprocPerNode"] == str(k.nproc_per_node)
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        c = spec["template"]["spec"]["containers"][0]
+        assert _gpus(c, "requests") == _gpus(c, "limits") == (4 if profile != "cpu-smoke" else 0)
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))

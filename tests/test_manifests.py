@@ -17,6 +17,7 @@ import click
 import pytest
 import yaml
 
+from p2r.controller import pods
 from tests.k8s_support import (
     KUBE_VERSIONS,
     KUBECTL,
@@ -28,16 +29,24 @@ from tests.k8s_support import (
     kustomize,
     merged_values,
     one,
+    operator_env,
     parse_p2r_command,
     plaintext_credentials,
     pod_security_errors,
     pod_specs,
     pytorchjob_errors,
     render,
+    torchrun_launch,
     validation_errors,
 )
 
-OVERLAYS = ("cpu-smoke", "gpu-production")
+OVERLAYS = ("cpu-smoke", "gpu-multinode", "gpu-production")
+RELEASE_FILE = {"cpu-smoke": "cpu-smoke", "gpu-production": "gpu-production",
+                "gpu-multinode": "gpu-production"}  # gpu-multinode builds on gpu-production
+# overlay -> (pods, processes per pod, GPUs per pod) of each stage's PyTorchJob
+LAYOUTS = {"gpu-production": (1, 4, 4),  # the reference run: one pod with 4 GPUs under torchrun
+           "gpu-multinode": (2, 4, 4),   # N pods x G GPUs
+           "cpu-smoke": (2, 1, 0)}       # two one-process CPU pods (gloo)
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +97,14 @@ def test_manifest_files_are_all_checked() -> None:
 
 def test_pytorchjob_validation_catches_mistakes(built: dict[str, list[dict[str, Any]]]) -> None:
     """The PyTorchJob check is not a silent pass: typos and webhook rule violations are reported."""
-    job = one(built["gpu-production"], "PyTorchJob", "p2r-stage1")
+    job = one(built["gpu-multinode"], "PyTorchJob", "p2r-stage1")
     assert pytorchjob_errors(job) == []
+    bad = copy.deepcopy(job)  # nprocPerNode is a string in the CRD ("4", "auto", "gpu")
+    bad["spec"]["nprocPerNode"] = 4
+    assert any("nprocPerNode" in e for e in pytorchjob_errors(bad))
+    bad = copy.deepcopy(job)
+    bad["spec"]["nprocPerNod"] = "4"
+    assert any("nprocPerNod" in e for e in pytorchjob_errors(bad))
     bad = copy.deepcopy(job)
     bad["spec"]["pytorchReplicaSpecs"]["Master"]["restartPolicyy"] = "OnFailure"
     assert any("restartPolicyy" in e for e in pytorchjob_errors(bad))
@@ -123,22 +138,37 @@ def _gpus(c: dict[str, Any], kind: str) -> int:
     return int(c["resources"].get(kind, {}).get("nvidia.com/gpu", 0))
 
 
-@pytest.mark.parametrize(("overlay", "per_job"), [("gpu-production", 4), ("cpu-smoke", 0)])
-def test_gpu_resources_and_shared_memory(overlay: str, per_job: int, built: dict[str, list[dict[str, Any]]]) -> None:
+def _gib(quantity: str) -> float:
+    units = {"Mi": 1 / 1024, "Gi": 1, "Ti": 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def _pods(job: dict[str, Any]) -> list[tuple[str, int, dict[str, Any]]]:
+    """(replica, index, pod spec) of every pod the operator creates for ``job``."""
+    return [(replica, i, spec["template"]["spec"]) for replica, spec in job["spec"]["pytorchReplicaSpecs"].items()
+            for i in range(spec["replicas"])]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gpu_resources_and_shared_memory(overlay: str, built: dict[str, list[dict[str, Any]]]) -> None:
+    """Every pod holds nprocPerNode GPUs (requests = limits) or none, and a memory-backed
+    /dev/shm of at least 16Gi per rank on GPU pods (NCCL between the pod's local ranks)."""
+    n_pods, nproc, gpus = LAYOUTS[overlay]
     for job in find(built[overlay], "PyTorchJob"):
         total = 0
-        for replica, spec in job["spec"]["pytorchReplicaSpecs"].items():
-            pod = spec["template"]["spec"]
+        for replica, _, pod in _pods(job):
             c = pod["containers"][0]
-            assert _gpus(c, "requests") == _gpus(c, "limits")
-            total += spec["replicas"] * _gpus(c, "limits")
+            assert _gpus(c, "requests") == _gpus(c, "limits") == gpus, replica
+            total += _gpus(c, "limits")
             shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
             assert shm["emptyDir"]["medium"] == "Memory"
             assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"], replica
-            if per_job:
+            if gpus:
+                assert _gib(shm["emptyDir"]["sizeLimit"]) >= 16 * nproc
                 assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+                assert pod["priorityClassName"] == "p2r-training"
                 assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
-        assert total == per_job, job["metadata"]["name"]
+        assert total == n_pods * gpus, job["metadata"]["name"]
     eval_pod = one(built[overlay], "Job", "p2r-eval")["spec"]["template"]["spec"]
     assert all(_gpus(c, "limits") == 0 for c in containers(eval_pod))  # eval calls the deployed services
 
@@ -196,8 +226,9 @@ def test_trainer_pods_match_config_and_chart(overlay: str, built: dict[str, list
             assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "trainer"
             assert pod["metadata"]["labels"]["app.kubernetes.io/part-of"] == "p2r"  # NetworkPolicy peer
             c = pod["spec"]["containers"][0]
-            assert c["command"][:4] == ["p2r", "train", "--role", role]
-            assert c["command"][5] == f"/etc/p2r/{stage}.yaml"
+            assert c["command"] == pods.TORCHRUN  # torchrun starts nprocPerNode ranks of p2r train
+            assert c["args"][:3] == ["train", "--role", role]
+            assert c["args"][4] == f"/etc/p2r/{stage}.yaml"
             env = {e["name"]: e for e in c["env"]}
             host, port = env["P2R_S3_ENDPOINT"]["value"].split(":")
             assert int(port) in chart_services[host]
@@ -210,14 +241,26 @@ def test_trainer_pods_match_config_and_chart(overlay: str, built: dict[str, list
     assert one(docs, "Job", "p2r-eval")["spec"]["suspend"] is True
 
 
+def _pod_env(docs: list[dict[str, Any]], name: str, c: dict[str, Any]) -> dict[str, str]:
+    """A container's env as its pod sees it: its own, plus the training operator's for a
+    PyTorchJob (checked per pod by :func:`test_torchrun_places_the_ranks`; the Master's here)."""
+    kind, job_name = name.split("/")[:2]
+    if kind != "PyTorchJob":
+        return _env(c)
+    return {**_env(c), **operator_env(one(docs, "PyTorchJob", job_name), "Master", 0)}
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_command_parses_with_the_real_cli(overlay: str, built: dict[str, list[dict[str, Any]]]) -> None:
     seen = set()
     for name, spec in pod_specs(built[overlay]):
         for c in containers(spec):
-            argv = _expand([*c["command"], *c.get("args", [])], _env(c))
+            argv = _expand([*c["command"], *c.get("args", [])], _pod_env(built[overlay], name, c))
+            assert not any("$(" in a for a in argv), argv  # every $(VAR) is set in the pod
+            if argv[0] == "torchrun":  # the trainers: torch's own parser, then the p2r part
+                assert name.startswith("PyTorchJob/"), name
+                argv = torchrun_launch(argv)[1]
             assert argv[0] == "p2r", name
-            assert not any("$(" in a for a in argv), argv  # every $(VAR) is set in the container
             ctx = parse_p2r_command(argv)
             seen.add(ctx.command.name)
             if ctx.command.name == "eval":
@@ -310,11 +353,12 @@ def test_any_release_name(overlay: str, tmp_path: Path) -> None:
     import subprocess
 
     shutil.copytree(MANIFESTS, tmp_path / "manifests")
-    release = tmp_path / "manifests" / "overlays" / overlay / "release.yaml"
+    release = tmp_path / "manifests" / "overlays" / RELEASE_FILE[overlay] / "release.yaml"
     doc = yaml.safe_load(release.read_text())
     doc["data"] = {"fullname": "prod-p2r", "s3Endpoint": "prod-p2r-minio:9000", "s3Secret": "prod-p2r-s3-writer"}
     release.write_text(yaml.safe_dump(doc))
-    out = subprocess.run([str(KUBECTL), "kustomize", str(release.parent)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([str(KUBECTL), "kustomize", str(tmp_path / "manifests" / "overlays" / overlay)],
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
     assert not find(docs, "ConfigMap", "p2r-release")  # local to kustomize, never applied
@@ -353,3 +397,101 @@ def test_outputs_are_apart_from_the_controller_runs(overlay: str, built: dict[st
     for out in outputs:
         assert out.startswith("s3://p2r/kustomize/"), out
         assert not f"{out}/".startswith((controller_root, "s3://p2r/runs/")), out
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_torchrun_places_the_ranks(overlay: str, built: dict[str, list[dict[str, Any]]]) -> None:
+    """Each stage runs as N pods x G processes: spec.nprocPerNode G (a string in the CRD), one
+    Master and N-1 Workers, and in every pod torchrun (the operator's env expanded into its flags,
+    parsed by torch's own parser) starts G ranks of `p2r train` as node N_i of N against the
+    Master's rendezvous port. gpu-production is the reference run: one pod, 4 GPUs, no Workers."""
+    n_pods, nproc, gpus = LAYOUTS[overlay]
+    for stage in ("stage1", "stage2"):
+        job = one(built[overlay], "PyTorchJob", f"p2r-{stage}")
+        assert pytorchjob_errors(job) == []
+        specs = job["spec"]["pytorchReplicaSpecs"]
+        assert job["spec"]["nprocPerNode"] == str(nproc)
+        assert specs["Master"]["replicas"] == 1
+        assert sorted(specs) == (["Master"] if n_pods == 1 else ["Master", "Worker"])
+        ranks = []
+        for replica, index, pod in _pods(job):
+            c = pod["containers"][0]
+            opts, argv = torchrun_launch(_expand([*c["command"], *c["args"]], {**_env(c),
+                                                                              **operator_env(job, replica, index)}))
+            assert (int(opts.nnodes), int(opts.nproc_per_node)) == (n_pods, nproc)
+            assert (opts.master_addr, opts.master_port) == (f"p2r-{stage}-master-0", pods.MASTER_PORT)
+            assert argv[:2] == ["p2r", "train"]
+            ranks += [opts.node_rank * nproc + local for local in range(nproc)]
+            assert _gpus(c, "limits") == gpus
+        assert sorted(ranks) == list(range(n_pods * nproc))  # every global rank once
+    if overlay == "gpu-production":  # the reference run, as the issue's done-when reads
+        job = one(built[overlay], "PyTorchJob", "p2r-stage1")
+        assert list(job["spec"]["pytorchReplicaSpecs"]) == ["Master"] and job["spec"]["nprocPerNode"] == "4"
+        assert _gpus(job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0], "limits") == 4
+
+
+def test_multinode_component_is_the_controller_worker(tmp_path: Path) -> None:
+    """base + components/multinode builds exactly the PyTorchJobs controller/pods.py builds for
+    two pods (the Worker a copy of the Master less the metrics port), so a multi-node overlay
+    runs the controller's pod template too."""
+    import subprocess
+
+    shutil.copytree(MANIFESTS, tmp_path / "manifests")
+    overlay = tmp_path / "manifests" / "overlays" / "multinode-check"
+    overlay.mkdir()
+    shutil.copy(MANIFESTS / "overlays" / "gpu-production" / "release.yaml", overlay)
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": ["../../base", "release.yaml"],
+        "components": ["../../components/release", "../../components/multinode"]}))
+    out = subprocess.run([str(KUBECTL), "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    generator = _generator()
+    for stage in ("stage1", "stage2"):
+        job = one(docs, "PyTorchJob", f"p2r-{stage}")
+        assert job == generator.stage_job(stage, 2), stage
+        assert pytorchjob_errors(job) == []
+
+
+def test_controller_settings_place_n_pods_of_g_gpus() -> None:
+    """pipeline.yaml's kubernetes.workers / nproc_per_node / gpu_resource are the only place
+    of the layout: the GPUs follow nproc_per_node, and a GPU count in resources is refused."""
+    from p2r.controller.config import Kubernetes, PipelineConfig
+
+    def job(**k: Any) -> dict[str, Any]:
+        settings = Kubernetes(**k)
+        return pods.pytorchjob(
+            settings.pod, name="r-stage1-1", namespace="p2r", labels={}, pod_labels={}, image="p2r:1",
+            pull_policy="IfNotPresent", role="perceiver", config_map="c", config_file="train.yaml", env=[],
+            resources=settings.resources or None, workers=settings.workers, nproc_per_node=settings.nproc_per_node,
+            gpu_resource=settings.gpu_resource, data_pvc=None, data_mount="/data", metrics_port=9090,
+            restart_policy="Never", backoff_limit=0)
+
+    reference = job(nproc_per_node=4, gpu_resource="nvidia.com/gpu",
+                    resources={"requests": {"cpu": "32", "memory": "384Gi"}, "limits": {"memory": "512Gi"}})
+    assert pytorchjob_errors(reference) == []
+    assert list(reference["spec"]["pytorchReplicaSpecs"]) == ["Master"] and reference["spec"]["nprocPerNode"] == "4"
+    master = reference["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert master["containers"][0]["resources"] == {"requests": {"cpu": "32", "memory": "384Gi", "nvidia.com/gpu": 4},
+                                                    "limits": {"memory": "512Gi", "nvidia.com/gpu": 4}}
+    assert next(v for v in master["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"] == "64Gi"
+    multi = job(workers=3, nproc_per_node=8, gpu_resource="nvidia.com/gpu")
+    assert pytorchjob_errors(multi) == []
+    specs = multi["spec"]["pytorchReplicaSpecs"]
+    assert specs["Worker"]["replicas"] == 2 and multi["spec"]["nprocPerNode"] == "8"
+    for spec in specs.values():
+        assert spec["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 8}
+    cpu = job(workers=2)  # the defaults: one process per pod, no GPU
+    assert cpu["spec"]["nprocPerNode"] == "1" and pytorchjob_errors(cpu) == []
+    assert all("resources" not in s["template"]["spec"]["containers"][0]
+               for s in cpu["spec"]["pytorchReplicaSpecs"].values())
+    with pytest.raises(ValueError, match=r"resources.limits.nvidia.com/gpu: a trainer pod's GPUs are set by "
+                                         r"nproc_per_node"):
+        Kubernetes(nproc_per_node=4, gpu_resource="nvidia.com/gpu", resources={"limits": {"nvidia.com/gpu": 1}})
+    with pytest.raises(ValueError, match="nproc_per_node"):
+        Kubernetes(nproc_per_node=0)
+    assert PipelineConfig.model_fields["kubernetes"].annotation is Kubernetes  # pipeline.yaml's kubernetes section

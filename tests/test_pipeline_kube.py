@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -172,6 +173,37 @@ def stage_job(c: Cluster, name: str, proc: subprocess.Popen[str]) -> dict[str, A
     return job  # type: ignore[no-any-return]
 
 
+def expand(argv: list[str], env: dict[str, str]) -> list[str]:
+    """Kubernetes' ``$(VAR)`` expansion of a command line from the pod's env."""
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in argv]
+
+
+def assert_layout(job: dict[str, Any], n_pods: int, nproc: int, gpus: int) -> None:
+    """``job`` runs N pods x G ranks: nprocPerNode G, one Master and N-1 Workers, and in every pod
+    torchrun (the training operator's env expanded into its flags, parsed by torch's own parser)
+    starts G ranks of ``p2r train`` as its node of N, each pod holding G GPUs (or none)."""
+    from p2r.controller import pods
+    from tests.k8s_support import operator_env, torchrun_launch
+
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert job["spec"]["nprocPerNode"] == str(nproc)
+    assert sorted(specs) == (["Master"] if n_pods == 1 else ["Master", "Worker"])
+    assert sum(s["replicas"] for s in specs.values()) == n_pods and specs["Master"]["replicas"] == 1
+    ranks = []
+    for replica, spec in specs.items():
+        c = spec["template"]["spec"]["containers"][0]
+        assert c["command"] == pods.TORCHRUN
+        for kind in ("requests", "limits"):
+            assert c.get("resources", {}).get(kind, {}).get("nvidia.com/gpu", 0) == gpus, (replica, kind)
+        for index in range(spec["replicas"]):
+            opts, p2r_argv = torchrun_launch(expand([*c["command"], *c["args"]], operator_env(job, replica, index)))
+            assert (int(opts.nnodes), int(opts.nproc_per_node)) == (n_pods, nproc)
+            assert (opts.master_addr, opts.master_port) == (f"{job['metadata']['name']}-master-0", pods.MASTER_PORT)
+            assert p2r_argv[:4] == ["p2r", "train", "--role", c["args"][2]]
+            ranks += [opts.node_rank * nproc + local for local in range(nproc)]
+    assert sorted(ranks) == list(range(n_pods * nproc))  # every global rank exactly once
+
+
 def state_of(c: Cluster, run: str) -> dict[str, Any]:
     data = c.config_map(f"p2r-pipeline-{run}")
     assert data is not None
@@ -188,7 +220,10 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
                                                  "effect": "NoSchedule"}]},
                     "image_pull_secrets": [{"name": "regcred"}], "labels": {"app.kubernetes.io/instance": "rel"},
                     "hugging_face": {"endpoint": "https://hf-mirror.corp", "token_secret": "hf-token"}}
-    config = write_config(tmp_path, kubeconfig, run, bucket, metrics_port=port, kubernetes={"pod": pod_template})
+    # multi-node: 2 pods x 4 GPUs, torchrun starting 4 ranks in each
+    layout = {"workers": 2, "nproc_per_node": 4, "gpu_resource": "nvidia.com/gpu"}
+    config = write_config(tmp_path, kubeconfig, run, bucket, metrics_port=port,
+                          kubernetes={"pod": pod_template, **layout})
     proc = controller(config, s3_server)
     try:
         # serve_reasoner: the frozen reasoner on the base model, the verifier on its own model
@@ -198,11 +233,15 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
         job = stage_job(c, f"{run}-stage1-1", proc)
         specs = job["spec"]["pytorchReplicaSpecs"]
         assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 1
+        assert_layout(job, n_pods=2, nproc=4, gpus=4)
         assert job["spec"]["runPolicy"]["backoffLimit"] == 0
         pod = specs["Master"]["template"]["spec"]
         container = pod["containers"][0]
-        assert container["command"] == ["p2r", "train", "--role", "perceiver", "--config", "/etc/p2r/train.yaml",
-                                        "--resume", "auto"]
+        assert container["args"] == ["train", "--role", "perceiver", "--config", "/etc/p2r/train.yaml",
+                                     "--resume", "auto"]
+        assert container["resources"] == {"limits": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": 4},
+                                          "requests": {"nvidia.com/gpu": 4}}
+        assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"] == "64Gi"
         env = {e["name"]: e for e in container["env"]}
         assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "p2r-s3", "key": "secret-key"}}
         assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {"secretKeyRef": {"name": "p2r-s3", "key": "access-key"}}
@@ -269,7 +308,7 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
         stage1 = f"s3://{bucket}/{run}/stage1/step-3"
         ready_when_pointing_at(c, "perceiver", stage1, proc)
         job2 = stage_job(c, f"{run}-stage2-1", proc)
-        assert job2["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"][3] \
+        assert job2["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"][2] \
             == "reasoner"
         train2 = yaml.safe_load(c.config_map(f"{run}-stage2-1-config")["train.yaml"])  # type: ignore[index]
         assert train2["model"] == stage1
@@ -408,6 +447,38 @@ def test_cancel_deletes_the_running_job(tmp_path: Path, cluster: tuple[Cluster, 
     assert c.pytorchjobs() == []
     state = state_of(c, run)
     assert state["status"] == "cancelled" and state["steps"]["stage1"]["status"] == "cancelled"
+
+
+def test_controller_places_the_reference_run_as_one_pod_with_4_gpus(tmp_path: Path, cluster: tuple[Cluster, Path],
+                                                                     s3_server: dict[str, str]) -> None:
+    """The reference layout through the real controller: one PyTorchJob pod (the Master, no
+    Workers) with 4 GPUs and nprocPerNode 4, torchrun starting 4 ranks of `p2r train`; it
+    validates strictly against the CRD (``stage_job``) and the run is then cancelled."""
+    c, kubeconfig = cluster
+    run = "kube-ref"
+    resources = {"requests": {"cpu": "32", "memory": "384Gi"}, "limits": {"memory": "512Gi"}}
+    config = write_config(tmp_path, kubeconfig, run, f"runs-{uuid.uuid4().hex[:8]}", kubernetes={
+        "workers": 1, "nproc_per_node": 4, "gpu_resource": "nvidia.com/gpu", "resources": resources})
+    proc = controller(config, s3_server)
+    try:
+        for role, model in (("reasoner", "s3://models/qwen3-vl-tiny"), ("verifier", "s3://models/verifier")):
+            ready_when_pointing_at(c, role, model, proc)
+        job = stage_job(c, f"{run}-stage1-1", proc)
+        assert_layout(job, n_pods=1, nproc=4, gpus=4)
+        master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+        assert master["containers"][0]["resources"] == {
+            "requests": {"cpu": "32", "memory": "384Gi", "nvidia.com/gpu": 4},
+            "limits": {"memory": "512Gi", "nvidia.com/gpu": 4}}
+        # NCCL between the pod's 4 local ranks: a memory-backed /dev/shm of 16Gi per rank
+        assert next(v for v in master["volumes"] if v["name"] == "dshm") == {
+            "name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}}
+        cancel = p2r("pipeline", "cancel", "--config", str(config), env=s3_server)
+        assert cancel.returncode == 0, cancel.stderr
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert c.pytorchjobs() == []
 
 
 def test_sigterm_keeps_the_run_and_cancel_without_a_controller_deletes_the_job(
