@@ -166,17 +166,21 @@ class Trainer:
             check_train_state(start / TRAIN_STATE_DIR)
         resumed_step = state.position.step if state else 0
         # One seed per engine: the ranks of a TP group sample together, the groups differ.
-        self.engine = RolloutEngine(str(start), self.topology, rollout_limits(cfg, self.engine_dtype),
-                                    seed=cfg.seed + self.topology.dp_rank + 1000 * resumed_step,
+        seed = cfg.seed + self.topology.dp_rank + 1000 * resumed_step
+        self.engine = RolloutEngine(str(start), self.topology, rollout_limits(cfg, self.engine_dtype), seed=seed,
                                     sleep_level=cfg.sleep_level)
         self.engine.sleep()
         self.actor = Actor(cfg, start, base)
         self.pos = Position()
-        torch.manual_seed(cfg.seed + self.rank)
-        random.seed(cfg.seed + self.rank)
         if state is not None:
             self._load_state(start, state)
             log.info("resumed from %s at step %d", resume_uri, self.pos.step)
+        # The engine samples from the process's torch generator: it must be the same on the
+        # ranks of a TP group (else they sample different tokens into one sharded forward) and
+        # differ between engines - also after a resume, which restored rank 0's saved state on
+        # every rank.
+        torch.manual_seed(seed)
+        random.seed(seed)
         self.actor.offload()
         self.engine.wake_weights()
         self.engine.wake_kv_cache()
