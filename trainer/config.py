@@ -70,7 +70,8 @@ class TrainConfig(YamlSettings):
     micro_batch_size: int = Field(8, ge=1, description="at most this many responses of one prompt per "
                                   "forward/backward; the update does not depend on it, peak memory does")
     max_tokens_per_micro_batch: int | None = Field(
-        32768, ge=1, description="token budget of a micro-batch (veRL's dynamic batch size): responses of one "
+        16384, ge=1, description="token budget of a micro-batch (veRL's dynamic batch size, its default "
+        "ppo_max_token_len_per_gpu): responses of one "
         "prompt are packed while responses x (prompt + longest response) stays within it (one response always "
         "goes); null: micro_batch_size alone")
     gradient_checkpointing: bool = True
