@@ -12,7 +12,17 @@ import pytest
 from click.testing import CliRunner
 
 from p2r.trainer.config import TrainConfig
-from p2r.trainer.plan import GIB, Arch, arch_from_config, estimate, format_plan, load_arch, parse_bytes
+from p2r.trainer.plan import (
+    GIB,
+    RUNTIME_ALLOWANCE,
+    Arch,
+    arch_from_config,
+    estimate,
+    format_plan,
+    load_arch,
+    micro_batch_shape,
+    parse_bytes,
+)
 
 ENDPOINTS = {"reasoner_endpoint": "reasoner:50051", "perceiver_endpoint": "perceiver:50051",
              "verifier_endpoint": "verifier:50051"}
@@ -74,18 +84,26 @@ def test_presets_have_the_real_architecture_and_load_in_transformers(tmp_path: P
     assert (c8.text_config.hidden_size, c8.text_config.intermediate_size, c8.vision_config.depth,
             c8.vision_config.hidden_size, c8.vision_config.out_hidden_size, c8.tie_word_embeddings) == (
         4096, 12288, 27, 1152, 4096, False)
+    c2 = preset_config("qwen3-vl-2b")  # Qwen3-1.7B's text model, the 4B's vision tower
+    t2, v2 = c2.text_config, c2.vision_config
+    assert (t2.hidden_size, t2.intermediate_size, t2.num_hidden_layers, t2.num_attention_heads,
+            t2.num_key_value_heads, t2.head_dim, t2.vocab_size, c2.tie_word_embeddings) == (
+        2048, 6144, 28, 16, 8, 128, 151936, True)
+    assert (v2.depth, v2.hidden_size, v2.intermediate_size, v2.out_hidden_size, list(v2.deepstack_visual_indexes)) == (
+        24, 1024, 4096, 2048, [5, 11, 17])
     with pytest.raises(ValueError, match="unknown model preset"):
-        preset_config("qwen3-vl-2b")
+        preset_config("qwen3-vl-3b")
 
 
-@pytest.mark.parametrize(("name", "expected"), [("qwen3-vl-4b", 4_437_815_808), ("qwen3-vl-8b", 8_767_123_696)])
+@pytest.mark.parametrize(("name", "expected"), [("qwen3-vl-4b", 4_437_815_808), ("qwen3-vl-8b", 8_767_123_696),
+                                                ("qwen3-vl-2b", 2_127_532_032)])
 def test_meta_parameter_count_is_the_closed_form(name: str, expected: int) -> None:
     from p2r.models.tiny import preset_config
 
     c = preset_config(name)
     arch = arch_from_config(c, name)
     assert arch.params == closed_form_params(c) == expected
-    assert arch.tied == (name == "qwen3-vl-4b")
+    assert arch.tied == (name != "qwen3-vl-8b")
     assert arch.largest_tensor == c.text_config.vocab_size * c.text_config.hidden_size
 
 
@@ -130,20 +148,32 @@ def test_reference_run_fits_four_80gib_gpus(role: str, arch4b: Arch) -> None:
     cfg = config(role)
     plan = estimate(cfg, arch4b, 4, 80 * GIB)
     assert plan.fits and plan.error_line() is None
-    assert set(plan.phases) == {"rollout", "update", "push"}
+    assert set(plan.phases) == {"rollout", "reference", "update", "push"}
     update = plan.phases["update"]
     assert update["optimiser"] == 2 * update["params"] == 2 * update["grads"]
     assert update["reference"] == plan.params // 2  # bf16 vs fp32, same shards
+    # The policy gathered whole in bf16 through the step, its unsharded gradients in fp32 (no
+    # reduce-scatter until the last micro-batch), plus one unit's fresh bf16 grads and fp32 buffer.
+    assert update["gathered"] == arch4b.params * 2
+    assert update["unsharded_grads"] == arch4b.params * 4 + arch4b.unit_numel * 6
+    reference = plan.phases["reference"]  # the reference gathered whole, once, before the policy's pass
+    assert reference["reference_gathered"] == arch4b.params * 2 and "gathered" not in reference
+    assert "grads" not in reference and reference["activations"] < update["activations"]
     assert plan.phases["rollout"].keys() == {"engine_weights", "engine_runtime", "kv_cache", "allowance"}
+    assert plan.allowance == RUNTIME_ALLOWANCE == 5 * GIB // 2  # one CUDA context: the engine is in-process
     share = int(cfg.gpu_memory_utilization * 80 * GIB)
     assert plan.engine_weights + plan.engine_runtime + plan.kv_cache == share
     assert plan.kv_bytes_per_token == 2 * 36 * 8 * 128 * 2
-    assert plan.kv_tokens_needed == 1024 * (cfg.max_prompt_tokens + cfg.max_response_tokens)
-    assert plan.weight_push >= arch4b.largest_tensor * 4
+    # 16 prompts x 8 rollouts per engine run at once; the 8 rollouts of a prompt share its KV blocks.
+    assert plan.rollouts_per_rank == 128
+    assert plan.kv_tokens_needed == 16 * cfg.max_prompt_tokens + 128 * cfg.max_response_tokens
+    assert plan.weight_push >= arch4b.largest_tensor * 2 * 2
     table = format_plan(plan, cfg)
     for label in ("params (fp32, sharded)", "grads (fp32, sharded)", "AdamW states (2x fp32, sharded)",
-                  "reference model (bf16, sharded)", "activations (one micro-batch)", "engine weights (bf16 / TP)",
-                  "KV cache (rest of engine share)", "weight push (largest tensor)", "fits"):
+                  "reference model (bf16, sharded)", "reference gathered, whole (bf16)", "policy gathered (bf16)",
+                  "unsharded grads (fp32, accumulated)", "activations (one micro-batch)", "engine weights (bf16 / TP)",
+                  "KV cache (rest of engine share)", "weight push (largest tensor)", "fits",
+                  "collectives per rank per step", "start-up", "checkpoint"):
         assert label in table, label
 
 
@@ -162,9 +192,20 @@ def test_terms_scale_as_the_sharding_and_micro_batch_say(arch4b: Arch) -> None:
     assert four.activations == two.activations and four.engine_weights == two.engine_weights
     base = estimate(config(), arch4b, 4, 80 * GIB).activations
     more_prompts = estimate(config(prompts_per_step=512), arch4b, 4, 80 * GIB).activations
-    bigger_micro = estimate(config(micro_batch_size=8), arch4b, 4, 80 * GIB).activations
     assert more_prompts == base
-    assert bigger_micro.total == pytest.approx(2 * base.total, rel=1e-6)
+    # Without a token budget, a micro-batch is micro_batch_size full-length sequences: linear in it.
+    fixed = estimate(config(micro_batch_size=4, max_tokens_per_micro_batch=None), arch4b, 4, 80 * GIB).activations
+    bigger_micro = estimate(config(micro_batch_size=8, max_tokens_per_micro_batch=None), arch4b, 4,
+                            80 * GIB).activations
+    assert bigger_micro.total == pytest.approx(2 * fixed.total, rel=1e-6)
+    # With one (16,384 tokens, the default), the budget caps it: 4 full-length perceiver sequences
+    # (14,336 tokens), whatever the cap on responses above that.
+    cfg = config()
+    assert cfg.max_tokens_per_micro_batch == 16384 and cfg.micro_batch_size == 8
+    assert micro_batch_shape(cfg) == (4, 16384, 6)  # 4 at full length, 16,384 tokens, 6 short ones
+    assert estimate(config(micro_batch_size=64), arch4b, 4, 80 * GIB).activations == base
+    assert base.logits == fixed.logits and base.layer_inputs > fixed.layer_inputs  # 16,384 vs 14,336 tokens
+    assert micro_batch_shape(config("reasoner")) == (1, 16384, 1)  # one 10,752-token sequence per micro-batch
     no_ckpt = estimate(config(gradient_checkpointing=False), arch4b, 4, 80 * GIB).activations
     assert no_ckpt.layer_inputs > 5 * base.layer_inputs and no_ckpt.recompute == 0
 
@@ -190,10 +231,42 @@ def test_engine_that_cannot_hold_one_sequence_is_the_error(arch4b: Arch) -> None
 
 def test_cpu_ranks_have_no_engine_terms(arch4b: Arch) -> None:
     plan = estimate(config(), arch4b, 2, 64 * GIB, cpu=True)
-    assert set(plan.phases) == {"update", "push"} and plan.dtype == "fp32"
+    assert set(plan.phases) == {"reference", "update", "push"} and plan.dtype == "fp32"
     assert plan.engine_weights == plan.kv_cache == plan.allowance == 0
     assert plan.reference == plan.params  # fp32 reference on CPU
     assert "engine" not in " ".join(k for terms in plan.phases.values() for k in terms)
+
+
+def test_collectives_per_rank_per_step_at_the_reference_shapes(arch4b: Arch) -> None:
+    """4 GPUs, 64 prompts x 8 rollouts, stage 1: one gather of the policy and of the reference,
+    one reduce-scatter of the fp32 gradients and a bf16 push per step, under 0.15 TB per rank; the
+    previous schedule (micro-batches of 4, a gather of each model in the forward, again in the
+    backward, and a reduce-scatter per micro-batch, an fp32 push) was about 1 TB."""
+    full = arch4b.sharded(4) * 4  # padded elements
+    ring = 3 / 4
+    now = estimate(config(), arch4b, 4, 80 * GIB).collectives
+    assert now.policy_forward == now.reference == now.weight_push == full * 2 * ring
+    assert now.policy_backward == 0 and now.grad_reduce_scatter == full * 4 * ring
+    assert now.total == full * ring * (2 + 2 + 4 + 2) and now.total <= 0.15e12
+    assert now.checkpoint_export == full * 2 * ring  # the HF export gathered in bf16
+    before = estimate(config(micro_batch_size=4, max_tokens_per_micro_batch=None), arch4b, 4, 80 * GIB,
+                      schedule="micro-batch").collectives
+    assert before.micro_batches == 16 * 2 == now.micro_batches  # 16 prompts per rank, 2 micro-batches each
+    assert before.policy_forward == before.policy_backward == before.reference == 32 * full * 2 * ring
+    assert before.grad_reduce_scatter == 32 * full * 4 * ring and before.weight_push == full * 4 * ring
+    assert 1.0e12 < before.total < 1.1e12 and before.total > 30 * now.total
+    assert estimate(config(kl_coef=0.0), arch4b, 4, 80 * GIB).collectives.reference == 0
+    assert estimate(config(), arch4b, 1, 80 * GIB).collectives.total == 0  # one rank sends nothing
+
+
+def test_host_peaks_startup_and_checkpoint(arch4b: Arch) -> None:
+    plan = estimate(config(), arch4b, 4, 80 * GIB)
+    assert plan.host_startup == arch4b.params * 4  # the whole fp32 policy, per rank, before sharding
+    assert plan.host_checkpoint == plan.host_per_rank + 2 * arch4b.params * 2  # bf16 model + its serialised copy
+    before = estimate(config(), arch4b, 4, 80 * GIB, schedule="micro-batch")
+    assert before.host_checkpoint == plan.host_checkpoint + arch4b.params * 4  # the fp32 full state dict too
+    with pytest.raises(ValueError, match="schedule"):
+        estimate(config(), arch4b, 4, 80 * GIB, schedule="never")  # type: ignore[arg-type]
 
 
 def test_parse_bytes_and_model_errors() -> None:

@@ -8,16 +8,27 @@ weight is read), for each phase of a step as ``trainer/loop.py`` runs it:
 - rollout: the engine awake, holding its whole ``gpu_memory_utilization`` share (weights, its
   runtime, the KV cache in the rest); the actor's shards are in host memory (``actor_offload``)
   or stay, with what the caching allocator kept from the update.
-- update: the engine asleep (sleep mode frees its share; level 1 and 2 both leave ~0 on the GPU;
-  without sleep mode it keeps all of it); fp32 params, gradients and AdamW states as FSDP2
-  shards, the reference model, the gathered FSDP units and one micro-batch's activations.
+- reference: the engine asleep (sleep mode frees its share; level 1 and 2 both leave ~0 on the
+  GPU; without sleep mode it keeps all of it); the shards, and the whole reference model gathered
+  in the compute dtype (once per step, trainer/actor.py) with one no-grad micro-batch forward.
+- update: fp32 params, gradients and AdamW states as FSDP2 shards, the reference's shards, the
+  whole policy gathered in the compute dtype and its unsharded fp32 gradients (accumulated without
+  a reduce-scatter until the last micro-batch), and one micro-batch's activations (counted with
+  the sharded gradients, which only exist after the last reduce-scatter: an upper bound).
 - push: the engine's weights woken (not the KV cache); the actor's params and AdamW states still
   on the GPU (offloaded after the push), gradients freed (``zero_grad(set_to_none=True)``), one
-  full tensor gathered at a time in fp32 and cast to the engine's dtype.
+  full tensor gathered at a time in the engine's dtype.
 
 The peak is the largest phase, plus ``RUNTIME_ALLOWANCE`` in every phase. ``estimate`` is pure
 arithmetic on a ``TrainConfig`` and an ``Arch``, so the trainer memory benchmark can call it
 with its CPU world size (``cpu=True``: no engine terms, fp32 compute, no CUDA allowance).
+
+Besides memory, the plan counts what a rank sends through the process group in a step
+(``Collectives``: all-gathers of the policy in the forward and the backward and of the reference,
+the reduce-scatter of the gradients, the weight push's gather) and host memory at its peaks
+(start-up, where each rank reads the whole fp32 policy before sharding it; the checkpoint, where
+rank 0 holds the compute-dtype model and its serialised copy). ``schedule`` plans the previous
+per-micro-batch schedule too (``SCHEDULE_MICRO_BATCH``), for the benchmark's "before".
 
 Assumed (stated in the table too): attention by flash / memory-efficient kernels (no T x T
 scores); a prompt's visual tokens are at most one image at ``max_pixels`` for the perceiver and
@@ -34,13 +45,16 @@ from pathlib import Path
 from typing import Any
 
 from p2r.core.errors import UserError
+from p2r.trainer.actor import SCHEDULE_MICRO_BATCH, SCHEDULE_STEP, Schedule
 from p2r.trainer.config import TrainConfig
 from p2r.trainer.policy import LOGPROB_CHUNK_TOKENS
 
 GIB = 2**30
-# Two CUDA contexts (trainer and engine process, ~0.5 GiB each), NCCL buffers, the engine's
-# CUDA-graph pool (sleep mode does not free it) and allocator fragmentation, per GPU.
-RUNTIME_ALLOWANCE = 3 * GIB
+TB = 10**12
+# One CUDA context (~0.5 GiB: under vLLM's external launcher the engine runs in the trainer's own
+# process, on its device), NCCL buffers, the engine's CUDA-graph pool (sleep mode does not free
+# it) and allocator fragmentation, per GPU.
+RUNTIME_ALLOWANCE = 5 * GIB // 2
 # The engine's runtime besides the sampler: its profiled forward at max_num_batched_tokens.
 ENGINE_FIXED = 1 * GIB
 FP32 = 4
@@ -53,7 +67,9 @@ LABELS: dict[str, str] = {
     "grads": "grads (fp32, sharded)",
     "optimiser": "AdamW states (2x fp32, sharded)",
     "reference": "reference model ({dtype}, sharded)",
-    "gathered": "FSDP gathered units ({dtype})",
+    "reference_gathered": "reference gathered, whole ({dtype})",
+    "gathered": "policy gathered ({dtype})",
+    "unsharded_grads": "unsharded grads (fp32, accumulated)",
     "activations": "activations (one micro-batch)",
     "cached": "allocator cache (update's, kept)",
     "engine_weights": "engine weights ({dtype} / TP)",
@@ -113,6 +129,27 @@ class Activations:
 
 
 @dataclass(frozen=True)
+class Collectives:
+    """Bytes one rank sends through the process group in a step, under ring algorithms (what
+    NCCL runs inside a node): an all-gather of a full tensor of ``B`` bytes sends ``B (W - 1) / W``,
+    a reduce-scatter of ``B`` bytes ``B (W - 1) / W`` (``bench.trainer_memory.CollectiveCounter``
+    counts the same way). Full sizes include FSDP2's padding to a multiple of the world size."""
+
+    schedule: str
+    micro_batches: int  # forward / backward passes per rank in the step, at the planned lengths
+    policy_forward: float  # all-gathers of the policy (compute dtype) for the forwards
+    policy_backward: float  # ... again in the backwards (reshard after forward)
+    reference: float  # all-gathers of the reference model
+    grad_reduce_scatter: float  # reduce-scatters of the fp32 gradients
+    weight_push: float  # the push's gather into the engine
+    checkpoint_export: float  # per checkpoint, not per step: the HF export's gather
+
+    @property
+    def total(self) -> float:
+        return self.policy_forward + self.policy_backward + self.reference + self.grad_reduce_scatter + self.weight_push
+
+
+@dataclass(frozen=True)
 class Plan:
     """Per-GPU (per-rank) memory of a stage: every term, each phase's terms, the KV cache."""
 
@@ -144,6 +181,10 @@ class Plan:
     kv_tokens_needed: int  # max_num_seqs x (max_prompt_tokens + max_response_tokens)
     rollouts_per_rank: int
     host_per_rank: int
+    host_startup: int  # per rank, while the policy is read whole (fp32) before it is sharded
+    host_checkpoint: int  # rank 0 while a checkpoint is written (the others: host_per_rank)
+    micro_batch_tokens: int  # tokens of the largest micro-batch (the token budget, or micro-batch x sequence)
+    collectives: Collectives
     phases: dict[str, dict[str, int]] = field(default_factory=dict)
     problem: str | None = None  # a reason it cannot run that is not a phase total
 
@@ -275,35 +316,76 @@ def _visual_tokens(cfg: TrainConfig, arch: Arch) -> int:
     return cfg.max_prompt_tokens
 
 
-def activations(cfg: TrainConfig, arch: Arch, d: int) -> Activations:
-    """One micro-batch (``micro_batch_size`` sequences of max prompt + max response tokens).
+def micro_batch_shape(cfg: TrainConfig) -> tuple[int, int, int]:
+    """The largest micro-batch trainer/actor.py cuts (``micro_batches``): ``(sequences at full
+    length, tokens, sequences at all)``. Without a token budget, ``micro_batch_size`` sequences of
+    max prompt + max response tokens; with one, at most the budget's tokens (or one sequence, which
+    always goes), full-length sequences as many as fit, and - short responses packing more - up
+    to ``micro_batch_size`` sequences for the per-sequence vision tower."""
+    seq = cfg.max_prompt_tokens + cfg.max_response_tokens
+    b = cfg.micro_batch_size
+    budget = cfg.max_tokens_per_micro_batch
+    if budget is None:
+        return b, b * seq, b
+    full = min(b, max(1, budget // seq))
+    return full, min(b * seq, max(seq, budget)), min(b, max(1, budget // (cfg.max_prompt_tokens + 1)))
+
+
+def activations(cfg: TrainConfig, arch: Arch, d: int, grad: bool = True) -> Activations:
+    """One micro-batch (``micro_batch_shape``), with gradients (the policy) or without (the
+    reference: no layer inputs kept, one layer at a time, no logits gradient).
 
     Per token, a decoder layer keeps its input (checkpointing) or everything below (without):
     norm outputs and their fp32 upcasts, q / k / v, q/k-norm and rotary outputs, attention
     output, o-proj, gate / up / act / product. The vision tower runs once per sequence (pixels
     are repeated per response) on ``merge**2`` patches per visual token."""
-    b = cfg.micro_batch_size
-    t = cfg.max_prompt_tokens + cfg.max_response_tokens
+    b, t, n = micro_batch_shape(cfg)
     h, q, kv = arch.hidden, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     layer_full = d * (4 * h + 4 * q + 5 * kv + 4 * arch.intermediate) + FP32 * (2 * h + q + kv)
     vh, vi = arch.vision_hidden, arch.vision_intermediate
     block_full = d * (8 * vh + 2 * vi)
-    patches = b * _visual_tokens(cfg, arch) * arch.merge**2
-    if cfg.gradient_checkpointing:
-        inputs = arch.layers * b * t * h * d + arch.vision_depth * patches * vh * d
-        recompute = max(b * t * layer_full, patches * block_full)
-    else:
-        inputs = arch.layers * b * t * layer_full + arch.vision_depth * patches * block_full
-        recompute = 0
+    patches = n * _visual_tokens(cfg, arch) * arch.merge**2
     r = cfg.max_response_tokens
-    logits = 2 * b * (r + 1) * arch.vocab * d  # the logits and their gradient (or the reference's)
-    chunks = LOGPROB_BUFFERS * b * min(LOGPROB_CHUNK_TOKENS, r) * arch.vocab * FP32
-    return Activations(inputs, recompute, logits, chunks)
+    chunk = b * min(LOGPROB_CHUNK_TOKENS, r) * arch.vocab * FP32
+    if not grad:
+        return Activations(0, max(t * layer_full, patches * block_full), b * (r + 1) * arch.vocab * d, 2 * chunk)
+    if cfg.gradient_checkpointing:
+        inputs = arch.layers * t * h * d + arch.vision_depth * patches * vh * d
+        recompute = max(t * layer_full, patches * block_full)
+    else:
+        inputs = arch.layers * t * layer_full + arch.vision_depth * patches * block_full
+        recompute = 0
+    logits = 2 * b * (r + 1) * arch.vocab * d  # the logits and their gradient
+    return Activations(inputs, recompute, logits, LOGPROB_BUFFERS * chunk)
 
 
-def estimate(cfg: TrainConfig, arch: Arch, gpus: int, gpu_memory_bytes: int, *, cpu: bool = False) -> Plan:
+def collectives(cfg: TrainConfig, arch: Arch, gpus: int, d: int, engine_d: int,
+                schedule: Schedule = SCHEDULE_STEP) -> Collectives:
+    """``Collectives`` of one step at the planned lengths (every response at max length: the most
+    micro-batches). ``SCHEDULE_STEP``: the policy and the reference gathered once, the gradients
+    reduce-scattered once, the push gathered in the engine's dtype. ``SCHEDULE_MICRO_BATCH`` (the
+    previous actor): per micro-batch, the policy gathered in the forward and again in the backward,
+    the reference gathered, the gradients reduce-scattered; the push and the export in fp32."""
+    full = arch.sharded(gpus) * gpus  # elements, padded as FSDP2 pads them
+    ring = (gpus - 1) / gpus
+    b = micro_batch_shape(cfg)[0]
+    micro = max(1, cfg.prompts_per_step // gpus) * -(-cfg.rollouts_per_prompt // b)
+    ref = cfg.kl_coef > 0
+    if schedule == SCHEDULE_STEP:
+        return Collectives(schedule, micro, full * d * ring, 0.0, full * d * ring if ref else 0.0,
+                           full * FP32 * ring, full * engine_d * ring, full * d * ring)
+    return Collectives(schedule, micro, micro * full * d * ring, micro * full * d * ring,
+                       micro * full * d * ring if ref else 0.0, micro * full * FP32 * ring, full * FP32 * ring,
+                       full * FP32 * ring)
+
+
+def estimate(cfg: TrainConfig, arch: Arch, gpus: int, gpu_memory_bytes: int, *, cpu: bool = False,
+             schedule: Schedule = SCHEDULE_STEP) -> Plan:
     """The memory plan of ``cfg`` on ``gpus`` GPUs (or CPU ranks with ``cpu``) of
-    ``gpu_memory_bytes`` each. Pure arithmetic: no torch, no device."""
+    ``gpu_memory_bytes`` each, under the actor's collective ``schedule``. Pure arithmetic: no
+    torch, no device."""
+    if schedule not in (SCHEDULE_STEP, SCHEDULE_MICRO_BATCH):
+        raise ValueError(f"unknown schedule {schedule!r}")
     if gpus < 1:
         raise UserError("plan: --gpus must be at least 1")
     tp = 1 if cpu else cfg.rollout_tensor_parallel_size
@@ -315,25 +397,46 @@ def estimate(cfg: TrainConfig, arch: Arch, gpus: int, gpu_memory_bytes: int, *, 
     ref_total = d * shard if cfg.kl_coef > 0 else 0
     ref_host = ref_total if cfg.ref_cpu_offload and not cpu else 0
     reference = ref_total - ref_host
-    # FSDP2 keeps the root unit gathered through the forward and backward: its params (the
-    # reference's too), its unsharded gradients and their fp32 reduce-scatter buffer; and two
-    # layer units at a time (the current one and the prefetched next) plus one unit's gradients.
-    gathered = (arch.root_numel * (2 * d + FP32) + (arch.root_numel * d if ref_total else 0)
-                + arch.unit_numel * (3 * d + FP32))
     acts = activations(cfg, arch, d)
-    # Gathered in fp32 by full_tensor, cast to the engine's dtype; a tied embedding's cast copy
-    # is held to the end (it is pushed again as lm_head).
-    push = arch.largest_tensor * (FP32 + d) + (arch.embed_numel * d if arch.tied else 0)
+    if schedule == SCHEDULE_STEP:
+        # The whole policy stays gathered through the step's micro-batches, with its unsharded
+        # gradients accumulated in fp32 (one compute-dtype unit's fresh gradients on top while a
+        # backward adds them in) and, at the last backward, one unit's fp32 reduce-scatter input.
+        gathered = arch.params * d
+        unsharded_grads = arch.params * FP32 + arch.unit_numel * (d + FP32)
+        ref_gathered = arch.params * d if ref_total else 0
+    else:
+        # FSDP2 keeps the root unit gathered through the forward and backward: its params (the
+        # reference's too), its unsharded gradients and their fp32 reduce-scatter buffer; and two
+        # layer units at a time (the current one and the prefetched next) plus one unit's gradients.
+        gathered = (arch.root_numel * (2 * d + FP32) + (arch.root_numel * d if ref_total else 0)
+                    + arch.unit_numel * (3 * d + FP32))
+        unsharded_grads = ref_gathered = 0
+    ref_acts = activations(cfg, arch, d, grad=False) if ref_total else None
+    # Each shard cast to the engine's dtype and gathered (trainer/actor.py ``gathered``; the
+    # previous push gathered fp32 and cast the full tensor); a tied embedding's full copy is held
+    # to the end (it is pushed again as lm_head).
+    gather_d = d if schedule == SCHEDULE_STEP else FP32
+    push = arch.largest_tensor * (gather_d + d) + (arch.embed_numel * d if arch.tied else 0)
     allowance = 0 if cpu else RUNTIME_ALLOWANCE
     seq = cfg.max_prompt_tokens + cfg.max_response_tokens
-    rollouts = max(1, cfg.prompts_per_step // gpus) * cfg.rollouts_per_prompt
+    # Per engine: a TP group of ranks shares one engine and its prompts.
+    rollouts = max(1, cfg.prompts_per_step // (gpus // tp)) * cfg.rollouts_per_prompt
     kv_per_token = 2 * arch.layers * -(-arch.kv_heads // tp) * arch.head_dim * d
     problem = None
+    update = {"params": params, "grads": grads, "optimiser": optimiser, "reference": reference,
+              "gathered": gathered, "activations": acts.total}
+    if unsharded_grads:
+        update["unsharded_grads"] = unsharded_grads
+    ref_phase: dict[str, int] = {}
+    if ref_gathered and ref_acts is not None:
+        ref_phase = {"params": params, "optimiser": optimiser, "reference": reference,
+                     "reference_gathered": ref_gathered, "activations": ref_acts.total}
     if cpu:
         engine_weights = engine_runtime = kv = 0
         phases = {
-            "update": {"params": params, "grads": grads, "optimiser": optimiser, "reference": reference,
-                       "gathered": gathered, "activations": acts.total},
+            **({"reference": ref_phase} if ref_phase else {}),
+            "update": update,
             "push": {"params": params, "optimiser": optimiser, "reference": reference, "weight_push": push},
         }
     else:
@@ -353,15 +456,17 @@ def estimate(cfg: TrainConfig, arch: Arch, gpus: int, gpu_memory_bytes: int, *, 
             resident: dict[str, int] = {}
         else:  # the shards stay, and without offload() nothing empties the allocator's cache
             resident = {"params": params, "optimiser": optimiser, "reference": reference,
-                        "cached": gathered + acts.total}
-        update = {"params": params, "grads": grads, "optimiser": optimiser, "reference": reference,
-                  "gathered": gathered, "activations": acts.total}
+                        "cached": max(gathered + unsharded_grads + acts.total,
+                                      ref_gathered + (ref_acts.total if ref_acts else 0))}
         push_phase = {"params": params, "optimiser": optimiser, "reference": reference,
                       "engine_weights": engine_weights, "weight_push": push}
         if not cfg.enable_sleep_mode:  # the engine keeps its whole share through the update
             update["engine_awake"] = share
+            if ref_phase:
+                ref_phase["engine_awake"] = share
             push_phase = {k: v for k, v in push_phase.items() if k != "engine_weights"} | {"engine_awake": share}
-        phases = {"rollout": {**engine, **resident}, "update": update, "push": push_phase}
+        phases = {"rollout": {**engine, **resident}, **({"reference": ref_phase} if ref_phase else {}),
+                  "update": update, "push": push_phase}
     for terms in phases.values():
         if allowance:
             terms["allowance"] = allowance
@@ -370,6 +475,14 @@ def estimate(cfg: TrainConfig, arch: Arch, gpus: int, gpu_memory_bytes: int, *, 
         host += params + optimiser + reference
     if not cpu and cfg.enable_sleep_mode and cfg.sleep_level == 1:
         host += engine_weights
+    # Start-up: every rank reads the whole policy in fp32 before sharding it (the reference, read
+    # next in the compute dtype, is smaller). Checkpoint: rank 0 holds the whole model in the
+    # compute dtype and its serialised copy (safetensors builds a file's bytes in memory;
+    # save_pretrained writes one file up to 50 GB); the previous export gathered the fp32 model on
+    # every rank's host first.
+    host_startup = arch.params * FP32 + (ref_host if not cpu else 0)
+    export = arch.params * (d + d) if schedule == SCHEDULE_STEP else arch.params * (FP32 + d + d)
+    host_checkpoint = host + export
     return Plan(
         model=arch.name, model_params=arch.params, tied=arch.tied, role=cfg.role, gpus=gpus,
         capacity=gpu_memory_bytes, cpu=cpu, dtype=dtype, micro_batch_size=cfg.micro_batch_size,
@@ -377,9 +490,23 @@ def estimate(cfg: TrainConfig, arch: Arch, gpus: int, gpu_memory_bytes: int, *, 
         optimiser=optimiser, reference=reference, reference_host=ref_host, gathered=gathered, activations=acts,
         engine_weights=engine_weights, engine_runtime=engine_runtime, kv_cache=kv, weight_push=push,
         allowance=allowance, kv_bytes_per_token=kv_per_token, kv_tokens=kv // kv_per_token,
-        kv_tokens_needed=cfg.max_num_seqs * seq, rollouts_per_rank=rollouts, host_per_rank=host,
-        phases=phases, problem=problem,
+        kv_tokens_needed=kv_needed(cfg, rollouts), rollouts_per_rank=rollouts, host_per_rank=host,
+        host_startup=host_startup, host_checkpoint=host_checkpoint, micro_batch_tokens=acts_tokens(cfg),
+        collectives=collectives(cfg, arch, gpus, d, d, schedule), phases=phases, problem=problem,
     )
+
+
+def acts_tokens(cfg: TrainConfig) -> int:
+    return micro_batch_shape(cfg)[1]
+
+
+def kv_needed(cfg: TrainConfig, rollouts: int) -> int:
+    """KV tokens for every sequence the engine runs at once (``max_num_seqs``, at most the step's
+    rollouts), with prefix sharing: the ``rollouts_per_prompt`` samples of a prompt share its
+    prompt's blocks (vLLM's prefix caching), so a prompt's tokens count once per group."""
+    running = min(rollouts, cfg.max_num_seqs)
+    prompts = -(-running // cfg.rollouts_per_prompt)
+    return prompts * cfg.max_prompt_tokens + running * cfg.max_response_tokens
 
 
 # --------------------------------------------------------------------------------- table
@@ -392,8 +519,10 @@ def format_plan(plan: Plan, cfg: TrainConfig) -> str:
     lines = [
         f"plan: {plan.model}, {plan.model_params:,} parameters ({'tied' if plan.tied else 'untied'} embeddings), "
         f"role {plan.role}, {plan.gpus} x {gib(plan.capacity)} per {device}, {plan.dtype} compute",
-        f"micro-batch {plan.micro_batch_size} x {plan.sequence_tokens:,} tokens (prompt {cfg.max_prompt_tokens:,} "
-        f"+ response {cfg.max_response_tokens:,}), gradient checkpointing "
+        f"micro-batch up to {plan.micro_batch_size} responses, {plan.micro_batch_tokens:,} tokens at most (token "
+        f"budget {cfg.max_tokens_per_micro_batch if cfg.max_tokens_per_micro_batch else 'none'}; a sequence "
+        f"{plan.sequence_tokens:,} = prompt {cfg.max_prompt_tokens:,} + response {cfg.max_response_tokens:,}), "
+        f"gradient checkpointing "
         f"{'on' if plan.gradient_checkpointing else 'off'}, kl_coef {cfg.kl_coef}, "
         f"actor_offload {cfg.actor_offload and not plan.cpu}, sleep mode {sleep}",
         "",
@@ -416,17 +545,28 @@ def format_plan(plan: Plan, cfg: TrainConfig) -> str:
         f"activations: layer inputs {gib(a.layer_inputs)}, one layer recomputed {gib(a.recompute)}, logits and "
         f"their gradient {gib(a.logits)}, fp32 log-softmax chunks {gib(a.logprob_chunks)}",
     ]
+    c = plan.collectives
+    lines.append(f"collectives per rank per step (bytes sent, ring): {c.total / TB:.3f} TB = policy all-gathers "
+                 f"forward {c.policy_forward / 1e9:.1f} GB + backward {c.policy_backward / 1e9:.1f} GB, reference "
+                 f"all-gathers {c.reference / 1e9:.1f} GB, gradient reduce-scatters {c.grad_reduce_scatter / 1e9:.1f} "
+                 f"GB, weight push {c.weight_push / 1e9:.1f} GB ({c.micro_batches} micro-batches per rank at full "
+                 f"length; {c.schedule} schedule); per checkpoint, the HF export's gather "
+                 f"{c.checkpoint_export / 1e9:.1f} GB")
     if not plan.cpu:
+        running = min(plan.rollouts_per_rank, cfg.max_num_seqs)
         full = plan.kv_tokens // plan.sequence_tokens
         holds = "holds all of them" if plan.kv_tokens >= plan.kv_tokens_needed else (
             f"holds {full:,} full-length sequences at once; the engine queues the rest")
         lines.append(f"KV cache: {gib(plan.kv_cache)} = {plan.kv_tokens:,} tokens at "
-                     f"{plan.kv_bytes_per_token // 1024} KiB/token; max_num_seqs {cfg.max_num_seqs} x "
-                     f"{plan.sequence_tokens:,} = {plan.kv_tokens_needed:,} tokens: {holds} "
-                     f"(a step: {plan.rollouts_per_rank} rollouts per rank)")
-        lines.append(f"host memory per rank: {gib(plan.host_per_rank)} (offloaded actor, reference, sleeping "
-                     f"engine weights)")
+                     f"{plan.kv_bytes_per_token // 1024} KiB/token; {running} sequences at once (a step: "
+                     f"{plan.rollouts_per_rank} rollouts per engine, max_num_seqs {cfg.max_num_seqs}), the "
+                     f"{cfg.rollouts_per_prompt} of a prompt sharing its {cfg.max_prompt_tokens:,} prompt tokens: "
+                     f"{plan.kv_tokens_needed:,} tokens: {holds}")
+    lines.append(f"host memory per rank: {gib(plan.host_per_rank)} steady (offloaded actor, reference, sleeping "
+                 f"engine weights); peaks: start-up {gib(plan.host_startup)} per rank (the whole fp32 policy read "
+                 f"before sharding), checkpoint {gib(plan.host_checkpoint)} on rank 0 (steady, plus the compute-dtype "
+                 f"model and its serialised copy)")
     lines.append("assumed: flash / memory-efficient attention (no T x T scores); "
-                 + ("no CUDA allowance" if plan.cpu else f"{gib(RUNTIME_ALLOWANCE)} per GPU for CUDA contexts, NCCL, "
-                    "CUDA graphs and fragmentation"))
+                 + ("no CUDA allowance" if plan.cpu else f"{gib(RUNTIME_ALLOWANCE)} per GPU for one CUDA context "
+                    "(trainer and engine in one process), NCCL, CUDA graphs and fragmentation"))
     return "\n".join(lines)

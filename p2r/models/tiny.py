@@ -284,7 +284,10 @@ _TEXT = {
 _VISION = {"num_heads": 16, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
            "num_position_embeddings": 2304, "hidden_act": "gelu_pytorch_tanh"}
 # Qwen3-VL-4B-Instruct (verified); Qwen3-VL-8B-Instruct (secondary source, vision tower equal to
-# transformers' Qwen3VLVisionConfig defaults; untied head assumed, as in Qwen3-8B).
+# transformers' Qwen3VLVisionConfig defaults; untied head assumed, as in Qwen3-8B); Qwen3-VL-2B-Instruct
+# (secondary source: torchtitan's experiments/qwen3_vl "2B" flavour - Qwen3-1.7B's text model, hidden
+# 2048 x 28 layers, 16 heads / 8 KV heads of 128, MLP 6144, tied head - and the 4B's vision tower
+# with out_hidden_size 2048; the one preset small enough to train alone on one 80 GiB GPU).
 PRESETS: dict[str, dict] = {
     "qwen3-vl-4b": {
         "text_config": {**_TEXT, "hidden_size": 2560, "intermediate_size": 9728, "tie_word_embeddings": True},
@@ -297,6 +300,13 @@ PRESETS: dict[str, dict] = {
         "vision_config": {**_VISION, "depth": 27, "hidden_size": 1152, "intermediate_size": 4304,
                           "out_hidden_size": 4096, "deepstack_visual_indexes": [8, 16, 24]},
         "tie_word_embeddings": False,
+    },
+    "qwen3-vl-2b": {
+        "text_config": {**_TEXT, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
+                        "num_attention_heads": 16, "num_key_value_heads": 8, "tie_word_embeddings": True},
+        "vision_config": {**_VISION, "depth": 24, "hidden_size": 1024, "intermediate_size": 4096,
+                          "out_hidden_size": 2048, "deepstack_visual_indexes": [5, 11, 17]},
+        "tie_word_embeddings": True,
     },
 }
 SHARD_BYTES = 2 * 2**30  # a written shard; peak memory is about twice this (safetensors serialises a shard)
