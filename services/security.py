@@ -8,6 +8,8 @@
   compared with ``hmac.compare_digest`` so the comparison time does not leak the key.
 - **The admin port** (``Admin.LoadCheckpoint`` swaps the served weights) is guarded by its own
   bearer token, or by client certificates (mTLS) when its CA is configured.
+- **Client certificates** on the public ports (gRPC, HTTP facade, metrics) only with
+  ``require_client_cert``: a mounted ``ca.crt`` alone does not demand them.
 
 Health and reflection stay open: kubelet gRPC probes carry no credentials, and neither reveals
 or changes anything.
@@ -77,15 +79,28 @@ def token_ok(presented: str | None, accepted: Sequence[str]) -> bool:
 
 @dataclass(frozen=True)
 class TLSFiles:
-    """PEM files of one server: ``cert`` (tls.crt), ``key`` (tls.key), ``ca`` (ca.crt: clients
-    must present a certificate it signed - mutual TLS)."""
+    """PEM files of one server: ``cert`` (tls.crt), ``key`` (tls.key), ``ca`` (ca.crt: the CA
+    client certificates must chain to) and ``require_client_cert`` (mutual TLS on the public
+    ports: gRPC, HTTP facade, metrics).
+
+    A mounted CA alone turns client authentication on nowhere but the admin port (and there only
+    without an admin token, ``server.py``): a cert-manager Secret always carries ``ca.crt``, and
+    demanding client certificates from every peer because of it would shut out Prometheus, kubelet
+    probes and plain clients that ``security.tls.requireClientCert: false`` promised to admit."""
 
     cert: Path
     key: Path
     ca: Path | None = None
+    require_client_cert: bool = False
+
+    def __post_init__(self) -> None:
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("require_client_cert needs a CA (ca.crt) to check client certificates against")
 
     def server_credentials(self, require_client_cert: bool | None = None) -> grpc.ServerCredentials:
-        require = self.ca is not None if require_client_cert is None else require_client_cert
+        """gRPC credentials; ``require_client_cert`` overrides the files' own setting (the admin
+        port's token-or-mTLS rule)."""
+        require = self.require_client_cert if require_client_cert is None else require_client_cert
         return grpc.ssl_server_credentials(
             [(self.key.read_bytes(), self.cert.read_bytes())],
             root_certificates=self.ca.read_bytes() if self.ca is not None else None,
@@ -93,18 +108,19 @@ class TLSFiles:
         )
 
     def uvicorn_kwargs(self) -> dict[str, Any]:
-        """uvicorn's TLS settings for the HTTP facade (client certificates required with a CA)."""
+        """uvicorn's TLS settings for the HTTP facade (client certificates only when required)."""
         import ssl
 
         kwargs: dict[str, Any] = {"ssl_certfile": str(self.cert), "ssl_keyfile": str(self.key)}
-        if self.ca is not None:
+        if self.require_client_cert:
             kwargs |= {"ssl_ca_certs": str(self.ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
         return kwargs
 
     def metrics_kwargs(self) -> dict[str, Any]:
-        """``prometheus_client.start_http_server`` TLS settings."""
+        """``prometheus_client.start_http_server`` TLS settings: HTTPS always, client
+        certificates only when required (the ServiceMonitor then presents the release's own)."""
         kwargs: dict[str, Any] = {"certfile": str(self.cert), "keyfile": str(self.key)}
-        if self.ca is not None:
+        if self.require_client_cert:
             kwargs |= {"client_cafile": str(self.ca), "client_auth_required": True}
         return kwargs
 

@@ -212,7 +212,7 @@ class Server:
         t = self.config.tls
         if t.cert_file is None or t.key_file is None:
             return None
-        return TLSFiles(t.cert_file, t.key_file, t.ca_file)
+        return TLSFiles(t.cert_file, t.key_file, t.ca_file, t.require_client_cert)
 
     async def _start_admin(self, admin: Any, options: list[tuple[str, Any]], tls: TLSFiles | None) -> None:
         """The admin port: Admin (LoadCheckpoint swaps the served model) and health, behind the

@@ -142,3 +142,71 @@ def test_engine_less_gateway_tls_api_key_and_admin_token(tls_certs: Path) -> Non
 
     assert asyncio.run(run()) == ["OK", "UNAUTHENTICATED", "UNAUTHENTICATED", "UNAVAILABLE", "OK",
                                   "UNAUTHENTICATED"]
+
+
+def _tls_gateway_config(tmp_path: Path, tls_certs: Path, require_client_cert: bool) -> Path:
+    """serve.yaml of an engine-less gateway (remote roles it never calls) with TLS from a
+    cert-manager-style Secret layout: ca.crt always mounted, client certificates only as asked."""
+    config = {"roles": ["gateway"], "perceiver_endpoint": "127.0.0.1:1", "reasoner_endpoint": "127.0.0.1:1",
+              "http_port": 0,
+              "tls": {"cert_file": str(tls_certs / "tls.crt"), "key_file": str(tls_certs / "tls.key"),
+                      "ca_file": str(tls_certs / "ca.crt"), "require_client_cert": require_client_cert}}
+    path = tmp_path / f"serve-{require_client_cert}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("require_client_cert", [False, True])
+def test_client_certificate_required_only_where_require_client_cert_says(
+        tmp_path: Path, tls_certs: Path, require_client_cert: bool) -> None:
+    """A real `p2r serve` with TLS and a mounted CA: a client without a certificate is accepted on
+    every public port (metrics, HTTP facade, gRPC) when require_client_cert is false and refused
+    when it is true; a client presenting the CA-signed certificate is accepted either way."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    import grpc
+
+    from p2r.services.client import Client
+    from p2r.services.launch import start_server
+    from p2r.services.security import ClientCredentials
+
+    server = start_server(["gateway"], config=_tls_gateway_config(tmp_path, tls_certs, require_client_cert),
+                          timeout=120)
+    try:
+        assert server.metrics_port and server.http_port
+
+        def https_status(port: int, path: str, with_cert: bool) -> int | str:
+            context = ssl.create_default_context(cafile=str(tls_certs / "ca.crt"))
+            if with_cert:
+                context.load_cert_chain(tls_certs / "client.crt", tls_certs / "client.key")
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{port}{path}", context=context, timeout=30) as r:
+                    return int(r.status)
+            except (ssl.SSLError, urllib.error.URLError, ConnectionError) as e:
+                return f"refused: {e}"
+
+        def grpc_code(with_cert: bool) -> str:
+            creds = ClientCredentials(ca_file=tls_certs / "ca.crt",
+                                      cert_file=tls_certs / "client.crt" if with_cert else None,
+                                      key_file=tls_certs / "client.key" if with_cert else None)
+            with Client(server.target, timeout_s=20, credentials=creds) as c:
+                try:
+                    c.status()
+                except grpc.RpcError as e:
+                    return str(e.code().name)
+            return "OK"
+
+        without = {"metrics": https_status(server.metrics_port, "/metrics", False),
+                   "http": https_status(server.http_port, "/healthz", False), "grpc": grpc_code(False)}
+        with_cert = {"metrics": https_status(server.metrics_port, "/metrics", True),
+                     "http": https_status(server.http_port, "/healthz", True), "grpc": grpc_code(True)}
+    finally:
+        server.stop(timeout=30)
+    assert with_cert == {"metrics": 200, "http": 200, "grpc": "OK"}, with_cert
+    if require_client_cert:
+        assert isinstance(without["metrics"], str) and isinstance(without["http"], str), without
+        assert without["grpc"] == "UNAVAILABLE", without
+    else:
+        assert without == {"metrics": 200, "http": 200, "grpc": "OK"}, without
