@@ -98,8 +98,10 @@ class Eval(Strict):
 
 
 class Kubernetes(Strict):
-    """Where and how the Kubernetes backend runs the steps. The Deployments are the chart's; the
-    controller only changes which checkpoint they serve (env ``P2R_MODEL``) and waits for them."""
+    """Where and how the Kubernetes backend runs the steps. ``deployments`` are the chart's role
+    Deployments: the controller never writes them. A run serves each role from its own Deployment,
+    built from the chart's pod template, except the roles ``serving_roles`` names, whose chart
+    Deployment it loads in place (``Admin.LoadCheckpoint``; see kube.py)."""
 
     namespace: str = "default"
     kubeconfig: str | None = Field(None, description="kubeconfig file; default: in-cluster, then ~/.kube/config")
@@ -111,6 +113,14 @@ class Kubernetes(Strict):
         default_factory=lambda: {"reasoner": "p2r-reasoner", "perceiver": "p2r-perceiver", "verifier": "p2r-verifier"},
         description="role -> Deployment name (a Service of the same name fronts it)")
     server_container: str = Field("serve", description="container of the role Deployments that runs p2r serve")
+    serving_roles: list[Literal["reasoner", "perceiver", "verifier"]] = Field(
+        default_factory=list, description="roles whose chart Deployment (the pods users call) a run loads its "
+        "checkpoints into, in place; every other role gets the run's own Deployment (the default: none)")
+    admin_port: int = Field(50052, ge=1, le=65535, description="role servers' admin gRPC port (LoadCheckpoint), "
+                            "where the pod does not name a port 'admin'")
+    admin_timeout_s: float = Field(30.0, gt=0, description="deadline of an admin Status call")
+    load_timeout_s: float = Field(3600.0, gt=0, description="how long the replicas of a role may take to be "
+                                  "ready and load a checkpoint (downloads included)")
     grpc_port: int = Field(50051, ge=1, le=65535)
     cluster_domain: str = Field(
         "cluster.local", pattern=r"^[a-z0-9.-]+$",  # as the chart's schema (clusterDomain)
@@ -177,7 +187,9 @@ class PipelineConfig(Strict):
     backend: Literal["local", "kubernetes"] = "local"
     base_model: str = Field(description="stage 1's start and the frozen reasoner (dir, file:// or s3://)")
     verifier_model: str | None = Field(None, description="grades free_form answers; default base_model")
-    data: str = Field(description="training parquet (P2R-10k layout), a path as the trainer sees it")
+    data: str = Field(description="training parquet (P2R-10k layout): a path as the trainer sees it, or (kubernetes) "
+                                  "s3://BUCKET/PREFIX/FILE.parquet, a set written by `p2r data upload` that every "
+                                  "trainer pod fetches into kubernetes.data_mount first and eval reads from S3")
     image_prefix: str | None = None
     storage: str = Field(description="checkpoint root: a directory, file:// or s3://BUCKET[/PREFIX]; "
                                      "checkpoints land in STORAGE/NAME/stage1/step-N/")
@@ -219,6 +231,16 @@ class PipelineConfig(Strict):
                 raise ValueError("prepare builds local files: use it with backend: local only")
             if not self.storage.startswith("s3://"):
                 raise ValueError("backend: kubernetes needs storage: s3://BUCKET (pods cannot see local paths)")
+        if self.data.startswith("s3://"):
+            if self.backend != "kubernetes":
+                raise ValueError("data: s3:// is fetched by the trainer pods: use it with backend: kubernetes")
+            if self.kubernetes.data_pvc:
+                raise ValueError("data is s3://, so the pods fetch it into kubernetes.data_mount: set "
+                                 "kubernetes.data_pvc to null")
+            if "/" not in self.data[5:].strip("/") or not self.data.endswith(".parquet"):
+                raise ValueError("data: expected s3://BUCKET/PREFIX/FILE.parquet")
+        elif "://" in self.data:
+            raise ValueError("data: use a path as the pods see it or s3://BUCKET/PREFIX/FILE.parquet")
         return self
 
     @model_validator(mode="after")
@@ -254,8 +276,24 @@ class PipelineConfig(Strict):
         return self.verifier_model or self.base_model
 
     @property
+    def data_source(self) -> str | None:
+        """``s3://BUCKET/PREFIX`` the trainer pods fetch the data set from (data is s3://), else None."""
+        return self.data.rsplit("/", 1)[0] if self.data.startswith("s3://") else None
+
+    @property
+    def trainer_data(self) -> str:
+        """The parquet as ``p2r train`` sees it: ``data``, or its copy under kubernetes.data_mount."""
+        if self.data_source:
+            return f"{self.kubernetes.data_mount.rstrip('/')}/{self.data.rsplit('/', 1)[1]}"
+        return self.data
+
+    @property
     def eval_data(self) -> str:
-        return self.eval.data or str(Path(self.data).parent)
+        if self.eval.data:
+            return self.eval.data
+        if "://" in self.data:  # Path() would fold s3://b into s3:/b
+            return self.data.rsplit("/", 1)[0]
+        return str(Path(self.data).parent)
 
     @property
     def workdir_path(self) -> Path:
@@ -266,8 +304,8 @@ class PipelineConfig(Strict):
         """The ``p2r train`` YAML of one stage: the stage section plus what the pipeline decides.
         Validated with the trainer's own model so a bad value fails before any job starts."""
         values: dict[str, Any] = {
-            **getattr(self, stage), "role": role, "model": model, "data": self.data, "output": self.stage_root(stage),
-            "workdir": workdir, **{f"{r}_endpoint": e for r, e in endpoints.items()},
+            **getattr(self, stage), "role": role, "model": model, "data": self.trainer_data,
+            "output": self.stage_root(stage), "workdir": workdir, **{f"{r}_endpoint": e for r, e in endpoints.items()},
         }
         if self.image_prefix:
             values["image_prefix"] = self.image_prefix

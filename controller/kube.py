@@ -1,11 +1,18 @@
 """The Kubernetes backend: the same step graph as Kubernetes objects.
 
-- Services: the chart's role Deployments (``kubernetes.deployments``) are rolled to the model a
-  stage needs by setting ``P2R_MODEL`` on their server container (a Deployment update, so a pod
-  that restarts later still loads the right checkpoint), then awaited until the rollout is
-  complete (observed generation, updated / ready / available replicas). Their (headless)
-  Services are the endpoints the trainer and eval pods call
-  (``dns:///NAME.NAMESPACE.svc.CLUSTER_DOMAIN:PORT``, spread by the clients' ``round_robin``).
+- Services: a run never writes the chart's role Deployments (Helm and Argo CD own them). Each
+  role a step needs is served by the run's own Deployment ``RUN-ROLE`` and headless Service,
+  created from the chart Deployment's pod template (read only: the chart renders the one
+  template), started on the step's model, owned by ``kubernetes.owner_config_map`` and deleted
+  when no later step needs it and when the run ends. Only the roles ``kubernetes.serving_roles``
+  names use the chart's Deployment itself. Either way every ready replica (the Deployment's
+  pods, listed through the API, called at their pod IP) must serve the model: a pod started on
+  it is taken as is, any other is loaded in place through ``Admin.LoadCheckpoint`` on its
+  admin port (no restart) and must then report it; an error fails the step naming the pod.
+  What each role serves is recorded in the run state (``services``) and the metric
+  ``p2r_checkpoint_info{role,deployment,uri}``. The Services are the endpoints the trainer
+  and eval pods call (``dns:///NAME.NAMESPACE.svc.CLUSTER_DOMAIN:PORT``, spread by the clients'
+  ``round_robin``).
 - Inputs: before anything is created the ``inputs`` step waits until the PyTorchJob CRD, the
   data claim and the models in object storage exist, reporting what is missing in the run state,
   as Kubernetes Events and in the log (``check_inputs``).
@@ -34,6 +41,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import logging
@@ -45,10 +53,10 @@ from typing import Any
 
 import yaml
 
-from p2r.controller import pods
+from p2r.controller import metrics, pods
 from p2r.controller.config import PipelineConfig
 from p2r.controller.graph import Context, StepFailed
-from p2r.controller.state import now
+from p2r.controller.state import INTERRUPTED, now
 from p2r.controller.storage import read_json
 from p2r.services.checkpoints import MANIFEST
 
@@ -56,6 +64,10 @@ log = logging.getLogger("p2r.pipeline.kube")
 
 MODEL_ENV = "P2R_MODEL"
 MODEL_ANNOTATION = "p2r.io/model"
+RUN_ROLE_LABEL = "p2r.io/role"
+"""Label of a run's own role pods (their NetworkPolicy selects it)."""
+SOURCE_ANNOTATION = "p2r.io/pod-template-from"
+"""The chart Deployment whose pod template a run's role Deployment copies."""
 
 
 class KubeError(ValueError):
@@ -166,96 +178,289 @@ class KubeBackend:
 
     # ------------------------------------------------------------------------- services
 
-    def _endpoint(self, role: str) -> str:
-        """The gRPC target trainer and eval pods call a role at: ``dns:///`` of its Service (the
-        chart's are headless, named as the Deployment), fully qualified with the cluster domain.
-        DNS then answers every ready pod and the clients' ``round_robin`` (services/client.py)
-        spreads a stage's calls over all of them, pods a scale-up adds included once the
-        servers' ``max_connection_age`` makes the channel re-resolve. Fully qualified, so it
-        resolves without the pod's DNS search path, and under TLS the name checked is the
-        Service's cluster DNS name (the one its certificate must carry)."""
-        return f"dns:///{self.k.deployments[role]}.{self.namespace}.svc.{self.k.cluster_domain}:{self.k.grpc_port}"
+    def _target(self, role: str) -> tuple[str, bool]:
+        """(Deployment, owned by the run) serving ``role``: the chart's own where
+        ``kubernetes.serving_roles`` names the role, else the run's ``RUN-ROLE``."""
+        if role in self.k.serving_roles:
+            return self.k.deployments[role], False
+        return f"{self.config.name}-{role}", True
 
-    def _deployment(self, name: str) -> dict[str, Any]:
+    def _endpoint(self, service: str) -> str:
+        """The gRPC target trainer and eval pods call a role at: ``dns:///`` of its headless
+        Service (named as the Deployment), fully qualified with the cluster domain. DNS then
+        answers every ready pod and the clients' ``round_robin`` (services/client.py) spreads a
+        stage's calls over all of them, pods a scale-up adds included once the servers'
+        ``max_connection_age`` makes the channel re-resolve. Fully qualified, so it resolves
+        without the pod's DNS search path."""
+        return f"dns:///{service}.{self.namespace}.svc.{self.k.cluster_domain}:{self.k.grpc_port}"
+
+    def _deployment(self, name: str, missing: str = "install the chart first") -> dict[str, Any]:
         from kubernetes.client.exceptions import ApiException
 
         try:
             return self.api.sanitize_for_serialization(self.apps.read_namespaced_deployment(name, self.namespace))
         except ApiException as e:
             if e.status == 404:
-                raise StepFailed(f"Deployment {self.namespace}/{name} not found (install the chart first)") from None
+                raise StepFailed(f"Deployment {self.namespace}/{name} not found ({missing})") from None
             raise
 
-    def _server_container(self, dep: dict[str, Any]) -> dict[str, Any]:
-        containers = dep["spec"]["template"]["spec"]["containers"]
+    def _server_container(self, spec: dict[str, Any], what: str) -> dict[str, Any]:
+        containers = spec["containers"]
         for c in containers:
             if c["name"] == self.k.server_container:
                 return c  # type: ignore[no-any-return]
         if len(containers) == 1:
             return containers[0]  # type: ignore[no-any-return]
-        raise StepFailed(f"Deployment {dep['metadata']['name']}: no container named {self.k.server_container}")
+        raise StepFailed(f"{what}: no container named {self.k.server_container}")
 
     @staticmethod
     def _model_of(container: dict[str, Any]) -> str | None:
         return next((e.get("value") for e in container.get("env") or [] if e["name"] == MODEL_ENV), None)
 
-    def _roll(self, name: str, model: str) -> int | None:
-        """Point the Deployment at ``model``; returns the generation to wait for."""
-        dep = self._deployment(name)
-        container = self._server_container(dep)
-        if self._model_of(container) == model:
-            return dep["metadata"].get("generation")  # already there: no restart
-        env = [e for e in container.get("env") or [] if e["name"] != MODEL_ENV] + [{"name": MODEL_ENV, "value": model}]
-        container["env"] = env
-        containers = dep["spec"]["template"]["spec"]["containers"]
-        patch = {"spec": {"template": {"metadata": {"annotations": {MODEL_ANNOTATION: model}},
-                                       "spec": {"containers": containers}}}}
-        log.info("rolling Deployment %s to %s", name, model)
-        updated = self.apps.patch_namespaced_deployment(name, self.namespace, patch)
-        return updated.metadata.generation if updated is not None and updated.metadata else None
+    def run_deployment(self, role: str, model: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The run's own Deployment and headless Service for ``role``, both ``RUN-ROLE``: the pod
+        template is the chart's role Deployment's (read, never written: one template, rendered
+        by the chart), started on ``model`` (env ``P2R_MODEL``, which wins over serve.yaml).
+        Its pods keep the release's name/instance labels (the release's NetworkPolicies apply)
+        but get their own component (``ROLE-run``) and ``p2r.io/run`` / ``p2r.io/role``, so the
+        chart's Services, PodDisruptionBudgets and HPAs never select them: users are never
+        served by a run. Owned by ``kubernetes.owner_config_map`` (garbage-collected with the
+        release) and deleted by the controller when no later step needs the role and when the
+        run ends."""
+        chart = self._deployment(self.k.deployments[role])
+        name = f"{self.config.name}-{role}"
+        template = copy.deepcopy(chart["spec"]["template"])
+        select = {"p2r.io/run": self.config.name, RUN_ROLE_LABEL: role}
+        pod_labels = {k: v for k, v in (template.get("metadata", {}).get("labels") or {}).items()
+                      if k not in ("helm.sh/chart", "app.kubernetes.io/version")}
+        pod_labels.update(self._labels("serve", component=f"{role}-run"))
+        pod_labels.update(select)
+        template.setdefault("metadata", {})["labels"] = pod_labels
+        template["metadata"].setdefault("annotations", {})[MODEL_ANNOTATION] = model
+        server = self._server_container(template["spec"], f"Deployment {chart['metadata']['name']}")
+        server["env"] = [e for e in server.get("env") or [] if e["name"] != MODEL_ENV] + \
+            [{"name": MODEL_ENV, "value": model}]
+        labels = {**self._labels("serve", component=f"{role}-run"), **select}
+        meta: dict[str, Any] = {"name": name, "namespace": self.namespace, "labels": labels,
+                                "annotations": {SOURCE_ANNOTATION: chart["metadata"]["name"]}}
+        owner = self.owner()
+        if owner:
+            meta["ownerReferences"] = [owner]
+        spec: dict[str, Any] = {"replicas": chart["spec"].get("replicas") or 1,
+                                "selector": {"matchLabels": select}, "template": template}
+        for key in ("strategy", "revisionHistoryLimit", "progressDeadlineSeconds", "minReadySeconds"):
+            if chart["spec"].get(key) is not None:
+                spec[key] = copy.deepcopy(chart["spec"][key])
+        deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": spec}
+        ports = [{"name": p["name"], "port": p["containerPort"], "targetPort": p["name"],
+                  "protocol": p.get("protocol", "TCP")} for p in server.get("ports") or [] if p.get("name")]
+        service = {"apiVersion": "v1", "kind": "Service", "metadata": copy.deepcopy(meta),
+                   "spec": {"clusterIP": "None", "selector": select, "ports": ports}}
+        service["metadata"].pop("annotations")
+        return deployment, service
 
-    def _ready(self, dep: dict[str, Any], generation: int | None) -> tuple[bool, str]:
+    def _ensure_run_deployment(self, role: str, model: str) -> None:
+        """Create the run's Deployment and Service for ``role`` unless they exist (a restarted
+        controller or a later step finds them; an existing one is never written: a pod that
+        serves another checkpoint is loaded in place by ``_load``)."""
+        from kubernetes.client.exceptions import ApiException
+
+        name, _ = self._target(role)
+        try:
+            self.apps.read_namespaced_deployment(name, self.namespace)
+            return
+        except ApiException as e:
+            if e.status != 404:
+                raise
+        deployment, service = self.run_deployment(role, model)
+        for kind, create, body in (("Service", self.core.create_namespaced_service, service),
+                                   ("Deployment", self.apps.create_namespaced_deployment, deployment)):
+            try:
+                create(self.namespace, body)
+                log.info("created %s %s (%s on %s)", kind, name, role, model)
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+
+    def _delete_run_deployment(self, name: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        for kind, delete in (("Deployment", self.apps.delete_namespaced_deployment),
+                             ("Service", self.core.delete_namespaced_service)):
+            try:
+                delete(name, self.namespace, propagation_policy="Background")
+                log.info("deleted %s %s", kind, name)
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+
+    def _ready(self, dep: dict[str, Any]) -> tuple[bool, str]:
         spec, status = dep.get("spec", {}), dep.get("status") or {}
         want = spec.get("replicas", 1)
-        observed = status.get("observedGeneration")
-        if generation is not None and (observed is None or observed < generation):
+        generation, observed = dep["metadata"].get("generation"), status.get("observedGeneration")
+        if generation is not None and observed is not None and observed < generation:
             return False, f"generation {generation} not observed yet"
         counts = {k: status.get(k) or 0 for k in ("updatedReplicas", "readyReplicas", "availableReplicas")}
         ok = all(v >= want for v in counts.values()) and not status.get("unavailableReplicas")
         return ok, f"{counts['readyReplicas']}/{want} ready, {counts['updatedReplicas']} updated"
 
-    def _wait_ready(self, ctx: Context, name: str, model: str, generation: int | None) -> None:
+    def _wait_ready(self, ctx: Context, name: str, owned: bool) -> dict[str, Any]:
         deadline = time.monotonic() + self.k.rollout_timeout_s
+        missing = "deleted while the run needs it" if owned else "install the chart first"
         while True:
-            dep = self._deployment(name)
-            if self._model_of(self._server_container(dep)) != model:
-                raise StepFailed(f"Deployment {name} was changed to another model while rolling out")
-            ok, why = self._ready(dep, generation)
+            dep = self._deployment(name, missing)
+            ok, why = self._ready(dep)
             if ok:
-                return
+                return dep
             if time.monotonic() > deadline:
                 raise StepFailed(f"Deployment {name} not ready after {self.k.rollout_timeout_s:.0f} s ({why})")
             ctx.sleep(self.k.poll_s)
 
-    def serve(self, ctx: Context, models: dict[str, str]) -> dict[str, str]:
-        generations = {role: self._roll(self.k.deployments[role], model) for role, model in models.items()}
-        for role, model in models.items():
-            self._wait_ready(ctx, self.k.deployments[role], model, generations[role])
-            ctx.state["services"][role] = {"deployment": self.k.deployments[role], "model": model,
-                                           "endpoint": self._endpoint(role)}
+    def _ready_pods(self, dep: dict[str, Any]) -> list[dict[str, Any]]:
+        """The Deployment's pods that are Ready (condition), not terminating, with an IP."""
+        select = dep["spec"]["selector"]["matchLabels"]
+        listed = self.core.list_namespaced_pod(self.namespace, label_selector=",".join(
+            f"{k}={v}" for k, v in sorted(select.items())))
+        pods = []
+        for pod in (self.api.sanitize_for_serialization(p) for p in listed.items):
+            meta, status = pod["metadata"], pod.get("status") or {}
+            labels = meta.get("labels") or {}
+            if any(labels.get(k) != v for k, v in select.items()) or meta.get("deletionTimestamp"):
+                continue
+            ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+            if ready and status.get("podIP"):
+                pods.append(pod)
+        return sorted(pods, key=lambda p: p["metadata"]["name"])
+
+    def _admin_target(self, pod: dict[str, Any]) -> str:
+        """``IP:PORT`` of a pod's admin port: the server container's port named ``admin``, else
+        ``kubernetes.admin_port``."""
+        server = self._server_container(pod["spec"], f"pod {pod['metadata']['name']}")
+        port = next((p["containerPort"] for p in server.get("ports") or [] if p.get("name") == "admin"),
+                    self.k.admin_port)
+        ip = pod["status"]["podIP"]
+        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+    def _load_pod(self, ctx: Context, role: str, pod: dict[str, Any], model: str, deadline: float) -> str:
+        """Make one pod serve ``model``: ask its admin port what it serves and, unless it is
+        ``model``, ``Admin.LoadCheckpoint`` it in place (no restart); then it must report
+        ``model``. Returns ``loaded`` or ``already``; StepFailed naming the pod otherwise."""
+        import dataclasses
+
+        import grpc
+
+        from p2r.services.client import Client
+        from p2r.services.security import ClientCredentials
+        from p2r.v1 import p2r_pb2 as pb
+
+        name = f"{self.namespace}/{pod['metadata']['name']}"
+        target = self._admin_target(pod)
+        credentials = ClientCredentials.from_env()
+        if credentials.tls and not credentials.server_name:  # a pod IP: check the name the roles' certificate carries
+            credentials = dataclasses.replace(credentials, server_name=self.k.deployments[role])
+        with Client(target, admin_target=target, credentials=credentials) as client:
+            def status() -> str:
+                return str(client.admin.Status(pb.StatusRequest(), timeout=self.k.admin_timeout_s).checkpoint)
+
+            try:
+                if status() == model:
+                    return "already"
+                while True:
+                    left = deadline - time.monotonic()
+                    try:
+                        log.info("loading %s into pod %s (%s)", model, name, target)
+                        client.load_checkpoint(model, timeout_s=max(1.0, left))
+                        break
+                    except grpc.RpcError as e:  # another reload (a previous controller's) still runs
+                        if e.code() != grpc.StatusCode.FAILED_PRECONDITION or "reload in progress" not in \
+                                (e.details() or "") or left < self.k.poll_s:
+                            raise
+                    ctx.sleep(self.k.poll_s)
+                reported = status()
+            except grpc.RpcError as e:
+                raise StepFailed(f"pod {name} ({target}): loading {model} failed: {e.code().name}: "
+                                 f"{e.details()}") from None
+        if reported != model:
+            raise StepFailed(f"pod {name} ({target}): loaded {model} but reports {reported or 'no checkpoint'}")
+        return "loaded"
+
+    def _load(self, ctx: Context, role: str, dep: dict[str, Any], model: str) -> dict[str, str]:
+        """Every ready replica of ``dep`` serves ``model``, in place: a pod started on it (its
+        server container's ``P2R_MODEL`` is ``model``: it loaded it before turning Ready) is
+        taken as is; any other is loaded through its admin port (``_load_pod``). Waits until
+        at least ``spec.replicas`` pods are ready. Returns pod -> ``started`` / ``already`` /
+        ``loaded``."""
+        deadline = time.monotonic() + self.k.load_timeout_s
+        done: dict[str, str] = {}
+        want = dep["spec"].get("replicas") or 1
+        while True:
+            pods = self._ready_pods(dep)
+            for pod in pods:
+                pname = pod["metadata"]["name"]
+                if pname in done:
+                    continue
+                if self._model_of(self._server_container(pod["spec"], f"pod {pname}")) == model:
+                    done[pname] = "started"
+                else:
+                    done[pname] = self._load_pod(ctx, role, pod, model, deadline)
+            ready = {p["metadata"]["name"] for p in pods}
+            if len(ready) >= want and ready <= set(done):
+                return {p: done[p] for p in sorted(ready)}
+            if time.monotonic() > deadline:
+                raise StepFailed(f"Deployment {dep['metadata']['name']}: {len(ready)}/{want} pods ready to load "
+                                 f"{model} after {self.k.load_timeout_s:.0f} s")
+            ctx.sleep(self.k.poll_s)
+
+    def _serve_role(self, ctx: Context, role: str, model: str) -> None:
+        name, owned = self._target(role)
+        if owned:
+            self._ensure_run_deployment(role, model)
+        dep = self._wait_ready(ctx, name, owned)
+        pods = self._load(ctx, role, dep, model)
+        ctx.state["services"][role] = {"deployment": name, "owned": owned, "model": model,
+                                       "endpoint": self._endpoint(name), "pods": pods, "loaded": now()}
+        metrics.set_checkpoint(role, name, model)
         ctx.save()
-        return {role: self._endpoint(role) for role in models}
+
+    def serve(self, ctx: Context, models: dict[str, str]) -> dict[str, str]:
+        """Serve each role on its model: the run's own Deployment (created from the chart's pod
+        template, never the chart's), or the chart's where ``kubernetes.serving_roles`` names
+        the role; either way every replica is loaded in place through ``Admin.LoadCheckpoint``
+        where it does not serve the model yet. The state (``services``) and the metric
+        ``p2r_checkpoint_info{role,deployment,uri}`` record what each role serves."""
+        for role, model in models.items():
+            if self._target(role)[1]:
+                self._ensure_run_deployment(role, model)  # all created first: they start together
+        for role, model in models.items():
+            self._serve_role(ctx, role, model)
+        return {role: str(ctx.state["services"][role]["endpoint"]) for role in models}
 
     def endpoint(self, ctx: Context, role: str) -> str:
+        """A served role's endpoint, checked again: its Deployment exists (a run's is created
+        again if it was deleted) and every ready pod serves the recorded model (a restarted
+        or added pod is loaded in place)."""
         entry = ctx.state["services"].get(role)
         if entry is None:
             raise StepFailed(f"no {role} service recorded in the run state")
-        generation = self._roll(entry["deployment"], entry["model"])  # no-op unless someone moved it
-        self._wait_ready(ctx, entry["deployment"], entry["model"], generation)
-        return str(entry["endpoint"])
+        self._serve_role(ctx, role, entry["model"])
+        return str(ctx.state["services"][role]["endpoint"])
 
     def release(self, ctx: Context, keep: set[str]) -> None:
-        """The Deployments are the cluster's serving fleet: they stay."""
+        """The run's own role Deployments that no later step needs are deleted (their GPUs
+        go back); the chart's serving Deployments stay as they are."""
+        for role, entry in list(ctx.state["services"].items()):
+            if role not in keep and entry.get("owned"):
+                self._delete_run_deployment(entry["deployment"])
+                ctx.state["services"].pop(role)
+                metrics.clear_checkpoint(role)
+                ctx.save()
+
+    def _delete_run_deployments(self, state: dict[str, Any]) -> None:
+        for role, entry in list(state.get("services", {}).items()):
+            if entry.get("owned"):
+                self._delete_run_deployment(entry["deployment"])
+                state["services"].pop(role)
+                metrics.clear_checkpoint(role)
 
     # ---------------------------------------------------------------------------- inputs
 
@@ -289,6 +494,15 @@ class KubeBackend:
                     raise
                 missing.append(f"PersistentVolumeClaim {self.namespace}/{self.k.data_pvc} (kubernetes.data_pvc) "
                                "with the training data")
+        if self.config.data_source:  # written by `p2r data upload` (the chart's seed Job): manifest last
+            try:
+                read_json(f"{self.config.data_source}/{MANIFEST}")
+            except FileNotFoundError:
+                missing.append(f"data {self.config.data_source}: no {MANIFEST} (upload it: p2r data upload DIR "
+                               f"{self.config.data_source})")
+            except Exception as e:  # unreachable storage or bad credentials: say so, keep waiting
+                missing.append(f"data {self.config.data_source}: cannot read it ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0]})")
         for key, uri in (("base_model", self.config.base_model), ("verifier_model", self.config.verifier)):
             if not uri.startswith("s3://"):  # hf:// and paths on a claim are resolved by the pods
                 continue
@@ -399,7 +613,8 @@ class KubeBackend:
             env=self._env(), resources=self.k.resources or None, workers=self.k.workers,
             nproc_per_node=self.k.nproc_per_node, gpu_resource=self.k.gpu_resource, data_pvc=self.k.data_pvc,
             data_mount=self.k.data_mount, metrics_port=metrics_port, restart_policy="Never", backoff_limit=0,
-            owner=self.owner(), service_account=self.k.service_account)
+            owner=self.owner(), service_account=self.k.service_account, data_uri=self.config.data_source,
+            data_env=self._env())
 
     def _put_config_map(self, name: str, data: dict[str, str], step: str) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -532,11 +747,16 @@ class KubeBackend:
 
     def shutdown(self, ctx: Context, cancelled: bool) -> None:
         """Cancel deletes the running job (frees its GPUs); a stopped controller leaves it running
-        so the next controller re-attaches."""
+        so the next controller re-attaches. The run's own role Deployments go when the run
+        ends (succeeded, failed, cancelled); a stopped (interrupted) controller leaves them to
+        the job that still calls them and the controller that resumes."""
         if cancelled and ctx.step:
             out = ctx.outputs(ctx.step)
             if out.get("job"):
                 self._delete(out["job"], out.get("kind", "PyTorchJob"))
+        if ctx.state.get("status") != INTERRUPTED:
+            self._delete_run_deployments(ctx.state)
 
     def cancel_detached(self, state: dict[str, Any]) -> None:
         self._delete_running(state)
+        self._delete_run_deployments(state)

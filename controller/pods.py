@@ -53,6 +53,13 @@ container env, from which Kubernetes expands ``$(VAR)``: ``PET_NNODES`` (pods), 
 ``RANK`` it also sets are replaced by torchrun's per process (``WORLD_SIZE`` = pods x nprocPerNode,
 ``RANK``, ``LOCAL_RANK``), which the trainer reads."""
 BASE_ENV: list[dict[str, Any]] = [{"name": "HOME", "value": f"{WORK_DIR}/home"}, {"name": "TMPDIR", "value": "/tmp"}]
+EVAL_RESOURCES: dict[str, Any] = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "16Gi"}}
+"""The eval container's resources when none are given (``kubernetes.eval_resources``): ``p2r eval``
+decodes benchmark images and calls the role services (no GPU); memory has a limit, CPU none
+(throttling would only slow it)."""
+EPHEMERAL_STORAGE = "ephemeral-storage"
+_QUANTITY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+                   "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
 
 
 class _Strict(BaseModel):
@@ -125,6 +132,41 @@ class PodTemplate(_Strict):
     shm_size_limit: str | None = Field(None, description=f"/dev/shm of a trainer pod; unset: "
                                        f"{SHM_GIB_PER_PROCESS}Gi per training process (nproc_per_node)")
     eval_work_size_limit: str = "20Gi"
+    data_size_limit: str = Field("20Gi", description="data volume of a trainer pod that fetches an s3:// data set")
+
+
+def quantity_bytes(quantity: str | int) -> int:
+    """Bytes of a Kubernetes quantity ("200Gi", "500M", "1024")."""
+    text = str(quantity)
+    for unit, factor in _QUANTITY_UNITS.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(float(text))
+
+
+def _format_bytes(n: int) -> str:
+    for unit in ("Ti", "Gi", "Mi", "Ki"):
+        if n and n % _QUANTITY_UNITS[unit] == 0:
+            return f"{n // _QUANTITY_UNITS[unit]}{unit}"
+    return str(n)
+
+
+def scratch_request(volumes: list[dict[str, Any]]) -> str | None:
+    """The ephemeral-storage a pod's container requests: the size limits of its disk-backed
+    emptyDirs (``/work``, ``/tmp``; memory-backed ones count as memory), so the scheduler places it
+    on a node with that much local disk instead of evicting it there when the disk fills."""
+    total = sum(quantity_bytes(v["emptyDir"]["sizeLimit"]) for v in volumes
+                if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory" and v["emptyDir"].get("sizeLimit"))
+    return _format_bytes(total) if total else None
+
+
+def with_scratch(resources: dict[str, Any] | None, volumes: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """``resources`` with ``requests.ephemeral-storage`` from :func:`scratch_request`, unless it sets one."""
+    out = copy.deepcopy(resources or {})
+    scratch = scratch_request(volumes)
+    if scratch:
+        out["requests"] = {EPHEMERAL_STORAGE: scratch, **out.get("requests", {})}
+    return out or None
 
 
 def _drop_empty(d: dict[str, Any]) -> dict[str, Any]:
@@ -243,7 +285,8 @@ def pytorchjob(t: PodTemplate, *, name: str, namespace: str | None, labels: dict
                data_pvc: str | None, data_mount: str, metrics_port: int | None, restart_policy: str,
                backoff_limit: int, nproc_per_node: int = 1, gpu_resource: str | None = None,
                suspend: bool = False, owner: dict[str, Any] | None = None,
-               service_account: str | None = None) -> dict[str, Any]:
+               service_account: str | None = None, data_uri: str | None = None,
+               data_env: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A stage's PyTorchJob: ``workers`` pods (Master + workers-1 Workers) x ``nproc_per_node``
     training processes each (``spec.nprocPerNode``), started by torchrun (:data:`TORCHRUN`) in
     the ``pytorch`` container, which runs ``p2r train`` as its args. With ``gpu_resource`` every
@@ -252,8 +295,18 @@ def pytorchjob(t: PodTemplate, *, name: str, namespace: str | None, labels: dict
     reference run is one pod with 4 GPUs (``workers=1, nproc_per_node=4``); multi-node is N pods
     x G GPUs. Rank 0 (in the Master) serves the trainer's metrics on the port named ``metrics``
     (the chart's PodMonitor scrapes it). Volumes in this order (overlays patch them by index):
-    config, data, work, tmp, dshm."""
+    config, data, work, tmp, dshm. With ``data_uri`` (``s3://BUCKET/PREFIX``, no claim) an init
+    container ``fetch-data`` copies that set into the data volume (``p2r data fetch``, checked
+    against its manifest) with ``data_env`` (the S3 endpoint and keys) before training starts."""
     data, data_mount_spec = data_volume(data_pvc, data_mount)
+    init: list[dict[str, Any]] = []
+    if data_uri and not data_pvc:
+        data = {"name": "data", "emptyDir": {"sizeLimit": t.data_size_limit}}
+        init = [container(t, name="fetch-data", image=image, pull_policy=pull_policy,
+                          command=["p2r", "data", "fetch", data_uri, data_mount], env=copy.deepcopy(data_env or []),
+                          mounts=[{"name": "data", "mountPath": data_mount}, {"name": "work", "mountPath": WORK_DIR},
+                                  {"name": "tmp", "mountPath": "/tmp"}],
+                          resources={"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}})]
     shm = t.shm_size_limit or f"{SHM_GIB_PER_PROCESS * nproc_per_node}Gi"
     volumes = [{"name": "config", "configMap": {"name": config_map}}, data,
                {"name": "work", "emptyDir": {"sizeLimit": t.work_size_limit}},
@@ -265,7 +318,7 @@ def pytorchjob(t: PodTemplate, *, name: str, namespace: str | None, labels: dict
               {"name": "work", "mountPath": WORK_DIR}, {"name": "tmp", "mountPath": "/tmp"},
               {"name": "dshm", "mountPath": "/dev/shm"}]
     args = ["train", "--role", role, "--config", f"{TRAIN_CONFIG_DIR}/{config_file}", "--resume", "auto"]
-    pod_resources = trainer_resources(resources, nproc_per_node, gpu_resource)
+    pod_resources = with_scratch(trainer_resources(resources, nproc_per_node, gpu_resource), volumes)
 
     def replica(replicas: int, master: bool) -> dict[str, Any]:
         ports = [{"name": "pytorchjob-port", "containerPort": MASTER_PORT, "protocol": "TCP"}]
@@ -275,6 +328,8 @@ def pytorchjob(t: PodTemplate, *, name: str, namespace: str | None, labels: dict
                       args=list(args), env=copy.deepcopy(env), mounts=copy.deepcopy(mounts),
                       resources=copy.deepcopy(pod_resources), ports=ports)
         spec = pod_spec(t, t.trainer, [c], copy.deepcopy(volumes), service_account=service_account)
+        if init:
+            spec["initContainers"] = copy.deepcopy(init)
         return {"replicas": replicas, "restartPolicy": restart_policy,
                 "template": {"metadata": {"labels": {**pod_labels, **t.labels}}, "spec": spec}}
 
@@ -299,7 +354,8 @@ def eval_job(t: PodTemplate, *, name: str, namespace: str | None, labels: dict[s
              ttl_seconds: int | None = None, owner: dict[str, Any] | None = None,
              service_account: str | None = None) -> dict[str, Any]:
     """The evaluation Job: one ``eval`` container running ``p2r eval`` against the role services
-    (no GPU of its own). Volumes: data (when a claim is given), work, tmp."""
+    (no GPU of its own), with ``resources`` (default :data:`EVAL_RESOURCES`) and the
+    ephemeral-storage of its scratch volumes. Volumes: data (when a claim is given), work, tmp."""
     volumes, mounts = [], []
     if data_pvc and data_mount:
         volume, mount = data_volume(data_pvc, data_mount)
@@ -309,7 +365,7 @@ def eval_job(t: PodTemplate, *, name: str, namespace: str | None, labels: dict[s
                 {"name": "tmp", "emptyDir": {"sizeLimit": t.tmp_size_limit}}]
     mounts += [{"name": "work", "mountPath": WORK_DIR}, {"name": "tmp", "mountPath": "/tmp"}]
     c = container(t, name="eval", image=image, pull_policy=pull_policy, command=command, args=args, env=env,
-                  mounts=mounts, resources=resources)
+                  mounts=mounts, resources=with_scratch(resources or EVAL_RESOURCES, volumes))
     spec = _drop_empty({"suspend": bool(suspend or t.queue_name), "backoffLimit": backoff_limit,
                         "ttlSecondsAfterFinished": ttl_seconds})
     spec["template"] = {"metadata": {"labels": {**pod_labels, **t.labels}},

@@ -89,3 +89,76 @@ def read_json(uri: str) -> Any:
                 response.release_conn()
     except S3Error:  # NoSuchKey, NoSuchBucket
         raise FileNotFoundError(f"{uri}: no such object") from None
+
+
+def _waiting_reason(uri: str) -> str | None:
+    """None when ``uri`` can be read now, else what is missing (one line)."""
+    from minio.error import S3Error
+
+    from p2r.services.checkpoints import StorageUnavailable
+
+    bucket, prefix = split_s3(uri)
+    try:
+        client = s3_client()
+        with s3_errors(uri, missing_ok=("NoSuchBucket", "NoSuchKey", "AccessDenied")):
+            if not prefix:
+                return None if client.bucket_exists(bucket) else f"no bucket {bucket} yet"
+            client.stat_object(bucket, f"{prefix.rstrip('/')}/{MANIFEST}")
+            return None
+    except S3Error as e:
+        return {"NoSuchBucket": f"no bucket {bucket} yet", "NoSuchKey": f"no {MANIFEST} yet"}.get(
+            e.code, f"{e.code}: {e.message}")
+    except StorageUnavailable as e:
+        return str(e)
+
+
+def wait_for(uri: str, poll_s: float = 10.0, timeout_s: float = 0.0,
+             say: Any = print, sleep: Any = None) -> bool:
+    """Wait until ``uri`` is there: ``s3://BUCKET`` exists, or ``s3://BUCKET/PREFIX`` has its
+    manifest (written last, so the whole set is there). Says ``waiting for model URI: REASON``
+    whenever the reason changes. hf:// and local paths are not waited for. False on timeout."""
+    import time
+
+    if not uri.startswith("s3://"):
+        return True
+    sleep = sleep or time.sleep
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    said = None
+    while True:
+        reason = _waiting_reason(uri)
+        if reason is None:
+            return True
+        if reason != said:
+            say(f"waiting for model {uri}: {reason}")
+            said = reason
+        if deadline is not None and time.monotonic() >= deadline:
+            say(f"gave up waiting for {uri} after {timeout_s:g}s: {reason}")
+            return False
+        sleep(poll_s)
+
+
+def fetch_data(uri: str, dest: Any) -> int:
+    """Copy the set at ``s3://BUCKET/PREFIX`` (``p2r data upload``: files, manifest last) into
+    directory ``dest``, each file checked against the manifest's sha256 while it streams; a file
+    already in ``dest`` with the right digest is kept. Returns the number of files."""
+    from pathlib import Path
+
+    from p2r.services.checkpoints import _fetch, _get_bytes, destination, sha256_file
+
+    bucket, prefix = split_s3(uri)
+    base = f"{prefix.rstrip('/')}/"
+    target = Path(dest)
+    target.mkdir(parents=True, exist_ok=True)
+    client = s3_client()
+    with s3_errors(uri):
+        present = [o.object_name[len(base):] for o in client.list_objects(bucket, prefix=base, recursive=True)]
+        text = _get_bytes(client, bucket, base + MANIFEST, MAX_MANIFEST_BYTES) if MANIFEST in present else None
+
+        def digest_of(name: str, expected: str) -> str:
+            local = destination(target, name, uri)
+            if local.is_file() and sha256_file(local) == expected:
+                return expected
+            return str(_fetch(client, bucket, base + name, local, expected, None))
+
+        manifest = verify_manifest(uri, text, present, digest_of)
+    return len(manifest["files"])

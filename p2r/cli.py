@@ -119,7 +119,24 @@ def models_upload(src: Path, dest: str) -> None:
     from p2r.services.checkpoints import upload_model
 
     done = upload_model(src, dest)  # a CheckpointError is a UserError: one line, exit 2
-    click.echo(f"uploaded {done['files']} files ({done['bytes']} bytes) and manifest.json to {dest}")
+    click.echo(f"{dest}: {done['uploaded']} of {done['files']} files uploaded ({done['skipped']} already there "
+               f"with the same sha256), {done['bytes']} bytes in all")
+
+
+@models.command("wait")
+@click.argument("uri")
+@click.option("--poll-s", type=click.FloatRange(min=0.1), default=10.0, show_default=True)
+@click.option("--timeout-s", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Give up (exit 1) after this many seconds; 0 waits forever.")
+def models_wait(uri: str, poll_s: float, timeout_s: float) -> None:
+    """Wait until URI can be loaded: s3://BUCKET/PREFIX has its manifest.json (written last by
+    `p2r models upload`), s3://BUCKET exists. Says what it waits for while it waits (a role pod's
+    init container: the pod shows Init, not a crash loop). hf:// and paths return at once."""
+    from p2r.controller.storage import wait_for
+
+    if not wait_for(uri, poll_s=poll_s, timeout_s=timeout_s, say=lambda m: click.echo(m, err=True)):
+        raise SystemExit(1)
+    click.echo(f"{uri}: ready")
 
 
 @models.command("manifest")
@@ -156,6 +173,31 @@ def data_synth(out: Path, n: int, seed: int, image_mode: str) -> None:
 
     path = write_synthetic(out, n, seed=seed, image_mode=image_mode, progress=True)
     click.echo(f"wrote {n} samples to {path}")
+
+
+@data.command("upload")
+@click.argument("src", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("dest")
+def data_upload(src: Path, dest: str) -> None:
+    """Copy data set directory SRC (e.g. `p2r data synth` output) to DEST (s3://BUCKET/PREFIX)
+    with a manifest written last; files already there with the same sha256 are skipped."""
+    from p2r.services.checkpoints import upload_model
+
+    done = upload_model(src, dest, model=False)
+    click.echo(f"{dest}: {done['uploaded']} of {done['files']} files uploaded ({done['skipped']} already there "
+               f"with the same sha256), {done['bytes']} bytes in all")
+
+
+@data.command("fetch")
+@click.argument("src")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+def data_fetch(src: str, dest: Path) -> None:
+    """Copy the data set at SRC (s3://BUCKET/PREFIX, written by `p2r data upload`) into DEST,
+    each file checked against its manifest (a trainer pod's init container)."""
+    from p2r.controller.storage import fetch_data
+
+    done = fetch_data(src, dest)
+    click.echo(f"fetched {done} files from {src} to {dest}")
 
 
 @data.command("check")

@@ -8,7 +8,8 @@ root, scratch volumes, /dev/shm, no API token, placement), so they are written f
 functions and ``tests/test_manifests.py`` fails when a committed file differs from this output.
 
 Release-name independence: nothing here names a release. Every value that depends on the Helm
-release (the chart's fullname in the role endpoints, the S3 endpoint, the S3 Secret) is written
+release (the chart's fullname in the role endpoints, the S3 endpoint, the S3 Secret, its
+``s3.bucket`` and ``s3.layout.runs`` in every S3 URI) is written
 with the default release ``p2r`` and rewritten by the ``release`` component from the
 ``p2r-release`` ConfigMap of the overlay (``overlays/*/release.yaml``, local to kustomize: it is
 never applied). Endpoints reach ``p2r train`` as ``P2R_TRAIN_*_ENDPOINT`` (its env overrides) and
@@ -44,6 +45,14 @@ GRPC = 50051
 FULLNAME = "p2r"
 S3_ENDPOINT = f"{FULLNAME}-minio:9000"
 S3_SECRET = f"{FULLNAME}-s3-writer"  # the chart's least-privilege read-write user
+# The chart's s3.bucket and s3.layout.runs (the one prefix its writer user may write): every S3
+# URI of the manifests is written with them and rewritten by the release component (bucket:
+# segment 2 of "s3://BUCKET/RUNS/...", runs: segment 3), so a release with another bucket or
+# layout changes only release.yaml. A hand-applied run is the run named "kustomize" of that layout:
+# s3://BUCKET/RUNS/kustomize/{stage1,stage2,eval}, beside the controller's s3://BUCKET/RUNS/NAME/.
+BUCKET, RUNS, RUN = "p2r", "runs", "kustomize"
+RUN_ROOT = f"s3://{BUCKET}/{RUNS}/{RUN}"
+EVAL_DATA, EVAL_OUT = f"s3://{BUCKET}/benchmarks/V-Star", f"{RUN_ROOT}/eval/V-Star"
 # The reference layout: one pod, 4 training processes under torchrun, one GPU each.
 PODS, NPROC_PER_NODE, GPU_RESOURCE = 1, 4, "nvidia.com/gpu"
 # Per pod, for its 4 ranks: 8 cores and 96 GiB (128 GiB limit) per rank (the plan's host peak
@@ -82,8 +91,13 @@ def eval_endpoint_env(remote: str) -> str:
 def stage_job(stage: str, pods_per_job: int = PODS) -> dict[str, Any]:
     """A stage's PyTorchJob; ``pods_per_job`` > 1 is what base + components/multinode build."""
     role, remotes = STAGES[stage]
+    # The S3 URIs the trainer config would hold are env overrides (P2R_TRAIN_*), where the release
+    # component can rewrite the bucket and the runs prefix.
+    uris = [{"name": "P2R_TRAIN_OUTPUT", "value": f"{RUN_ROOT}/{stage}"}]
+    if stage == "stage2":  # the newest complete stage-1 checkpoint
+        uris.append({"name": "P2R_TRAIN_MODEL", "value": f"latest:{RUN_ROOT}/stage1"})
     env = [*_s3_env(), *({"name": trainer_endpoint_env(r), "value": f"{FULLNAME}-{r}:{GRPC}"} for r in remotes),
-           {"name": "NCCL_DEBUG", "value": "WARN"}]
+           *uris, {"name": "NCCL_DEBUG", "value": "WARN"}]
     return pods.pytorchjob(
         pods.PodTemplate(), name=f"p2r-{stage}", namespace=None, labels=_labels("trainer", stage),
         pod_labels=_labels("trainer", stage), image=IMAGE, pull_policy="IfNotPresent", role=role,
@@ -93,10 +107,11 @@ def stage_job(stage: str, pods_per_job: int = PODS) -> dict[str, Any]:
 
 
 def eval_job() -> dict[str, Any]:
-    env = [*_s3_env(), *({"name": eval_endpoint_env(r), "value": f"{FULLNAME}-{r}:{GRPC}"} for r in EVAL_REMOTES)]
-    args = ["--task=V-Star", "--data=s3://p2r/benchmarks/V-Star", "--mode=p2r",
+    env = [*_s3_env(), *({"name": eval_endpoint_env(r), "value": f"{FULLNAME}-{r}:{GRPC}"} for r in EVAL_REMOTES),
+           {"name": "EVAL_DATA", "value": EVAL_DATA}, {"name": "EVAL_OUT", "value": EVAL_OUT}]
+    args = ["--task=V-Star", "--data=$(EVAL_DATA)", "--mode=p2r",
             *(f"--{r}-endpoint=$({eval_endpoint_env(r)})" for r in EVAL_REMOTES),
-            "--out=s3://p2r/kustomize/run1/eval/V-Star"]
+            "--out=$(EVAL_OUT)"]
     return pods.eval_job(
         pods.PodTemplate(), name="p2r-eval", namespace=None, labels=_labels("eval"), pod_labels=_labels("eval"),
         image=IMAGE, pull_policy="IfNotPresent", command=["p2r", "eval"], args=args, env=env,
@@ -137,6 +152,17 @@ def release_component() -> dict[str, Any]:
             {"select": jobs, "fieldPaths": [_env_path(eval_pod, "eval", eval_endpoint_env(r)) for r in EVAL_REMOTES],
              "options": {"delimiter": "-", "index": 0}}]},
     ]
+    # "s3://p2r/runs/kustomize/..." -> bucket at "/"-segment 2, the runs prefix at 3 (also after "latest:").
+    stage2 = {**pytorchjobs, "labelSelector": "p2r.io/stage=stage2"}
+    for key, index in (("bucket", 2), ("runs", 3)):
+        targets: list[dict[str, Any]] = [
+            {"select": pytorchjobs, "fieldPaths": [_env_path(p, "pytorch", "P2R_TRAIN_OUTPUT") for p in trainer_pods]},
+            {"select": stage2, "fieldPaths": [_env_path(p, "pytorch", "P2R_TRAIN_MODEL") for p in trainer_pods]},
+            {"select": jobs, "fieldPaths": [_env_path(eval_pod, "eval", "EVAL_OUT"),
+                                            *([_env_path(eval_pod, "eval", "EVAL_DATA")] if key == "bucket" else [])]}]
+        for target in targets:
+            target["options"] = {"delimiter": "/", "index": index}
+        replacements.append({"source": source(key), "targets": targets})
     return {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component", "replacements": replacements}
 
 
@@ -207,7 +233,8 @@ def render() -> dict[Path, str]:
         "# GPUs, volumes), without the metrics port only rank 0 serves.\n" + dump(multinode_patch()))
     files[COMPONENT / "kustomization.yaml"] = (
         GENERATED + "# Rewrites every release-dependent value from the overlay's p2r-release ConfigMap\n"
-        "# (fullname, s3Endpoint, s3Secret); see manifests/overlays/*/release.yaml.\n" + dump(release_component()))
+        "# (fullname, s3Endpoint, s3Secret, bucket, runs); see manifests/overlays/*/release.yaml.\n"
+        + dump(release_component()))
     return files
 
 

@@ -534,19 +534,66 @@ def put_files(local_dir: Path, names: list[str], uri: str) -> str:
     return uri
 
 
-def upload_model(src: Path, uri: str) -> dict[str, int]:
+def _remote_manifest_files(uri: str) -> tuple[dict[str, str], set[str]]:
+    """(files of the manifest already at ``uri``, names of the objects there); ({}, set()) when
+    there is none. A manifest that does not parse counts as none (it is replaced)."""
+    if uri.startswith("s3://"):
+        bucket, prefix = split_s3(uri)
+        base = f"{prefix}/"
+        client = s3_client()
+        from minio.error import S3Error
+
+        with s3_errors(uri, missing_ok=("NoSuchBucket",)):
+            try:
+                present = {o.object_name[len(base):] for o in client.list_objects(bucket, prefix=base, recursive=True)}
+            except S3Error as e:
+                if e.code == "NoSuchBucket":  # nothing there yet: put_files creates it
+                    return {}, set()
+                raise
+            text = _get_bytes(client, bucket, base + MANIFEST, MAX_MANIFEST_BYTES) if MANIFEST in present else None
+    else:
+        target = local_path(uri)
+        present = set(local_files(target)) if target.is_dir() else set()
+        text = (target / MANIFEST).read_bytes() if MANIFEST in present else None
+    if text is None:
+        return {}, present
+    try:
+        return dict(parse_manifest(text, uri)["files"]), present
+    except CheckpointError:
+        return {}, present
+
+
+def _delete_object(uri: str, name: str) -> None:
+    if uri.startswith("s3://"):
+        bucket, prefix = split_s3(uri)
+        with s3_errors(uri):
+            s3_client().remove_object(bucket, f"{prefix}/{name}")
+    else:
+        (local_path(uri) / name).unlink(missing_ok=True)
+
+
+def upload_model(src: Path, uri: str, model: bool = True) -> dict[str, int]:
     """Copy the model directory ``src`` and its manifest to ``s3://BUCKET/PREFIX`` (or a path):
     how a team seeds object storage from a volume (``p2r models upload``). A manifest in ``src``
     is verified and uploaded as it is; without one the manifest is computed here (``src`` may be
-    read-only) and written last, so readers never see a half-uploaded model. Returns
-    ``{"files", "bytes"}``."""
+    read-only) and written last, so readers never see a half-uploaded model.
+
+    A file whose entry in the manifest already at ``uri`` has the same sha256 (and whose object
+    is there) is not uploaded again, and when every entry matches nothing is written at all: a
+    seed Job that runs on every upgrade re-uploads nothing. When something changes, the old
+    manifest is removed first, so no reader pairs it with the new files. ``model=False`` takes
+    any directory (a data set: ``p2r data upload``) instead of a Hugging Face checkpoint.
+    Returns ``{"files", "bytes", "uploaded", "skipped"}``."""
     import tempfile
 
     if not uri.startswith("s3://") and "://" in uri and not uri.startswith("file://"):
         raise CheckpointError(f"{uri}: the destination must be s3://BUCKET/PREFIX, file:// or a path")
     if uri.startswith("s3://") and not split_s3(uri)[1]:
         raise CheckpointError(f"{uri}: expected s3://BUCKET/PREFIX (a prefix to hold the model)")
-    verify_checkpoint_dir(src, require_manifest=False)
+    if model:
+        verify_checkpoint_dir(src, require_manifest=False)
+    elif not src.is_dir():
+        raise CheckpointError(f"{src}: no such directory")
     if (src / MANIFEST).is_file():
         files = parse_manifest((src / MANIFEST).read_bytes(), str(src))["files"]
         manifest_dir = src
@@ -555,12 +602,18 @@ def upload_model(src: Path, uri: str) -> dict[str, int]:
         manifest_dir = Path(tempfile.mkdtemp(prefix="p2r-manifest-"))
         (manifest_dir / MANIFEST).write_text(manifest_json(files))
     try:
-        put_files(src, sorted(files), uri)
-        put_files(manifest_dir, [MANIFEST], uri)
+        remote, present = _remote_manifest_files(uri)
+        changed = sorted(n for n, digest in files.items() if remote.get(n) != digest or n not in present)
+        if changed or remote.keys() != files.keys() or MANIFEST not in present:
+            if MANIFEST in present:
+                _delete_object(uri, MANIFEST)
+            put_files(src, changed, uri)
+            put_files(manifest_dir, [MANIFEST], uri)
     finally:
         if manifest_dir != src:
             shutil.rmtree(manifest_dir, ignore_errors=True)
-    return {"files": len(files), "bytes": sum((src / n).stat().st_size for n in files)}
+    return {"files": len(files), "bytes": sum((src / n).stat().st_size for n in files), "uploaded": len(changed),
+            "skipped": len(files) - len(changed)}
 
 
 def complete_checkpoints(root_uri: str) -> list[tuple[int, str]]:

@@ -355,7 +355,8 @@ def test_any_release_name(overlay: str, tmp_path: Path) -> None:
     shutil.copytree(MANIFESTS, tmp_path / "manifests")
     release = tmp_path / "manifests" / "overlays" / RELEASE_FILE[overlay] / "release.yaml"
     doc = yaml.safe_load(release.read_text())
-    doc["data"] = {"fullname": "prod-p2r", "s3Endpoint": "prod-p2r-minio:9000", "s3Secret": "prod-p2r-s3-writer"}
+    doc["data"] = {"fullname": "prod-p2r", "s3Endpoint": "prod-p2r-minio:9000", "s3Secret": "prod-p2r-s3-writer",
+                   "bucket": "prod-bucket", "runs": "prod-runs"}
     release.write_text(yaml.safe_dump(doc))
     out = subprocess.run([str(KUBECTL), "kustomize", str(tmp_path / "manifests" / "overlays" / overlay)],
                          capture_output=True, text=True, timeout=60)
@@ -376,27 +377,38 @@ def test_any_release_name(overlay: str, tmp_path: Path) -> None:
         else:
             assert value in secrets, value
     assert not any(v.startswith("p2r-") for v in used), used
+    # every S3 URI of the jobs is in the release's bucket (s3.bucket), outputs under its runs prefix
+    uris = [e["value"] for _, spec in pod_specs(docs) for c in containers(spec) for e in c.get("env", [])
+            if "s3://" in e.get("value", "")]
+    assert len(uris) >= 4, uris
+    for uri in uris:
+        assert uri.split("s3://", 1)[1].startswith("prod-bucket/"), uri
+    assert sum("s3://prod-bucket/prod-runs/kustomize/" in u for u in uris) >= 3, uris
     for cm in find(docs, "ConfigMap"):
         text = "".join(cm["data"].values())  # no service of any release in a trainer config
         assert not re.search(r"[\w-]+-(perceiver|reasoner|verifier|minio):\d+", text), cm["metadata"]["name"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_outputs_are_apart_from_the_controller_runs(overlay: str, built: dict[str, list[dict[str, Any]]],
-                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The manifests write under s3://p2r/kustomize/, never under the controller's STORAGE/NAME of
-    the chart's default pipeline (or s3://p2r/runs/ at all), so a hand-applied run and the
-    controller's run cannot overwrite each other's checkpoints or choose the other's as latest."""
-    chart_run = merged_values({})["controller"]["config"]
-    controller_root = f"{chart_run['storage'].rstrip('/')}/{chart_run['name']}/"
+def test_outputs_are_the_writers_and_apart_from_the_controller_runs(
+        overlay: str, built: dict[str, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifests write with the chart's writer user, so under the one prefix it may write
+    (s3://BUCKET/<s3.layout.runs>/, the chart's default release), as the run "kustomize": never
+    under the controller's STORAGE/NAME of the chart's default pipeline, so a hand-applied run and
+    the controller's run cannot overwrite each other's checkpoints or choose the other's as latest.
+    (tests/test_chart_storage.py checks every path against the rendered IAM policy.)"""
+    values = merged_values({})
+    chart_run, bucket, runs = values["controller"]["config"], values["s3"]["bucket"], values["s3"]["layout"]["runs"]
+    controller_root = f"{(chart_run['storage'] or f's3://{bucket}/{runs}').rstrip('/')}/{chart_run['name']}/"
     outputs = [_config(built[overlay], stage, tmp_path, monkeypatch).output for stage in ("stage1", "stage2")]
-    for _, spec in pod_specs(built[overlay]):
+    for name, spec in pod_specs(built[overlay]):
         for c in containers(spec):
-            outputs += [a.split("=", 1)[1] for a in c.get("args", []) if a.startswith("--out=")]
+            argv = _expand(c.get("args", []), _pod_env(built[overlay], name, c))
+            outputs += [a.split("=", 1)[1] for a in argv if a.startswith("--out=")]
     assert len(outputs) == 3, outputs
     for out in outputs:
-        assert out.startswith("s3://p2r/kustomize/"), out
-        assert not f"{out}/".startswith((controller_root, "s3://p2r/runs/")), out
+        assert out.startswith(f"s3://{bucket}/{runs}/kustomize/"), out
+        assert not f"{out}/".startswith(controller_root), out
 
 
 # ----------------------------------------------------------------------------- layout

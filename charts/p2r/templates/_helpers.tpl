@@ -112,9 +112,53 @@ roleDefaults' whole (serveConfig, autoscaling, pdb, service, ephemeral merge key
 {{- toJson (list "nodeSelector" "affinity" "resources" "podAnnotations" "podLabels" "updateStrategy") -}}
 {{- end -}}
 
-{{/* One role's settings: roleDefaults merged with roles.<name> (p2r.merge). Call with (dict "root" $ "role" NAME). */}}
+{{/* One role's settings: roleDefaults merged with roles.<name> (p2r.merge), then the values the
+chart derives when they are left unset (null):
+- enabled: the verifier runs only when the pipeline controller does (every training stage and the
+  baseline grade free_form answers with it, and eval does with eval.grade_free_form); any other
+  role runs;
+- updateStrategy: a GPU role (gpus > 0) replaces its pods one at a time without a surge pod
+  (maxSurge 0, maxUnavailable 1: no spare GPU needed); a CPU role surges one first (maxSurge 1,
+  maxUnavailable 0).
+Call with (dict "root" $ "role" NAME). */}}
 {{- define "p2r.role" -}}
-{{- include "p2r.merge" (dict "base" .root.Values.roleDefaults "over" (get .root.Values.roles .role) "replace" (include "p2r.replacedRoleKeys" . | fromJsonArray)) -}}
+{{- $r := include "p2r.merge" (dict "base" .root.Values.roleDefaults "over" (get .root.Values.roles .role) "replace" (include "p2r.replacedRoleKeys" . | fromJsonArray)) | fromJson -}}
+{{- if or (not (hasKey $r "enabled")) (kindIs "invalid" (index $r "enabled")) -}}
+{{- $_ := set $r "enabled" (ternary (and .root.Values.controller.enabled true) true (eq .role "verifier")) -}}
+{{- end -}}
+{{- if not (get $r "updateStrategy") -}}
+{{- $_ := set $r "updateStrategy" (ternary (dict "maxSurge" 0 "maxUnavailable" 1) (dict "maxSurge" 1 "maxUnavailable" 0) (gt (int $r.gpus) 0)) -}}
+{{- end -}}
+{{- toJson $r -}}
+{{- end -}}
+
+{{/* "true" when the role runs (p2r.role's enabled, derived for the verifier), else empty. Call
+with (dict "root" $ "role" NAME). */}}
+{{- define "p2r.roleEnabled" -}}
+{{- if (include "p2r.role" . | fromJson).enabled }}true{{ end -}}
+{{- end -}}
+
+{{/* "true" when something in the release uses object storage, else empty: MinIO switched on by
+hand, an external endpoint or credentials given, the pipeline controller (checkpoints, eval
+results), the seeding Job, or a running role serving an s3:// model. Without any of them no pod
+gets S3 settings and no storage object is rendered. */}}
+{{- define "p2r.s3Used" -}}
+{{- $used := or (eq (toString .Values.minio.enabled) "true") .Values.s3.externalEndpoint .Values.s3.existingSecret .Values.controller.enabled .Values.models.seed.enabled -}}
+{{- range $name := list "perceiver" "reasoner" "verifier" "gateway" -}}
+{{- $role := include "p2r.role" (dict "root" $ "role" $name) | fromJson -}}
+{{- if and $role.enabled (hasPrefix "s3://" (toString $role.model)) -}}{{- $used = true -}}{{- end -}}
+{{- end -}}
+{{- if $used }}true{{ end -}}
+{{- end -}}
+
+{{/* "true" when the release runs its own MinIO, else empty: minio.enabled when set (true / false),
+else (null) when object storage is used (p2r.s3Used) and no s3.externalEndpoint is given. */}}
+{{- define "p2r.minioEnabled" -}}
+{{- if kindIs "bool" .Values.minio.enabled -}}
+{{- if .Values.minio.enabled }}true{{ end -}}
+{{- else if and (include "p2r.s3Used" .) (not .Values.s3.externalEndpoint) -}}
+true
+{{- end -}}
 {{- end -}}
 
 {{/* The gRPC service a role's readiness probe asks grpc.health.v1 about. */}}
@@ -137,7 +181,7 @@ roleDefaults' whole (serveConfig, autoscaling, pdb, service, ephemeral merge key
 {{- end -}}
 
 {{- define "p2r.s3Endpoint" -}}
-{{- if .Values.minio.enabled -}}
+{{- if include "p2r.minioEnabled" . -}}
 {{- printf "%s-minio:9000" (include "p2r.fullname" .) -}}
 {{- else -}}
 {{- required "s3.externalEndpoint is required when minio.enabled is false (host:port of your S3 / MinIO)" .Values.s3.externalEndpoint -}}
@@ -157,7 +201,7 @@ the role servers and a read-write one for the controller and its trainers ("<ful
 {{- include "p2r.s3SecretName" .root -}}
 {{- else if (get $s3.users .user).existingSecret -}}
 {{- (get $s3.users .user).existingSecret -}}
-{{- else if and .root.Values.minio.enabled $s3.users.create -}}
+{{- else if and (include "p2r.minioEnabled" .root) $s3.users.create -}}
 {{- printf "%s-s3-%s" (include "p2r.fullname" .root) .user -}}
 {{- else -}}
 {{- include "p2r.s3SecretName" .root -}}
@@ -167,7 +211,7 @@ the role servers and a read-write one for the controller and its trainers ("<ful
 {{/* The Secrets this chart generates: JSON list of [secret name, user]. */}}
 {{- define "p2r.generatedS3Secrets" -}}
 {{- $out := list -}}
-{{- if .Values.minio.enabled -}}
+{{- if include "p2r.minioEnabled" . -}}
 {{- if not .Values.s3.existingSecret -}}{{- $out = append $out (list (include "p2r.s3SecretName" .) "admin") -}}{{- end -}}
 {{- if .Values.s3.users.create -}}
 {{- range $user := list "reader" "writer" -}}
@@ -210,11 +254,22 @@ template` cannot read). Call with (dict "root" $ "user" USER); returns JSON.
 {{- toJson (get $cache $name) -}}
 {{- end -}}
 
-{{/* checksum/s3-credentials of USER's Secret (empty when its data is unknown to this render):
-pods roll when the keys they read change. Call with (dict "root" $ "user" USER). */}}
+{{/* checksum/s3-credentials of USER's Secret, computed only from content the render knows: a
+Secret of yours (existingSecret) that `lookup` reads from the cluster (helm install / upgrade), so
+pods roll when you rotate its keys and upgrade. Empty - no annotation - for a Secret this chart
+generates (its keys are made once and kept, so nothing to roll on; a checksum of freshly generated
+keys would restart every pod on each `helm template` / Argo CD render) and wherever `lookup` sees
+nothing (`helm template`, Argo CD). Call with (dict "root" $ "user" USER). */}}
 {{- define "p2r.s3Checksum" -}}
+{{- $name := include "p2r.s3UserSecret" . -}}
+{{- $generated := false -}}
+{{- range $g := include "p2r.generatedS3Secrets" .root | fromJsonArray -}}
+{{- if eq (index $g 0) $name -}}{{- $generated = true -}}{{- end -}}
+{{- end -}}
+{{- if not $generated -}}
 {{- $data := include "p2r.s3SecretData" . | fromJson -}}
 {{- if $data -}}{{- toJson $data | sha256sum -}}{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* S3 environment of a P2R container: endpoint and USER's credentials, the latter only from
@@ -260,31 +315,126 @@ client's round_robin sees every pod. Call with (dict "root" $ "role" NAME). */}}
 {{- printf "dns:///%s-%s.%s.svc.%s:%v" (include "p2r.fullname" .root) .role .root.Release.Namespace .root.Values.clusterDomain .root.Values.ports.grpc -}}
 {{- end -}}
 
-{{/* The /cache volume of a role pod: a shared claim, a per-pod ephemeral claim or an emptyDir. */}}
+{{/*
+The kind of /cache volume a role pod gets (values cache.*; the first that applies):
+- "existingClaim": cache.existingClaim, one claim shared by every role pod (kept beyond the release);
+- "hostPath": cache.hostPath.path, a node-local directory (kept on the node across pods and releases);
+- "ephemeral": cache.ephemeral.enabled, a generic ephemeral volume (created and deleted with the pod);
+- "persistence": cache.persistence.enabled and the role serves a model: the role's own claim
+  "<fullname>-<role>-cache" (kept across pod restarts, reschedules, rollouts and upgrades;
+  deleted with the release);
+- "emptyDir": otherwise (deleted with the pod), e.g. the model-less gateway.
+Call with (dict "root" $ "role" ROLE-SETTINGS); returns the kind.
+*/}}
+{{- define "p2r.cacheKind" -}}
+{{- $c := .root.Values.cache -}}
+{{- if $c.existingClaim -}}existingClaim
+{{- else if ($c.hostPath | default dict).path -}}hostPath
+{{- else if $c.ephemeral.enabled -}}ephemeral
+{{- else if and ($c.persistence | default dict).enabled .role.model -}}persistence
+{{- else -}}emptyDir
+{{- end -}}
+{{- end -}}
+
+{{/* The /cache volume of a role pod (p2r.cacheKind). Call with (dict "root" $ "name" NAME "role" ROLE-SETTINGS). */}}
 {{- define "p2r.cacheVolume" -}}
+{{- $c := .root.Values.cache -}}
+{{- $kind := include "p2r.cacheKind" . -}}
 - name: cache
-  {{- if .Values.cache.existingClaim }}
+  {{- if eq $kind "existingClaim" }}
   persistentVolumeClaim:
-    claimName: {{ .Values.cache.existingClaim }}
-  {{- else if .Values.cache.ephemeral.enabled }}
-  {{- $tpl := deepCopy .Values.cache.ephemeral.volumeClaimTemplate }}
+    claimName: {{ $c.existingClaim }}
+  {{- else if eq $kind "hostPath" }}
+  hostPath:
+    path: {{ $c.hostPath.path }}
+    type: Directory
+  {{- else if eq $kind "ephemeral" }}
+  {{- $tpl := deepCopy $c.ephemeral.volumeClaimTemplate }}
   {{- if not $tpl.spec.storageClassName }}{{- $_ := unset $tpl.spec "storageClassName" }}{{- end }}
   ephemeral:
     volumeClaimTemplate:
       {{- toYaml $tpl | nindent 6 }}
+  {{- else if eq $kind "persistence" }}
+  persistentVolumeClaim:
+    claimName: {{ include "p2r.fullname" .root }}-{{ .name }}-cache
   {{- else }}
   emptyDir:
-    sizeLimit: {{ .Values.cache.sizeLimit }}
+    sizeLimit: {{ include "p2r.cacheEmptyDirSize" . }}
   {{- end }}
 {{- end -}}
 
-{{/* Scrape annotations for a plain Prometheus (kubernetes-pods job), when the operator objects are off. */}}
+{{/* Size limit of an emptyDir /cache: cache.sizeLimit for a role with a model, tmpSizeLimit for
+one without (HOME and small caches only). Call with (dict "root" $ "role" ROLE-SETTINGS). */}}
+{{- define "p2r.cacheEmptyDirSize" -}}
+{{- if .role.model }}{{ .root.Values.cache.sizeLimit }}{{ else }}{{ .root.Values.tmpSizeLimit }}{{ end -}}
+{{- end -}}
+
+{{/* Bytes of a Kubernetes quantity ("40Gi", "500M", "1024", 2e9). */}}
+{{- define "p2r.quantityBytes" -}}
+{{- $q := toString . -}}
+{{- $units := dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 -}}
+{{- $out := "" -}}
+{{- range $u := list "Ki" "Mi" "Gi" "Ti" "k" "M" "G" "T" -}}
+{{- if and (not $out) (hasSuffix $u $q) -}}
+{{- $out = mulf (float64 (trimSuffix $u $q)) (get $units $u) | ceil | int64 | toString -}}
+{{- end -}}
+{{- end -}}
+{{- $out | default (float64 $q | ceil | int64 | toString) -}}
+{{- end -}}
+
+{{/* requests.ephemeral-storage of a role's serve container: the size limits of its disk-backed
+emptyDirs (/tmp, and /cache when p2r.cacheKind is emptyDir), so the scheduler places the pod
+on a node with that much local disk. Call with (dict "root" $ "name" NAME "role" ROLE-SETTINGS). */}}
+{{- define "p2r.roleScratch" -}}
+{{- $bytes := include "p2r.quantityBytes" .root.Values.tmpSizeLimit | int64 -}}
+{{- if eq (include "p2r.cacheKind" .) "emptyDir" -}}
+{{- $bytes = add $bytes (include "p2r.quantityBytes" (include "p2r.cacheEmptyDirSize" .) | int64) -}}
+{{- end -}}
+{{- if eq (mod $bytes 1073741824) 0 -}}{{ div $bytes 1073741824 }}Gi
+{{- else if eq (mod $bytes 1048576) 0 -}}{{ div $bytes 1048576 }}Mi
+{{- else -}}{{ $bytes }}
+{{- end -}}
+{{- end -}}
+
+{{/* progressDeadlineSeconds of a role Deployment: the startup probe's budget (initial delay +
+periodSeconds x failureThreshold) plus roleDefaults.progressMarginSeconds (scheduling, image
+pull), so a rollout is never declared failed while a pod may still legitimately be starting. */}}
+{{- define "p2r.progressDeadline" -}}
+{{- $s := .root.Values.probes.startup -}}
+{{- add ($s.initialDelaySeconds | default 0) (mul $s.periodSeconds $s.failureThreshold) .role.progressMarginSeconds -}}
+{{- end -}}
+
+{{/* Scrape annotations for a plain Prometheus (the job in ConfigMap <release>-scrape-config,
+monitoring.yaml), when the operator objects are off. Call with (dict "root" $ "port" PORT ["tls"
+true]): "tls" for a port that serves HTTPS (the role servers under security.tls). */}}
 {{- define "p2r.scrapeAnnotations" -}}
 {{- if and .root.Values.monitoring.scrapeAnnotations (not .root.Values.monitoring.serviceMonitor.enabled) }}
 prometheus.io/scrape: "true"
+prometheus.io/scheme: {{ ternary "https" "http" (and (not (empty .tls)) (not (empty .root.Values.security.tls.secretName))) }}
 prometheus.io/port: {{ .port | quote }}
 prometheus.io/path: /metrics
 {{- end }}
+{{- end -}}
+
+{{/* How Prometheus scrapes a role server's metrics port, as Prometheus Operator endpoint fields
+(ServiceMonitor): plain HTTP, or under security.tls HTTPS checked against the TLS Secret's
+ca.crt for the role Service's name (the certificate must name it), presenting the Secret's own
+certificate when security.tls.requireClientCert demands client certificates. Call with (dict
+"root" $ "component" ROLE); returns YAML (scheme, tlsConfig). */}}
+{{- define "p2r.metricsEndpointTLS" -}}
+{{- $tls := .root.Values.security.tls -}}
+{{- if $tls.secretName -}}
+scheme: https
+tlsConfig:
+  ca: {secret: {name: {{ $tls.secretName }}, key: ca.crt}}
+  serverName: {{ printf "%s-%s" (include "p2r.fullname" .root) .component }}
+  {{- if $tls.requireClientCert }}
+  cert: {secret: {name: {{ $tls.secretName }}, key: tls.crt}}
+  keySecret: {name: {{ $tls.secretName }}, key: tls.key}
+  {{- end }}
+{{- else -}}
+scheme: http
+{{- end -}}
 {{- end -}}
 
 {{/* Checks that cannot be expressed in values.schema.json, with messages that say what to change. */}}
@@ -294,11 +444,18 @@ prometheus.io/path: /metrics
 {{- if lt (int $window) (int $drain) -}}
 {{- fail (printf "probes.liveness: periodSeconds x failureThreshold = %ds is shorter than the drain (drain.preStopSleepSeconds + drain.gracePeriodSeconds = %ds); a draining pod would be killed by its liveness probe" (int $window) (int $drain)) -}}
 {{- end -}}
-{{- if and (not .Values.minio.enabled) (not .Values.s3.existingSecret) -}}
+{{- include "p2r.validateStorage" . -}}
+{{- if and (include "p2r.s3Used" .) (not (include "p2r.minioEnabled" .)) (not .Values.s3.existingSecret) -}}
 {{- fail "s3.existingSecret is required when minio.enabled is false: the chart never invents credentials for an external S3" -}}
 {{- end -}}
-{{- if and .Values.controller.enabled (not (and .Values.roles.perceiver.enabled .Values.roles.reasoner.enabled .Values.roles.verifier.enabled)) -}}
+{{- if and .Values.controller.enabled (not (and (include "p2r.roleEnabled" (dict "root" . "role" "perceiver")) (include "p2r.roleEnabled" (dict "root" . "role" "reasoner")) (include "p2r.roleEnabled" (dict "root" . "role" "verifier")))) -}}
 {{- fail "controller.enabled needs roles.perceiver, roles.reasoner and roles.verifier: the pipeline rolls them onto new checkpoints and its trainers call them" -}}
+{{- end -}}
+{{- range $name := list "perceiver" "reasoner" "verifier" "gateway" -}}
+{{- $role := include "p2r.role" (dict "root" $ "role" $name) | fromJson -}}
+{{- if and $role.enabled (eq (include "p2r.cacheKind" (dict "root" $ "role" $role)) "persistence") (not (has "ReadWriteMany" $.Values.cache.persistence.accessModes)) (or $role.autoscaling.enabled (gt (int $role.replicas) 1)) -}}
+{{- fail (printf "roles.%s runs several pods, but its model cache claim (cache.persistence) is not ReadWriteMany: pods on other nodes could not mount it. Set cache.persistence.accessModes [ReadWriteMany] with a storageClassName that provides it (NFS, CephFS, EFS, Filestore), or use cache.hostPath / cache.ephemeral" $name) -}}
+{{- end -}}
 {{- end -}}
 {{- $g := get .Values.roles "gateway" -}}
 {{- if and $g.enabled (not $g.model) -}}
@@ -320,6 +477,125 @@ PREFIXES (none: read-only). Call with (dict "bucket" NAME "prefixes" LIST). */}}
 {{- $statements = append $statements (dict "Effect" "Allow" "Action" (list "s3:PutObject" "s3:DeleteObject" "s3:AbortMultipartUpload" "s3:ListMultipartUploadParts") "Resource" $resources) -}}
 {{- end -}}
 {{- toJson (dict "Version" "2012-10-17" "Statement" $statements) -}}
+{{- end -}}
+
+{{/* The bucket's layout (s3.layout): the one place the release's S3 paths come from. The writer
+user's policy (p2r.s3WriterPrefixes), the controller's storage (p2r.s3Storage) and the seed Job's
+URIs are all derived from it, so a path and the permission to write it cannot disagree. */}}
+{{- define "p2r.s3WriterPrefixes" -}}
+{{- toJson (list (printf "%s/" .Values.s3.layout.runs)) -}}
+{{- end -}}
+
+{{/* controller.config.storage, or s3://<bucket>/<layout.runs> when it is empty. */}}
+{{- define "p2r.s3Storage" -}}
+{{- .Values.controller.config.storage | default (printf "s3://%s/%s" .Values.s3.bucket .Values.s3.layout.runs) | trimSuffix "/" -}}
+{{- end -}}
+
+{{/* s3:// URI of a seeded object set: (dict "root" $ "kind" "models"|"data" "name" NAME). */}}
+{{- define "p2r.s3SeedUri" -}}
+{{- printf "s3://%s/%s/%s" .root.Values.s3.bucket (get .root.Values.s3.layout .kind) .name -}}
+{{- end -}}
+
+{{/* Fails when an s3:// URI of the release names another bucket than s3.bucket (the writer,
+the reader and the seed Job reach only that one), or the run storage lies outside the prefix the
+writer may write. */}}
+{{- define "p2r.validateStorage" -}}
+{{- $bucket := .Values.s3.bucket -}}
+{{- $uris := dict -}}
+{{- $cfg := .Values.controller.config | default dict -}}
+{{- range $key := list "base_model" "verifier_model" "data" "image_prefix" -}}
+{{- with get $cfg $key }}{{ $_ := set $uris (printf "controller.config.%s" $key) (toString .) }}{{ end -}}
+{{- end -}}
+{{- range $name := list "perceiver" "reasoner" "verifier" "gateway" -}}
+{{- with (get $.Values.roles $name) }}{{ with .model }}{{ $_ := set $uris (printf "roles.%s.model" $name) (toString .) }}{{ end }}{{ end -}}
+{{- end -}}
+{{- range $key, $uri := $uris -}}
+{{- $u := trimPrefix "latest:" $uri -}}
+{{- if hasPrefix "s3://" $u -}}
+{{- if not (hasPrefix (printf "s3://%s/" $bucket) $u) -}}
+{{- fail (printf "%s: %s is not in s3.bucket %q; the release's S3 users reach that bucket only (use s3://%s/...)" $key $uri $bucket $bucket) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if .Values.controller.enabled -}}
+{{- $storage := include "p2r.s3Storage" . -}}
+{{- $root := printf "s3://%s/%s" $bucket .Values.s3.layout.runs -}}
+{{- if not (or (eq $storage $root) (hasPrefix (printf "%s/" $root) $storage)) -}}
+{{- fail (printf "controller.config.storage: %s is outside s3://%s/%s/, the only prefix the writer user may write (s3.layout.runs); leave it empty for %s" $storage $bucket .Values.s3.layout.runs $root) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The script that creates the bucket and (with "users") the reader / writer policies and
+users: idempotent, run by MinIO's provision container ("local": its own server on 127.0.0.1,
+waited for without a deadline) or the external bucket hook (bounded by P2R_WAIT_SECONDS). The
+writer's policy grants writes under p2r.s3WriterPrefixes (s3.layout.runs), the same value the
+controller's storage comes from. Call with (dict "root" $ "users" BOOL "local" BOOL). */}}
+{{- define "p2r.s3ProvisionScript" -}}
+{{- $root := .root -}}
+{{- $full := include "p2r.fullname" $root -}}
+{{- $bucket := $root.Values.s3.bucket -}}
+mc() { command mc --config-dir /tmp/mc "$@"; }
+scheme=http; [ "$P2R_S3_SECURE" = "true" ] && scheme=https
+deadline=$(( $(date +%s) + P2R_WAIT_SECONDS ))
+until mc alias set p2r "$scheme://$P2R_S3_ENDPOINT" "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY" >/tmp/alias.log 2>&1; do
+  {{- if not .local }}
+  if [ "$(date +%s)" -ge "$deadline" ]; then
+    echo "error: $P2R_S3_ENDPOINT did not accept the credentials of Secret {{ include "p2r.s3SecretName" $root }} within ${P2R_WAIT_SECONDS}s: $(cat /tmp/alias.log)" >&2
+    exit 1
+  fi
+  {{- end }}
+  echo "waiting for $P2R_S3_ENDPOINT"; sleep 5
+done
+mc mb --ignore-existing "p2r/$P2R_S3_BUCKET"
+{{- if .users }}
+attach() {  # idempotent: attaching an attached policy is not an error
+  out=$(mc admin policy attach p2r "$1" --user "$2" 2>&1) || echo "$out" | grep -qi "already" || { echo "$out" >&2; exit 1; }
+}
+cat > /tmp/reader.json <<'EOF'
+{{ include "p2r.s3Policy" (dict "bucket" $bucket "prefixes" list) }}
+EOF
+cat > /tmp/writer.json <<'EOF'
+{{ include "p2r.s3Policy" (dict "bucket" $bucket "prefixes" (include "p2r.s3WriterPrefixes" $root | fromJsonArray)) }}
+EOF
+mc admin policy create p2r {{ $full }}-reader /tmp/reader.json
+mc admin policy create p2r {{ $full }}-writer /tmp/writer.json
+mc admin user add p2r "$READER_ACCESS_KEY" "$READER_SECRET_KEY"
+mc admin user add p2r "$WRITER_ACCESS_KEY" "$WRITER_SECRET_KEY"
+attach {{ $full }}-reader "$READER_ACCESS_KEY"
+attach {{ $full }}-writer "$WRITER_ACCESS_KEY"
+{{- end }}
+{{- end -}}
+
+{{/* Env of the provisioning script: the bucket, the admin credentials and (with "users") the
+reader / writer keys from their Secrets. Call with (dict "root" $ "users" BOOL). */}}
+{{- define "p2r.s3ProvisionEnv" -}}
+{{- $root := .root -}}
+- {name: P2R_S3_BUCKET, value: {{ $root.Values.s3.bucket | quote }}}
+- {name: P2R_WAIT_SECONDS, value: {{ $root.Values.s3.hookWaitSeconds | quote }}}
+{{- if include "p2r.minioEnabled" $root }}
+- {name: P2R_S3_ENDPOINT, value: "127.0.0.1:9000"}
+- {name: P2R_S3_SECURE, value: "false"}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef: {name: {{ include "p2r.s3SecretName" $root }}, key: {{ $root.Values.s3.accessKeyKey }}}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ include "p2r.s3SecretName" $root }}, key: {{ $root.Values.s3.secretKeyKey }}}
+{{- else }}
+{{ include "p2r.s3Env" (dict "root" $root "user" "admin") }}
+{{- end }}
+{{- if .users }}
+{{- range $user := list "reader" "writer" }}
+{{- $userSecret := include "p2r.s3UserSecret" (dict "root" $root "user" $user) }}
+- name: {{ upper $user }}_ACCESS_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ $userSecret }}, key: {{ $root.Values.s3.accessKeyKey }}}
+- name: {{ upper $user }}_SECRET_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ $userSecret }}, key: {{ $root.Values.s3.secretKeyKey }}}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* The common part of the `helm test` containers: environment, resources, security, /tmp. */}}
