@@ -30,7 +30,11 @@ RESOURCES = {
     "batch/v1/jobs": {"kind": "Job", "namespaced": True},
     "v1/events": {"kind": "Event", "namespaced": True},
     "v1/persistentvolumeclaims": {"kind": "PersistentVolumeClaim", "namespaced": True},
+    "v1/pods": {"kind": "Pod", "namespaced": True},
+    "v1/services": {"kind": "Service", "namespaced": True},
 }
+HELM_LABELS = {"app.kubernetes.io/managed-by": "Helm", "helm.sh/chart": "p2r-0.1.0"}
+"""What Helm puts on the objects of a release (the chart's role Deployments here)."""
 
 
 class Emulated:
@@ -38,6 +42,27 @@ class Emulated:
 
     def __init__(self, url: str, loop: asyncio.AbstractEventLoop, km: Any) -> None:
         self.url, self._loop, self._km = url, loop, km
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Every request the emulator received so far: method, path, Kubernetes action,
+        resource (group/version/plural), namespace, name and body."""
+        done = threading.Event()
+        out: list[dict[str, Any]] = []
+
+        def read() -> None:
+            for r in list(self._km._requests):
+                resource = r.resource
+                out.append({"method": str(r.method.value if r.method is not None else ""),
+                            "path": str(r.url.path), "action": str(r.action.value if r.action is not None else ""),
+                            "resource": None if resource is None else
+                            "/".join(x for x in (resource.group, resource.version, resource.plural) if x),
+                            "namespace": r.namespace, "name": r.name, "data": copy.deepcopy(r.data),
+                            "user_agent": dict(r.headers).get("User-Agent", "")})
+            done.set()
+
+        self._loop.call_soon_threadsafe(read)
+        assert done.wait(10), "the emulator did not answer"
+        return out
 
     def install(self, resource: str) -> None:
         done = threading.Event()
@@ -130,18 +155,61 @@ class Cluster:
         self.custom = client.CustomObjectsApi(self.api)
         self.ns = namespace
 
-    def create_deployment(self, name: str, role: str) -> None:
-        """A chart-like role Deployment whose pods are not ready yet."""
+    def create_deployment(self, name: str, role: str, admin_port: int = 50052, replicas: int = 1) -> None:
+        """A chart-like role Deployment (Helm's labels, the release's selector labels, the
+        server's grpc / metrics / admin ports) whose pods are not ready yet."""
+        select = {"app.kubernetes.io/name": "p2r", "app.kubernetes.io/instance": "p2r",
+                  "app.kubernetes.io/component": role}
         self.apps.create_namespaced_deployment(self.ns, {
-            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": self.ns},
-            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}}, "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {"containers": [
-                    {"name": "serve", "image": "p2r-platform:test", "args": ["serve", role],
-                     "env": [{"name": "P2R_LIMITS__MAX_MODEL_LEN", "value": "8192"}]},
-                    {"name": "sidecar", "image": "busybox"}]}}},
-            "status": {"replicas": 1, "readyReplicas": 0, "updatedReplicas": 0, "availableReplicas": 0},
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {
+                "name": name, "namespace": self.ns, "generation": 1,
+                "labels": {**select, "app.kubernetes.io/part-of": "p2r", **HELM_LABELS},
+                "annotations": {"meta.helm.sh/release-name": "p2r"}},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": select},
+                     "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+                     "template": {
+                         "metadata": {"labels": {**select, "app.kubernetes.io/part-of": "p2r", **HELM_LABELS}},
+                         "spec": {"containers": [
+                             {"name": "serve", "image": "p2r-platform:test", "args": ["serve", role],
+                              "ports": [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
+                                        {"name": "metrics", "containerPort": 9400, "protocol": "TCP"},
+                                        {"name": "admin", "containerPort": admin_port, "protocol": "TCP"}],
+                              "env": [{"name": "P2R_LIMITS__MAX_MODEL_LEN", "value": "8192"}]},
+                             {"name": "sidecar", "image": "busybox"}]}}},
+            "status": {"replicas": replicas, "readyReplicas": 0, "updatedReplicas": 0, "availableReplicas": 0},
         })
+
+    def deployments(self) -> list[dict[str, Any]]:
+        import json
+
+        return json.loads(self.apps.list_namespaced_deployment(self.ns, _preload_content=False).data)["items"]  # type: ignore[no-any-return]
+
+    def services(self) -> list[dict[str, Any]]:
+        import json
+
+        return json.loads(self.core.list_namespaced_service(self.ns, _preload_content=False).data)["items"]  # type: ignore[no-any-return]
+
+    def run_pods(self, name: str, ip: str = "10.0.0.1", ready: bool = True) -> list[str]:
+        """Play the Deployment controller and the kubelet for Deployment ``name``: one pod per
+        replica from its template (labels, spec), Running and Ready at ``ip``, and the
+        Deployment's status complete. Returns the pod names."""
+        dep = self.deployment(name)
+        replicas = dep["spec"].get("replicas") or 1
+        names = []
+        for i in range(replicas):
+            pod_name = f"{name}-{i}"
+            self.core.create_namespaced_pod(self.ns, {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": pod_name, "namespace": self.ns,
+                             "labels": dict(dep["spec"]["template"]["metadata"]["labels"])},
+                "spec": copy.deepcopy(dep["spec"]["template"]["spec"]),
+                "status": {"phase": "Running", "podIP": ip,
+                           "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}})
+            names.append(pod_name)
+        self.apps.patch_namespaced_deployment_status(name, self.ns, {"status": {
+            "replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas,
+            "availableReplicas": replicas}})
+        return names
 
     def create_pvc(self, name: str) -> None:
         self.core.create_namespaced_persistent_volume_claim(self.ns, {
