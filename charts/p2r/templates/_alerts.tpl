@@ -58,7 +58,7 @@ groups:
       (absent: all pods gone, so even their request metrics vanish). */}}
       {{- $components := list }}
       {{- range $name := list "perceiver" "reasoner" "verifier" "gateway" }}
-      {{- if (get $.Values.roles $name).enabled }}{{ $components = append $components $name }}{{ end }}
+      {{- if include "p2r.roleEnabled" (dict "root" $ "role" $name) }}{{ $components = append $components $name }}{{ end }}
       {{- end }}
       {{- if .Values.controller.enabled }}{{ $components = append $components "controller" }}{{ end }}
       {{- range $c := $components }}
