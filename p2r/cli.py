@@ -81,7 +81,7 @@ def models() -> None:
 
 
 # ``p2r models tiny --preset``: "tiny" and p2r.models.tiny.PRESETS (not imported: --help stays instant).
-MODEL_PRESETS = ("tiny", "qwen3-vl-4b", "qwen3-vl-8b")
+MODEL_PRESETS = ("tiny", "qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b")
 
 
 @models.command("tiny")
@@ -90,8 +90,9 @@ MODEL_PRESETS = ("tiny", "qwen3-vl-4b", "qwen3-vl-8b")
               help="Directory to write the checkpoint to (or give it as OUT).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Weight initialisation seed.")
 @click.option("--preset", type=click.Choice(MODEL_PRESETS), default="tiny", show_default=True,
-              help="tiny: the 2-layer test model; qwen3-vl-4b / qwen3-vl-8b: the real architecture, random bf16 "
-                   "weights (8.9 / 17.5 GB), tokenizer padded to the real vocabulary and special-token ids.")
+              help="tiny: the 2-layer test model; qwen3-vl-2b / 4b / 8b: the real architecture, random bf16 "
+                   "weights (4B: 8.9 GB, 8B: 17.5 GB), tokenizer padded to the real vocabulary and special-token "
+                   "ids; 2b fits one 80 GiB GPU for the device check (bench/gpu_step.py).")
 def models_tiny(out_arg: Path | None, out: Path | None, seed: int, preset: str) -> None:
     """Write a random-initialised Qwen3-VL checkpoint: the tiny one (tests, demo) or a real-size preset."""
     if (out_arg is None) == (out is None):
@@ -403,7 +404,7 @@ def ask(target: str, image_path: Path, question: str, form: str, timeout_s: floa
 @click.option("--resume", default=None, help="'auto' (newest complete checkpoint under output) or a URI.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None)
 @click.option("--plan", is_flag=True, help="Print the per-GPU memory plan and exit (0: it fits); no GPU, no "
-              "weights read. The config's model: a local checkpoint directory or preset:qwen3-vl-4b|8b.")
+              "weights read. The config's model: a local checkpoint directory or preset:qwen3-vl-2b|4b|8b.")
 @click.option("--gpus", type=click.IntRange(min=1), default=None, help="With --plan: GPUs (ranks) of the run [1].")
 @click.option("--gpu-memory", default=None, help="With --plan: memory of one GPU, e.g. 80GiB, 24GB.")
 @click.option("--cpu", "plan_cpu", is_flag=True, help="With --plan: CPU ranks (--gpus ranks of --gpu-memory "
