@@ -27,8 +27,10 @@ import yaml
 
 from p2r.services.checkpoints import upload_checkpoint, write_manifest
 from tests.k8s_emulator import (
+    HELM_LABELS,
     PYTORCHJOBS,
     Cluster,
+    Emulated,
     emulator,
     validate_created,
     validate_pytorchjob,
@@ -50,18 +52,37 @@ def seed_models(tmp_path: Path, env: dict[str, str], uris: tuple[str, ...] = MOD
         upload_as_trainer(tmp_path, uri, 0, f"model{i}-{uuid.uuid4().hex[:6]}", env)
 
 
+TEST_AGENT = "p2r-tests/cluster"
+"""User-Agent of the test's own API calls (playing the cluster); every other request is the controller's."""
+
+
 @pytest.fixture()
 def cluster(tmp_path: Path, s3_server: dict[str, str]) -> Iterator[tuple[Cluster, Path]]:
     """A cluster with every input the run needs: the PyTorchJob CRD, the data claim, the role
-    Deployments, the chart's pipeline ConfigMap (the owner) and the models in S3."""
+    Deployments, the chart's pipeline ConfigMap (the owner) and the models in S3. After the
+    test: the controller never wrote a Deployment Helm manages (every request is checked)."""
     seed_models(tmp_path, s3_server)
     with emulator() as em:
         c = Cluster(em.url, NS)
+        c.api.user_agent = TEST_AGENT
+        c.em = em  # type: ignore[attr-defined]
         for role, name in DEPLOYMENTS.items():
             c.create_deployment(name, role)
         c.create_pvc("p2r-data")
         c.create_owner(OWNER, OWNER_UID)
         yield c, write_kubeconfig(tmp_path / "kubeconfig", em.url)
+        assert chart_writes(em) == []
+
+
+def chart_writes(em: Emulated) -> list[dict[str, Any]]:
+    """The controller's requests that create, patch, update or delete one of the chart's
+    (Helm-managed) role Deployments: Helm upgrades and Argo CD self-heal own those."""
+    writes = [r for r in em.requests() if r["user_agent"] != TEST_AGENT and r["resource"] == "apps/v1/deployments"
+              and r["method"] in ("POST", "PUT", "PATCH", "DELETE")]
+    assert writes, "the controller wrote no Deployment at all: the guard would see nothing"
+    return [r for r in writes if r["name"] in DEPLOYMENTS.values()
+            or (r["data"] or {}).get("metadata", {}).get("labels", {}).get("app.kubernetes.io/managed-by")
+            == HELM_LABELS["app.kubernetes.io/managed-by"]]
 
 
 def owned(obj: dict[str, Any]) -> bool:
@@ -152,17 +173,48 @@ def put_object(bucket: str, key: str, data: bytes, env: dict[str, str]) -> None:
     client.put_object(bucket, key, io.BytesIO(data), len(data))
 
 
-def ready_when_pointing_at(c: Cluster, role: str, model: str, proc: subprocess.Popen[str]) -> None:
-    """Play the Deployment controller: the rollout completes once the new model is set."""
-    name = DEPLOYMENTS[role]
-    wait_for(f"{name} -> {model}", lambda: c.model_env(c.deployment(name)) == model, alive=lambda: proc.poll() is None)
-    dep = c.deployment(name)
-    assert dep["spec"]["template"]["metadata"]["annotations"]["p2r.io/model"] == model
-    # the other container and the existing env are kept
-    containers = {x["name"]: x for x in dep["spec"]["template"]["spec"]["containers"]}
+def run_deployment(c: Cluster, name: str) -> dict[str, Any] | None:
+    return next((d for d in c.deployments() if d["metadata"]["name"] == name), None)
+
+
+def ready_when_pointing_at(c: Cluster, run: str, role: str, model: str, proc: subprocess.Popen[str]) -> None:
+    """Play the Deployment controller and the kubelet: once the run's own Deployment for
+    ``role`` exists, on ``model``, its pods start (Ready, from its template)."""
+    name = f"{run}-{role}"
+    dep = wait_for(f"Deployment {name}", lambda: run_deployment(c, name), alive=lambda: proc.poll() is None)
+    chart = c.deployment(DEPLOYMENTS[role])
+    template = dep["spec"]["template"]
+    assert c.model_env(dep) == model and template["metadata"]["annotations"]["p2r.io/model"] == model
+    assert c.model_env(chart) is None  # the chart's is untouched
+    # the chart's pod template: the other container, the env and the ports are kept
+    containers = {x["name"]: x for x in template["spec"]["containers"]}
     assert set(containers) == {"serve", "sidecar"}
     assert {"name": "P2R_LIMITS__MAX_MODEL_LEN", "value": "8192"} in containers["serve"]["env"]
-    c.set_ready(name)
+    assert containers["serve"]["ports"] == chart["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert dep["spec"]["strategy"] == chart["spec"]["strategy"]
+    # its own selector and component: the chart's Service, PDB and HPA never pick its pods
+    select = {"p2r.io/run": run, "p2r.io/role": role}
+    assert dep["spec"]["selector"]["matchLabels"] == select
+    labels = template["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == f"{role}-run" and select.items() <= labels.items()
+    # the release's name and instance labels stay: its NetworkPolicies select these pods
+    assert labels["app.kubernetes.io/name"] == "p2r" and labels["app.kubernetes.io/instance"]
+    assert labels["app.kubernetes.io/managed-by"] == "p2r-pipeline"
+    assert "helm.sh/chart" not in labels and "helm.sh/chart" not in dep["metadata"]["labels"]
+    assert dep["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "p2r-pipeline"
+    # owned by the release's pipeline ConfigMap: collected with it
+    assert owned(dep)
+    service = next(s for s in c.services() if s["metadata"]["name"] == name)
+    assert owned(service) and service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == select
+    assert {"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP"} in service["spec"]["ports"]
+    c.run_pods(name)
+
+
+def run_objects(c: Cluster, run: str) -> list[str]:
+    """The run's own role Deployments and Services still in the cluster."""
+    names = [*(f"Deployment/{d['metadata']['name']}" for d in c.deployments()),
+             *(f"Service/{s['metadata']['name']}" for s in c.services())]
+    return sorted(n for n in names if n.split("/", 1)[1].startswith(f"{run}-"))
 
 
 def stage_job(c: Cluster, name: str, proc: subprocess.Popen[str]) -> dict[str, Any]:
@@ -227,8 +279,8 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
     proc = controller(config, s3_server)
     try:
         # serve_reasoner: the frozen reasoner on the base model, the verifier on its own model
-        ready_when_pointing_at(c, "reasoner", "s3://models/qwen3-vl-tiny", proc)
-        ready_when_pointing_at(c, "verifier", "s3://models/verifier", proc)
+        ready_when_pointing_at(c, run, "reasoner", "s3://models/qwen3-vl-tiny", proc)
+        ready_when_pointing_at(c, run, "verifier", "s3://models/verifier", proc)
 
         job = stage_job(c, f"{run}-stage1-1", proc)
         specs = job["spec"]["pytorchReplicaSpecs"]
@@ -240,7 +292,7 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
         assert container["args"] == ["train", "--role", "perceiver", "--config", "/etc/p2r/train.yaml",
                                      "--resume", "auto"]
         assert container["resources"] == {"limits": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": 4},
-                                          "requests": {"nvidia.com/gpu": 4}}
+                                          "requests": {"ephemeral-storage": "210Gi", "nvidia.com/gpu": 4}}
         assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"] == "64Gi"
         env = {e["name"]: e for e in container["env"]}
         assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "p2r-s3", "key": "secret-key"}}
@@ -266,8 +318,8 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
         train = yaml.safe_load(c.config_map(f"{run}-stage1-1-config")["train.yaml"])  # type: ignore[index]
         assert train["role"] == "perceiver" and train["model"] == "s3://models/qwen3-vl-tiny"
         # dns:/// of the headless role Services: the trainers' round_robin reaches every pod
-        assert train["reasoner_endpoint"] == "dns:///p2r-reasoner.p2r.svc.cluster.local:50051"
-        assert train["verifier_endpoint"] == "dns:///p2r-verifier.p2r.svc.cluster.local:50051"
+        assert train["reasoner_endpoint"] == f"dns:///{run}-reasoner.p2r.svc.cluster.local:50051"
+        assert train["verifier_endpoint"] == f"dns:///{run}-verifier.p2r.svc.cluster.local:50051"
         assert train["output"] == f"s3://{bucket}/{run}/stage1" and train["max_steps"] == 3
         # the chart's PodMonitor finds rank 0: component label, a "metrics" port, bound to the pod IP
         assert train["metrics_port"] == 9100 and train["metrics_host"] == "0.0.0.0"
@@ -306,13 +358,16 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
         c.set_pytorchjob_condition(f"{run}-stage1-1", "Succeeded")
 
         stage1 = f"s3://{bucket}/{run}/stage1/step-3"
-        ready_when_pointing_at(c, "perceiver", stage1, proc)
+        ready_when_pointing_at(c, run, "perceiver", stage1, proc)
         job2 = stage_job(c, f"{run}-stage2-1", proc)
         assert job2["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"][2] \
             == "reasoner"
         train2 = yaml.safe_load(c.config_map(f"{run}-stage2-1-config")["train.yaml"])  # type: ignore[index]
         assert train2["model"] == stage1
-        assert train2["perceiver_endpoint"] == "dns:///p2r-perceiver.p2r.svc.cluster.local:50051"
+        assert train2["perceiver_endpoint"] == f"dns:///{run}-perceiver.p2r.svc.cluster.local:50051"
+        # stage 2 needs no reasoner service: the run's reasoner Deployment is gone (its GPUs freed)
+        assert run_deployment(c, f"{run}-reasoner") is None
+        assert run_deployment(c, f"{run}-verifier") is not None
         upload_as_trainer(tmp_path, f"s3://{bucket}/{run}/stage2/step-2", 2, "s2", s3_server)
         c.set_pytorchjob_condition(f"{run}-stage2-1", "Succeeded")
 
@@ -323,7 +378,7 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
         command = eval_job["spec"]["template"]["spec"]["containers"][0]["command"]
         assert command == ["p2r", "eval", "--model", final, "--perceiver-model", final, "--task", "synthetic",
                            "--data", "/data/synthetic-eval", "--mode", "p2r", "--out", f"s3://{bucket}/{run}/eval",
-                           "--limit", "6", "--verifier-endpoint", "dns:///p2r-verifier.p2r.svc.cluster.local:50051",
+                           "--limit", "6", "--verifier-endpoint", f"dns:///{run}-verifier.p2r.svc.cluster.local:50051",
                            "--max-new-tokens", "32"]
         assert eval_job["spec"]["backoffLimit"] == 0
         validate_created(eval_job)
@@ -359,6 +414,15 @@ def test_full_graph_with_a_controller_restart(tmp_path: Path, cluster: tuple[Clu
     status = p2r("pipeline", "status", "--config", str(config), env=s3_server)
     assert status.returncode == 0, status.stderr
     assert "succeeded" in status.stdout and "overall=50.0" in status.stdout and stage1 in status.stdout
+    # the run's own role Deployments and Services were deleted when it ended; the chart's stay
+    assert run_objects(c, run) == []
+    assert sorted(d["metadata"]["name"] for d in c.deployments()) == sorted(DEPLOYMENTS.values())
+    deleted = {(r["resource"], r["name"]) for r in c.em.requests()  # type: ignore[attr-defined]
+               if r["method"] == "DELETE" and r["user_agent"] != TEST_AGENT}
+    for role in ("reasoner", "verifier", "perceiver"):
+        assert {("apps/v1/deployments", f"{run}-{role}"), ("v1/services", f"{run}-{role}")} <= deleted
+    # what each role served is in the state until it was released
+    assert state["services"] == {}
 
 
 def test_failed_job_is_retried_with_a_new_name_then_the_run_stops(tmp_path: Path, cluster: tuple[Cluster, Path],
@@ -370,15 +434,15 @@ def test_failed_job_is_retried_with_a_new_name_then_the_run_stops(tmp_path: Path
     proc = controller(config, s3_server)
     try:
         for role, model in (("reasoner", "s3://models/qwen3-vl-tiny"), ("verifier", "s3://models/verifier")):
-            ready_when_pointing_at(c, role, model, proc)
+            ready_when_pointing_at(c, run, role, model, proc)
         job = stage_job(c, f"{run}-stage1-1", proc)
         # Kueue: the queue label, created suspended so Kueue admits the whole gang at once
         assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
         assert job["spec"]["runPolicy"]["suspend"] is True
         # the cluster's own DNS domain in the role targets
         train = yaml.safe_load(c.config_map(f"{run}-stage1-1-config")["train.yaml"])  # type: ignore[index]
-        assert train["reasoner_endpoint"] == "dns:///p2r-reasoner.p2r.svc.corp.internal:50051"
-        assert train["verifier_endpoint"] == "dns:///p2r-verifier.p2r.svc.corp.internal:50051"
+        assert train["reasoner_endpoint"] == f"dns:///{run}-reasoner.p2r.svc.corp.internal:50051"
+        assert train["verifier_endpoint"] == f"dns:///{run}-verifier.p2r.svc.corp.internal:50051"
         # no Hugging Face settings configured: no HF_* variables
         env = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
         assert not [e for e in env if e["name"].startswith("HF_")]
@@ -411,7 +475,7 @@ def test_a_torn_checkpoint_never_reaches_stage2(tmp_path: Path, cluster: tuple[C
     proc = controller(config, s3_server)
     try:
         for role, model in (("reasoner", "s3://models/qwen3-vl-tiny"), ("verifier", "s3://models/verifier")):
-            ready_when_pointing_at(c, role, model, proc)
+            ready_when_pointing_at(c, run, role, model, proc)
         stage_job(c, f"{run}-stage1-1", proc)
         put_object(bucket, f"{run}/stage1/step-3/model.safetensors", b"half", s3_server)  # no manifest
         c.set_pytorchjob_condition(f"{run}-stage1-1", "Succeeded")
@@ -424,6 +488,7 @@ def test_a_torn_checkpoint_never_reaches_stage2(tmp_path: Path, cluster: tuple[C
             f"s3://{bucket}/{run}/stage1") in err
     assert [j["metadata"]["name"] for j in c.pytorchjobs()] == [f"{run}-stage1-1"]
     assert c.model_env(c.deployment("p2r-perceiver")) is None  # never rolled
+    assert run_objects(c, run) == []  # the failed run's role Deployments are gone
 
 
 def test_cancel_deletes_the_running_job(tmp_path: Path, cluster: tuple[Cluster, Path],
@@ -434,7 +499,7 @@ def test_cancel_deletes_the_running_job(tmp_path: Path, cluster: tuple[Cluster, 
     proc = controller(config, s3_server)
     try:
         for role, model in (("reasoner", "s3://models/qwen3-vl-tiny"), ("verifier", "s3://models/verifier")):
-            ready_when_pointing_at(c, role, model, proc)
+            ready_when_pointing_at(c, run, role, model, proc)
         stage_job(c, f"{run}-stage1-1", proc)
         cancel = p2r("pipeline", "cancel", "--config", str(config), env=s3_server)
         assert cancel.returncode == 0, cancel.stderr
@@ -444,7 +509,7 @@ def test_cancel_deletes_the_running_job(tmp_path: Path, cluster: tuple[Cluster, 
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 1 and "cancelled" in err.strip().splitlines()[-1]
-    assert c.pytorchjobs() == []
+    assert c.pytorchjobs() == [] and run_objects(c, run) == []
     state = state_of(c, run)
     assert state["status"] == "cancelled" and state["steps"]["stage1"]["status"] == "cancelled"
 
@@ -462,12 +527,12 @@ def test_controller_places_the_reference_run_as_one_pod_with_4_gpus(tmp_path: Pa
     proc = controller(config, s3_server)
     try:
         for role, model in (("reasoner", "s3://models/qwen3-vl-tiny"), ("verifier", "s3://models/verifier")):
-            ready_when_pointing_at(c, role, model, proc)
+            ready_when_pointing_at(c, run, role, model, proc)
         job = stage_job(c, f"{run}-stage1-1", proc)
         assert_layout(job, n_pods=1, nproc=4, gpus=4)
         master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
         assert master["containers"][0]["resources"] == {
-            "requests": {"cpu": "32", "memory": "384Gi", "nvidia.com/gpu": 4},
+            "requests": {"cpu": "32", "memory": "384Gi", "ephemeral-storage": "210Gi", "nvidia.com/gpu": 4},
             "limits": {"memory": "512Gi", "nvidia.com/gpu": 4}}
         # NCCL between the pod's 4 local ranks: a memory-backed /dev/shm of 16Gi per rank
         assert next(v for v in master["volumes"] if v["name"] == "dshm") == {
@@ -488,7 +553,7 @@ def test_sigterm_keeps_the_run_and_cancel_without_a_controller_deletes_the_job(
     config = write_config(tmp_path, kubeconfig, run, f"runs-{uuid.uuid4().hex[:8]}")
     proc = controller(config, s3_server)
     for role, model in (("reasoner", "s3://models/qwen3-vl-tiny"), ("verifier", "s3://models/verifier")):
-        ready_when_pointing_at(c, role, model, proc)
+        ready_when_pointing_at(c, run, role, model, proc)
     stage_job(c, f"{run}-stage1-1", proc)
     # SIGTERM (a controller pod being rescheduled) stops the controller, not the run.
     proc.send_signal(signal.SIGTERM)
@@ -498,10 +563,14 @@ def test_sigterm_keeps_the_run_and_cancel_without_a_controller_deletes_the_job(
                                             "run again to resume")
     assert [j["metadata"]["name"] for j in c.pytorchjobs()] == [f"{run}-stage1-1"]  # the job keeps running
     assert state_of(c, run)["steps"]["stage1"]["status"] == "running"
-    # Nobody resumes it: cancel finds no live controller and deletes the job itself.
+    # the job still calls the run's role services: they stay for the controller that resumes
+    assert run_objects(c, run) == [f"Deployment/{run}-reasoner", f"Deployment/{run}-verifier",
+                                   f"Service/{run}-reasoner", f"Service/{run}-verifier"]
+    # Nobody resumes it: cancel finds no live controller and deletes the job and the services itself.
     cancel = p2r("pipeline", "cancel", "--config", str(config), "--wait", "1", env=s3_server)
     assert cancel.returncode == 0, cancel.stderr
     assert c.pytorchjobs() == [] and state_of(c, run)["status"] == "cancelled"
+    assert run_objects(c, run) == []
 
 
 def test_missing_inputs_are_reported_until_they_exist(tmp_path: Path, s3_server: dict[str, str]) -> None:
@@ -545,14 +614,14 @@ def test_missing_inputs_are_reported_until_they_exist(tmp_path: Path, s3_server:
             # nothing was started or rolled while the inputs are missing
             assert all(c.model_env(c.deployment(name)) is None for role, name in DEPLOYMENTS.items()
                        if role != "verifier")
-            assert c.jobs() == []
+            assert c.jobs() == [] and run_objects(c, run) == []
 
             # The platform team installs the operator, enables the role, creates the claim, uploads the model.
             em.install(PYTORCHJOBS)
             c.create_deployment(DEPLOYMENTS["verifier"], "verifier")
             c.create_pvc("p2r-data")
             seed_models(tmp_path, s3_server, (model,))
-            ready_when_pointing_at(c, "reasoner", model, proc)  # the run goes on by itself
+            ready_when_pointing_at(c, run, "reasoner", model, proc)  # the run goes on by itself
             assert any(e["reason"] == "InputsReady" and e["type"] == "Normal" for e in c.events())
             state = state_of(c, run)
             assert state["steps"]["inputs"]["status"] == "succeeded" and state["steps"]["inputs"]["attempts"] == 1
@@ -631,7 +700,8 @@ def test_chart_values_reach_the_pods_the_controller_builds(tmp_path: Path) -> No
             "items": [{"key": f, "path": f} for f in ("ca.crt", "tls.crt", "tls.key")]}}
     assert [v["name"] for v in job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["volumes"]] == [
         "config", "data", "work", "tmp", "dshm", "client-tls"]  # the overlays' indexes stay put
-    assert backend._endpoint("verifier") == "dns:///p2r-verifier.p2r.svc.corp.internal:50051"
+    assert backend._endpoint("p2r-verifier") == "dns:///p2r-verifier.p2r.svc.corp.internal:50051"
+    assert config.kubernetes.serving_roles == [] and config.kubernetes.admin_port == 50052
     # the defaults: no Hub settings for the pods, the standard cluster domain
     defaults_cm = one(render({"controller": {"enabled": True}}), "ConfigMap", "p2r-pipeline")
     path.write_text(defaults_cm["data"]["pipeline.yaml"])
