@@ -114,9 +114,10 @@ def _hidden(name: str) -> bool:
     return any(part.startswith(".") for part in name.split("/"))
 
 
-def parse_manifest(text: bytes | str, where: str) -> dict[str, Any]:
+def parse_manifest(text: bytes | str, where: str, model: bool = True) -> dict[str, Any]:
     """The manifest's JSON, checked: an object whose ``files`` is a non-empty map of safe
-    relative names to sha256 hex digests. CheckpointError names ``where``'s manifest."""
+    relative names to sha256 hex digests, with a model's config.json and weights unless
+    ``model=False`` (a data set). CheckpointError names ``where``'s manifest."""
     try:
         manifest = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
@@ -128,7 +129,7 @@ def parse_manifest(text: bytes | str, where: str) -> dict[str, Any]:
         safe_relative(name, f"{where}: {MANIFEST}")
         if name == MANIFEST or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
             raise CheckpointError(f"{where}: {MANIFEST}: {name!r} has no sha256 digest")
-    if "config.json" not in files or not any(n.endswith(".safetensors") for n in files):
+    if model and ("config.json" not in files or not any(n.endswith(".safetensors") for n in files)):
         raise CheckpointError(f"{where}: the manifest lists no config.json or no *.safetensors weights")
     return manifest
 
@@ -146,7 +147,7 @@ def model_file(name: str) -> bool:
 
 def verify_manifest(where: str, manifest_text: bytes | str | None, present: Iterable[str],
                     digest_of: Callable[[str, str], str],
-                    wanted: Callable[[str], bool] | None = None) -> dict[str, Any]:
+                    wanted: Callable[[str], bool] | None = None, model: bool = True) -> dict[str, Any]:
     """**The** definition of a complete checkpoint, shared by every reader (local directories,
     S3 mirrors, the controller's streamed check): the manifest exists and parses
     (``parse_manifest``), no file outside it is present (dot-files aside), and every listed file
@@ -156,7 +157,7 @@ def verify_manifest(where: str, manifest_text: bytes | str | None, present: Iter
     reader skips ``train_state/``); an unlisted file is refused all the same. Returns the manifest."""
     if manifest_text is None:
         raise CheckpointError(f"{where}: no {MANIFEST} (incomplete upload?)")
-    manifest = parse_manifest(manifest_text, where)
+    manifest = parse_manifest(manifest_text, where, model)
     files: dict[str, str] = manifest["files"]
     present = set(present)
     unlisted = sorted(n for n in present if n not in files and n != MANIFEST and not _hidden(n))
@@ -534,7 +535,7 @@ def put_files(local_dir: Path, names: list[str], uri: str) -> str:
     return uri
 
 
-def _remote_manifest_files(uri: str) -> tuple[dict[str, str], set[str]]:
+def _remote_manifest_files(uri: str, model: bool = True) -> tuple[dict[str, str], set[str]]:
     """(files of the manifest already at ``uri``, names of the objects there); ({}, set()) when
     there is none. A manifest that does not parse counts as none (it is replaced)."""
     if uri.startswith("s3://"):
@@ -558,7 +559,7 @@ def _remote_manifest_files(uri: str) -> tuple[dict[str, str], set[str]]:
     if text is None:
         return {}, present
     try:
-        return dict(parse_manifest(text, uri)["files"]), present
+        return dict(parse_manifest(text, uri, model)["files"]), present
     except CheckpointError:
         return {}, present
 
@@ -595,14 +596,14 @@ def upload_model(src: Path, uri: str, model: bool = True) -> dict[str, int]:
     elif not src.is_dir():
         raise CheckpointError(f"{src}: no such directory")
     if (src / MANIFEST).is_file():
-        files = parse_manifest((src / MANIFEST).read_bytes(), str(src))["files"]
+        files = parse_manifest((src / MANIFEST).read_bytes(), str(src), model)["files"]
         manifest_dir = src
     else:
         files = manifest_files(src)
         manifest_dir = Path(tempfile.mkdtemp(prefix="p2r-manifest-"))
         (manifest_dir / MANIFEST).write_text(manifest_json(files))
     try:
-        remote, present = _remote_manifest_files(uri)
+        remote, present = _remote_manifest_files(uri, model)
         changed = sorted(n for n, digest in files.items() if remote.get(n) != digest or n not in present)
         if changed or remote.keys() != files.keys() or MANIFEST not in present:
             if MANIFEST in present:

@@ -140,4 +140,24 @@ done
 "$P2R" pipeline cancel --config "$WORK/cancel.yaml"
 if wait "$CTRL"; then log "FAIL: a cancelled run exited 0"; exit 1; fi
 "$PY" tests/e2e/check.py --config "$WORK/cancel.yaml" --cancelled
+
+# 9. cpu-smoke as installed: the chart's own controller, nothing done by hand. The seed Job writes
+#    the tiny model and the synthetic set to the release's MinIO (which creates its bucket and
+#    users itself), the trainer pods fetch the set from s3://, and the controller runs
+#    stage 1 -> stage 2 -> eval by itself; this only waits for its state to say eval succeeded.
+log "cpu-smoke with the chart's controller (no manual step)"
+helm upgrade --install p2r charts/p2r -n "$NS" -f charts/p2r/ci/cpu-smoke-values.yaml \
+  --set image.repository=p2r-cpu --set image.tag=e2e --set image.pullPolicy=Never \
+  --set controller.enabled=true --set networkPolicy.enabled=false --wait --wait-for-jobs --timeout 20m
+state() { kubectl -n "$NS" get configmap p2r-pipeline-smoke -o jsonpath='{.data.state\.json}' 2>/dev/null || true; }
+for _ in $(seq 1 360); do
+  if state | "$PY" -c 'import json,sys; s=json.loads(sys.stdin.read() or "{}"); st=s.get("steps",{}).get("eval",{}).get("status"); sys.exit(0 if st=="succeeded" else 2 if s.get("status")=="failed" else 1)'; then
+    break
+  elif [ $? -eq 2 ]; then
+    state >&2; kubectl -n "$NS" logs deploy/p2r-controller --tail=50 >&2; exit 1
+  fi
+  sleep 10
+done
+state | "$PY" -c 'import json,sys; s=json.loads(sys.stdin.read()); assert s["steps"]["eval"]["status"]=="succeeded", s'
+log "cpu-smoke: stage 1 -> stage 2 -> eval finished with no manual step"
 log "PASS"
