@@ -137,7 +137,8 @@ def test_serve_yaml_is_what_p2r_serve_loads(profile: str, rendered: dict[str, li
     values = merged_values(PROFILES[profile])
     docs = rendered[profile]
     for role in ROLES:
-        if not values["roles"][role]["enabled"]:
+        # The verifier's enabled is derived (null: with the controller; tests/test_chart_defaults.py).
+        if not values["roles"][role].get("enabled", bool(find(docs, "Deployment", "p2r-controller"))):
             assert not find(docs, "Deployment", f"p2r-{role}")
             continue
         path = tmp_path / f"{role}.yaml"
@@ -206,8 +207,9 @@ def _gpus(c: dict[str, Any], kind: str) -> int:
 
 
 @pytest.mark.parametrize(("profile", "expected"), [
-    ("default", {"perceiver": 1, "reasoner": 1, "verifier": 1, "gateway": 0}),
-    ("gpu-production", {"perceiver": 1, "reasoner": 2, "verifier": 1, "gateway": 0}),
+    # No verifier without the controller (serving never calls it).
+    ("default", {"perceiver": 1, "reasoner": 1, "gateway": 0}),
+    ("gpu-production", {"perceiver": 1, "reasoner": 2, "gateway": 0}),
     ("cpu-smoke", {"perceiver": 0, "reasoner": 0, "verifier": 0, "gateway": 0}),
 ])
 def test_gpu_requests(profile: str, expected: dict[str, int], rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -235,7 +237,7 @@ def test_probes_and_drain(profile: str, rendered: dict[str, list[dict[str, Any]]
     values = merged_values(PROFILES[profile])
     drain, probes = values["drain"], values["probes"]
     for role in ROLES:
-        if not values["roles"][role]["enabled"]:
+        if not find(rendered[profile], "Deployment", f"p2r-{role}"):
             continue
         deploy = one(rendered[profile], "Deployment", f"p2r-{role}")
         spec = deploy["spec"]["template"]["spec"]
@@ -289,6 +291,7 @@ def test_config_change_rolls_the_pods() -> None:
 VERBS = {"read": "get", "get": "get", "create": "create", "patch": "patch", "delete": "delete", "list": "list",
          "replace": "update", "watch": "watch"}
 RESOURCES = {"config_map": ("", "configmaps"), "deployment": ("apps", "deployments"), "job": ("batch", "jobs"),
+             "service": ("", "services"),
              "pod": ("", "pods"), "pod_log": ("", "pods/log"), "secret": ("", "secrets"),
              "persistent_volume_claim": ("", "persistentvolumeclaims"), "event": ("", "events")}
 # kubeflow-training's TrainingClient methods and the API calls they make.
@@ -319,7 +322,10 @@ def test_controller_api_calls_are_found() -> None:
     """The source scan sees the calls the controller is known to make (guards the regex)."""
     calls = controller_api_calls()
     assert {"create", "get"} <= calls[("kubeflow.org", "pytorchjobs")]
-    assert "patch" in calls[("apps", "deployments")] and "create" in calls[("batch", "jobs")]
+    assert {"create", "delete"} <= calls[("apps", "deployments")] and "create" in calls[("batch", "jobs")]
+    # a run never patches or updates a Deployment (the chart's belong to Helm / Argo CD)
+    assert not {"patch", "update"} & calls[("apps", "deployments")]
+    assert calls[("", "pods")] == {"list"}
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
@@ -342,7 +348,8 @@ def test_pipeline_yaml_is_what_the_controller_loads(profile: str, rendered: dict
         container = one(rendered[profile], "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
         assert container["name"] == k.server_container, role
     # Trainers and eval write checkpoints as the least-privilege writer (the release's MinIO).
-    assert k.s3_secret == ("p2r-s3-writer" if values["minio"]["enabled"] else values["s3"]["existingSecret"])
+    minio = bool(find(rendered[profile], "StatefulSet", "p2r-minio"))
+    assert k.s3_secret == ("p2r-s3-writer" if minio else values["s3"]["existingSecret"])
     assert k.image == one(rendered[profile], "Deployment", "p2r-controller")["spec"]["template"]["spec"][
         "containers"][0]["image"]
     # The layout is kubernetes.workers x nproc_per_node (one gpu_resource each), never a GPU count
@@ -372,7 +379,8 @@ def test_controller_rbac_is_least_privilege(profile: str, rendered: dict[str, li
     values = merged_values(PROFILES[profile])
     assert not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding")
     if not values["controller"]["enabled"]:
-        assert not find(docs, "Role") and not find(docs, "ServiceAccount")
+        # Role pods have their own ServiceAccounts (tests/test_chart_defaults.py), with no token.
+        assert not find(docs, "Role") and not find(docs, "ServiceAccount", "p2r-controller")
         return
     role = one(docs, "Role", "p2r-controller")
     rules: dict[tuple[str, str], set[str]] = {}
@@ -381,8 +389,8 @@ def test_controller_rbac_is_least_privilege(profile: str, rendered: dict[str, li
             for resource in rule["resources"]:
                 assert "*" not in (group, resource, *rule["verbs"])
                 rules[(group, resource)] = set(rule["verbs"])
-                if resource == "deployments":
-                    assert set(rule["resourceNames"]) == {"p2r-perceiver", "p2r-reasoner", "p2r-verifier"}
+                if resource == "deployments":  # the run's own are created and deleted; none is ever written
+                    assert not {"patch", "update"} & set(rule["verbs"])
     assert rules == controller_api_calls(), "the Role must grant exactly what controller/kube.py calls"
     binding = one(docs, "RoleBinding", "p2r-controller")
     sa_name = values["controller"]["serviceAccount"]["name"] or "p2r-controller"
@@ -407,7 +415,7 @@ def test_no_plaintext_credentials(profile: str, rendered: dict[str, list[dict[st
     # The admin token Secret (templates/security.yaml) is checked in tests/test_security.py.
     secrets = [s for s in find(docs, "Secret") if s["metadata"]["name"] != "p2r-admin-token"]
     admin = values["s3"]["existingSecret"] or "p2r-s3"
-    if values["minio"]["enabled"]:
+    if find(docs, "StatefulSet", "p2r-minio"):
         users = {"reader": "p2r-s3-reader", "writer": "p2r-s3-writer"}
         assert sorted(s["metadata"]["name"] for s in secrets) == sorted({admin, *users.values()} - {
             values["s3"]["existingSecret"]})
@@ -507,7 +515,7 @@ def test_autoscaling_on_waiting_requests(rendered: dict[str, list[dict[str, Any]
         assert metric["metric"]["name"] == "vllm_num_requests_waiting"
         assert metric["target"] == {"type": "AverageValue", "averageValue": "8"}
         assert "replicas" not in one(docs, "Deployment", name)["spec"]  # the HPA owns it
-    assert one(docs, "Deployment", "p2r-verifier")["spec"]["replicas"] == 1
+    assert not find(docs, "Deployment", "p2r-verifier")  # only with the controller (test_chart_defaults.py)
     assert not find(rendered["default"], "HorizontalPodAutoscaler")
 
 
@@ -527,16 +535,26 @@ def test_network_policies(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
     metrics_from = merged_values(PROFILES["gpu-production"])["networkPolicy"]["metricsFrom"]
     internal = [{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "p2r"}}}]
+    # the admin port (Admin.LoadCheckpoint): the controller and the trainer pods only
+    admin_from = [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "p2r", "app.kubernetes.io/instance": "p2r",
+                                                   "app.kubernetes.io/component": "controller"}}},
+                  {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "p2r",
+                                                   "app.kubernetes.io/component": "trainer"}}}]
     for name, spec in policies.items():
         for rule in spec["ingress"]:
             ports = {p["port"] for p in rule["ports"]}
             if ports == {"metrics"}:
                 assert rule["from"] == metrics_from, name
+            elif ports == {"admin"}:
+                assert name in ("p2r-perceiver", "p2r-reasoner", "p2r-verifier") and rule["from"] == admin_from
             elif name == "p2r-gateway":
                 assert ports == {"grpc", "http"} and rule["from"] == gateway_from
             else:
                 assert rule["from"] == internal, (name, rule)
-    assert set(policies) == {"p2r-perceiver", "p2r-reasoner", "p2r-verifier", "p2r-gateway", "p2r-minio"}
+    # A policy per deployed role (the verifier only with the controller) and MinIO where it runs.
+    deployed = {d["metadata"]["name"] for d in find(docs, "Deployment") + find(docs, "StatefulSet")}
+    assert set(policies) == {"p2r-perceiver", "p2r-reasoner", "p2r-verifier", "p2r-gateway", "p2r-minio"} & deployed
+    assert {"p2r-perceiver", "p2r-reasoner", "p2r-gateway"} <= set(policies)
 
 
 def test_monitoring_switches(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -547,7 +565,8 @@ def test_monitoring_switches(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "9090"
     assert "p2r-rules.yaml" in one(default, "ConfigMap", "p2r-alert-rules")["data"]
     monitors = {m["metadata"]["name"] for m in find(prod, "ServiceMonitor")}
-    assert monitors == {f"p2r-{c}" for c in ROLES}  # the controller is off in gpu-production
+    # The controller (and so the verifier) is off in gpu-production.
+    assert monitors == {f"p2r-{c}" for c in ROLES if c != "verifier"}
     for m in find(prod, "ServiceMonitor") + find(prod, "PodMonitor") + find(prod, "PrometheusRule"):
         assert m["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     for m in find(prod, "ServiceMonitor"):
@@ -669,7 +688,7 @@ def test_role_services_are_headless_and_clients_use_dns(rendered: dict[str, list
     """Model roles: headless Services, so the gateway's dns:/// target resolves every pod for
     round_robin. The gateway keeps a ClusterIP (or LoadBalancer) Service for outside traffic and
     a headless one for in-cluster gRPC clients."""
-    docs = rendered["default"]
+    docs = render({"roles": {"verifier": {"enabled": True}}})
     for role in ("perceiver", "reasoner", "verifier"):
         assert one(docs, "Service", f"p2r-{role}")["spec"]["clusterIP"] == "None", role
     assert "clusterIP" not in one(docs, "Service", "p2r-gateway")["spec"]
@@ -697,7 +716,8 @@ def test_role_maps_replace_and_null_removes(rendered: dict[str, list[dict[str, A
     docs = render({"roleDefaults": {"nodeSelector": {"pool": "gpu", "zone": "a"},
                                     "podAnnotations": {"a": "1"}, "priorityClassName": "p2r-serving",
                                     "serveConfig": {"limits": {"max_model_len": 4096, "max_num_seqs": 8}}},
-                   "roles": {"perceiver": {"nodeSelector": {"pool": "small"}, "priorityClassName": None,
+                   "roles": {"verifier": {"enabled": True},
+                             "perceiver": {"nodeSelector": {"pool": "small"}, "priorityClassName": None,
                                            "serveConfig": {"limits": {"max_num_seqs": 2}}},
                              "reasoner": {"nodeSelector": None}}})
     perceiver = one(docs, "Deployment", "p2r-perceiver")["spec"]["template"]
@@ -748,10 +768,11 @@ def test_model_cache_volumes(rendered: dict[str, list[dict[str, Any]]]) -> None:
     from p2r.services.config import ServeConfig
 
     for role in ROLES:  # ServeConfig adds the role: /cache/models/<role>
-        root = _serve_yaml(rendered["default"], role)["checkpoint_cache"]
+        root = _serve_yaml(rendered["cpu-smoke"], role)["checkpoint_cache"]
         cfg = ServeConfig.model_construct(checkpoint_cache=Path(root), roles=[role])
         assert cfg.model_cache == Path(f"/cache/models/{role}")
-    assert _cache_volume(rendered["default"])["emptyDir"] == {"sizeLimit": "40Gi"}
+    # The default: a claim per model role (kept across pod restarts; tests/test_chart_defaults.py).
+    assert _cache_volume(rendered["default"])["persistentVolumeClaim"] == {"claimName": "p2r-reasoner-cache"}
     shared = render({"cache": {"existingClaim": "models-rwx"}})
     assert _cache_volume(shared)["persistentVolumeClaim"] == {"claimName": "models-rwx"}
     eph = render({"cache": {"ephemeral": {"enabled": True, "volumeClaimTemplate": {"spec": {
@@ -804,11 +825,8 @@ def _without_secret_data(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def test_secrets_stable_path() -> None:
     """With existing Secrets two renders are identical (GitOps); with generated ones only the
-    keys and their checksums differ, each pod's checksum is that of the Secret it reads, and the
-    Secrets are kept on uninstall."""
-    import hashlib
-    import json
-
+    keys differ: no pod carries a checksum of generated keys (issue 24: each render would restart
+    every pod), and the Secrets are kept on uninstall."""
     existing: dict[str, Any] = {
         "s3": {"existingSecret": "s3-admin", "users": {"reader": {"existingSecret": "s3-ro"},
                                                        "writer": {"existingSecret": "s3-rw"}}},
@@ -821,12 +839,10 @@ def test_secrets_stable_path() -> None:
     g1, g2 = render(generated), render(generated)
     assert g1 != g2 and _without_secret_data(g1) == _without_secret_data(g2)
     secrets = {s["metadata"]["name"]: s for s in find(g1, "Secret") if s["metadata"]["name"].startswith("p2r-s3")}
-    digest = {n: hashlib.sha256(json.dumps(s["data"], separators=(",", ":"), sort_keys=True).encode()).hexdigest()
-              for n, s in secrets.items()}
-    reads = {"p2r-reasoner": "p2r-s3-reader", "p2r-controller": "p2r-s3-writer", "p2r-minio": "p2r-s3"}
-    for workload, secret in reads.items():
+    assert set(secrets) == {"p2r-s3", "p2r-s3-reader", "p2r-s3-writer"}
+    for workload in ("p2r-reasoner", "p2r-controller", "p2r-minio"):
         obj = (find(g1, "Deployment", workload) + find(g1, "StatefulSet", workload))[0]
-        assert obj["spec"]["template"]["metadata"]["annotations"]["checksum/s3-credentials"] == digest[secret]
+        assert "checksum/s3-credentials" not in (obj["spec"]["template"]["metadata"].get("annotations") or {})
     assert all(s["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for s in secrets.values())
     keys = {base64_decode(s["data"]["AWS_ACCESS_KEY_ID"]) for s in secrets.values()}
     assert len(keys) == 3  # three distinct users
@@ -883,7 +899,13 @@ _BACKEND = {"type": "object", "additionalProperties": False, "required": ["name"
     "weight": {"type": "integer"}}}
 
 
-def _route_schema(kind: str, match: dict[str, Any]) -> dict[str, Any]:
+_DURATION_GW = {"type": "string", "pattern": "^([0-9]{1,5}(h|m|s|ms)){1,4}$"}
+# HTTPRouteRule.timeouts (HTTPRouteTimeouts, standard channel since v1.2); GRPCRouteRule has none.
+_HTTP_TIMEOUTS = {"timeouts": {"type": "object", "additionalProperties": False, "properties": {
+    "request": _DURATION_GW, "backendRequest": _DURATION_GW}}}
+
+
+def _route_schema(kind: str, match: dict[str, Any], rule: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
             "properties": {
                 "apiVersion": {"const": "gateway.networking.k8s.io/v1"}, "kind": {"const": kind},
@@ -892,7 +914,7 @@ def _route_schema(kind: str, match: dict[str, Any]) -> dict[str, Any]:
                     "parentRefs": {"type": "array", "items": _PARENT}, "hostnames": {"type": "array"},
                     "rules": {"type": "array", "items": {"type": "object", "additionalProperties": False,
                                                          "properties": {
-                        "matches": {"type": "array", "items": match},
+                        "matches": {"type": "array", "items": match}, **(rule or {}),
                         "backendRefs": {"type": "array", "items": _BACKEND}}}}}}}}
 
 
@@ -904,7 +926,7 @@ ROUTE_SCHEMAS = {
     "HTTPRoute": _route_schema("HTTPRoute", {"type": "object", "additionalProperties": False, "properties": {
         "path": {"type": "object", "additionalProperties": False, "properties": {
             "type": {"enum": ["Exact", "PathPrefix", "RegularExpression"]}, "value": {"type": "string"}}},
-        "headers": {"type": "array"}, "method": {"type": "string"}}}),
+        "headers": {"type": "array"}, "method": {"type": "string"}}}, _HTTP_TIMEOUTS),
 }
 
 

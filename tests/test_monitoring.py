@@ -12,6 +12,7 @@ metric families (HELP/TYPE) and only ``p2r_pipeline_running`` has a sample."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -546,3 +547,234 @@ def test_real_prometheus_answers_each_dashboard(role_server: Any, live_trainer: 
     finally:
         stop_process(proc, timeout=30)
         log.close()
+
+
+# ------------------------------------------------------- TLS: scraped as the chart says (issue 24)
+
+TLS_SECRET = "p2r-tls"
+CERT_DIR_IN_PROMETHEUS = f"/etc/prometheus/secrets/{TLS_SECRET}"
+# The labels of `up` on each path, as the live test below reads them from a real Prometheus; the
+# promtool cases of the availability alerts label their series exactly so.
+OPERATOR_UP_LABELS = {"__name__", "job", "instance", "namespace", "service", "pod", "container", "endpoint",
+                      "component"}
+ANNOTATION_UP_LABELS = {"__name__", "job", "instance", "namespace", "pod", "component"}
+
+
+@pytest.fixture(scope="module")
+def role_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA and, signed by it, the release's one TLS Secret as cert-manager would issue it for
+    values.yaml's security.tls: a certificate naming every role Service (and 127.0.0.1 for the
+    test), with no extended key usage (cert-manager's default), so the pods and a ServiceMonitor
+    can also present it as a client certificate."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    out = tmp_path_factory.mktemp("role-tls")
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "p2r monitoring test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    names = [x509.DNSName(f"p2r-{role}{suffix}") for role in SERVING_ROLES
+             for suffix in ("", ".p2r.svc", ".p2r.svc.cluster.local")]
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "p2r")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([*names, x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False).sign(ca_key, hashes.SHA256()))
+    (out / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (out / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / "tls.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption()))
+    return out
+
+
+def _sanitize(name: str) -> str:
+    """Prometheus' Kubernetes discovery turns label / annotation names into label names so."""
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+
+def _secret_file(certs: Path, ref: dict[str, Any]) -> str:
+    """A ServiceMonitor's SecretKeySelector, resolved to the file the TLS Secret's key holds."""
+    assert ref["name"] == TLS_SECRET, ref
+    return str(certs / ref["key"])
+
+
+def _operator_job(docs: list[dict[str, Any]], role: str, certs: Path, target: str) -> dict[str, Any]:
+    """What the Prometheus Operator generates for the chart's ServiceMonitor of ROLE, with the
+    endpoint's scheme, path, tlsConfig and relabelings taken from the rendered object and the
+    discovery labels of the rendered Service: Kubernetes discovery is replaced by one static
+    target (the pod's metrics port) carrying those labels."""
+    monitor = one(docs, "ServiceMonitor", f"p2r-{role}")
+    service = one(docs, "Service", f"p2r-{role}")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    job: dict[str, Any] = {"job_name": f"serviceMonitor/p2r/p2r-{role}/0", "scrape_interval": "1s",
+                           "scheme": endpoint.get("scheme", "http"), "metrics_path": endpoint.get("path", "/metrics")}
+    if tls := endpoint.get("tlsConfig"):
+        job["tls_config"] = {"ca_file": _secret_file(certs, tls["ca"]["secret"]), "server_name": tls["serverName"]}
+        if "cert" in tls:
+            job["tls_config"] |= {"cert_file": _secret_file(certs, tls["cert"]["secret"]),
+                                  "key_file": _secret_file(certs, tls["keySecret"])}
+    meta = {f"__meta_kubernetes_service_label_{_sanitize(k)}": v for k, v in service["metadata"]["labels"].items()}
+    meta |= {"__meta_kubernetes_namespace": "p2r", "__meta_kubernetes_service_name": service["metadata"]["name"],
+             "__meta_kubernetes_pod_name": f"p2r-{role}-5d9f7-abcde", "__meta_kubernetes_pod_container_name": "serve"}
+    job["static_configs"] = [{"targets": [target], "labels": meta}]
+    # The operator's own relabelling (namespace, service, pod, container, job, endpoint), then the chart's.
+    job["relabel_configs"] = [
+        *({"source_labels": [f"__meta_kubernetes_{src}"], "target_label": dst} for src, dst in (
+            ("namespace", "namespace"), ("service_name", "service"), ("pod_name", "pod"),
+            ("pod_container_name", "container"), ("service_name", "job"))),
+        {"target_label": "endpoint", "replacement": endpoint["port"]},
+        *({_sanitize_key(k): v for k, v in r.items()} for r in endpoint.get("relabelings", []))]
+    return job
+
+
+def _sanitize_key(key: str) -> str:
+    """ServiceMonitor relabeling field names (camelCase) as Prometheus' relabel_configs spell them."""
+    return {"sourceLabels": "source_labels", "targetLabel": "target_label"}.get(key, key)
+
+
+def _annotation_job(docs: list[dict[str, Any]], role: str, certs: Path) -> dict[str, Any]:
+    """The chart's scrape job for ROLE from ConfigMap p2r-scrape-config, as written, except that
+    Kubernetes discovery is replaced by one static target carrying the discovery labels of the
+    rendered pod (its annotations and labels) at the pod's first container port, and the TLS
+    Secret's mount path by the directory holding its files."""
+    text = one(docs, "ConfigMap", "p2r-scrape-config")["data"]["p2r-scrape.yaml"]
+    (job,) = [j for j in yaml.safe_load(text)["scrape_configs"] if j["job_name"] == f"p2r-{role}"]
+    assert job.pop("kubernetes_sd_configs") == [{"role": "pod", "namespaces": {"names": ["p2r"]}}]
+    if "tls_config" in job:
+        job["tls_config"] = {k: v.replace(CERT_DIR_IN_PROMETHEUS, str(certs)) if k.endswith("_file") else v
+                             for k, v in job["tls_config"].items()}
+    pod = one(docs, "Deployment", f"p2r-{role}")["spec"]["template"]
+    meta = {f"__meta_kubernetes_pod_annotation_{_sanitize(k)}": str(v)
+            for k, v in pod["metadata"].get("annotations", {}).items()}
+    meta |= {f"__meta_kubernetes_pod_label_{_sanitize(k)}": str(v) for k, v in pod["metadata"]["labels"].items()}
+    meta |= {"__meta_kubernetes_namespace": "p2r", "__meta_kubernetes_pod_name": f"p2r-{role}-5d9f7-abcde"}
+    first_port = pod["spec"]["containers"][0]["ports"][0]["containerPort"]
+    job |= {"scrape_interval": "1s", "static_configs": [{"targets": [f"127.0.0.1:{first_port}"], "labels": meta}]}
+    return job
+
+
+def _start_rendered_gateway(docs: list[dict[str, Any]], certs: Path, work: Path) -> subprocess.Popen[str]:
+    """A real `p2r serve gateway` on the rendered serve.yaml (TLS, metrics port), with the pod's
+    mount paths mapped to local files and loopback for host and remote roles (it calls none)."""
+    cfg = yaml.safe_load(one(docs, "ConfigMap", "p2r-gateway")["data"]["serve.yaml"])
+    assert cfg["tls"]["cert_file"] == "/etc/p2r/tls/tls.crt"
+    cfg["tls"] = {k: str(certs / Path(v).name) if k.endswith("_file") else v for k, v in cfg["tls"].items()}
+    cfg |= {"host": "127.0.0.1", "port": 0, "http_port": None, "checkpoint_cache": str(work / "cache"),
+            "perceiver_endpoint": "127.0.0.1:1", "reasoner_endpoint": "127.0.0.1:1"}
+    (work / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "p2r.cli", "serve", "gateway", "--config", str(work / "serve.yaml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "p2r serve ready:" in line:
+            import threading
+
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+            return proc
+    stop_process(proc, timeout=10)
+    raise RuntimeError("p2r serve did not start:\n" + "".join(lines[-40:]))
+
+
+@pytest.mark.parametrize("require_client_cert", [False, True])
+def test_tls_metrics_are_scraped_as_the_chart_says(role_certs: Path, tmp_path: Path,
+                                                   require_client_cert: bool) -> None:
+    """security.tls on: a real `p2r serve gateway` on the rendered serve.yaml serves HTTPS metrics,
+    and a real Prometheus scrapes it both ways the chart documents - the ServiceMonitor (Operator)
+    and the scrape job of ConfigMap p2r-scrape-config reading the pod's prometheus.io/*
+    annotations - with the rendered scheme, port, TLS settings and relabelling: each target is
+    up with component="gateway", and the gateway's availability alert expression is empty."""
+    port = free_port()
+    tls = {"secretName": TLS_SECRET, "requireClientCert": require_client_cert}
+    operator = render({"security": {"tls": tls}, "ports": {"metrics": port},
+                       "monitoring": {"serviceMonitor": {"enabled": True}}})
+    annotations = render({"security": {"tls": tls}, "ports": {"metrics": port}})
+    assert not find(operator, "ConfigMap", "p2r-scrape-config")  # one path at a time
+    server = _start_rendered_gateway(annotations, role_certs, tmp_path)
+    web = free_port()
+    try:
+        jobs = [_operator_job(operator, "gateway", role_certs, f"127.0.0.1:{port}"),
+                _annotation_job(annotations, "gateway", role_certs)]
+        assert jobs[0]["scheme"] == "https" and "tls_config" in jobs[1]
+        (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rendered_rules()))
+        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                  "rule_files": [str(tmp_path / "rules.yaml")], "scrape_configs": jobs}
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        log = (tmp_path / "prometheus.log").open("w")
+        prom = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{web}"],
+                                stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{web}"
+        try:
+            deadline = time.monotonic() + 60
+            up: list[dict[str, Any]] = []
+            while len(up) < 2 or not all(r["value"][1] == "1" for r in up):
+                if prom.poll() is not None or time.monotonic() > deadline:
+                    with urllib.request.urlopen(f"{base}/api/v1/targets", timeout=10) as r:
+                        targets = json.loads(r.read())["data"]["activeTargets"]
+                    raise AssertionError(f"not scraped: {up}\n" + json.dumps(
+                        [(t["scrapePool"], t["scrapeUrl"], t["health"], t["lastError"]) for t in targets], indent=1))
+                with contextlib.suppress(OSError):  # not listening yet
+                    up = _query(base, 'up{namespace="p2r"}')
+                time.sleep(0.5)
+            assert [r["metric"]["job"] for r in up] == ["p2r-gateway", "p2r-gateway"], up
+            labels = sorted((set(r["metric"]) | {"__name__"} for r in up), key=len)
+            assert labels == [ANNOTATION_UP_LABELS, OPERATOR_UP_LABELS], labels
+            assert all(r["metric"]["component"] == "gateway" for r in up), up
+            assert {r["metric"]["instance"] for r in up} == {f"127.0.0.1:{port}"}
+            samples = _query(base, 'scrape_samples_scraped{namespace="p2r"}')
+            assert len(samples) == 2 and all(float(s["value"][1]) > 0 for s in samples), samples
+            (rule,) = [r for g in rendered_rules()["groups"] for r in g["rules"]
+                       if r.get("alert") == "P2RGatewayUnavailable"]
+            assert _query(base, rule["expr"]) == []
+        finally:
+            stop_process(prom, timeout=30)
+            log.close()
+    finally:
+        stop_process(server, timeout=30)
+
+
+def _up_series(path: str, role: str, pod: str) -> str:
+    """`up` of one pod of ROLE labelled as the path yields (label names: the live test above)."""
+    labels = {"job": f"p2r-{role}", "instance": f"{pod}:9090", "namespace": "p2r", "pod": f"p2r-{role}-{pod}",
+              "component": role}
+    if path == "operator":
+        labels |= {"service": f"p2r-{role}", "container": "serve", "endpoint": "metrics"}
+    assert set(labels) | {"__name__"} == (OPERATOR_UP_LABELS if path == "operator" else ANNOTATION_UP_LABELS)
+    return "up{" + ", ".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+
+
+@pytest.mark.parametrize("path", ["operator", "annotations"])
+@pytest.mark.parametrize("role", SERVING_ROLES)
+def test_availability_alerts_with_and_without_the_operator(path: str, role: str, tmp_path: Path) -> None:
+    """The availability alert of each role, on `up` series labelled as the ServiceMonitor path and
+    as the annotation path (p2r-scrape-config) yield them: quiet while a pod answers (so it does
+    not fire permanently on either path), firing once every pod is down."""
+    alert = f"P2R{role.title()}Unavailable"
+    firing = _availability_case(role)["alert_rule_test"][-1]["exp_alerts"]  # labels and annotations
+    case = {"interval": "1m", "input_series": [
+        {"series": _up_series(path, role, "a"), "values": "1x40 0x30"},
+        {"series": _up_series(path, role, "b"), "values": "1x50 0x20"}],
+        "alert_rule_test": [
+            {"eval_time": "30m", "alertname": alert, "exp_alerts": []},
+            {"eval_time": "48m", "alertname": alert, "exp_alerts": []},  # pod b still up
+            {"eval_time": "60m", "alertname": alert, "exp_alerts": firing}]}
+    # Every role deployed (the verifier runs only when asked or with the controller).
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rendered_rules({"roles": {"verifier": {"enabled": True}}})))
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump({"rule_files": ["rules.yaml"], "tests": [case]}))
+    out = subprocess.run([PROMTOOL, "test", "rules", "test.yaml"], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
