@@ -81,7 +81,7 @@ def models() -> None:
 
 
 # ``p2r models tiny --preset``: "tiny" and p2r.models.tiny.PRESETS (not imported: --help stays instant).
-MODEL_PRESETS = ("tiny", "qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b")
+MODEL_PRESETS = ("tiny", "qwen3-vl-4b", "qwen3-vl-8b", "qwen3-vl-2b")
 
 
 @models.command("tiny")
