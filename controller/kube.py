@@ -273,26 +273,32 @@ class KubeBackend:
             if e.status != 404:
                 raise
         deployment, service = self.run_deployment(role, model)
-        for kind, create, body in (("Service", self.core.create_namespaced_service, service),
-                                   ("Deployment", self.apps.create_namespaced_deployment, deployment)):
-            try:
-                create(self.namespace, body)
-                log.info("created %s %s (%s on %s)", kind, name, role, model)
-            except ApiException as e:
-                if e.status != 409:
-                    raise
+        try:
+            self.core.create_namespaced_service(self.namespace, service)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+        try:
+            self.apps.create_namespaced_deployment(self.namespace, deployment)
+            log.info("created Deployment %s (%s on %s)", name, role, model)
+        except ApiException as e:
+            if e.status != 409:
+                raise
 
     def _delete_run_deployment(self, name: str) -> None:
         from kubernetes.client.exceptions import ApiException
 
-        for kind, delete in (("Deployment", self.apps.delete_namespaced_deployment),
-                             ("Service", self.core.delete_namespaced_service)):
-            try:
-                delete(name, self.namespace, propagation_policy="Background")
-                log.info("deleted %s %s", kind, name)
-            except ApiException as e:
-                if e.status != 404:
-                    raise
+        try:
+            self.apps.delete_namespaced_deployment(name, self.namespace, propagation_policy="Background")
+            log.info("deleted Deployment %s", name)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+        try:
+            self.core.delete_namespaced_service(name, self.namespace)
+        except ApiException as e:
+            if e.status != 404:
+                raise
 
     def _ready(self, dep: dict[str, Any]) -> tuple[bool, str]:
         spec, status = dep.get("spec", {}), dep.get("status") or {}

@@ -121,3 +121,41 @@ def test_serving_role_is_loaded_in_place_through_the_admin_port(
         with Client(role_server.target) as client:
             assert client.status().checkpoint == uri  # a refused load changes nothing
     metrics.clear_checkpoint("verifier")
+
+
+def test_chart_lets_the_controller_reach_the_admin_port(tmp_path: Path) -> None:
+    """The chart wires the load path: controller.servingRoles and the admin port reach
+    pipeline.yaml, the controller pod reads the admin token from its Secret, and the
+    NetworkPolicies admit the controller and the trainers (only) to the admin port of the
+    chart's role pods and of a run's own role pods."""
+    from p2r.controller.config import load_pipeline_config
+    from tests.k8s_support import find, one, render
+
+    values = {"controller": {"enabled": True, "servingRoles": ["verifier"]}, "networkPolicy": {"enabled": True},
+              "roles": {r: {"enabled": True} for r in ("perceiver", "reasoner", "verifier")}}
+    docs = render(values)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(one(docs, "ConfigMap", "p2r-pipeline")["data"]["pipeline.yaml"])
+    k = load_pipeline_config(path).kubernetes
+    assert k.serving_roles == ["verifier"] and k.admin_port == 50052
+    pod = one(docs, "Deployment", "p2r-controller")["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["P2R_CLIENT_ADMIN_TOKEN_FILE"] == "/etc/p2r-admin/token"
+    mount = {"name": "admin-token", "mountPath": "/etc/p2r-admin", "readOnly": True}
+    assert mount in pod["containers"][0]["volumeMounts"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "admin-token")
+    roles_volume = next(v for v in one(docs, "Deployment", "p2r-verifier")["spec"]["template"]["spec"]["volumes"]
+                        if v["name"] == "admin-token")
+    assert volume["secret"] == roles_volume["secret"]  # the servers' own token
+    admin_from = [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "p2r", "app.kubernetes.io/instance": "p2r",
+                                                   "app.kubernetes.io/component": "controller"}}},
+                  {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "p2r",
+                                                   "app.kubernetes.io/component": "trainer"}}}]
+    policies = {p["metadata"]["name"]: p["spec"] for p in find(docs, "NetworkPolicy")}
+    for name in ("p2r-perceiver", "p2r-reasoner", "p2r-verifier", "p2r-run-roles"):
+        rules = [r for r in policies[name]["ingress"] if {p["port"] for p in r["ports"]} == {"admin"}]
+        assert [r["from"] for r in rules] == [admin_from], name
+    assert not [r for r in policies["p2r-gateway"]["ingress"] if {p["port"] for p in r["ports"]} == {"admin"}]
+    run_pods = policies["p2r-run-roles"]["podSelector"]
+    assert run_pods["matchExpressions"] == [{"key": "p2r.io/role", "operator": "Exists"}]
+    assert {p["port"] for r in policies["p2r-run-roles"]["ingress"] for p in r["ports"]} == {"grpc", "admin", "metrics"}
