@@ -636,6 +636,7 @@ def test_cpu_smoke_seeds_itself_and_the_controller_inputs_pass(s3_server: dict[s
         c = Cluster(em.url, "p2r")
         for role in ("perceiver", "reasoner", "verifier"):
             c.create_deployment(f"p2r-{role}", role)
+        c.create_owner(cfg["kubernetes"]["owner_config_map"], "6f1c2e0a-0000-4000-8000-00000000c0de")
         kube = {**cfg["kubernetes"], "kubeconfig": str(write_kubeconfig(tmp_path / "kubeconfig", em.url))}
         config = PipelineConfig.model_validate({**cfg, "kubernetes": kube, "workdir": str(tmp_path / "work")})
         backend = KubeBackend(config)
