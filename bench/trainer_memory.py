@@ -89,6 +89,9 @@ class Spec:
     model: str
     data: str
     malloc: str = "fixed"  # fixed: FIXED_MMAP_THRESHOLD; stock: glibc's defaults
+    schedule: str = "step"  # the actor's collective schedule (trainer/actor.py): step | micro-batch
+    max_tokens: int | None = 16384  # max_tokens_per_micro_batch (None: micro_batch_size alone)
+    count: bool = False  # count the collectives of the measured steps and of a weight push
 
 
 @dataclass
@@ -103,6 +106,7 @@ class RankResult:
     update_s: list[float]
     prompt_tokens: float  # mean prompt length of the rank's groups
     micro_batches: int  # backward passes of a full step on this rank
+    collectives: dict[str, dict[str, list[float]]] | None = None  # phase -> kind -> [calls, bytes] per step
 
 
 @dataclass
@@ -289,7 +293,8 @@ def _train_config(spec: Spec) -> Any:
     return TrainConfig(role="perceiver", model=spec.model, data=Path(spec.data), output="unused",
                        reward_plugin="tests.plugins:starts_with_digit", kl_coef=0.01,
                        micro_batch_size=spec.micro_batch_size, max_response_tokens=spec.response_tokens,
-                       prompts_per_step=spec.prompts, rollouts_per_prompt=spec.rollouts)
+                       prompts_per_step=spec.prompts, rollouts_per_prompt=spec.rollouts,
+                       max_tokens_per_micro_batch=spec.max_tokens)
 
 
 def legacy_response_logprobs(model: Any, processor: Any, request: Any, prompt_ids: list[int], responses: Any,
@@ -383,10 +388,25 @@ def child(spec: Spec, out: Path) -> None:
     torch.manual_seed(0)
     cfg = _train_config(spec)
     model_dir = Path(spec.model)
+    counter: CollectiveCounter | None = None
     if spec.path == NEW:
         from p2r.trainer.actor import Actor
 
-        actor = Actor(cfg, model_dir, model_dir)
+        actor = Actor(cfg, model_dir, model_dir, schedule=spec.schedule)  # type: ignore[arg-type]
+        if spec.count:
+            counter = CollectiveCounter().__enter__()
+            counter.phase = "warm-up"
+            ref_logprobs = actor._ref_logprobs
+
+            def counted_ref(*a: Any, **k: Any) -> Any:
+                assert counter is not None
+                phase, counter.phase = counter.phase, "ref"
+                try:
+                    return ref_logprobs(*a, **k)
+                finally:
+                    counter.phase = phase
+
+            actor._ref_logprobs = counted_ref  # type: ignore[method-assign]
         rank, world = actor.rank, actor.world
         model, ref, optimiser, processor = actor.model, actor.ref, actor.optimiser, actor.processor
         update: Callable[[list[Any]], int] = lambda groups: actor.update(groups).micro_batches  # noqa: E731
@@ -410,11 +430,23 @@ def child(spec: Spec, out: Path) -> None:
     loaded = _rss_kib("VmRSS") / 1024
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM (and ru_maxrss) restart from here
     times, micro = [], 0
+    if counter is not None:
+        counter.reset()
+        counter.phase = "update"
     for groups in batches:
         started = time.perf_counter()
         micro = update(groups)
         times.append(round(time.perf_counter() - started, 2))
     update_peak = _rss_kib("VmHWM") / 1024
+    collectives = None
+    if counter is not None:
+        counter.phase = "push"  # the weights pushed into the engine, in its dtype (the compute dtype here)
+        for _ in actor.stream_weights(actor.dtype):
+            pass
+        counter.__exit__()
+        collectives = {phase: {kind: [v[0] / (spec.updates if phase != "push" else 1),
+                                      v[1] / (spec.updates if phase != "push" else 1)] for kind, v in kinds.items()}
+                       for phase, kinds in counter.summary().items()}
     seen: set[int] = set()
     state = {"params": _storage_bytes(model.parameters(), seen), "grads": grad_bytes[0],
              "optimiser": _storage_bytes((v for s in optimiser.state.values() for v in s.values()), seen),
@@ -424,7 +456,8 @@ def child(spec: Spec, out: Path) -> None:
     result = RankResult(rank=rank, peak_rss_mib=round(max(loaded_peak, update_peak), 1),
                         update_peak_mib=round(update_peak, 1), loaded_rss_mib=round(loaded, 1),
                         state_mib={k: round(v / MIB, 2) for k, v in state.items()}, update_s=times,
-                        prompt_tokens=round(sum(tokens) / len(tokens), 1), micro_batches=micro)
+                        prompt_tokens=round(sum(tokens) / len(tokens), 1), micro_batches=micro,
+                        collectives=collectives)
     out.write_text(json.dumps(dataclasses.asdict(result)))
     if world > 1:
         import torch.distributed as dist
@@ -456,8 +489,8 @@ def measure(spec: Spec, cap_mib: float, workdir: Path, timeout_s: float) -> Row:
     """Run ``spec`` in fresh processes (one per rank), killing them all past ``cap_mib``."""
     port = str(_free_port())
     threads = str(max(1, (os.cpu_count() or 1) // spec.world))
-    outs = [workdir / f"{spec.path}-{spec.malloc}-w{spec.world}-p{spec.prompts}-r{rank}.json"
-            for rank in range(spec.world)]
+    tag = f"{spec.path}-{spec.schedule}-{spec.malloc}-w{spec.world}-p{spec.prompts}-{time.monotonic_ns()}"
+    outs = [workdir / f"{tag}-r{rank}.json" for rank in range(spec.world)]
     procs = [subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(dataclasses.asdict(spec)),
          "--child-out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -516,7 +549,7 @@ def _plan(spec_json: str, prompt_tokens: int) -> Any:
 
     spec = Spec(**json.loads(spec_json))
     cfg = _train_config(spec).model_copy(update={"max_prompt_tokens": prompt_tokens})
-    return estimate(cfg, load_arch(spec.model), spec.world, 1 << 40, cpu=True)
+    return estimate(cfg, load_arch(spec.model), spec.world, 1 << 40, cpu=True, schedule=spec.schedule)
 
 
 def plan_mib(row: Row) -> tuple[float, float] | None:
@@ -616,22 +649,215 @@ def _row_json(row: Row) -> dict[str, Any]:
             "ranks": [dataclasses.asdict(r) for r in row.ranks]}
 
 
+# ------------------------------------------------------------- before / after (the default run)
+
+# The update's settings before issue 23 (a gather of each model and a reduce-scatter per
+# micro-batch of 4 responses) and after (trainer/actor.py's defaults).
+BEFORE = {"schedule": "micro-batch", "micro_batch_size": 4, "max_tokens": None}
+AFTER = {"schedule": "step", "micro_batch_size": 8, "max_tokens": 16384}
+TRAFFIC_TARGET_TB = 0.15  # per rank per step at the reference shapes
+
+
+def _median_range(values: list[float]) -> dict[str, Any]:
+    from bench._common import summary
+
+    return summary(values, 3)
+
+
+def traffic_parts(c: dict[str, dict[str, list[float]]]) -> dict[str, float]:
+    """A rank's counted bytes per step by what they carried (``CollectiveCounter`` phases)."""
+    def b(phase: str, kind: str) -> float:
+        return c.get(phase, {}).get(kind, [0, 0.0])[1]
+
+    parts = {"policy_forward": b("update", "all_gather"), "policy_backward": b("update:backward", "all_gather"),
+             "reference": b("ref", "all_gather"), "grad_reduce_scatter": b("update:backward", "reduce_scatter"),
+             "weight_push": b("push", "all_gather"),
+             "scalars": sum(v.get("all_reduce", [0, 0.0])[1] for v in c.values())}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def plan_parts(collectives: Any) -> dict[str, float]:
+    parts = {k: float(getattr(collectives, k)) for k in
+             ("policy_forward", "policy_backward", "reference", "grad_reduce_scatter", "weight_push")}
+    parts["total"] = float(collectives.total)
+    return parts
+
+
+def reference_plan() -> dict[str, Any]:
+    """``--plan``'s collectives at the reference shapes: Qwen3-VL-4B, 4 GPUs, 64 prompts x 8
+    rollouts, stage 1 (prompt 2,560 + response 1,024 tokens), before and after."""
+    from p2r.trainer.config import TrainConfig
+    from p2r.trainer.plan import GIB, estimate, load_arch
+
+    arch = load_arch("preset:qwen3-vl-4b")
+    out = {}
+    for name, settings in (("before", BEFORE), ("after", AFTER)):
+        cfg = TrainConfig(role="perceiver", model="preset:qwen3-vl-4b", data=Path("train.parquet"), output="out",
+                          reward_plugin="tests.plugins:starts_with_digit", prompts_per_step=64, rollouts_per_prompt=8,
+                          kl_coef=0.01, micro_batch_size=settings["micro_batch_size"],
+                          max_tokens_per_micro_batch=settings["max_tokens"])
+        plan = estimate(cfg, arch, 4, 80 * GIB, schedule=settings["schedule"])  # type: ignore[arg-type]
+        out[name] = {"micro_batches": plan.collectives.micro_batches, **plan_parts(plan.collectives),
+                     "update_phase_gib": round(plan.total("update") / GIB, 2), "fits": plan.fits}
+    return out
+
+
+def before_after(args: argparse.Namespace) -> None:
+    """Collectives per rank per step, before vs after, at world 2 (counted), beside the plan; and
+    peak memory against the step's size with the new update, world 1 and 2. Every configuration
+    runs once per repeat, interleaved (A B C ... A B C ...); median (min–max) over repeats."""
+    from bench._common import header, load_average, spread
+    from p2r.data.dataset import write_synthetic
+    from p2r.models.tiny import BENCH, write_bench_model
+
+    load = load_average()
+    started = time.perf_counter()
+    lo, hi = (QUICK_PROMPTS if args.quick else (PROMPTS[0], PROMPTS[-1]))
+    rows: dict[str, list[Row]] = {}
+    with tempfile.TemporaryDirectory(prefix="p2r-trainer-memory-") as tmp:
+        work = Path(tmp)
+        model = write_bench_model(work / "model")
+        data = write_synthetic(work / "data", SAMPLES)
+        base = {"rollouts": args.rollouts, "response_tokens": args.response_tokens, "updates": args.updates,
+                "model": str(model), "data": str(data)}
+        specs = {"after": Spec(NEW, 2, args.traffic_prompts, **base, **AFTER, count=True),
+                 "before": Spec(NEW, 2, args.traffic_prompts, **base, **BEFORE, count=True)}
+        for world in args.growth_worlds:
+            for n in (lo, hi):
+                specs[f"growth w{world} p{n}"] = Spec(NEW, world, n, **base, **AFTER)
+        for repeat in range(args.repeats):
+            for name, spec in specs.items():
+                t0 = time.perf_counter()
+                row = measure(spec, args.cap_mib, work, args.timeout_s)
+                plan_mib(row)
+                rows.setdefault(name, []).append(row)
+                peak = f", peak {_per_rank(row, lambda x: x.peak_rss_mib)} MiB" if row.ranks else ""
+                print(f"repeat {repeat + 1}/{args.repeats} {name}: {row.status}{peak} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        n_params = _count_params(model)
+        # --plan for the measured shapes (the rows' own prompt length; CPU ranks: fp32)
+        planned = {}
+        for name in ("before", "after"):
+            ok = [r for r in rows[name] if r.ranks]
+            planned[name] = plan_parts(_plan(json.dumps(dataclasses.asdict(specs[name])),
+                                             round(ok[0].ranks[0].prompt_tokens)).collectives) if ok else None
+
+    failed = [f"{name}: {r.status}" for name, rs in rows.items() for r in rs if not r.ranks]
+    traffic: dict[str, Any] = {}
+    for name in ("before", "after"):
+        ok = [r for r in rows[name] if r.ranks]
+        if not ok:
+            continue
+        per_repeat = [{k: max(traffic_parts(x.collectives or {})[k] for x in r.ranks)
+                       for k in traffic_parts(ok[0].ranks[0].collectives or {})} for r in ok]
+        traffic[name] = {"micro_batches": ok[0].ranks[0].micro_batches,
+                         "update_s": _median_range([r.ranks[0].update_s[-1] for r in ok]),
+                         **{k: _median_range([p[k] for p in per_repeat]) for k in per_repeat[0]},
+                         "plan": planned[name]}
+    ref = reference_plan()
+    growth_out: dict[str, Any] = {}
+    for world in args.growth_worlds:
+        small, large = rows[f"growth w{world} p{lo}"], rows[f"growth w{world} p{hi}"]
+        pairs = [(a.peak(), b.peak()) for a, b in zip(small, large, strict=True) if a.ranks and b.ranks]
+        if pairs:
+            growth_out[f"world{world}"] = {
+                "peak_mib_lo": _median_range([a for a, _ in pairs]),
+                "peak_mib_hi": _median_range([b for _, b in pairs]),
+                "ratio": _median_range([b / a for a, b in pairs])}
+    one, two = rows.get(f"growth w1 p{lo}", []), rows.get(f"growth w2 p{lo}", [])
+    state_ratio = None
+    if any(r.ranks for r in one) and any(r.ranks for r in two):
+        state_ratio = round(next(r for r in two if r.ranks).state() / next(r for r in one if r.ranks).state(), 3)
+    elapsed = time.perf_counter() - started
+
+    print(header(f"Trainer collectives and memory: random Qwen3-VL preset BENCH ({n_params / 1e6:.1f}M parameters), "
+                 f"{args.rollouts} rollouts/prompt of {args.response_tokens} tokens, fp32 on CPU (gloo), "
+                 f"a one-prompt warm-up then {args.updates} update(s) per process; before = {BEFORE}, after = {AFTER}",
+                 args.repeats, load))
+    mb = 1e6
+    cols = [("", 10), ("micro-b./rank", 13), ("policy fwd MB", 14), ("policy bwd MB", 14), ("reference MB", 13),
+            ("grad RS MB", 12), ("push MB", 10), ("scalars B", 10), ("total MB", 12), ("plan MB", 9),
+            ("update s", 20)]
+    print(f"Collectives per rank per step, world 2, {args.traffic_prompts} prompts (bytes sent, ring; median "
+          f"(min–max) over repeats; --plan for the same shapes beside the total)")
+    print("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(cols)))
+    for name, t in traffic.items():
+        cells = [name, str(t["micro_batches"])]
+        cells += [spread({k: v / mb if isinstance(v, float) else v for k, v in t[k].items() if k != "values"}, 2)
+                  if t[k]["min"] != t[k]["max"] else f"{t[k]['median'] / mb:.2f}"
+                  for k in ("policy_forward", "policy_backward", "reference", "grad_reduce_scatter", "weight_push")]
+        cells.append(f"{t['scalars']['median']:.0f}")
+        cells.append(f"{t['total']['median'] / mb:.2f}")
+        cells.append(f"{t['plan']['total'] / mb:.2f}" if t["plan"] else "-")
+        cells.append(spread(t["update_s"]))
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, (_, w)) in enumerate(zip(cells, cols, strict=True))))
+    if "before" in traffic and "after" in traffic:
+        print(f"after / before: {traffic['after']['total']['median'] / traffic['before']['total']['median']:.3f}x "
+              f"of the bytes")
+    tb = 1e12
+    print("\n--plan at the reference shapes (Qwen3-VL-4B, 4 GPUs, 64 prompts x 8 rollouts, stage 1: prompt 2,560 + "
+          "response 1,024 tokens), per rank per step:")
+    for name, r in ref.items():
+        print(f"  {name:<7} {r['micro_batches']:>3} micro-batches/rank: policy fwd "
+              f"{r['policy_forward'] / 1e9:7.1f} GB, "
+              f"bwd {r['policy_backward'] / 1e9:7.1f} GB, reference {r['reference'] / 1e9:7.1f} GB, grad RS "
+              f"{r['grad_reduce_scatter'] / 1e9:7.1f} GB, push {r['weight_push'] / 1e9:5.1f} GB: total "
+              f"{r['total'] / tb:.3f} TB (update phase {r['update_phase_gib']} GiB per GPU, fits 80 GiB: {r['fits']})")
+    print(f"  target: at most {TRAFFIC_TARGET_TB} TB per rank per step: "
+          f"{'met' if ref['after']['total'] <= TRAFFIC_TARGET_TB * tb else 'NOT met'}")
+    print(f"\nPeak RSS per rank, after settings, {lo} -> {hi} prompts (median (min–max) MiB over repeats; the ratio "
+          f"per repeat, target <= {GROWTH_TARGET}x):")
+    for world, g in growth_out.items():
+        print(f"  {world}: {spread(g['peak_mib_lo'], 0)} -> {spread(g['peak_mib_hi'], 0)}: {spread(g['ratio'], 3)}x")
+    if state_ratio is not None:
+        print(f"model state per rank, world 2 / world 1 at {lo} prompts: {state_ratio:.3f}x "
+              f"(target <= {STATE_TARGET}x)")
+    for f in failed:
+        print(f"not measured: {f}")
+    print(f"total {elapsed:.0f} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "load_average": load, "cpus": os.cpu_count(), "platform": platform.platform(), "elapsed_s": round(elapsed),
+        "model": {"preset": dataclasses.asdict(BENCH), "parameters": n_params},
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("child") and k != "out"},
+        "before": BEFORE, "after": AFTER,
+        "targets": {"growth": GROWTH_TARGET, "state_world2_over_world1": STATE_TARGET,
+                    "traffic_tb_per_rank_step_reference": TRAFFIC_TARGET_TB},
+        "traffic_world2": traffic, "reference_plan": ref, "growth": growth_out,
+        "state_world2_over_world1": state_ratio,
+        "rows": {name: [_row_json(r) for r in rs] for name, rs in rows.items()},
+    }, indent=1, default=str))
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"prompts {QUICK_PROMPTS} only, world 2 at the first")
     parser.add_argument("--rollouts", type=int, default=8)
     parser.add_argument("--response-tokens", type=int, default=32)
-    parser.add_argument("--micro", type=int, default=4, help="micro_batch_size of the FSDP2 update")
+    parser.add_argument("--micro", type=int, default=4, help="--sweep: micro_batch_size of the FSDP2 update")
     parser.add_argument("--updates", type=int, default=1,
                         help="measured optimiser steps per process (after a one-prompt warm-up step)")
     parser.add_argument("--cap-mib", type=float, default=4608, help="kill a measurement past this RSS")
     parser.add_argument("--timeout-s", type=float, default=1800)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "trainer_memory.json")
+    parser.add_argument("--repeats", type=_repeats, default=3, help="interleaved repeats of every configuration")
+    parser.add_argument("--traffic-prompts", type=int, default=8, help="prompts of the counted before / after steps")
+    parser.add_argument("--growth-worlds", type=lambda v: tuple(int(x) for x in v.split(",")), default=(1,),
+                        help="world sizes of the peak-memory-against-prompts rows, e.g. 1,2 (default 1: every "
+                             "prompt on one rank, the worst case)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="the previous table instead: every size, the legacy update and glibc's default malloc, "
+                             "one run each")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(Spec(**json.loads(args.child)), args.child_out)
+        return
+    if not args.sweep:
+        before_after(args)
         return
 
     load = [round(x, 2) for x in os.getloadavg()]
@@ -704,6 +930,12 @@ def main() -> None:
         "rows": [_row_json(r) for r in rows],
     }, indent=1, default=str))
     print(f"wrote {args.out}")
+
+
+def _repeats(value: str) -> int:
+    from bench._common import repeats
+
+    return repeats(value)
 
 
 def _count_params(model: Path) -> int:

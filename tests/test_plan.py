@@ -324,3 +324,31 @@ def test_cli_plan_options_need_plan_and_presets_match(tmp_path: Path) -> None:
     assert MODEL_PRESETS[1:] == tuple(PRESETS)
     result = _run("models", "tiny", str(tmp_path / "a"), "--out", str(tmp_path / "b"))
     assert result.exit_code == 2 and "OUT or --out" in result.stderr
+
+
+# ------------------------------------------------------------------- bench/gpu_step.py
+
+
+def test_gpu_step_plans_the_2b_on_one_80gib_gpu_and_says_when_there_is_no_gpu(tmp_path: Path) -> None:
+    """The device check's CPU-safe side: its stage-1 config at the reference shapes and the plan it
+    prints beside the measured peaks (the 2B preset fits one 80 GiB GPU; the 4B would not: its
+    AdamW state alone is 33 GiB there). Without a GPU the script says so in one line, exit 2."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from bench.gpu_step import NO_GPU, PHASES, plan_rows, stage1_config
+
+    cfg = stage1_config("preset:qwen3-vl-2b", tmp_path / "train.parquet", tmp_path)
+    assert (cfg.prompts_per_step, cfg.rollouts_per_prompt, cfg.max_prompt_tokens, cfg.max_response_tokens,
+            cfg.max_pixels, cfg.max_steps) == (64, 8, 2560, 1024, 2_097_152, 1)
+    two = plan_rows(cfg, load_arch("preset:qwen3-vl-2b"), 1, 80 * GIB)
+    assert two["fits"] and set(two["phases"]) <= set(PHASES) and two["collectives_tb"] == 0  # one rank
+    assert not plan_rows(cfg, load_arch("preset:qwen3-vl-4b"), 1, 80 * GIB)["fits"]
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the script would run the whole step")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, str(root / "bench" / "gpu_step.py"), "--out", str(tmp_path / "o.json")],
+                            cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stdout.strip() == NO_GPU and not (tmp_path / "o.json").exists()

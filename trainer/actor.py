@@ -164,8 +164,22 @@ def gathered(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, 
     """Every entry of ``model``'s state dict, full, in ``dtype``, one tensor at a time: each rank's
     shard is cast first and the cast shards are gathered (a bf16 gather moves half the bytes of
     an fp32 one). A collective: every rank iterates it to the end, in the same order."""
-    for name, t in model.state_dict().items():
-        yield name, full_tensor(t.detach().to(dtype))
+    state = model.state_dict()
+    # A tied head listed under its own name is the embedding again: gathered once, its full copy
+    # kept until the head's turn. Decided from the names alone, so every rank skips the same gather.
+    embed = head = None
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and "lm_head.weight" in state:
+        embed, head = tied_embedding_key(state), "lm_head.weight"
+    kept: torch.Tensor | None = None
+    for name, t in state.items():
+        if name == head and kept is not None:
+            full, kept = kept, None
+        else:
+            full = full_tensor(t.detach().to(dtype))
+            if name == embed:
+                kept = full
+        yield name, full
+        del full
 
 
 def _reshard(model: torch.nn.Module) -> None:
