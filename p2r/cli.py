@@ -177,7 +177,7 @@ def data_synth(out: Path, n: int, seed: int, image_mode: str) -> None:
 
 
 @data.command("upload")
-@click.argument("src", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("src", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("dest")
 def data_upload(src: Path, dest: str) -> None:
     """Copy data set directory SRC (e.g. `p2r data synth` output) to DEST (s3://BUCKET/PREFIX)

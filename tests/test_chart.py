@@ -279,6 +279,11 @@ def test_every_p2r_command_parses_with_the_real_cli(profile: str, rendered: dict
     expected |= {"pipeline run"} if values["controller"]["enabled"] else set()
     expected |= {"models tiny"} if values["models"]["tiny"]["enabled"] else set()
     expected |= {"models upload"} if values["models"]["seed"]["enabled"] else set()
+    # the seed Job waits for the bucket, role pods for an s3:// model (p2r models wait)
+    s3_roles = any(str((values["roles"].get(r) or {}).get("model") or "").startswith("s3://") for r in values["roles"])
+    expected |= {"models wait"} if values["models"]["seed"]["enabled"] or s3_roles else set()
+    seed = values["models"]["seed"]
+    expected |= {"data upload"} if seed["enabled"] and seed.get("data") else set()
     assert expected == seen
 
 
