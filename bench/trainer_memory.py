@@ -844,9 +844,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "trainer_memory.json")
     parser.add_argument("--repeats", type=_repeats, default=3, help="interleaved repeats of every configuration")
     parser.add_argument("--traffic-prompts", type=int, default=8, help="prompts of the counted before / after steps")
-    parser.add_argument("--growth-worlds", type=lambda v: tuple(int(x) for x in v.split(",")), default=(1,),
+    parser.add_argument("--growth-worlds", type=lambda v: tuple(int(x) for x in v.split(",") if x), default=(1,),
                         help="world sizes of the peak-memory-against-prompts rows, e.g. 1,2 (default 1: every "
-                             "prompt on one rank, the worst case)")
+                             "prompt on one rank, the worst case); empty: none (collectives only)")
     parser.add_argument("--sweep", action="store_true",
                         help="the previous table instead: every size, the legacy update and glibc's default malloc, "
                              "one run each")
