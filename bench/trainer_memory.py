@@ -166,6 +166,19 @@ class CollectiveCounter:
         self._local = threading.local()
         self._saved: list[tuple[Any, str, Any]] = []
 
+    def attribute_reference(self, actor: Any) -> None:
+        """Count ``actor``'s reference pass under the phase ``ref``, whatever phase it runs in."""
+        ref_logprobs = actor._ref_logprobs
+
+        def counted_ref(*a: Any, **k: Any) -> Any:
+            phase, self.phase = self.phase, "ref"
+            try:
+                return ref_logprobs(*a, **k)
+            finally:
+                self.phase = phase
+
+        actor._ref_logprobs = counted_ref
+
     def _wrap(self, module: Any, name: str, kind: str, sent: Callable[[int, int], float], input_arg: int) -> None:
         import torch
         import torch.distributed as dist
@@ -396,17 +409,7 @@ def child(spec: Spec, out: Path) -> None:
         if spec.count:
             counter = CollectiveCounter().__enter__()
             counter.phase = "warm-up"
-            ref_logprobs = actor._ref_logprobs
-
-            def counted_ref(*a: Any, **k: Any) -> Any:
-                assert counter is not None
-                phase, counter.phase = counter.phase, "ref"
-                try:
-                    return ref_logprobs(*a, **k)
-                finally:
-                    counter.phase = phase
-
-            actor._ref_logprobs = counted_ref  # type: ignore[method-assign]
+            counter.attribute_reference(actor)
         rank, world = actor.rank, actor.world
         model, ref, optimiser, processor = actor.model, actor.ref, actor.optimiser, actor.processor
         update: Callable[[list[Any]], int] = lambda groups: actor.update(groups).micro_batches  # noqa: E731

@@ -113,16 +113,7 @@ def main() -> None:
 
         counter = CollectiveCounter().__enter__()
         counter.phase = "idle"
-        ref_logprobs = actor._ref_logprobs
-
-        def counted_ref(*a: Any, **k: Any) -> Any:
-            phase, counter.phase = counter.phase, "ref"
-            try:
-                return ref_logprobs(*a, **k)
-            finally:
-                counter.phase = phase
-
-        actor._ref_logprobs = counted_ref  # type: ignore[method-assign]
+        counter.attribute_reference(actor)
     if args.load_state:
         actor.load_train_state(args.load_state)
     stats = []
