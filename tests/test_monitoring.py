@@ -37,10 +37,17 @@ DASHBOARDS = ROOT / "charts" / "p2r" / "files" / "dashboards"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 SERVING_ROLES = ("perceiver", "reasoner", "verifier", "gateway")
-# Availability alerts: one per component the default release deploys (the controller is off).
-AVAILABILITY = {f"P2R{role.title()}Unavailable" for role in SERVING_ROLES}
+# The roles the default release deploys: the verifier runs only with the controller or when asked
+# (roles.verifier.enabled: null; serving never calls it - issue 24 #7), and the controller is off.
+DEFAULT_ROLES = ("perceiver", "reasoner", "gateway")
+# Values under which every serving role is deployed (the controller still off).
+EVERY_ROLE = {"roles": {"verifier": {"enabled": True}}}
+# Availability alerts: one per component the default release deploys.
+AVAILABILITY = {f"P2R{role.title()}Unavailable" for role in DEFAULT_ROLES}
 ALERTS = {"P2RHighErrorRate", "P2RLoadShedding", "P2RHighLatency", "P2RTrainingStalled", "P2RPipelineFailed",
           *AVAILABILITY}
+# The rule file with every serving role deployed (EVERY_ROLE): the verifier's availability rule too.
+EVERY_ROLE_ALERTS = ALERTS | {"P2RVerifierUnavailable"}
 GRAFANA_VARS = {"$__rate_interval": "1m", "$__range": "5m", "$namespace": ".*", "$component": ".*",
                 "$training_job": ".*"}
 # Series the dashboards read from exporters beside P2R (no P2R process exports them): Prometheus'
@@ -201,19 +208,23 @@ def test_rule_file_is_identical_in_both_forms() -> None:
 
 
 def test_promtool_check_rules(tmp_path: Path) -> None:
-    rules = rendered_rules()
-    assert {r["alert"] for g in rules["groups"] for r in g["rules"]} == ALERTS
-    for rule in (r for g in rules["groups"] for r in g["rules"]):
-        assert {"summary", "description", "runbook_url"} <= set(rule["annotations"]), rule["alert"]
-        assert rule["annotations"]["runbook_url"] == f"{RUNBOOK}#{rule['alert'].lower()}"
+    """The default release's rule file (no verifier, no controller) and the one with every serving
+    role deployed: exactly the expected alerts, each annotated with a runbook link that lands, and
+    promtool accepts both."""
     runbook = (ROOT / "charts" / "p2r" / "RUNBOOK.md").read_text()
     anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^## (.+)$", runbook, re.M)}
-    assert {r["alert"].lower() for g in rules["groups"] for r in g["rules"]} <= anchors  # every link lands
     path = tmp_path / "rules.yaml"
-    path.write_text(yaml.safe_dump(rules))
-    out = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert f"{len(ALERTS)} rules found" in out.stdout
+    for values, expected in ((None, ALERTS), (EVERY_ROLE, EVERY_ROLE_ALERTS)):
+        rules = rendered_rules(values)
+        assert {r["alert"] for g in rules["groups"] for r in g["rules"]} == expected, values
+        for rule in (r for g in rules["groups"] for r in g["rules"]):
+            assert {"summary", "description", "runbook_url"} <= set(rule["annotations"]), rule["alert"]
+            assert rule["annotations"]["runbook_url"] == f"{RUNBOOK}#{rule['alert'].lower()}"
+        assert {r["alert"].lower() for g in rules["groups"] for r in g["rules"]} <= anchors  # every link lands
+        path.write_text(yaml.safe_dump(rules))
+        out = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"{len(expected)} rules found" in out.stdout
     broken = {"groups": [{"name": "x", "rules": [{"alert": "Bad", "expr": "sum(rate(x[5m])"}]}]}
     path.write_text(yaml.safe_dump(broken))
     out = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
@@ -339,21 +350,45 @@ def test_ratio_alerts_need_minimum_traffic(tmp_path: Path) -> None:
 
 
 def test_availability_rules_follow_the_deployed_components() -> None:
-    """One availability rule per deployed component: a disabled role has none, the controller one."""
-    rules = rendered_rules({"roles": {"verifier": {"enabled": False}, "gateway": {"model": "/models/m"}}})
-    names = {r["alert"] for g in rules["groups"] for r in g["rules"]}
-    assert "P2RVerifierUnavailable" not in names and "P2RGatewayUnavailable" in names
-    with_controller = rendered_rules({"controller": {"enabled": True}})
-    assert "P2RControllerUnavailable" in {r["alert"] for g in with_controller["groups"] for r in g["rules"]}
+    """One availability rule per deployed component and none for anything not deployed: the
+    verifier's follows its derived enabled (off by default, on when asked or with the controller),
+    a disabled role has none, the controller has one. Each rule's component is a Deployment of
+    the render and is scraped on both paths: a job of p2r-scrape-config, and with the Operator a
+    ServiceMonitor (whose PrometheusRule holds the same rules)."""
+
+    def unavailable(values: dict[str, Any] | None) -> set[str]:
+        docs = render(values or {})
+        rules = yaml.safe_load(one(docs, "ConfigMap", "p2r-alert-rules")["data"]["p2r-rules.yaml"])
+        components = {r["alert"].removeprefix("P2R").removesuffix("Unavailable").lower()
+                      for g in rules["groups"] for r in g["rules"] if r["alert"].endswith("Unavailable")}
+        scrape = yaml.safe_load(one(docs, "ConfigMap", "p2r-scrape-config")["data"]["p2r-scrape.yaml"])
+        assert {j["job_name"] for j in scrape["scrape_configs"]} == {f"p2r-{c}" for c in components | {"trainer"}}
+        for c in components:
+            one(docs, "Deployment", f"p2r-{c}")
+        operator = {**(values or {}), "monitoring": {"serviceMonitor": {"enabled": True},
+                                                     "prometheusRule": {"enabled": True}}}
+        assert rendered_rules(operator) == rules
+        monitors = {d["metadata"]["name"] for d in render(operator) if d["kind"] == "ServiceMonitor"}
+        assert monitors == {f"p2r-{c}" for c in components}
+        return components
+
+    assert unavailable(None) == set(DEFAULT_ROLES)  # the verifier is not deployed by default
+    assert unavailable(EVERY_ROLE) == set(SERVING_ROLES)
+    assert unavailable({"roles": {"verifier": {"enabled": False}, "gateway": {"enabled": False}}}) == {
+        "perceiver", "reasoner"}
+    assert unavailable({"controller": {"enabled": True}}) == {*SERVING_ROLES, "controller"}  # verifier derived on
 
 
 def test_every_alert_has_a_case() -> None:
-    assert set(CASES) == ALERTS
+    assert set(CASES) == EVERY_ROLE_ALERTS
 
 
 @pytest.mark.parametrize("alert", sorted(CASES))
 def test_promtool_test_rules(alert: str, tmp_path: Path) -> None:
-    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rendered_rules()))
+    """Each alert's case on the default release's rule file, or, for an alert of a component the
+    default release does not deploy (the verifier), on the rule file with every role deployed."""
+    values = None if alert in ALERTS else EVERY_ROLE
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rendered_rules(values)))
     spec = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": [CASES[alert]]}
     (tmp_path / "test.yaml").write_text(yaml.safe_dump(spec))
     out = subprocess.run([PROMTOOL, "test", "rules", "test.yaml"], capture_output=True, text=True, timeout=60,
@@ -773,7 +808,7 @@ def test_availability_alerts_with_and_without_the_operator(path: str, role: str,
             {"eval_time": "48m", "alertname": alert, "exp_alerts": []},  # pod b still up
             {"eval_time": "60m", "alertname": alert, "exp_alerts": firing}]}
     # Every role deployed (the verifier runs only when asked or with the controller).
-    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rendered_rules({"roles": {"verifier": {"enabled": True}}})))
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rendered_rules(EVERY_ROLE)))
     (tmp_path / "test.yaml").write_text(yaml.safe_dump({"rule_files": ["rules.yaml"], "tests": [case]}))
     out = subprocess.run([PROMTOOL, "test", "rules", "test.yaml"], capture_output=True, text=True, timeout=60,
                          cwd=tmp_path)

@@ -70,7 +70,9 @@ def test_chart_wires_secrets(tmp_path: Path) -> None:
     from p2r.services.config import load_config
     from tests.k8s_support import find, one, render
 
-    docs = render({"security": {"tls": {"secretName": "p2r-tls"}, "apiKeys": {"secretName": "keys"}}})
+    # Every role deployed: the verifier runs only when asked or with the controller (issue 24 #7).
+    docs = render({"security": {"tls": {"secretName": "p2r-tls"}, "apiKeys": {"secretName": "keys"}},
+                   "roles": {"verifier": {"enabled": True}}})
     for role in ("perceiver", "reasoner", "verifier", "gateway"):
         cfg = _serve_yaml(docs, role)
         path = tmp_path / f"{role}.yaml"
@@ -93,8 +95,10 @@ def test_chart_wires_secrets(tmp_path: Path) -> None:
             assert volumes["admin-token"]["secret"]["secretName"] == "p2r-admin-token"
             assert loaded.api_keys_file is None
     assert find(docs, "Secret", "p2r-admin-token")
-    # Without security values: plaintext, kubelet grpc probes, still an admin token.
+    # Without security values (the default release, which runs no verifier): plaintext, kubelet grpc
+    # probes, still an admin token.
     plain = render({})
+    assert not find(plain, "ConfigMap", "p2r-verifier") and not find(plain, "Deployment", "p2r-verifier")
     pod = one(plain, "Deployment", "p2r-reasoner")["spec"]["template"]["spec"]
     assert "grpc" in pod["containers"][0]["readinessProbe"]
     assert _serve_yaml(plain, "reasoner")["admin_token_file"] == "/etc/p2r/admin/token"
