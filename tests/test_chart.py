@@ -410,10 +410,74 @@ def test_controller_rbac_is_least_privilege(profile: str, rendered: dict[str, li
         assert spec.get("automountServiceAccountToken") is (name == "Deployment/p2r-controller"), name
 
 
+def _secret_file_envs(docs: list[dict[str, Any]]) -> tuple[set[tuple[str, str, str]], list[str]]:
+    """Credential-named ``*_FILE`` env vars (P2R_CLIENT_ADMIN_TOKEN_FILE): a *path*, not a credential,
+    allowed only when it names a file of a Secret volume mounted into that container (the same rule
+    as the ``*_file`` keys of serve.yaml). Returns the (object, container, env) triples that do, and
+    a problem line for each one that does not (a literal value, or a path outside a Secret volume)."""
+    from tests.k8s_support import CREDENTIAL_NAME
+
+    ok: set[tuple[str, str, str]] = set()
+    problems: list[str] = []
+    for name, spec in pod_specs(docs):
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for c in containers(spec):
+            for env in c.get("env", []):
+                if not (CREDENTIAL_NAME.search(env["name"]) and env["name"].endswith("_FILE")):
+                    continue
+                path = env.get("value", "")
+                mount = next((m for m in c.get("volumeMounts", [])
+                              if path.startswith(m["mountPath"].rstrip("/") + "/")), None)
+                secret = volumes.get(mount["name"], {}).get("secret") if mount else None
+                rel = path[len(mount["mountPath"].rstrip("/")) + 1:] if mount else ""
+                files = [i["path"] for i in (secret or {}).get("items", [])]
+                if secret and (not files or rel in files):
+                    ok.add((name, c["name"], env["name"]))
+                else:
+                    problems.append(f"{name}/{c['name']}: {env['name']}={path!r} is not a file of a mounted Secret")
+    return ok, problems
+
+
+def _credentials_in_clear(docs: list[dict[str, Any]]) -> list[str]:
+    """plaintext_credentials, except ``*_FILE`` paths into a mounted Secret (checked by _secret_file_envs)."""
+    ok, problems = _secret_file_envs(docs)
+    allowed = {f"{n}/{c}: env {e} " for n, c, e in ok}
+    return problems + [p for p in plaintext_credentials(docs) if not any(p.startswith(a) for a in allowed)]
+
+
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_no_plaintext_credentials(profile: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
+    import copy
+
     docs = rendered[profile]
-    assert not plaintext_credentials(docs)
+    assert not _credentials_in_clear(docs)
+    controller = find(docs, "Deployment", "p2r-controller")
+    if controller:
+        # The controller reads the servers' admin token from a file of the admin-token Secret
+        # (Admin.LoadCheckpoint); the same path from anything but a Secret volume is flagged.
+        spec = controller[0]["spec"]["template"]["spec"]
+        env = {e["name"]: e for e in spec["containers"][0]["env"]}
+        assert env["P2R_CLIENT_ADMIN_TOKEN_FILE"] == {"name": "P2R_CLIENT_ADMIN_TOKEN_FILE",
+                                                      "value": "/etc/p2r-admin/token"}
+        assert ("Deployment/p2r-controller", "controller", "P2R_CLIENT_ADMIN_TOKEN_FILE") in _secret_file_envs(docs)[0]
+        volume = next(v for v in spec["volumes"] if v["name"] == "admin-token")
+        assert volume["secret"]["secretName"] == (merged_values(PROFILES[profile])["security"]["admin"]["secretName"]
+                                                  or "p2r-admin-token")
+
+        def broken(change: Any) -> list[str]:
+            copied = copy.deepcopy(docs)
+            change(one(copied, "Deployment", "p2r-controller")["spec"]["template"]["spec"])
+            return [p for p in _credentials_in_clear(copied) if "P2R_CLIENT_ADMIN_TOKEN_FILE" in p]
+
+        def to_empty_dir(s: dict[str, Any]) -> None:  # the path then names no Secret's file
+            s["volumes"] = [{"name": v["name"], "emptyDir": {}} if v["name"] == "admin-token" else v
+                            for v in s["volumes"]]
+
+        def token_in_env(s: dict[str, Any]) -> None:  # the token itself written into the env
+            next(e for e in s["containers"][0]["env"] if e["name"] == "P2R_CLIENT_ADMIN_TOKEN_FILE")[
+                "value"] = "s3cr3t-token"
+
+        assert broken(to_empty_dir) and broken(token_in_env)
     for secret in find(docs, "Secret"):
         assert "stringData" not in secret
     values = merged_values(PROFILES[profile])
@@ -431,7 +495,8 @@ def test_no_plaintext_credentials(profile: str, rendered: dict[str, list[dict[st
         users = {"reader": admin, "writer": admin}
     # Each pod reads both keys from one Secret: role servers the read-only user, the controller
     # the writer, MinIO and the hooks the admin.
-    expected = {"serve": users["reader"], "controller": users["writer"], "minio": admin, "mc": admin}
+    expected = {"serve": users["reader"], "controller": users["writer"], "minio": admin, "provision": admin,
+                "mc": admin}
     for name, spec in pod_specs(docs):
         for c in containers(spec):
             env = {e["name"]: e for e in c.get("env", [])}
@@ -444,9 +509,18 @@ def test_no_plaintext_credentials(profile: str, rendered: dict[str, list[dict[st
 
 
 def test_generated_credentials_are_random() -> None:
-    a, b = (one(render({}), "Secret", "p2r-s3")["data"] for _ in range(2))
-    assert set(a) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-    assert a["AWS_SECRET_ACCESS_KEY"] != b["AWS_SECRET_ACCESS_KEY"]
+    """The release's MinIO (here turned on by the controller, which needs object storage) gets
+    random keys for its root user and both users; a release without MinIO generates none."""
+    assert not [s for s in find(render({}), "Secret") if s["metadata"]["name"].startswith("p2r-s3")]
+    needs_minio = {"controller": {"enabled": True}}
+    first, second = render(needs_minio), render(needs_minio)
+    assert find(first, "StatefulSet", "p2r-minio")
+    for name in ("p2r-s3", "p2r-s3-reader", "p2r-s3-writer"):
+        a, b = one(first, "Secret", name)["data"], one(second, "Secret", name)["data"]
+        assert set(a) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, name
+        assert len(base64_decode(a["AWS_SECRET_ACCESS_KEY"])) >= 40, name
+        assert a["AWS_SECRET_ACCESS_KEY"] != b["AWS_SECRET_ACCESS_KEY"], name
+        assert a["AWS_ACCESS_KEY_ID"] != b["AWS_ACCESS_KEY_ID"], name
 
 
 def test_values_files_hold_no_credentials() -> None:
@@ -497,8 +571,10 @@ def test_services_select_their_pods(profile: str, rendered: dict[str, list[dict[
         sel = svc["spec"]["selector"]
         matches = [w for w in workloads if sel.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
         assert len(matches) == 1, svc["metadata"]["name"]
-        ports = {p["name"] for c in matches[0]["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
-        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= ports
+        # A sidecar without ports (MinIO's `provision` container) serves nothing; every targetPort
+        # must still name a port some container of the selected pod declares.
+        ports = {p["name"] for c in matches[0]["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+        assert ports and {p["targetPort"] for p in svc["spec"]["ports"]} <= ports, svc["metadata"]["name"]
     for pdb in find(docs, "PodDisruptionBudget"):
         sel = pdb["spec"]["selector"]["matchLabels"]
         assert any(sel.items() <= w["spec"]["template"]["metadata"]["labels"].items() for w in workloads)
@@ -609,10 +685,21 @@ def test_external_s3_and_model_pvc(rendered: dict[str, list[dict[str, Any]]]) ->
     assert env["P2R_S3_SECURE"]["value"] == "true"
     models = next(v for v in spec["volumes"] if v["name"] == "models")
     assert models["persistentVolumeClaim"] == {"claimName": "p2r-models", "readOnly": True}
+    # The bucket on someone else's S3 comes from a hook that runs *before* anything of the release
+    # (pre-install / pre-upgrade; Argo CD maps both to PreSync): the endpoint and s3.existingSecret
+    # exist already, and the controller may write its first run as soon as it starts.
     hook = one(docs, "Job", "p2r-create-bucket")
-    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    annotations = hook["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert "before-hook-creation" in annotations["helm.sh/hook-delete-policy"].split(",")
+    assert hook["spec"]["activeDeadlineSeconds"] > 0
     hook_env = {e["name"]: e for e in hook["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert hook_env["P2R_S3_BUCKET"]["value"] == "p2r-prod"
+    assert hook_env["P2R_S3_ENDPOINT"]["value"] == "minio.storage.svc.cluster.local:9000"
+    assert hook_env["P2R_S3_SECURE"]["value"] == "true"
+    assert hook_env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "p2r-s3"  # s3.existingSecret
+    # The release's own MinIO never has this hook: its pod provisions itself (test_bucket_hook_users_and_deadline).
+    assert not find(render({"controller": {"enabled": True}}), "Job", "p2r-create-bucket")
 
 
 def test_values_yaml_is_documented_line_by_line() -> None:
@@ -666,9 +753,23 @@ def test_default_install_starts_no_training(rendered: dict[str, list[dict[str, A
     assert "pytorchjobs.kubeflow.org" in on and "p2r-data" in on and "InputsMissing" in on
 
 
+def _seed_job(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The seed Job: a plain resource whose name carries a hash of what it writes."""
+    jobs = [j for j in find(docs, "Job") if j["metadata"]["labels"]["app.kubernetes.io/component"] == "seed-models"]
+    assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]
+    assert re.fullmatch(r"p2r-seed-[0-9a-f]{8}", jobs[0]["metadata"]["name"]), jobs[0]["metadata"]["name"]
+    return jobs[0]
+
+
+def _wave(doc: dict[str, Any]) -> int:
+    return int((doc["metadata"].get("annotations") or {}).get("argocd.argoproj.io/sync-wave", "0"))
+
+
 def test_cpu_smoke_needs_no_manual_step(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    """cpu-smoke: every role serves a model its own init container writes, and the controller's
-    base model is written to MinIO by the seeding hook after the bucket hook."""
+    """cpu-smoke: every role serves a model its own init container writes; MinIO creates the
+    bucket and users itself (Ready only after); the seed Job, a plain resource applied with the
+    release (Argo CD: after MinIO, before the roles), waits for the bucket, then writes the
+    controller's base model and its synthetic data set; NOTES say so."""
     docs = rendered["cpu-smoke"]
     values = merged_values(PROFILES["cpu-smoke"])
     for role in ("perceiver", "reasoner", "verifier"):
@@ -676,17 +777,38 @@ def test_cpu_smoke_needs_no_manual_step(rendered: dict[str, list[dict[str, Any]]
         model = _serve_yaml(docs, role)["model"]
         writes = {c["command"][-1] for c in spec["initContainers"]}
         assert model in writes, role
-    seed = one(docs, "Job", "p2r-seed-models")
-    bucket = one(docs, "Job", "p2r-create-bucket")
-    weight = lambda j: int(j["metadata"]["annotations"]["helm.sh/hook-weight"])  # noqa: E731
-    assert weight(seed) > weight(bucket)
-    assert seed["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    assert not [j for j in find(docs, "Job") if "helm.sh/hook" in (j["metadata"].get("annotations") or {})]
+    minio = one(docs, "StatefulSet", "p2r-minio")
+    provision = next(c for c in minio["spec"]["template"]["spec"]["containers"] if c["name"] == "provision")
+    assert 'mc mb --ignore-existing "p2r/$P2R_S3_BUCKET"' in provision["args"][0]
+    assert {"name": "P2R_S3_BUCKET", "value": values["s3"]["bucket"]} in provision["env"]
+    assert "test -f /tmp/provisioned" in provision["readinessProbe"]["exec"]["command"][-1]
+    seed = _seed_job(docs)
+    assert "helm.sh/hook" not in seed["metadata"]["annotations"]
+    # Argo CD sync waves: Secrets and MinIO, then the seed Job, then everything else.
+    assert _wave(minio) < _wave(seed) < min(_wave(d) for d in find(docs, "Deployment"))
+    assert all(_wave(s) <= _wave(minio) for s in find(docs, "Secret") if s["metadata"]["name"].startswith("p2r-s3"))
+    assert seed["spec"]["activeDeadlineSeconds"] > 0 and seed["spec"]["backoffLimit"] >= 1
     spec = seed["spec"]["template"]["spec"]
     steps = [[*c["command"], *c["args"]] for c in containers(spec)]
+    for c in containers(spec):
+        env = {e["name"]: e for e in c["env"]}
+        assert env["P2R_S3_ENDPOINT"]["value"] == "p2r-minio:9000", c["name"]
+    assert steps[0] == ["p2r", "models", "wait", f"s3://{values['s3']['bucket']}"]  # made by MinIO's pod
     base = values["controller"]["config"]["base_model"]
-    assert steps[-1][:3] == ["p2r", "models", "upload"] and steps[-1][-1] == base
-    assert steps[0][:3] == ["p2r", "models", "tiny"] and steps[0][-1] == steps[-1][-2]
-    assert "p2r-seed-models" in _notes(PROFILES["cpu-smoke"])
+    tiny, upload = steps[1], steps[2]
+    assert tiny[:3] == ["p2r", "models", "tiny"] and upload[:3] == ["p2r", "models", "upload"]
+    assert upload[-1] == base and tiny[-1] == upload[-2]
+    data_set = values["controller"]["config"]["data"].rsplit("/", 1)[0]
+    synth, upload_data = steps[3], steps[4]
+    assert synth[:3] == ["p2r", "data", "synth"] and upload_data[:3] == ["p2r", "data", "upload"]
+    assert upload_data[-1] == data_set and synth[synth.index("--out") + 1] == upload_data[-2]
+    assert len(steps) == 5
+    for argv in steps:
+        assert parse_p2r_command(argv).command.name == argv[2], argv  # what the image's CLI accepts
+    notes = _notes(PROFILES["cpu-smoke"])
+    assert "component=seed-models" in notes and f"tiny -> {base}" in notes
+    assert f"p2r data synth (64 samples) -> {data_set}" in notes
 
 
 def test_role_services_are_headless_and_clients_use_dns(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -859,29 +981,94 @@ def base64_decode(text: str) -> str:
     return base64.b64decode(text).decode()
 
 
-def test_bucket_hook_users_and_deadline(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    """The bucket hook creates the read-only and read-write users with their policies, and its
-    wait for the endpoint ends (error naming the Secret) after s3.hookWaitSeconds."""
-    import json
+EXTERNAL_S3 = {"minio": {"enabled": False},
+               "s3": {"externalEndpoint": "s3.example.com:443", "existingSecret": "s3-admin"}}
 
-    hook = one(rendered["default"], "Job", "p2r-create-bucket")
-    c = hook["spec"]["template"]["spec"]["containers"][0]
+
+def _fake_mc_bin(tmp_path: Path, fail_on: str = "") -> Path:
+    """A bin directory with the few tools the provisioning scripts use and a fake ``mc`` that
+    logs its arguments (one line a call) and fails a call containing ``fail_on``."""
+    import shutil
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    for tool in ("date", "sleep", "cat", "grep", "touch"):
+        (bin_dir / tool).symlink_to(shutil.which(tool) or f"/bin/{tool}")
+    fail = f'case "$*" in *"{fail_on}"*) echo "mc: refused" >&2; exit 1;; esac' if fail_on else ""
+    (bin_dir / "mc").write_text(f'#!/bin/sh\necho "$*" >> "{tmp_path}/mc.log"\n{fail}\nexit 0\n')
+    (bin_dir / "mc").chmod(0o755)
+    return bin_dir
+
+
+def test_bucket_hook_users_and_deadline(rendered: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    """The release's MinIO creates the bucket, the read-only and read-write policies and users in
+    its `provision` container, and reports Ready only after they exist: its script, run by a real
+    /bin/sh (a fake `mc` logging each call), makes the marker the readiness probe tests only
+    after the last call succeeded, and not at all when one fails. An external S3's bucket hook
+    creates no users, and its wait for the endpoint ends (error naming the Secret) after
+    s3.hookWaitSeconds."""
+    import json
+    import subprocess
+
+    docs = rendered["cpu-smoke"]
+    assert not find(docs, "Job", "p2r-create-bucket")  # no hook: the pod provisions itself
+    pod = one(docs, "StatefulSet", "p2r-minio")["spec"]["template"]["spec"]
+    c = next(c for c in pod["containers"] if c["name"] == "provision")
     script = c["args"][0]
     env = {e["name"]: e for e in c["env"]}
-    assert env["P2R_WAIT_SECONDS"]["value"] == "240" and 'deadline=$(( $(date +%s) + P2R_WAIT_SECONDS ))' in script
-    assert "exit 1" in script and "Secret p2r-s3" in script
-    assert hook["spec"]["activeDeadlineSeconds"] == 360 and hook["spec"]["backoffLimit"] <= 2
+    assert env["P2R_S3_ENDPOINT"]["value"] == "127.0.0.1:9000"  # its own pod's MinIO
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "p2r-s3"  # MinIO's root user
+    probe = c["readinessProbe"]["exec"]["command"]
+    assert probe == ["/bin/sh", "-c", "test -f /tmp/provisioned"]
     policies = re.findall(r"cat > /tmp/(\w+)\.json <<'EOF'\n(.*?)\nEOF", script, re.S)
-    docs = {name: json.loads(body) for name, body in policies}
-    reader = [s for s in docs["reader"]["Statement"] for a in s["Action"] if a in ("s3:PutObject", "s3:DeleteObject")]
+    policy = {name: json.loads(body) for name, body in policies}
+    reader = [s for s in policy["reader"]["Statement"] for a in s["Action"] if a in ("s3:PutObject", "s3:DeleteObject")]
     assert not reader  # servers read only
-    writes = [s for s in docs["writer"]["Statement"] if "s3:PutObject" in s["Action"]]
+    writes = [s for s in policy["writer"]["Statement"] if "s3:PutObject" in s["Action"]]
     assert writes[0]["Resource"] == ["arn:aws:s3:::p2r/runs/*"]
     for user in ("READER", "WRITER"):
         assert f'mc admin user add p2r "${user}_ACCESS_KEY" "${user}_SECRET_KEY"' in script
         assert env[f"{user}_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["name"] == f"p2r-s3-{user.lower()}"
-    external = one(rendered["external-s3"], "Job", "p2r-create-bucket")["spec"]["template"]["spec"]["containers"][0]
-    assert "mc admin" not in external["args"][0]  # no admin rights on someone else's S3
+
+    idle = "while :; do sleep 3600; done"
+    assert script.rstrip().endswith(idle)  # then idles: the container stays, Ready
+    fake = {"P2R_S3_ENDPOINT": "127.0.0.1:9000", "P2R_S3_SECURE": "false", "P2R_S3_BUCKET": "p2r",
+            "P2R_WAIT_SECONDS": "240", "AWS_ACCESS_KEY_ID": "root", "AWS_SECRET_ACCESS_KEY": "rootpw",
+            "READER_ACCESS_KEY": "ro", "READER_SECRET_KEY": "ropw", "WRITER_ACCESS_KEY": "rw",
+            "WRITER_SECRET_KEY": "rwpw"}
+
+    def run(fail_on: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+        """The script with its /tmp (the `mc` emptyDir) in a fresh directory; returns that directory."""
+        work = tmp_path / (fail_on.replace(" ", "-") or "ok")
+        bin_dir = _fake_mc_bin(work, fail_on)
+        runnable = script.rstrip().removesuffix(idle).replace("/tmp/", f"{work}/")
+        out = subprocess.run(["/bin/sh", "-ec", runnable], capture_output=True, text=True, timeout=60,
+                             env={**fake, "PATH": str(bin_dir), "HOME": str(work)}, cwd=work)
+        return out, work
+
+    ok, work = run("")
+    assert ok.returncode == 0 and (work / "provisioned").is_file(), ok.stdout + ok.stderr
+    strip = [c.replace(f"--config-dir {work}/mc ", "") for c in (work / "mc.log").read_text().splitlines()]
+    assert strip[0] == "alias set p2r http://127.0.0.1:9000 root rootpw"
+    assert strip[1] == "mb --ignore-existing p2r/p2r"
+    assert {"admin user add p2r ro ropw", "admin user add p2r rw rwpw", "admin policy attach p2r p2r-reader --user ro",
+            "admin policy attach p2r p2r-writer --user rw"} <= set(strip)
+    assert "bucket p2r and users ready" in ok.stdout
+    for step in ("mb --ignore-existing", "admin user add", "admin policy attach"):
+        failed, work = run(step)  # the container exits (and restarts); the pod never turns Ready
+        assert failed.returncode != 0 and not (work / "provisioned").exists(), (step, failed.stdout + failed.stderr)
+
+    # An external S3: a pre-install hook with a bounded wait, and no admin rights on someone else's S3.
+    external = one(render(EXTERNAL_S3), "Job", "p2r-create-bucket")
+    hook = external["spec"]["template"]["spec"]["containers"][0]
+    script = hook["args"][0]
+    env = {e["name"]: e for e in hook["env"]}
+    assert env["P2R_WAIT_SECONDS"]["value"] == "240" and 'deadline=$(( $(date +%s) + P2R_WAIT_SECONDS ))' in script
+    assert "exit 1" in script and "Secret s3-admin" in script
+    assert external["spec"]["activeDeadlineSeconds"] == 360 and external["spec"]["backoffLimit"] <= 2
+    assert "mc admin" not in script
+    assert "mc admin" not in one(rendered["external-s3"], "Job", "p2r-create-bucket")["spec"]["template"]["spec"][
+        "containers"][0]["args"][0]
 
 
 def test_priority_classes_exist_for_gpu_production(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -1069,10 +1256,13 @@ def test_readme_cpu_smoke_creates_the_namespace() -> None:
 
 
 def test_seed_hook_runs_for_real_on_loopback(s3_server: dict[str, str], tmp_path: Path) -> None:
-    """cpu-smoke's model bootstrap, run for real: each step of the rendered seeding Job (`p2r models
-    tiny`, `p2r models upload`) runs as its container would, against a real S3-protocol server on
-    loopback (the Job's /scratch volume is a temporary directory here), and a role server's
-    download path (resolve_checkpoint) then fetches the model the controller starts from."""
+    """cpu-smoke's bootstrap, run for real: each container of the rendered seed Job runs in order
+    as it would in its pod (its command, args and literal env; /cache and /tmp temporary
+    directories here; the Service p2r-minio resolved to a real S3-protocol server on loopback).
+    Its first step waits for the bucket (bounded here, it fails while there is none; MinIO's
+    provision container makes it), then the tiny model and the synthetic set land where the
+    controller reads them, and a role server's download path (resolve_checkpoint) fetches the
+    model the controller starts from."""
     import os
     import subprocess
     import sys
@@ -1082,28 +1272,55 @@ def test_seed_hook_runs_for_real_on_loopback(s3_server: dict[str, str], tmp_path
     from p2r.services.checkpoints import resolve_checkpoint
 
     docs = render(PROFILES["cpu-smoke"])
-    job = one(docs, "Job", "p2r-seed-models")["spec"]["template"]["spec"]
+    job = _seed_job(docs)["spec"]["template"]["spec"]
     values = merged_values(PROFILES["cpu-smoke"])
     uri = values["controller"]["config"]["base_model"]
+    data = values["controller"]["config"]["data"]
     bucket = uri.removeprefix("s3://").split("/")[0]
-    Minio(s3_server["P2R_S3_ENDPOINT"], access_key=s3_server["AWS_ACCESS_KEY_ID"],
-          secret_key=s3_server["AWS_SECRET_ACCESS_KEY"], secure=False).make_bucket(bucket)  # the bucket hook's work
-    scratch = tmp_path / "scratch"
-    for c in containers(job):
-        mounts = {m["mountPath"] for m in c["volumeMounts"]}
-        assert "/scratch" in mounts
-        env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
-        env = {k: v.replace("/scratch", str(scratch)) for k, v in env.items() if k not in ("P2R_S3_ENDPOINT",)}
-        env["TMPDIR"] = str(tmp_path)
-        argv = [a.replace("/scratch", str(scratch)) for a in c["args"]]
+    dirs = {"/cache": tmp_path / "cache", "/tmp": tmp_path / "tmp"}  # the pod's emptyDir volumes
+    for d in dirs.values():
+        d.mkdir()
+
+    def local(text: str) -> str:
+        for pod_path, here in dirs.items():
+            if text == pod_path or text.startswith(pod_path + "/"):
+                return str(here) + text[len(pod_path):]
+        return text
+
+    def run(c: dict[str, Any], extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+        assert {m["mountPath"] for m in c["volumeMounts"]} >= set(dirs), c["name"]
         assert c["command"] == ["p2r"]
-        out = subprocess.run([sys.executable, "-m", "p2r.cli", *argv], capture_output=True, text=True, timeout=600,
-                             env={**os.environ, **env, **s3_server, "P2R_S3_SECURE": "false"})
+        env = {e["name"]: local(e["value"]) for e in c["env"] if "value" in e}
+        assert env.pop("P2R_S3_ENDPOINT") == "p2r-minio:9000"
+        for key in ("HOME", "TMPDIR", "HF_HOME"):  # writable: on the pod's volumes (read-only root)
+            assert env[key].startswith(str(tmp_path)), (c["name"], key, env[key])
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # the admin Secret's keys
+            ref = next(e for e in c["env"] if e["name"] == key)["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == "p2r-s3", (c["name"], ref)
+        argv = [local(a) for a in c["args"]] + list(extra)
+        return subprocess.run([sys.executable, "-m", "p2r.cli", *argv], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, **env, **s3_server})
+
+    steps = containers(job)
+    wait = steps[0]
+    assert wait["args"] == ["models", "wait", f"s3://{bucket}"]
+    early = run(wait, ("--timeout-s", "1", "--poll-s", "0.2"))  # no bucket yet: it waits, then gives up
+    assert early.returncode == 1 and f"no bucket {bucket} yet" in early.stderr, early.stdout + early.stderr
+    Minio(s3_server["P2R_S3_ENDPOINT"], access_key=s3_server["AWS_ACCESS_KEY_ID"],
+          secret_key=s3_server["AWS_SECRET_ACCESS_KEY"], secure=False).make_bucket(bucket)  # MinIO's provision
+    for c in steps:
+        out = run(c)
         assert out.returncode == 0, (c["name"], out.stdout + out.stderr)
+    client = Minio(s3_server["P2R_S3_ENDPOINT"], access_key=s3_server["AWS_ACCESS_KEY_ID"],
+                   secret_key=s3_server["AWS_SECRET_ACCESS_KEY"], secure=False)
+    data_key = data.removeprefix(f"s3://{bucket}/")
+    names = {o.object_name for o in client.list_objects(bucket, prefix=data_key.rsplit("/", 1)[0] + "/",
+                                                        recursive=True)}
+    assert {data_key, data_key.rsplit("/", 1)[0] + "/manifest.json"} <= names, names  # the controller's data
     env_backup = dict(os.environ)
     try:
         os.environ.update({**s3_server, "P2R_S3_SECURE": "false"})
-        path = resolve_checkpoint(uri, tmp_path / "cache")
+        path = resolve_checkpoint(uri, tmp_path / "role-cache")
     finally:
         os.environ.clear()
         os.environ.update(env_backup)
@@ -1111,13 +1328,19 @@ def test_seed_hook_runs_for_real_on_loopback(s3_server: dict[str, str], tmp_path
 
 
 def test_hook_wait_has_a_deadline(tmp_path: Path) -> None:
-    """The bucket hook's script, run by a real /bin/sh against an endpoint that never accepts the
-    credentials (here: no client can reach it), stops after P2R_WAIT_SECONDS with exit 1 and a
-    line naming the endpoint and the Secret, instead of waiting forever."""
+    """The external S3's bucket hook script, run by a real /bin/sh against an endpoint that never
+    accepts the credentials (here: no client can reach it), stops after P2R_WAIT_SECONDS with
+    exit 1 and a line naming the endpoint and the Secret, instead of waiting forever; the Job's
+    activeDeadlineSeconds lies beyond that wait, so the script's own message is what users see.
+    The seed Job's wait for the bucket is bounded by its activeDeadlineSeconds."""
     import shutil
     import subprocess
 
-    c = one(render({}), "Job", "p2r-create-bucket")["spec"]["template"]["spec"]["containers"][0]
+    docs = render(EXTERNAL_S3)
+    job = one(docs, "Job", "p2r-create-bucket")
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    wait_s = int(next(e["value"] for e in c["env"] if e["name"] == "P2R_WAIT_SECONDS"))
+    assert job["spec"]["activeDeadlineSeconds"] > wait_s
     assert c["command"] == ["/bin/sh", "-ec"]
     script = c["args"][0].replace("/tmp/", f"{tmp_path}/")
     bin_dir = tmp_path / "bin"  # sh, date and sleep only: `mc alias set` fails like a refused login
@@ -1129,7 +1352,10 @@ def test_hook_wait_has_a_deadline(tmp_path: Path) -> None:
     out = subprocess.run(["/bin/sh", "-ec", script], capture_output=True, text=True, timeout=120,
                          env={**env, "HOME": str(tmp_path)}, cwd=tmp_path)
     assert out.returncode == 1, out.stdout + out.stderr
-    assert "127.0.0.1:9 did not accept the credentials of Secret p2r-s3 within 1s" in out.stderr
+    assert "127.0.0.1:9 did not accept the credentials of Secret s3-admin within 1s" in out.stderr
+    seed = _seed_job(render({**EXTERNAL_S3, "models": {"seed": {"enabled": True, "models": [
+        {"source": "tiny", "name": "tiny"}]}}}))
+    assert seed["spec"]["activeDeadlineSeconds"] > 0 and seed["spec"]["backoffLimit"] <= 2
 
 
 @pytest.mark.engine
