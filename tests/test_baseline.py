@@ -91,10 +91,13 @@ def test_baseline_is_an_optional_step_of_the_graph(tmp_path: Path, tiny_model_di
 # -------------------------------------------------------------------------------- manifests
 
 
-def test_baseline_manifests_build_validate_and_run_the_baseline_role(tmp_path: Path) -> None:
+def test_baseline_manifests_build_validate_and_run_the_baseline_role(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """``kubectl kustomize manifests/baseline``: only the baseline PyTorchJob (stage 1's pod
     template, renamed) and its ConfigMap; both validate strictly, the command parses with the
-    real CLI and the config loads in the real TrainConfig as role baseline."""
+    real CLI and the config loads in the real TrainConfig as role baseline, with the pod's
+    ``P2R_TRAIN_*`` env (the S3 paths come from the release's bucket and runs prefix there), and
+    writes under the runs prefix the writer user may write."""
     from tests.k8s_support import (
         KUBE_VERSIONS,
         KUBECTL,
@@ -122,8 +125,12 @@ def test_baseline_manifests_build_validate_and_run_the_baseline_role(tmp_path: P
     assert job["spec"]["runPolicy"]["suspend"] is False
     config = one(docs, "ConfigMap", "p2r-baseline-config")["data"]["baseline.yaml"]
     (tmp_path / "baseline.yaml").write_text(config)
+    [master] = containers(job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"])
+    for env in master.get("env", []):
+        if env["name"].startswith("P2R_TRAIN_") and "value" in env:
+            monkeypatch.setenv(env["name"], env["value"])
     cfg = TrainConfig.load(tmp_path / "baseline.yaml")
-    assert cfg.role == "baseline" and cfg.output.startswith("s3://p2r/")
+    assert cfg.role == "baseline" and cfg.output.startswith("s3://p2r/runs/")
     for replica in job["spec"]["pytorchReplicaSpecs"].values():
         pod = replica["template"]
         assert pod["metadata"]["labels"]["p2r.io/stage"] == "baseline"

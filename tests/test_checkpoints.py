@@ -370,7 +370,7 @@ def test_models_upload_seeds_object_storage_and_reads_back(tmp_path: Path, s3_se
     finally:
         src.chmod(0o755)
     assert result.exit_code == 0, result.output
-    assert "uploaded 3 files" in result.output and not (src / MANIFEST).exists()
+    assert "3 of 3 files uploaded (0 already there" in result.output and not (src / MANIFEST).exists()
     back = resolve_checkpoint("s3://seed/models/tiny", tmp_path / "cache")
     assert sorted(p.name for p in back.iterdir()) == ["config.json", MANIFEST, "model.safetensors", "tokenizer.json"]
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
