@@ -706,13 +706,29 @@ def reference_plan() -> dict[str, Any]:
     return out
 
 
+def write_result(args: argparse.Namespace, load: Any, elapsed: float, n_params: int, result: dict[str, Any]) -> None:
+    """Print the total time and write ``result`` to ``args.out`` under the machine, model and
+    settings every mode of this script records."""
+    from p2r.models.tiny import BENCH
+
+    print(f"total {elapsed:.0f} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "load_average": load, "cpus": os.cpu_count(), "platform": platform.platform(), "elapsed_s": round(elapsed),
+        "model": {"preset": dataclasses.asdict(BENCH), "parameters": n_params},
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("child") and k != "out"},
+        **result,
+    }, indent=1, default=str))
+    print(f"wrote {args.out}")
+
+
 def before_after(args: argparse.Namespace) -> None:
     """Collectives per rank per step, before vs after, at world 2 (counted), beside the plan; and
     peak memory against the step's size with the new update, world 1 and 2. Every configuration
     runs once per repeat, interleaved (A B C ... A B C ...); median (min–max) over repeats."""
     from bench._common import header, load_average, spread
     from p2r.data.dataset import write_synthetic
-    from p2r.models.tiny import BENCH, write_bench_model
+    from p2r.models.tiny import write_bench_model
 
     load = load_average()
     started = time.perf_counter()
@@ -818,20 +834,14 @@ def before_after(args: argparse.Namespace) -> None:
               f"(target <= {STATE_TARGET}x)")
     for f in failed:
         print(f"not measured: {f}")
-    print(f"total {elapsed:.0f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "load_average": load, "cpus": os.cpu_count(), "platform": platform.platform(), "elapsed_s": round(elapsed),
-        "model": {"preset": dataclasses.asdict(BENCH), "parameters": n_params},
-        "settings": {k: v for k, v in vars(args).items() if not k.startswith("child") and k != "out"},
+    write_result(args, load, elapsed, n_params, {
         "before": BEFORE, "after": AFTER,
         "targets": {"growth": GROWTH_TARGET, "state_world2_over_world1": STATE_TARGET,
                     "traffic_tb_per_rank_step_reference": TRAFFIC_TARGET_TB},
         "traffic_world2": traffic, "reference_plan": ref, "growth": growth_out,
         "state_world2_over_world1": state_ratio,
         "rows": {name: [_row_json(r) for r in rs] for name, rs in rows.items()},
-    }, indent=1, default=str))
-    print(f"wrote {args.out}")
+    })
 
 
 def main() -> None:
@@ -922,17 +932,11 @@ def main() -> None:
         print(f"model state per rank, world 2 / world 1: {heads['state_world2_over_world1']:.3f}x "
               f"(target <= {STATE_TARGET}x); peak RSS per rank world 2 / world 1: "
               f"{heads['peak_rss_world2_over_world1']:.3f}x")
-    print(f"total {elapsed:.0f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "load_average": load, "cpus": os.cpu_count(), "platform": platform.platform(), "elapsed_s": round(elapsed),
-        "model": {"preset": dataclasses.asdict(BENCH), "parameters": n_params},
-        "settings": {k: v for k, v in vars(args).items() if not k.startswith("child") and k != "out"},
+    write_result(args, load, elapsed, n_params, {
         "targets": {"growth": GROWTH_TARGET, "state_world2_over_world1": STATE_TARGET},
         "headlines": heads,
         "rows": [_row_json(r) for r in rows],
-    }, indent=1, default=str))
-    print(f"wrote {args.out}")
+    })
 
 
 def _repeats(value: str) -> int:
