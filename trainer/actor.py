@@ -64,7 +64,6 @@ from p2r.trainer.grpo import LossNorm, grpo_loss
 from p2r.trainer.policy import pad_responses, response_logprobs, vision_inputs
 
 log = logging.getLogger("p2r.train")
-TRAIN_STATE_DIR = "train_state"  # DCP shards of the fp32 model and the optimiser (any world size)
 Schedule = Literal["step", "micro-batch"]
 SCHEDULE_STEP: Schedule = "step"  # one gather of each model and one reduce-scatter per step
 SCHEDULE_MICRO_BATCH: Schedule = "micro-batch"  # the old schedule: all of them per micro-batch

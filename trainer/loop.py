@@ -38,6 +38,7 @@ from p2r.core.images import MIN_PIXELS, PixelBounds
 from p2r.data.dataset import DataError, Sample, load_samples
 from p2r.services.checkpoints import (
     MANIFEST,
+    TRAIN_STATE_DIR,
     latest_checkpoint,
     put_files,
     resolve_checkpoint,
@@ -46,7 +47,7 @@ from p2r.services.checkpoints import (
     write_manifest,
 )
 from p2r.services.engine import EngineLimits
-from p2r.trainer.actor import TRAIN_STATE_DIR, Actor, PromptGroup, compute_dtype, init_distributed
+from p2r.trainer.actor import Actor, PromptGroup, compute_dtype, init_distributed
 from p2r.trainer.config import TrainConfig
 from p2r.trainer.failures import JobWatch
 from p2r.trainer.grpo import group_advantages
