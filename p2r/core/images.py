@@ -11,7 +11,7 @@ import io
 import math
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from p2r.core.errors import UserError
 
@@ -71,15 +71,41 @@ def open_image(data: bytes, *, field: str = "image", max_pixels: int | None = No
     return image
 
 
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING = frozenset({5, 6, 7, 8})
+"""EXIF orientations that swap width and height (90/270-degree rotations, transposes)."""
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored), read from the header; unreadable EXIF counts
+    as 1, shown as stored, as browsers do."""
+    try:
+        value = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError):
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as a viewer shows the image: a phone JPEG stored 400x200 with EXIF
+    orientation 6 is displayed 200x400. Read from the header, pixels not decoded."""
+    return (image.height, image.width) if orientation(image) in _TRANSPOSING else image.size
+
+
 def load_image(image: Image.Image, *, field: str = "image") -> Image.Image:
-    """Decode the pixels of an opened image into RGB; truncated or corrupt data is an ImageError.
+    """Decode the pixels of an opened image into RGB, upright; corrupt data is an ImageError.
+
+    The EXIF orientation is applied here, at the one place every image is decoded (gRPC, HTTP,
+    OpenAI, data loading, eval), so regions are in the coordinates people see: the page draws
+    them on the browser-rotated image.
 
     An RGB image is returned as decoded: ``convert("RGB")`` would copy it, holding twice the
     memory of a 100-megapixel image for nothing. Callers pass a freshly opened image, so the
     other mode's original is freed as soon as this returns."""
     try:
         image.load()
-        return image if image.mode == "RGB" else image.convert("RGB")
+        upright = image if orientation(image) == 1 else ImageOps.exif_transpose(image)
+        return upright if upright.mode == "RGB" else upright.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"{field}: cannot decode image: {e}") from None
 

@@ -23,7 +23,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from p2r.core.errors import UserError
-from p2r.core.images import TRAIN_BOUNDS, ImageError, PixelBounds, decode_image, encode_image, model_size
+from p2r.core.images import (
+    TRAIN_BOUNDS,
+    ImageError,
+    PixelBounds,
+    decode_image,
+    displayed_size,
+    encode_image,
+    model_size,
+)
 from p2r.core.prompts import AnswerForm, question_from_prompt
 from p2r.data.synth import DATA_SOURCE, make_sample
 
@@ -53,7 +61,7 @@ class ImageRef:
         import io
 
         with Image.open(io.BytesIO(self.data) if self.data is not None else self.path) as im:  # type: ignore[arg-type]
-            return im.size
+            return displayed_size(im)
 
 
 @dataclass
