@@ -77,7 +77,7 @@ if TYPE_CHECKING:
 
 METHOD = "openai.chat"
 PATHS = ("/v1/chat/", "/v1/models")
-"""The routes that answer errors as OpenAI error objects (``http.Guard`` included)."""
+"""The routes that answer errors as OpenAI error objects (``http_guard.Guard`` included)."""
 DEFAULT_TIMEOUT_S = 300.0
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
@@ -99,7 +99,7 @@ class OpenAIError(Exception):
 def from_status(status: Status, code: str | None = None) -> OpenAIError:
     """The OpenAI error for a mapped failure (``services/errors.status_of``): a 400 names the
     field its message starts with; any other status carries ``code``, by default its gRPC code
-    name. Used by the routes and by ``http.Guard``'s refusals (401, 413) on these paths."""
+    name. Used by the routes and by ``http_guard.Guard``'s refusals (401, 413) on these paths."""
     if status.http == 400:
         return OpenAIError(400, status.message, _inner_param(status.message), code)
     return OpenAIError(status.http, status.message, None, code or status.code.name.lower())
@@ -402,7 +402,7 @@ def mount(app: FastAPI, server: Server) -> None:
             metrics.LATENCY.labels(METHOD).observe(time.perf_counter() - started)
 
     async def read_body(request: Request) -> Any:
-        # Its size is bounded in front of every route (http.Guard, ServeConfig.max_http_body_bytes);
+        # Its size is bounded in front of every route (http_guard.Guard, ServeConfig.max_http_body_bytes);
         # a body that grows past the bound while streaming is refused here as an OpenAI error.
         try:
             body = await request.body()

@@ -100,7 +100,7 @@ def _requests_total(method: str, code: str) -> float:
 
 
 def test_guard_refusals_are_openai_errors_on_openai_routes() -> None:
-    """http.Guard's 401 (API key) and 413 (Content-Length over the body limit) come from the one
+    """http_guard.Guard's 401 (API key) and 413 (Content-Length over the body limit) come from the one
     table (services/errors.py): OpenAI error objects on the OpenAI routes, ``detail`` on
     /v1/answer, counted under their gRPC code. An in-process app with keys; no engine."""
     from fastapi.testclient import TestClient
