@@ -87,14 +87,24 @@ def sha256_file(path: Path) -> str:
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+MAX_SEGMENT_BYTES = 200
+"""The longest path segment a key may have: local file systems stop at 255 bytes (``NAME_MAX``),
+and a download's partial file adds about 35 to the name (``_fetch``). A longer S3 key failed
+with ENAMETOOLONG mid-download (INTERNAL); it is refused by name before anything is fetched."""
+
+
 def safe_relative(key: str, where: str) -> str:
-    """``key`` if it is a relative POSIX path that stays where it is put: no leading ``/``, no
-    ``.`` / ``..`` or empty segment, no backslash or NUL. Else CheckpointError naming it."""
+    """``key`` if it is a relative POSIX path that stays where it is put and can be a local file
+    name: no leading ``/``, no ``.`` / ``..`` or empty segment, no backslash or NUL, no segment
+    over ``MAX_SEGMENT_BYTES``. Else CheckpointError naming it."""
     parts = key.split("/")
     if (not key or key.startswith("/") or "\\" in key or "\x00" in key
             or any(p in ("", ".", "..") for p in parts)):
         raise CheckpointError(f"{where}: key {key!r} is not a safe relative path "
                               "(absolute, '..', '.' or empty segment); refused, nothing written")
+    if any(len(p.encode()) > MAX_SEGMENT_BYTES for p in parts):
+        raise CheckpointError(f"{where}: key {key!r} has a path segment over {MAX_SEGMENT_BYTES} bytes "
+                              "(longer than a local file name may be); refused, nothing written")
     return key
 
 
@@ -129,6 +139,11 @@ def parse_manifest(text: bytes | str, where: str, model: bool = True) -> dict[st
         safe_relative(name, f"{where}: {MANIFEST}")
         if name == MANIFEST or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
             raise CheckpointError(f"{where}: {MANIFEST}: {name!r} has no sha256 digest")
+        parents = name.split("/")[:-1]
+        for depth in range(1, len(parents) + 1):
+            if (parent := "/".join(parents[:depth])) in files:
+                raise CheckpointError(f"{where}: {MANIFEST} lists both {parent!r} and {name!r}: "
+                                      f"{parent!r} cannot be a file and a directory; refused")
     if model and ("config.json" not in files or not any(n.endswith(".safetensors") for n in files)):
         raise CheckpointError(f"{where}: the manifest lists no config.json or no *.safetensors weights")
     return manifest
@@ -328,7 +343,8 @@ def download_s3(uri: str, cache_dir: Path, cancel: threading.Event | None = None
     whose sha256 already matches is kept (a restart reads from the cache, not the store). A
     prefix without a manifest (an upload still running), an unlisted or unsafe object key, or a
     digest mismatch is refused. Files of an earlier version of the prefix that the manifest no
-    longer lists are removed. ``cancel`` set (the RPC gave up) stops between blocks. Without
+    longer lists are removed before anything is fetched (``_clear_stale``); a key the cache
+    cannot hold is a CheckpointError naming it. ``cancel`` set (the RPC gave up) stops between blocks. Without
     ``with_train_state`` only the model's files are fetched (``model_file``)."""
     bucket, prefix = split_s3(uri)
     if not prefix:
@@ -346,24 +362,41 @@ def download_s3(uri: str, cache_dir: Path, cancel: threading.Event | None = None
             present.append(name[len(base):])
         manifest_text = _get_bytes(client, bucket, base + MANIFEST, MAX_MANIFEST_BYTES) \
             if MANIFEST in present else None
-        target.mkdir(parents=True, exist_ok=True)
+        if manifest_text is not None:
+            _clear_stale(target, parse_manifest(manifest_text, uri)["files"], uri)
 
         def digest_of(name: str, expected: str) -> str:
             if cancel is not None and cancel.is_set():
                 raise DownloadCancelled(f"{uri}: download cancelled")
             dest = destination(target, name, uri)
-            if dest.is_file() and sha256_file(dest) == expected:
-                return expected
-            return _fetch(client, bucket, base + name, dest, expected, cancel)
+            try:
+                if dest.is_file() and sha256_file(dest) == expected:
+                    return expected
+                return _fetch(client, bucket, base + name, dest, expected, cancel)
+            except OSError as e:  # the local cache, not the store (urllib3 wraps socket errors)
+                raise CheckpointError(f"{uri}: key {name!r} cannot be stored in the cache {target}: "
+                                      f"{e.strerror or e}") from None
 
-        manifest = verify_manifest(uri, manifest_text, present, digest_of,
-                                   None if with_train_state else model_file)
-    for name in local_files(target):
-        if name not in manifest["files"] and not _hidden(name):
-            (target / name).unlink()  # an earlier version's file, or the old manifest
+        verify_manifest(uri, manifest_text, present, digest_of, None if with_train_state else model_file)
     assert manifest_text is not None
     _write_atomic(target / MANIFEST, manifest_text)
     return target
+
+
+def _clear_stale(target: Path, files: dict[str, str], uri: str) -> None:
+    """Make ``target`` (a mirror of ``uri``) hold nothing its new manifest does not list, before
+    anything is fetched: an earlier version's files and its manifest go, and so does a directory
+    where a listed file now belongs (``a/`` of an earlier ``a/b`` when ``a`` is now a file) - else
+    that download failed (IsADirectoryError, or FileExistsError the other way round) on every
+    reload until someone cleared the cache."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in local_files(target):
+        if name not in files and not _hidden(name):
+            (target / name).unlink()
+    for name in files:
+        path = destination(target, name, uri)
+        if path.is_dir():
+            shutil.rmtree(path)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

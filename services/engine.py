@@ -351,23 +351,60 @@ parameter); any other dtype where the running model has floats is refused."""
 TensorLayout = dict[str, tuple[tuple[int, ...], str]]
 
 
+FINITE_CHUNK = 1 << 24
+"""Elements checked at a time by ``all_finite``: the check holds one slice of this size (and
+its boolean mask), never a second copy of a tensor or of the model."""
+
+
+def all_finite(tensor: Any) -> bool:
+    """Whether a safetensors slice (``safe_open(...).get_slice``) of a float dtype holds only
+    finite values, read ``FINITE_CHUNK`` elements' worth of rows at a time."""
+    import math
+
+    import torch
+
+    shape = tuple(tensor.get_shape())
+    if not shape:
+        return bool(torch.isfinite(tensor[...].float()).all())
+    row = math.prod(shape[1:])
+    step = max(1, FINITE_CHUNK // max(1, row))
+    for start in range(0, shape[0], step):
+        chunk = tensor[start:start + step]
+        if chunk.element_size() == 1:  # fp8: no isfinite kernel on CPU; one chunk in fp32
+            chunk = chunk.float()
+        if not bool(torch.isfinite(chunk).all()):
+            return False
+    return True
+
+
 def tensor_layout(files: Sequence[Path]) -> TensorLayout:
-    """``name -> (shape, dtype)`` of every tensor in ``files``, from the safetensors headers
-    only (no tensor data is read). A file that is not valid safetensors (truncated, garbage,
-    offsets past its end) is a CheckpointError naming it."""
+    """``name -> (shape, dtype)`` of every tensor in ``files``, checked while it is read: a file
+    that is not valid safetensors (truncated, garbage, offsets past its end), or a float tensor
+    holding a NaN or an infinity, is a CheckpointError naming the file and the tensor.
+
+    Non-finite weights load without complaint and then generate nothing: an all-NaN checkpoint
+    served empty answers with status OK. So every float tensor's data is read here, one slice at
+    a time (``all_finite``), before the engine is touched: a refused checkpoint leaves the old
+    weights serving, and memory grows by one slice, not by a copy of the model."""
     from safetensors import safe_open
 
     from p2r.services.checkpoints import CheckpointError
 
     layout: TensorLayout = {}
     for f in files:
+        bad: str | None = None
         try:
             with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                for name in sorted(st.keys()):
                     tensor = st.get_slice(name)
                     layout[name] = (tuple(tensor.get_shape()), tensor.get_dtype())
+                    if layout[name][1] in FLOAT_DTYPES and not all_finite(tensor):
+                        bad = name
+                        break
         except Exception as e:  # safetensors raises its own error type, or OSError
             raise CheckpointError(f"{f}: not a valid safetensors file ({type(e).__name__}: {e})") from None
+        if bad is not None:
+            raise CheckpointError(f"{f}: tensor {bad} holds non-finite values (NaN or inf); refused")
     return layout
 
 

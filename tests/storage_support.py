@@ -1,4 +1,4 @@
-"""Storage stand-ins for tests: ``S3Relay`` and ``hf_cache``.
+"""Storage stand-ins for tests: ``S3Relay``, ``hf_cache`` and ``s3_checkpoint_with_keys``.
 
 ``S3Relay`` is a loopback TCP relay in front of the test S3 server, standing in for the network between a
 server and its object store: it forwards bytes unchanged (``forward``), or accepts connections
@@ -7,12 +7,15 @@ a store that cannot be reached), or relays answers at a trickle (``slow``: 64 Ki
 20 ms, so a download is still running when a test cancels it). It also counts the HTTP
 requests it relays by method and path, so a test can show that a cached checkpoint is not
 fetched again. ``hf_cache`` lays a local model out as a Hugging Face cache (no hub is
-reachable here; servers then run with ``HF_HUB_OFFLINE=1``)."""
+reachable here; servers then run with ``HF_HUB_OFFLINE=1``). ``s3_checkpoint_with_keys`` puts a
+checkpoint with extra objects of any key in the store, with a manifest that binds them all (what
+someone with write access to the bucket can do)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import re
 import shutil
 import socket
@@ -111,3 +114,20 @@ def hf_cache(model_dir: Path, cache: Path, repo: str, revision: str) -> Path:
     (root / "refs").mkdir(exist_ok=True)
     (root / "refs" / "main").write_text(revision)
     return snapshot
+
+
+def s3_checkpoint_with_keys(local_dir: Path, uri: str, extra: dict[str, bytes]) -> None:
+    """Upload the checkpoint ``local_dir`` to ``uri`` plus an object per ``extra`` key, and a
+    manifest listing every file with its true sha256 (so only the keys themselves are wrong).
+    The S3 environment (``P2R_S3_ENDPOINT``, keys) must be set."""
+    from p2r.services.checkpoints import MANIFEST, manifest_files, manifest_json, put_files, s3_client, split_s3
+
+    files = manifest_files(local_dir)
+    put_files(local_dir, sorted(files), uri)
+    bucket, prefix = split_s3(uri)
+    client = s3_client()
+    for key, data in extra.items():
+        client.put_object(bucket, f"{prefix}/{key}", io.BytesIO(data), len(data))
+        files[key] = hashlib.sha256(data).hexdigest()
+    manifest = manifest_json(files).encode()
+    client.put_object(bucket, f"{prefix}/{MANIFEST}", io.BytesIO(manifest), len(manifest))

@@ -332,6 +332,53 @@ def test_a_cancelled_download_stops_and_leaves_no_partial_file(tmp_path: Path, s
     assert not (target / "model.safetensors").exists()
 
 
+LONG_KEY = "w" * 288 + ".safetensors"
+KEYS_THE_CACHE_CANNOT_HOLD = {
+    # name -> (extra objects, listed in the manifest with their true digests; what the error names)
+    "300-character key": ({LONG_KEY: b"w"}, rf"key '{LONG_KEY}' has a path segment over 200 bytes"),
+    "file and directory": ({"extra": b"file", "extra/b.json": b"{}"},
+                           r"lists both 'extra' and 'extra/b\.json': 'extra' cannot be a file and a directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KEYS_THE_CACHE_CANNOT_HOLD))
+def test_s3_keys_the_cache_cannot_hold_are_refused_by_name(case: str, tmp_path: Path, s3_server: dict[str, str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 25 item 10: a manifest-listed key of 300 characters (ENAMETOOLONG in the cache) and
+    keys ``a`` plus ``a/b`` (FileExistsError) escaped as OSError, so a reload answered INTERNAL.
+    Both are CheckpointError (FAILED_PRECONDITION) naming the key, before a weight is fetched."""
+    from tests.storage_support import s3_checkpoint_with_keys
+
+    s3_env(monkeypatch, s3_server)
+    extra, named = KEYS_THE_CACHE_CANNOT_HOLD[case]
+    uri = f"s3://keys-{case.replace(' ', '-')[:20].lower()}/ck"
+    s3_checkpoint_with_keys(bound_checkpoint(tmp_path / "c"), uri, extra)
+    with pytest.raises(CheckpointError, match=named):
+        resolve_checkpoint(uri, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "s3" / uri[5:] / "model.safetensors").exists()
+
+
+def test_a_file_that_became_a_directory_between_versions_still_loads(
+        tmp_path: Path, s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cached mirror of version 1 holds ``extra/b.json``; version 2 lists a file ``extra``
+    (and back again). The stale entries are cleared before the download, so each loads instead
+    of failing in the cache (IsADirectoryError / FileExistsError) on every reload."""
+    from p2r.services.checkpoints import s3_client
+    from tests.storage_support import s3_checkpoint_with_keys
+
+    s3_env(monkeypatch, s3_server)
+    local = bound_checkpoint(tmp_path / "c")
+    client = s3_client()
+    for version in ({"extra/b.json": b"{}"}, {"extra": b"file"}, {"extra/b.json": b"[]"}):
+        if client.bucket_exists("versions"):
+            for o in client.list_objects("versions", recursive=True):
+                client.remove_object("versions", o.object_name)
+        s3_checkpoint_with_keys(local, "s3://versions/ck", version)
+        mirror = resolve_checkpoint("s3://versions/ck", tmp_path / "cache")
+        for key, data in version.items():
+            assert (mirror / key).read_bytes() == data
+
+
 def test_hf_uris_resolve_from_the_hugging_face_cache_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants
 
@@ -387,7 +434,8 @@ def test_models_upload_seeds_object_storage_and_reads_back(tmp_path: Path, s3_se
 
 def test_reload_layout_check_names_the_tensor(tiny_model_dir: Path, tmp_path: Path) -> None:
     """What Admin.LoadCheckpoint checks before it touches the engine (issue 14 item 1): the same
-    tensor names, shapes and compatible dtypes as the running model. A tied head stored
+    tensor names, shapes and compatible dtypes as the running model, and only finite values
+    (issue 25 item 13). A tied head stored
     explicitly (as a trainer's checkpoint may) is the same layout; bf16 for fp32 is castable."""
     import torch
     from safetensors.torch import load_file, save_file
@@ -417,6 +465,10 @@ def test_reload_layout_check_names_the_tensor(tiny_model_dir: Path, tmp_path: Pa
         ("dtype", lambda t: t.__setitem__(key, t[key].to(torch.int32)), rf"tensor {key} has dtype I32"),
         ("missing", lambda t: t.pop(key), rf"tensor {key} is missing"),
         ("extra", lambda t: t.__setitem__("model.extra.weight", torch.zeros(2)), "tensor model.extra.weight is not"),
+        # Issue 25 item 13: non-finite weights load and then generate nothing; refused by name.
+        ("inf", lambda t: t[key].view(-1)[-1].fill_(float("inf")), rf"tensor {key} holds non-finite values"),
+        ("all-nan", lambda t: [v.fill_(float("nan")) for v in t.values() if v.is_floating_point()],
+         rf"tensor {sorted(set(running) - {'lm_head.weight'})[0]} holds non-finite values"),
     ):
         with pytest.raises(CheckpointError, match=message):
             check_layout(checkpoint_layout(variant(name, change)), running, name)
