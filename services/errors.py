@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -29,6 +31,10 @@ log = logging.getLogger("p2r.serve")
 
 class InvalidArgument(ValueError):
     """A request field that is wrong; the message starts with the field's path."""
+
+
+class UnsupportedMediaType(InvalidArgument):
+    """A request body in a format the route does not take (HTTP 415; INVALID_ARGUMENT on gRPC)."""
 
 
 class Overloaded(Exception):
@@ -62,6 +68,7 @@ class Unavailable(Exception):
 
 ERRORS: dict[type[BaseException], tuple[grpc.StatusCode, int]] = {
     InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, 400),
+    UnsupportedMediaType: (grpc.StatusCode.INVALID_ARGUMENT, 415),
     Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401),
     PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, 403),
     NotFound: (grpc.StatusCode.NOT_FOUND, 404),
@@ -77,6 +84,33 @@ ERRORS: dict[type[BaseException], tuple[grpc.StatusCode, int]] = {
 
 UPSTREAM_HTTP = 502
 """A remote role (another gRPC server) failed: its gRPC code passes through, HTTP says 502."""
+
+
+BUG_LOG_INTERVAL_S = 10.0
+"""A bug's traceback is logged once per this interval per (method, exception type); the repeats
+in between are counted and reported with the next traceback. A client that can trigger a bug in
+a loop must not be able to fill the disk with tracebacks (40 MB in 150 s, issue 25)."""
+
+_bug_log_lock = threading.Lock()
+_bug_log: dict[tuple[str, str], tuple[float, int]] = {}
+"""(method, exception type) -> (when its traceback was last logged, repeats not logged since)."""
+
+
+def _log_bug(method: str, exc: BaseException) -> None:
+    """Log ``exc``'s traceback, rate-limited per (method, type) by ``BUG_LOG_INTERVAL_S``."""
+    key = (method, type(exc).__qualname__)
+    now = time.monotonic()
+    with _bug_log_lock:
+        last, skipped = _bug_log.get(key, (-BUG_LOG_INTERVAL_S, 0))
+        if now - last < BUG_LOG_INTERVAL_S:
+            _bug_log[key] = (last, skipped + 1)
+            return
+        _bug_log[key] = (now, 0)
+    if skipped:
+        log.error("%s failed (%d more %s not logged in the last %.0f s)", method, skipped, key[1],
+                  now - last, exc_info=exc)
+    else:
+        log.error("%s failed", method, exc_info=exc)
 
 
 @dataclass(frozen=True)
@@ -104,7 +138,7 @@ def status_of(exc: BaseException, method: str, engine_dead: bool = False) -> Sta
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return Status(code, http, f"{method}: deadline exceeded; engine request aborted")
             return Status(code, http, str(exc))
-    log.error("%s failed", method, exc_info=exc)
+    _log_bug(method, exc)
     message = f"{type(exc).__name__}: {exc}"
     if engine_dead:
         return Status(grpc.StatusCode.UNAVAILABLE, 503, message, fatal=True)

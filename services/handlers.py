@@ -490,18 +490,24 @@ async def answer(
 
 
 def validate_answer(req: pb.AnswerRequest, handlers: Handlers) -> None:
-    """The checks of an Answer request that need no decoding (the image itself is checked by
-    the perceive step). Every entry point runs them before admission, so a bad request is
-    INVALID_ARGUMENT under any load; ``answer_events`` relies on it."""
+    """Every check of an Answer request that needs no decoding: question, form, variant, the
+    image's size, header, pixels and aspect, and both stages' sampling, named by the Answer's own
+    fields (``perceive_sampling.*``, ``reason_sampling.*``). Every entry point (gRPC Answer and
+    AnswerStream, HTTP /v1/answer, the OpenAI route) runs it before admission, so a bad request
+    is INVALID_ARGUMENT under any load, never RESOURCE_EXHAUSTED (which clients retry), and the
+    reasoner's sampling is refused before the perceiver has generated; ``answer_events`` relies
+    on it."""
     handlers.question(req.question, "question")
     handlers.form(req.answer_form, "answer_form")
     handlers.variant(req.variant, "variant")
-    if not req.image:
-        raise InvalidArgument("image: image is empty (0 bytes)")
-    for name in ("perceive_sampling", "reason_sampling"):
+    handlers.image(req.image, "image")
+    stages = (("perceive_sampling", handlers.config.perceive_max_tokens),
+              ("reason_sampling", handlers.config.reason_max_tokens))
+    for name, max_tokens in stages:
         params = getattr(req, name)
         if params.HasField("n") and params.n != 1:
             raise InvalidArgument(f"{name}.n: Answer returns one answer; use Perceive/Reason for n > 1")
+        handlers.sampling(params, name, max_tokens)
 
 
 async def answer_events(

@@ -10,13 +10,24 @@ reasoner's reply and ``usage`` counts the tokens of both stages.
 Request fields: ``model`` (``openai_model``, default ``p2r``), ``messages``, and optionally
 ``temperature``, ``top_p``, ``max_tokens`` (or ``max_completion_tokens``), ``seed`` - the
 reasoner's sampling; unset ones take the role defaults (greedy, ``reason_max_tokens``) - plus
-``stream``, ``stream_options.include_usage`` and the extension object ``p2r``::
+``n`` (1 only), ``stream``, ``stream_options.include_usage``, ``user`` (accepted, no effect) and
+the extension object ``p2r``::
 
     "p2r": {"answer_form": "mca" | "na" | "free_form",      # default free_form
             "variant": "train" | "eval",                   # prompt wording, default train
             "perceive": {"temperature", "top_p", "max_tokens", "seed"},   # perceiver sampling
             "structured": false,                           # constrain the perceiver to the bbox JSON schema
-            "timeout_s": 300}                              # the call's deadline
+            "timeout_s": 300,                              # the call's deadline
+            "ignore_unsupported": false}                   # see below
+
+Any other parameter (``stop``, ``logprobs``, ``top_logprobs``, ``tools``, ``tool_choice``,
+``response_format``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ...) is refused
+with a 400 naming it - a client must be able to tell that it was not honoured - unless it is null
+or a value that asks for nothing (``_NOTHING_ASKED``: ``logprobs: false``, ``tools: []``...), or
+the request sets ``p2r.ignore_unsupported: true``, which has them ignored. Integers must fit the
+p2r.v1 field they travel in (``max_tokens`` a uint32, ``seed`` an int64) and floats a 32-bit
+float (``top_p: 1e-300`` would be 0), strings must be valid Unicode (no lone surrogate) and the
+JSON at most ``MAX_JSON_DEPTH`` deep: each is a 400 naming the field, at parse time.
 
 Response extension (an extra top-level field ``p2r`` that standard clients ignore)::
 
@@ -39,6 +50,9 @@ A client that disconnects aborts the engine request in progress (perceiver or re
 Errors are OpenAI error objects ``{"error": {"message", "type", "param", "code"}}``: 400 with
 ``param`` naming the field, 404 for an unknown model, 413 for an image over
 ``max_image_bytes``, and the statuses of ``services/errors.py`` (429 overload, 504 deadline...).
+Every request is checked completely before admission, and every outcome - an unexpected
+exception included (500, its traceback logged rate-limited) - is an error object counted in
+``p2r_requests_total{method="openai.chat"}``, never a plain-text 500.
 """
 
 from __future__ import annotations
@@ -48,6 +62,7 @@ import base64
 import binascii
 import contextlib
 import json
+import re
 import time
 import urllib.parse
 import uuid
@@ -62,11 +77,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from p2r.core.bbox import MAX_IMAGE_EVIDENCE
 from p2r.core.evidence import HIGHLIGHT_COLOURS, crop_box
+from p2r.core.images import displayed_size
 from p2r.core.prompts import AnswerForm
 from p2r.services import metrics
-from p2r.services.errors import ERRORS, InvalidArgument, Status
+from p2r.services.errors import ERRORS, InvalidArgument, Status, Unavailable
 from p2r.services.handlers import answer_events, validate_answer
-from p2r.services.protocol import FORM_TO_PB, region_from_pb
+from p2r.services.protocol import FORM_TO_PB, region_from_pb, wire_problem
 from p2r.services.streaming import relay
 from p2r.v1 import p2r_pb2 as pb
 
@@ -79,6 +95,16 @@ METHOD = "openai.chat"
 PATHS = ("/v1/chat/", "/v1/models")
 """The routes that answer errors as OpenAI error objects (``http_guard.Guard`` included)."""
 DEFAULT_TIMEOUT_S = 300.0
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays and objects a request body may have (a chat request needs ~6; a
+100,000-deep body used to fail in the JSON parser's recursion as a 500)."""
+_INERT = frozenset({"user"})
+"""OpenAI parameters accepted and ignored because they change nothing in the reply."""
+_NOTHING_ASKED: dict[str, list[Any]] = {
+    "stop": [[], ""], "logprobs": [False], "top_logprobs": [0], "tools": [[]], "tool_choice": ["none"],
+    "response_format": [{"type": "text"}], "presence_penalty": [0], "frequency_penalty": [0],
+    "logit_bias": [{}], "store": [False]}
+"""Values of unimplemented parameters that ask for the behaviour this server has anyway."""
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
                 504: "timeout"}
@@ -142,6 +168,7 @@ class _Extension(_Model):
     perceive: _Sampling = Field(default_factory=_Sampling)
     structured: bool = False
     timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0)
+    ignore_unsupported: bool = False
 
 
 class _StreamOptions(BaseModel):
@@ -149,9 +176,10 @@ class _StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """The accepted subset of OpenAI's chat request; other standard fields are ignored."""
+    """The accepted subset of OpenAI's chat request. Other fields are kept (``model_extra``) to
+    be refused by name (``_unsupported``), not silently ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     model: str
     messages: list[_Message] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -172,8 +200,66 @@ def _param(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _sampling(s: _Sampling) -> pb.SamplingParams:
-    return pb.SamplingParams(**{k: v for k, v in s.model_dump().items() if v is not None})
+def _sampling(fields: dict[str, tuple[Any, str]]) -> pb.SamplingParams:
+    """``SamplingParams`` from {proto field: (value, the request's param)}; a value its proto
+    field cannot hold (``protocol.wire_problem``) is a 400 naming the request's param."""
+    for name, (value, param) in fields.items():
+        problem = None if value is None else wire_problem(pb.SamplingParams, name, value)
+        if problem is not None:
+            raise OpenAIError(400, f"{param}: {problem}", param)
+    return pb.SamplingParams(**{k: v for k, (v, _) in fields.items() if v is not None})
+
+
+def _unsupported(req: ChatRequest) -> None:
+    """Refuse, naming it, the first parameter the request sets that this server does not
+    implement (see the module docstring), unless ``p2r.ignore_unsupported``."""
+    if req.p2r.ignore_unsupported:
+        return
+    for name, value in (req.model_extra or {}).items():
+        if value is None or name in _INERT or value in _NOTHING_ASKED.get(name, []):
+            continue
+        raise OpenAIError(400, f"{name}: not supported by this server, so it would not be honoured; remove "
+                          'it, or send "p2r": {"ignore_unsupported": true} to have such parameters ignored',
+                          name, "unsupported_parameter")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def load_json(body: bytes) -> Any:
+    """The request body as JSON, at most ``MAX_JSON_DEPTH`` deep and with no lone surrogate
+    (``"\\ud800"``: valid JSON, not valid Unicode - it cannot be encoded for the model) in any
+    string or key: a 400 naming where, instead of a failure deep in the flow. The walk runs
+    only when the raw bytes could hold either problem (cheap scans), not for every body."""
+    try:
+        obj = json.loads(body)
+    except RecursionError:
+        raise OpenAIError(400, f"request body: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:
+        raise OpenAIError(400, f"the request body is not JSON: {e}") from None
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH and not _SURROGATE_ESCAPE.search(body):
+        return obj
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(obj, ())]
+    while stack:
+        value, loc = stack.pop()
+        if len(loc) > MAX_JSON_DEPTH:  # named by its top-level field: the full path is as long as the limit
+            param = _param(loc[:1])
+            raise OpenAIError(400, f"{param}: JSON nested deeper than {MAX_JSON_DEPTH} levels", param)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if _SURROGATE.search(key):
+                    param = _param(loc) or None
+                    raise OpenAIError(400, f"{param or 'request body'}: a key holds a lone UTF-16 surrogate, "
+                                      "which is not valid Unicode", param)
+                stack.append((item, (*loc, key)))
+        elif isinstance(value, list):
+            stack.extend((item, (*loc, i)) for i, item in enumerate(value))
+        elif isinstance(value, str) and (lone := _SURROGATE.search(value)) is not None:
+            param = _param(loc) or None
+            raise OpenAIError(400, f"{param or 'request body'}: a lone UTF-16 surrogate "
+                              f"(\\u{ord(lone.group()):04x}), which is not valid Unicode", param)
+    return obj
 
 
 @dataclass
@@ -248,6 +334,7 @@ async def parse(body: Any, server: Server) -> Parsed:
         first = e.errors()[0]
         param = _param(first["loc"]) or None
         raise OpenAIError(400, f"{param}: {first['msg']}" if param else first["msg"], param) from None
+    _unsupported(req)
     if req.model != config.openai_model:
         raise OpenAIError(404, f"model: the model {req.model!r} does not exist; this server serves "
                           f"{config.openai_model!r}", "model", "model_not_found")
@@ -289,15 +376,17 @@ async def parse(body: Any, server: Server) -> Parsed:
     if not question:
         raise OpenAIError(400, "messages[0].content: a text part with the question is required",
                           "messages[0].content")
-    reason = _Sampling(temperature=req.temperature, top_p=req.top_p,
-                       max_tokens=req.max_tokens if req.max_tokens is not None else req.max_completion_tokens,
-                       seed=req.seed)
+    max_tokens = ((req.max_tokens, "max_tokens") if req.max_tokens is not None
+                  else (req.max_completion_tokens, "max_completion_tokens"))
+    reason = _sampling({"temperature": (req.temperature, "temperature"), "top_p": (req.top_p, "top_p"),
+                        "max_tokens": max_tokens, "seed": (req.seed, "seed")})
     ext = req.p2r
+    perceive = _sampling({k: (v, f"p2r.perceive.{k}") for k, v in ext.perceive.model_dump().items()})
     request = pb.AnswerRequest(
         id=f"chatcmpl-{uuid.uuid4().hex}", image=data, question=question,
         answer_form=FORM_TO_PB[AnswerForm.parse(ext.answer_form)],
         variant=pb.PROMPT_VARIANT_EVAL if ext.variant == "eval" else pb.PROMPT_VARIANT_TRAIN,
-        perceive_sampling=_sampling(ext.perceive), reason_sampling=_sampling(reason),
+        perceive_sampling=perceive, reason_sampling=reason,
         structured_perceiver=ext.structured)
     return Parsed(request, image, req.stream, bool(req.stream_options and req.stream_options.include_usage),
                   ext.timeout_s)
@@ -336,9 +425,12 @@ def _dict(message: Any) -> Any:
 
 
 def _regions_ext(regions: Any, perceiver_output: str, image: Image.Image) -> dict[str, Any]:
-    return {"regions": [_dict(r) for r in regions], "crops": crops(regions, *image.size),
+    """Sizes and crops in the image as displayed (EXIF orientation applied, as the models saw it
+    and a browser draws it), not as stored: ``image`` is the request's unrotated header."""
+    width, height = displayed_size(image)
+    return {"regions": [_dict(r) for r in regions], "crops": crops(regions, width, height),
             "colours": list(HIGHLIGHT_COLOURS),
-            "image": {"width": image.width, "height": image.height}, "perceiver_output": perceiver_output}
+            "image": {"width": width, "height": height}, "perceiver_output": perceiver_output}
 
 
 def _usage(u: pb.AnswerUsage) -> dict[str, int]:
@@ -409,10 +501,7 @@ def mount(app: FastAPI, server: Server) -> None:
         except HTTPException as e:
             raise OpenAIError(e.status_code, str(e.detail), None,
                               "request_too_large" if e.status_code == 413 else None) from None
-        try:
-            return json.loads(body)
-        except ValueError as e:
-            raise OpenAIError(400, f"the request body is not JSON: {e}") from None
+        return load_json(body)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -421,22 +510,28 @@ def mount(app: FastAPI, server: Server) -> None:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> JSONResponse | StreamingResponse:
-        if not server.ready:
-            raise OpenAIError(503, "the server is not ready", None, "unavailable")
+        """Every failure is an OpenAI error object, counted once: by ``call`` once the request
+        was handed to it, here before (a refusal at parse time) or for an unexpected exception."""
+        counted: list[bool] = []  # set by ``completions`` once ``call`` counts the request
         try:
-            parsed = await parse(await read_body(request), server)
+            return await completions(request, counted)
         except OpenAIError as e:
-            # Counted under the code the one table gives its HTTP status (404, 413, else 400).
-            code = next((c.name for c, h in ERRORS.values() if h == e.status), "INVALID_ARGUMENT")
-            metrics.REQUESTS.labels(METHOD, code).inc()
+            if not counted:  # under the code the one table gives its HTTP status (404, 413, else 400)
+                code = next((c.name for c, h in ERRORS.values() if h == e.status), "INVALID_ARGUMENT")
+                metrics.REQUESTS.labels(METHOD, code).inc()
             raise
-        assert server.handlers is not None
-        try:
-            validate_answer(parsed.request, server.handlers)  # before admission: 400 under any load
         except Exception as e:
             code, error = fail(e)
-            metrics.REQUESTS.labels(METHOD, code).inc()
+            if not counted:
+                metrics.REQUESTS.labels(METHOD, code).inc()
             raise error from None
+
+    async def completions(request: Request, counted: list[bool]) -> JSONResponse | StreamingResponse:
+        if not server.ready:
+            raise Unavailable("the server is not ready")
+        parsed = await parse(await read_body(request), server)
+        assert server.handlers is not None
+        validate_answer(parsed.request, server.handlers)  # before admission: 400 under any load
         perceiver, reasoner = server.backends()
         model = server.config.openai_model
         created = int(time.time())
@@ -452,9 +547,11 @@ def mount(app: FastAPI, server: Server) -> None:
                         last = event
                 return last.response
 
+            counted.append(True)
             r = await call(parsed.timeout_s, unary)
             return JSONResponse(completion(r, parsed, model, created))
 
+        counted.append(True)
         stream = relay(lambda work: call(parsed.timeout_s, work), events)
         # The first event (the regions) is awaited here, so a request refused before any output
         # (overload, a bad image) gets its HTTP status; a client gone meanwhile cancels it.
@@ -486,6 +583,8 @@ def mount(app: FastAPI, server: Server) -> None:
                     event = await anext(stream, None)
             except OpenAIError as e:  # after the 200 went out, an error is an event (as vLLM does)
                 yield _sse(e.body())
+            except Exception as e:  # a bug while formatting an event: an error event too, never a cut stream
+                yield _sse(fail(e)[1].body())
             finally:
                 await stream.aclose()
             yield "data: [DONE]\n\n"

@@ -7,6 +7,12 @@ outside ``services/`` needs a server module, and the two ends cannot drift apart
 
 from __future__ import annotations
 
+import math
+import struct
+from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
+
 from p2r.core.bbox import Region
 from p2r.core.generation import Sampling
 from p2r.core.grading import VerifyRequest
@@ -36,6 +42,35 @@ FORM_FROM_PB: dict[int, AnswerForm] = {
 }
 """``ANSWER_FORM_UNSPECIFIED`` is deliberately absent: a request must say its form."""
 FORM_TO_PB: dict[AnswerForm, int] = {v: k for k, v in FORM_FROM_PB.items()}
+
+
+_INT_RANGES: dict[int, tuple[int, int]] = {
+    FieldDescriptor.CPPTYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.CPPTYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.CPPTYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.CPPTYPE_UINT64: (0, 2**64 - 1),
+}
+"""What each protobuf integer type holds: a value outside it cannot be put on the wire."""
+
+
+def wire_problem(message: Any, name: str, value: Any) -> str | None:
+    """Why ``value`` cannot be field ``name`` of ``message`` (a p2r.v1 message class) as sent,
+    or None. The ranges are the field's own type, read from the proto: an integer outside its
+    type (``max_tokens`` 2**32 in a uint32) and a float that a 32-bit ``float`` field turns into
+    something else (1e-300 -> 0.0, 1e39 -> inf). Used where a request comes from outside the
+    wire (JSON) so such a value is refused naming its field, not a bug deep in a conversion."""
+    field = message.DESCRIPTOR.fields_by_name[name]
+    if field.cpp_type in _INT_RANGES:
+        low, high = _INT_RANGES[field.cpp_type]
+        return None if low <= value <= high else f"{value} is out of range [{low}, {high}]"
+    if field.cpp_type == FieldDescriptor.CPPTYPE_FLOAT and math.isfinite(value):
+        try:
+            stored = struct.unpack("f", struct.pack("f", value))[0]
+        except OverflowError:
+            stored = math.inf
+        if not math.isfinite(stored) or (stored == 0.0) != (value == 0.0):
+            return f"{value} is not representable as a 32-bit float (it would be {stored})"
+    return None
 
 
 def sampling_to_pb(sampling: Sampling) -> pb.SamplingParams:

@@ -4,10 +4,12 @@ transports using it: the gRPC ``Server.call`` and the HTTP facade count a bug as
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import grpc
 import pytest
@@ -25,6 +27,7 @@ from p2r.services.errors import (
     TooLarge,
     Unauthenticated,
     Unavailable,
+    UnsupportedMediaType,
     status_of,
 )
 from p2r.v1 import p2r_pb2 as pb
@@ -40,6 +43,7 @@ class _Subclassed(InvalidArgument):
 
 @pytest.mark.parametrize(("exc", "code", "http", "message"), [
     (InvalidArgument("image: empty"), C.INVALID_ARGUMENT, 400, "image: empty"),
+    (UnsupportedMediaType("content-type: multipart"), C.INVALID_ARGUMENT, 415, "content-type: multipart"),
     (_Subclassed("question: empty"), C.INVALID_ARGUMENT, 400, "question: empty"),
     (Unauthenticated("no bearer token"), C.UNAUTHENTICATED, 401, "no bearer token"),
     (PermissionDenied("admin only"), C.PERMISSION_DENIED, 403, "admin only"),
@@ -61,7 +65,18 @@ def test_status_table(exc: BaseException, code: grpc.StatusCode, http: int, mess
     assert (status.code, status.http, status.message, status.fatal) == (code, http, message, False)
 
 
-def test_unexpected_is_logged_with_traceback_and_dead_engine_is_fatal(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.fixture
+def fresh_bug_log() -> Iterator[None]:
+    """No earlier traceback of the same (method, type) within the rate limit hides this test's."""
+    from p2r.services import errors
+
+    errors._bug_log.clear()
+    yield
+    errors._bug_log.clear()
+
+
+def test_unexpected_is_logged_with_traceback_and_dead_engine_is_fatal(caplog: pytest.LogCaptureFixture,
+                                                                      fresh_bug_log: None) -> None:
     try:
         raise RuntimeError("boom")
     except RuntimeError as e:
@@ -75,10 +90,32 @@ def test_unexpected_is_logged_with_traceback_and_dead_engine_is_fatal(caplog: py
     assert status_of(InvalidArgument("x: bad"), "Reason", engine_dead=True).code == C.INVALID_ARGUMENT
 
 
+def test_bug_tracebacks_are_rate_limited(caplog: pytest.LogCaptureFixture, fresh_bug_log: None,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 25 item 7: a client that triggers a bug in a loop got one traceback per request (40
+    MB of log in 150 s). Now one per (method, type) per interval, the repeats counted in the next."""
+    from p2r.services import errors
+
+    now = [1000.0]
+    monkeypatch.setattr(errors.time, "monotonic", lambda: now[0])
+    with caplog.at_level(logging.ERROR, logger="p2r.serve"):
+        for _ in range(50):
+            assert status_of(RuntimeError("boom"), "openai.chat").code == C.INTERNAL  # every call still mapped
+        status_of(KeyError("k"), "openai.chat")  # another type: its own first traceback
+        now[0] += errors.BUG_LOG_INTERVAL_S
+        status_of(RuntimeError("boom"), "openai.chat")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["openai.chat failed", "openai.chat failed",
+                        f"openai.chat failed (49 more RuntimeError not logged in the last "
+                        f"{errors.BUG_LOG_INTERVAL_S:.0f} s)"]
+    assert all(r.exc_info is not None for r in caplog.records)
+
+
 def test_every_row_is_a_distinct_code() -> None:
     # CheckpointError is FailedPrecondition's alias; RESOURCE_EXHAUSTED is gRPC's code both for
-    # overload (429, retry later) and for an over-limit message (413, retrying cannot help).
-    rows = {k: v for k, v in ERRORS.items() if k not in (CheckpointError, TooLarge)}
+    # overload (429, retry later) and for an over-limit message (413, retrying cannot help);
+    # INVALID_ARGUMENT both for a bad field (400) and a body in the wrong format (415).
+    rows = {k: v for k, v in ERRORS.items() if k not in (CheckpointError, TooLarge, UnsupportedMediaType)}
     assert len({code for code, _ in rows.values()}) == len(rows)
     assert len({http for _, http in ERRORS.values() if http != 409}) == len(ERRORS) - 2
     assert all(400 <= http < 600 for _, http in ERRORS.values())
@@ -120,7 +157,7 @@ def test_unexpected_exception_is_internal_on_grpc_and_http() -> None:
     Image.new("RGB", (64, 64), "white").save(buf, format="PNG")
     image = buf.getvalue()
 
-    async def scenario(roles: str) -> tuple[tuple[grpc.StatusCode, str], tuple[int, str]]:
+    async def scenario(roles: str) -> tuple[tuple[grpc.StatusCode, str], tuple[int, str], tuple[int, Any]]:
         config = ServeConfig(roles=["gateway"], port=0, metrics_port=None, http_port=0,
                              perceiver_endpoint=roles, reasoner_endpoint=roles)
         server = Server(config)
@@ -133,15 +170,23 @@ def test_unexpected_exception_is_internal_on_grpc_and_http() -> None:
             async with httpx.AsyncClient(timeout=30) as http:
                 reply = await http.post(f"http://127.0.0.1:{server.http_port}/v1/answer",
                                         files={"image": ("a.png", image, "image/png")}, data={"question": "Q?"})
-            return (info.value.code(), info.value.details() or ""), (reply.status_code, reply.json()["detail"])
+                url = "data:image/png;base64," + base64.b64encode(image).decode()
+                chat = await http.post(f"http://127.0.0.1:{server.http_port}/v1/chat/completions", json={
+                    "model": "p2r", "messages": [{"role": "user", "content": [
+                        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Q?"}]}]})
+            return ((info.value.code(), info.value.details() or ""), (reply.status_code, reply.json()["detail"]),
+                    (chat.status_code, chat.json()))
         finally:
             await server.stop(grace=0)
 
-    before = {(m, c): _count(m, c) for m in ("Answer", "http_answer") for c in ("OK", "INTERNAL")}
+    before = {(m, c): _count(m, c) for m in ("Answer", "http_answer", "openai.chat") for c in ("OK", "INTERNAL")}
     with _hollow_roles() as roles:
-        (code, details), (http, detail) = asyncio.run(scenario(roles))
+        (code, details), (http, detail), (chat_status, chat) = asyncio.run(scenario(roles))
     assert code == C.INTERNAL and details.startswith("IndexError")
     assert http == 500 and detail.startswith("IndexError")
-    for method in ("Answer", "http_answer"):
+    # The OpenAI route: an OpenAI error object, never a plain-text 500.
+    assert chat_status == 500 and chat["error"]["type"] == "server_error", chat
+    assert chat["error"]["message"].startswith("IndexError") and chat["error"]["code"] == "internal"
+    for method in ("Answer", "http_answer", "openai.chat"):
         assert _count(method, "INTERNAL") == before[(method, "INTERNAL")] + 1, method
         assert _count(method, "OK") == before[(method, "OK")], method

@@ -13,10 +13,27 @@ from p2r.core.images import (
     ImageError,
     PixelBounds,
     decode_image,
+    displayed_size,
     encode_image,
+    load_image,
     model_size,
+    open_image,
     resize_for_model,
 )
+
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+def rotated_jpeg() -> bytes:
+    """A phone photo: stored 400x200 (left half red, right half blue) with EXIF orientation 6,
+    so a viewer shows it 200x400 - rotated 90 degrees clockwise, red on top."""
+    image = Image.new("RGB", (400, 200), BLUE)
+    image.paste(RED, (0, 0, 200, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", exif=exif, quality=95)
+    return buf.getvalue()
 
 
 def test_smart_resize_hand_computed() -> None:
@@ -82,3 +99,20 @@ def test_decode_errors_name_the_field() -> None:
         decode_image(truncated)
     with pytest.raises(ImageError, match="over the limit of 100"):
         decode_image(encode_image(Image.new("RGB", (20, 20))), max_pixels=100)
+
+
+def _near(pixel: tuple[int, ...], colour: tuple[int, int, int]) -> bool:
+    return all(abs(a - b) <= 8 for a, b in zip(pixel, colour, strict=True))  # JPEG
+
+
+def test_exif_orientation_is_applied_at_decode() -> None:
+    """Issue 25 item 12: the pixels every model sees are upright, and the size reported is the
+    displayed one, read from the header without decoding."""
+    data = rotated_jpeg()
+    header = open_image(data)
+    assert header.size == (400, 200) and displayed_size(header) == (200, 400)
+    for upright in (load_image(open_image(data)), decode_image(data)):
+        assert upright.size == (200, 400)
+        assert _near(upright.getpixel((100, 50)), RED) and _near(upright.getpixel((100, 350)), BLUE)
+    plain = encode_image(Image.new("RGB", (40, 20), RED))  # no EXIF: as stored
+    assert displayed_size(open_image(plain)) == (40, 20) and decode_image(plain).size == (40, 20)

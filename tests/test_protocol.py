@@ -46,3 +46,28 @@ def test_conversions() -> None:
     assert not params.HasField("seed") and sampling_to_pb(Sampling(seed=3)).seed == 3
     assert verify_to_pb(VerifyRequest("Q?", "a cat", "cat")) == pb.VerifyRequest(
         question="Q?", ground_truth="a cat", answer="cat")
+
+
+def test_wire_problem_uses_each_fields_own_type() -> None:
+    """Issue 25 items 7 and 13: a JSON value the p2r.v1 field cannot hold is named before it is
+    put on the wire (where protobuf raised a bare ValueError, or silently stored 1e-300 as 0.0)."""
+    from p2r.services.protocol import wire_problem
+
+    S = pb.SamplingParams
+    assert wire_problem(S, "max_tokens", 2**32 - 1) is None
+    assert wire_problem(S, "max_tokens", 2**32) == "4294967296 is out of range [0, 4294967295]"
+    assert wire_problem(S, "n", -1) == "-1 is out of range [0, 4294967295]"
+    assert wire_problem(S, "seed", -(2**63)) is None and wire_problem(S, "seed", 2**63 - 1) is None
+    assert "out of range" in (wire_problem(S, "seed", 10**20) or "")
+    assert wire_problem(S, "top_p", 1e-300) == "1e-300 is not representable as a 32-bit float (it would be 0.0)"
+    assert wire_problem(S, "temperature", 1e39) == "1e+39 is not representable as a 32-bit float (it would be inf)"
+    for ok in (0.0, 1e-30, 0.5, 3.0e38):
+        assert wire_problem(S, "temperature", ok) is None
+    # Each problem is exactly what the conversion would do: protobuf refuses or changes the value.
+    for name, value in (("max_tokens", 2**32), ("seed", 10**20)):
+        try:
+            S(**{name: value})
+            raise AssertionError(f"{name}={value} was accepted")
+        except ValueError:
+            pass
+    assert S(top_p=1e-300).top_p == 0.0
