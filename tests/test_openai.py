@@ -472,3 +472,107 @@ def test_answer_stream_bad_input_is_invalid_argument(client: Client) -> None:
         list(client.answer_stream(pb.AnswerRequest(image=b"not an image", question="Q?",
                                                    answer_form=pb.ANSWER_FORM_MCA)))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image" in e.value.details()
+
+
+def _post(base: str, body: Any) -> Any:
+    """POST a chat body (a dict, or raw bytes for JSON the client libraries will not write)."""
+    import httpx
+
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{base}/v1/chat/completions", content=content, timeout=120,
+                      headers={"content-type": "application/json"})
+
+
+def _chat_body(**fields: Any) -> dict[str, Any]:
+    return {"model": "p2r", "messages": user(image_part(data_url(png())), text_part()), **fields}
+
+
+_SURROGATE_BODY = json.dumps(_chat_body()).replace(QUESTION, "Which\\ud800 shape?").encode()
+_DEEP_BODY = b"[" * 100_000 + b"]" * 100_000
+
+
+@engine
+def test_client_mistakes_are_400_naming_the_field_and_counted(base: str, role_server: ServerProc) -> None:
+    """Issue 25 items 7 and 13: each of these was a plain-text 500 with a logged traceback (or a
+    400 with ``param: null``), uncounted. Now a 400 OpenAI error whose ``param`` names the field,
+    counted INVALID_ARGUMENT, found at parse time."""
+    cases: list[tuple[Any, str | None]] = [
+        (_chat_body(max_tokens=2**32), "max_tokens"),
+        (_chat_body(max_completion_tokens=2**40), "max_completion_tokens"),
+        (_chat_body(seed=2**63), "seed"),
+        (_chat_body(seed=-(2**63) - 1), "seed"),
+        (_chat_body(p2r={"perceive": {"max_tokens": 2**33}}), "p2r.perceive.max_tokens"),
+        (_chat_body(p2r={"perceive": {"seed": 10**20}}), "p2r.perceive.seed"),
+        (_chat_body(top_p=1e-300), "top_p"),
+        (_chat_body(p2r={"perceive": {"top_p": 1e-300}}), "p2r.perceive.top_p"),
+        (_SURROGATE_BODY, "messages[0].content[1].text"),
+        (_chat_body(extra=json.loads("[" * 80 + "]" * 80)), "extra"),
+        (_DEEP_BODY, None),  # no field to name: the body itself
+    ]
+    before = _value(_scrape(role_server.metrics_port), "p2r_requests_total", method="openai.chat",
+                    code="INVALID_ARGUMENT")
+    for body, param in cases:
+        r = _post(base, body)
+        assert r.status_code == 400 and r.headers["content-type"] == "application/json", (param, r.text[:300])
+        error = r.json()["error"]
+        assert error["param"] == param and error["type"] == "invalid_request_error", error
+        assert error["message"].startswith(param or "request body"), error
+    after = _value(_scrape(role_server.metrics_port), "p2r_requests_total", method="openai.chat",
+                   code="INVALID_ARGUMENT")
+    assert after - before == len(cases)
+
+
+@engine
+def test_unimplemented_openai_parameters_are_refused_by_name(base: str) -> None:
+    """Issue 25 item 13: ``stop``, ``logprobs``, ``tools``, ``response_format``... were answered
+    200 and ignored; a client could not tell. Now a 400 naming the parameter, unless it asks for
+    nothing (null, ``logprobs: false``) or the request opts in with ``p2r.ignore_unsupported``."""
+    unsupported = {"stop": ["\n"], "logprobs": True, "top_logprobs": 2, "response_format": {"type": "json_object"},
+                   "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                   "tool_choice": "auto", "presence_penalty": 0.5, "frequency_penalty": 0.5,
+                   "logit_bias": {"1": 5}, "top_k": 5}
+    for name, value in unsupported.items():
+        r = _post(base, _chat_body(**{name: value}))
+        assert r.status_code == 400, (name, r.text[:300])
+        error = r.json()["error"]
+        assert (error["param"], error["code"]) == (name, "unsupported_parameter"), error
+        assert error["message"].startswith(f"{name}: not supported") and "ignore_unsupported" in error["message"]
+    one_token = {"max_tokens": 1, "p2r": {"perceive": {"max_tokens": 1}}}
+    asked_nothing = _post(base, _chat_body(stop=None, logprobs=False, tools=[], user="u-1", **one_token))
+    assert asked_nothing.status_code == 200, asked_nothing.text[:300]
+    ignored = _post(base, _chat_body(**unsupported, max_tokens=1,
+                                     p2r={"perceive": {"max_tokens": 1}, "ignore_unsupported": True}))
+    assert ignored.status_code == 200 and ignored.json()["object"] == "chat.completion", ignored.text[:300]
+
+
+@engine
+def test_response_image_size_is_the_displayed_one(base: str) -> None:
+    """Issue 25 item 12: a JPEG stored 400x200 with EXIF orientation 6 is reported 200x400 (as a
+    browser shows it and the models see it), and the crops lie in those coordinates."""
+    from tests.test_images import rotated_jpeg
+
+    for stream in (False, True):
+        r = _post(base, {"model": "p2r", "messages": user(image_part(data_url(rotated_jpeg(), "image/jpeg")),
+                                                          text_part()),
+                         "max_tokens": 1, "stream": stream, "p2r": {"perceive": {"max_tokens": 8}}})
+        assert r.status_code == 200, r.text[:300]
+        events = ([json.loads(line[6:]) for line in r.text.splitlines()
+                   if line.startswith("data: {")] if stream else [r.json()])
+        for ext in [e["p2r"] for e in events if "p2r" in e]:
+            assert ext["image"] == {"width": 200, "height": 400}, ext["image"]
+            assert all(0 <= x1 < x2 <= 200 and 0 <= y1 < y2 <= 400 for x1, y1, x2, y2 in ext["crops"])
+
+
+@engine
+def test_answer_form_refuses_a_second_image(base: str, role_server: ServerProc) -> None:
+    """Issue 25 item 13: a second ``image`` part silently replaced the first; now a 400 naming it,
+    counted, before admission."""
+    import httpx
+
+    before = _value(_scrape(role_server.metrics_port), "p2r_requests_total", method="http_answer",
+                    code="INVALID_ARGUMENT")
+    r = httpx.post(f"{base}/v1/answer", timeout=60, data={"question": "Q?"},
+                   files=[("image", ("a.png", png(), "image/png")),
+                          ("image", ("b.png", png(colour="red"), "image/png"))])
+    assert r.status_code == 400 and r.json()["detail"].startswith("image: sent more than once"), r.text
+    _wait_counted(role_server, "http_answer", "INVALID_ARGUMENT", before)
