@@ -160,6 +160,41 @@ class ServeConfig(YamlSettings):
         600.0, ge=0, description="RPCs in flight on a closing connection get this long to finish; "
                                  "longer than the longest client deadline (300 s), so none is cut")
 
+    # Connections: what a peer may hold before it has sent a request, or proved who it is
+    # (services/http_transport.py for the HTTP port, gRPC's own options for the gRPC ports).
+    # Sized for the reference deployment: 4 trainer ranks' batch calls (64 prompts x 8 rollouts)
+    # arrive over gRPC on a handful of long-lived HTTP/2 connections; HTTP carries interactive
+    # users (a browser opens up to 6 connections) and an ingress's keep-alive pool.
+    http_max_connections: int = Field(
+        1024, ge=1, description="open HTTP connections; past it the oldest idle one (no request in progress) is "
+        "closed for the new one, and when none is idle the new one may only ask /healthz or /readyz (others "
+        "get 503) - up to 64 more, beyond which it is closed at once")
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection must send a complete request head within this after it opens "
+        "(the TLS handshake included) or after its previous response has been sent and it sends a byte; "
+        "else it is closed")
+    http_keep_alive_s: float = Field(
+        15.0, gt=0, description="an idle keep-alive connection (no byte since its last response) is closed after this")
+    http_body_timeout_s: float = Field(
+        120.0, gt=0, description="a request's whole body must arrive within this after its head (a maximal "
+        "chat body, ~45 MB, needs 3 Mbit/s); else the connection is closed")
+    http_max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="request line and header fields of one request, in bytes; larger -> 431")
+    http_max_headers: int = Field(100, ge=8, description="header fields of one request; more -> 431")
+    http_body_budget_bytes: int = Field(
+        256 * 1024**2, ge=1, description="request bodies of all requests in progress together, counted from each "
+        "one's Content-Length (a chunked one at max_http_body_bytes) until its answer is sent; a request that "
+        "would pass it -> 429. At least max_http_body_bytes, so one maximal body always fits")
+    grpc_keepalive_s: float = Field(
+        60.0, gt=0, description="gRPC pings a connection idle this long, and closes it when the ping is not "
+        "answered within grpc_keepalive_timeout_s (a peer gone without a FIN)")
+    grpc_keepalive_timeout_s: float = Field(20.0, gt=0, description="see grpc_keepalive_s")
+    grpc_max_connection_idle_s: float | None = Field(
+        120.0, gt=0, description="a gRPC connection with no call in progress for this long is closed (GOAWAY; "
+        "a client reconnects on its next call); null: never")
+    grpc_handshake_timeout_s: float = Field(
+        10.0, gt=0, description="a gRPC connection must finish its TLS and HTTP/2 handshake within this")
+
     # Security (services/security.py). Secrets come from files mounted from Kubernetes Secrets,
     # or inline (env P2R_API_KEY / P2R_ADMIN_TOKEN) for local use.
     tls: TLS = Field(default_factory=TLS)
@@ -183,6 +218,10 @@ class ServeConfig(YamlSettings):
             raise ValueError("a model is required for the perceiver, reasoner and verifier roles and a local gateway")
         if self.min_pixels > self.max_pixels:
             raise ValueError("min_pixels must not exceed max_pixels")
+        if self.http_body_budget_bytes < self.max_http_body_bytes:
+            raise ValueError(f"http_body_budget_bytes ({self.http_body_budget_bytes}) must be at least "
+                             f"max_http_body_bytes ({self.max_http_body_bytes}, from max_image_bytes), "
+                             "or no maximal body could ever be read")
         if self.admin_enabled and not is_loopback(self.host) and not self.admin_credentials_configured:
             raise ValueError("admin on a non-loopback host needs admin_token(_file) or tls.ca_file (mTLS): "
                              "LoadCheckpoint swaps the served model")
@@ -199,12 +238,23 @@ class ServeConfig(YamlSettings):
         return bool(self.admin_token_file or self.admin_token or (self.tls.enabled and self.tls.ca_file))
 
     @property
+    def max_item_bytes(self) -> int:
+        """The largest valid item of a call: one image at the image limit plus the other fields
+        (question text at 4 bytes a character, regions, sampling)."""
+        return self.max_image_bytes + 4 * self.max_question_chars + 64 * 1024
+
+    @property
     def max_receive_bytes(self) -> int:
-        """gRPC receive limit: the largest valid call is a full batch of images at the image limit
-        plus the other fields (question text, sampling), so anything larger is refused by gRPC
-        before it is buffered. Capped below gRPC's 2 GiB ceiling."""
-        per_item = self.max_image_bytes + 4 * self.max_question_chars + 64 * 1024
-        return min(2**31 - 1, self.max_batch_items * per_item + 1024 * 1024)
+        """gRPC receive limit of the batch methods (and the server-wide one gRPC enforces before
+        a message is buffered): a full batch of items at the limit. Capped below gRPC's 2 GiB
+        ceiling."""
+        return min(2**31 - 1, self.max_batch_items * self.max_item_bytes + 1024 * 1024)
+
+    @property
+    def max_unary_receive_bytes(self) -> int:
+        """gRPC receive limit of the single-item methods (Answer, Perceive, Reason, Verify, ...):
+        one item's worth (services/wire.py checks it on the serialized length, before parsing)."""
+        return self.max_item_bytes + 64 * 1024
 
     @property
     def max_http_body_bytes(self) -> int:
@@ -226,6 +276,22 @@ def connection_age_options(config: ServeConfig) -> list[tuple[str, int]]:
         return []
     return [("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)),
             ("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace_s * 1000))]
+
+
+def connection_options(config: ServeConfig) -> list[tuple[str, int]]:
+    """The gRPC server options of the ``grpc_*`` connection settings: keepalive pings (a peer
+    gone without a FIN is found and its connection closed), closing connections idle past
+    ``grpc_max_connection_idle_s``, and a handshake deadline. Clients may ping as often as the
+    server does (``min_recv_ping_interval``), so a client's keepalive never earns a GOAWAY."""
+    keepalive_ms = round(config.grpc_keepalive_s * 1000)
+    options = [("grpc.keepalive_time_ms", keepalive_ms),
+               ("grpc.keepalive_timeout_ms", round(config.grpc_keepalive_timeout_s * 1000)),
+               ("grpc.keepalive_permit_without_calls", 1),
+               ("grpc.http2.min_recv_ping_interval_without_data_ms", min(keepalive_ms, 300_000)),
+               ("grpc.server_handshake_timeout_ms", round(config.grpc_handshake_timeout_s * 1000))]
+    if config.grpc_max_connection_idle_s is not None:
+        options.append(("grpc.max_connection_idle_ms", round(config.grpc_max_connection_idle_s * 1000)))
+    return options
 
 
 def load_config(path: Path | None = None, **overrides: object) -> ServeConfig:

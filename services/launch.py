@@ -40,6 +40,22 @@ class ServerProc:
         child process), from /proc: what the server costs the machine."""
         return tree_rss(self.proc.pid)
 
+    def peak_rss(self) -> int:
+        """The server process's own peak resident bytes so far (VmHWM): what a burst cost it at
+        its worst, even when the memory was handed back before anyone looked."""
+        return proc_status_bytes(self.proc.pid, "VmHWM")
+
+
+def proc_status_bytes(pid: int, field: str) -> int:
+    """A ``kB`` field of ``/proc/PID/status`` (VmRSS, VmHWM), in bytes; 0 when gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
 
 def tree_rss(pid: int) -> int:
     """RSS bytes of ``pid`` and all its descendants (Linux /proc)."""
@@ -54,12 +70,7 @@ def tree_rss(pid: int) -> int:
     total, stack = 0, [pid]
     while stack:
         p = stack.pop()
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
+        total += proc_status_bytes(p, "VmRSS")
         stack.extend(children.get(p, []))
     return total
 

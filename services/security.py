@@ -126,24 +126,27 @@ class TLSFiles:
 
 
 def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that refuses with ``Unauthenticated``'s code
-    (the one table, ``services/errors.py``)."""
+    """A handler that refuses with ``Unauthenticated``'s code (the one table,
+    ``services/errors.py``) without reading the request.
+
+    A unary-request handler makes gRPC receive and parse the whole message (up to the server's
+    receive limit, which fits a full batch) before it runs, so an unauthenticated caller could
+    make the server buffer gigabytes. A request-streaming handler runs as soon as the call's
+    metadata arrived; it aborts without asking for a message, so HTTP/2 flow control stops the
+    peer after one window (64 KiB to a few MiB). The client's unary call is the same on the wire:
+    it sees UNAUTHENTICATED either way."""
     code, _http = ERRORS[Unauthenticated]
 
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(code, message)
 
-    async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
     kwargs = {"request_deserializer": handler.request_deserializer,
               "response_serializer": handler.response_serializer}
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
-    if handler.stream_unary is not None:
+    if handler.unary_unary is not None or handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
     return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
 

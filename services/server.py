@@ -4,7 +4,9 @@ the Prometheus endpoint and, on the gateway, the HTTP facade - one process, one 
 Every RPC goes through ``Server.call``: admission control (work items beyond
 ``max_in_flight`` are refused with RESOURCE_EXHAUSTED at once), the client's deadline (the
 engine request is aborted when it passes), error-to-status mapping and metrics. SIGTERM flips
-health to NOT_SERVING, stops accepting RPCs and drains in-flight ones for ``grace_period_s``.
+health to NOT_SERVING, stops accepting on every port (gRPC, admin, HTTP) and drains the
+in-flight work of gRPC and HTTP together (unary answers, and streams to their end) for
+``grace_period_s``; only then is the engine stopped.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from p2r.services import metrics
 from p2r.services.allocator import return_large_frees_to_os
 from p2r.services.checkpoints import resolve_checkpoint
 from p2r.services.client import aio_channel
-from p2r.services.config import ServeConfig, connection_age_options
+from p2r.services.config import ServeConfig, connection_age_options, connection_options
 from p2r.services.engine import AsyncEngine, EngineLimits, TensorLayout, check_layout, checkpoint_layout
 from p2r.services.errors import FailedPrecondition, InvalidArgument, Overloaded, PermissionDenied, Status, status_of
 from p2r.services.handlers import Handlers, RoleBackend, answer, answer_events, validate_answer
@@ -132,6 +134,8 @@ class Server:
         self._reloading: str | None = None  # the URI being reloaded
         self._layout: TensorLayout = {}
         self._http: Any = None
+        self._http_task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._backends: tuple[RoleBackend, RoleBackend] | None = None
         self._stopped = asyncio.Event()
 
@@ -168,16 +172,19 @@ class Server:
             self.metrics_port = metrics.serve_metrics(self.config.metrics_port, self.config.host,
                                                       **(tls.metrics_kwargs() if tls else {}))
         self.load_engine()
-        # The receive limit is sized from the image limit and the batch size, so a larger
-        # message is refused by gRPC itself (RESOURCE_EXHAUSTED) before it is buffered.
+        # The server-wide receive limit fits a full batch, so a larger message is refused by gRPC
+        # itself (RESOURCE_EXHAUSTED); single-item methods are held to one item's worth on the
+        # serialized length (wire.py), and a caller without the API key is refused before its
+        # message is read at all (security.py _deny).
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", self.config.max_receive_bytes),
-                   *connection_age_options(self.config)]
+                   *connection_age_options(self.config), *connection_options(self.config)]
         keys = read_keys(self.config.api_key.get_secret_value() if self.config.api_key else None,
                          self.config.api_keys_file)
         self.grpc = grpc.aio.server(
             options=options,
-            interceptors=[DecodeErrorInterceptor(), *([BearerAuthInterceptor(keys, "API key")] if keys else [])])
+            interceptors=[DecodeErrorInterceptor(self.config.max_unary_receive_bytes),
+                          *([BearerAuthInterceptor(keys, "API key")] if keys else [])])
         names = [SERVICE_NAMES[r] for r in self.config.roles]
         servicers = _Servicers(self)
         if "perceiver" in self.config.roles:
@@ -221,7 +228,7 @@ class Server:
                             self.config.admin_token_file)
         self._admin_grpc = grpc.aio.server(
             options=options,
-            interceptors=[DecodeErrorInterceptor(),
+            interceptors=[DecodeErrorInterceptor(self.config.max_unary_receive_bytes),
                           *([BearerAuthInterceptor([token], "admin token")] if token else [])])
         pb_grpc.add_AdminServicer_to_server(admin, self._admin_grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._admin_grpc)
@@ -236,35 +243,52 @@ class Server:
         import uvicorn
 
         from p2r.services.http import create_app
+        from p2r.services.http_transport import uvicorn_config
 
-        app = create_app(self)
         tls = self._tls()
-        config = uvicorn.Config(app, host=self.config.host, port=self.config.http_port or 0,
-                                log_level="warning", lifespan="off", **(tls.uvicorn_kwargs() if tls else {}))
-        self._http = uvicorn.Server(config)
+        self._http = uvicorn.Server(uvicorn_config(create_app(self), self.config, tls.uvicorn_kwargs() if tls else {}))
         self._http.install_signal_handlers = lambda: None  # SIGTERM is ours
-        asyncio.get_running_loop().create_task(self._http.serve())
+        self._http_task = asyncio.get_running_loop().create_task(self._http.serve())
         while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()  # raises why it did not start
+                raise RuntimeError("the HTTP port did not start")
             await asyncio.sleep(0.01)
         self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop accepting RPCs, drain in-flight ones for the grace period, release the engine."""
-        if self._stopped.is_set():
+        """Stop accepting on every port at once, drain gRPC and HTTP in-flight work together for
+        the grace period, then release the engine (which in-flight work still needs until then)."""
+        if self._stopping:
             return
+        self._stopping = True
         self.ready = False
         await self.health.enter_graceful_shutdown()
         grace = self.config.grace_period_s if grace is None else grace
         log.info("p2r serve: draining (grace %.1f s, %d items in flight)", grace, self.admission.in_flight)
+        drains = []
         if self._admin_grpc is not None:
-            await self._admin_grpc.stop(0)
+            drains.append(self._admin_grpc.stop(0))
         if self.grpc is not None:
-            await self.grpc.stop(grace)
+            drains.append(self.grpc.stop(grace))
         if self._http is not None:
-            self._http.should_exit = True
+            drains.append(self._drain_http(grace))
+        await asyncio.gather(*drains)
         if self.engine is not None:
             self.engine.shutdown()
         self._stopped.set()
+
+    async def _drain_http(self, grace: float) -> None:
+        """uvicorn's own shutdown: it closes the listening socket and idle connections at once,
+        lets each request in progress finish its response (a stream to its ``[DONE]``) and closes
+        its connection after it, for at most ``grace`` seconds; then it cancels what is left."""
+        assert self._http is not None and self._http_task is not None
+        self._http.config.timeout_graceful_shutdown = grace
+        self._http.should_exit = True
+        try:
+            await self._http_task
+        except Exception:  # a failed HTTP port must not keep the rest from stopping
+            log.exception("p2r serve: the HTTP port failed while draining")
 
     async def wait(self) -> None:
         await self._stopped.wait()
@@ -544,9 +568,22 @@ class _PublicAdmin(_Admin):
         return await self.server.call("LoadCheckpoint", context, 0, work)
 
 
+def _raise_fd_limit() -> None:
+    """Raise the soft open-file limit to the hard one: each connection is a descriptor, and the
+    bounds that matter are ``http_max_connections`` and gRPC's idle/age limits, not a soft limit
+    of 1,024 that many runtimes start a process with."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+
+
 async def serve(config: ServeConfig) -> None:
     """Run until SIGTERM/SIGINT, then drain and exit."""
     return_large_frees_to_os()  # before any image is decoded (allocator.py)
+    _raise_fd_limit()
     server = Server(config)
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []

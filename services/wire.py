@@ -5,10 +5,21 @@ a ``string`` field holding bytes that are not UTF-8, which proto3 forbids) would
 surface as UNKNOWN/INTERNAL with no field. ``DecodeErrorInterceptor`` wraps the deserializer of
 every ``p2r.v1`` method: a message that fails to parse is walked on the wire to find the field
 (``requests[3].question``), and the call is refused with that name.
+
+It also holds the single-item methods to one item's worth (``ServeConfig.max_unary_receive_bytes``):
+gRPC has one receive limit per server, which must fit a full batch, and buffers a whole message
+before any handler sees it, so a larger single-item message is buffered (up to that server-wide
+limit; only after the API key was checked, ``security.BearerAuthInterceptor``) and then refused
+on its serialized length, before it is parsed. The memory it took is handed back to the OS
+(``release_memory``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import ctypes.util
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,8 +28,12 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from p2r.services import metrics
+from p2r.services.errors import InvalidArgument, status_of
 
 SERVICE_PREFIX = "/p2r.v1."
+BATCH_SUFFIX = "Batch"
+"""Methods whose name ends so (PerceiveBatch, ReasonBatch, VerifyBatch) carry many items: the
+server-wide receive limit (``max_receive_bytes``); every other ``p2r.v1`` method carries one."""
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -87,10 +102,19 @@ class Undecodable:
         self.message = message
 
 
-def safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+class TooLong(Undecodable):
+    """A message over its method's receive limit (refused before parsing)."""
+
+
+def safe_deserializer(deserialize: Callable[[bytes], Any], limit: int | None = None,
+                      method: str = "") -> Callable[[bytes], Any]:
     descriptor: Descriptor | None = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
 
     def load(data: bytes) -> Any:
+        if limit is not None and len(data) > limit:
+            return TooLong(f"request: {len(data)} bytes, over the limit of {limit} bytes for {method} "
+                           "(max_unary_receive_bytes: one item - an image at max_image_bytes and its text); "
+                           f"send many items with {method}{BATCH_SUFFIX} (up to max_receive_bytes) instead")
         try:
             return deserialize(data)
         except DecodeError as e:
@@ -104,8 +128,34 @@ def safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], 
     return load
 
 
+_TRIM_EVERY_S = 1.0
+_last_trim = 0.0
+
+
+def release_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``), at most once a second:
+    a refused large message leaves gRPC's many small receive slices free but resident in the
+    heaps (allocator.py only maps blocks of 1 MiB and more on their own)."""
+    global _last_trim
+    now = time.monotonic()
+    if now - _last_trim < _TRIM_EVERY_S:
+        return
+    _last_trim = now
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+
+
 class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns an undecodable ``p2r.v1`` request into INVALID_ARGUMENT naming the field."""
+    """Turns an undecodable ``p2r.v1`` request into INVALID_ARGUMENT naming the field, and one
+    over its method's receive limit (``unary_limit`` for single-item methods) into
+    INVALID_ARGUMENT naming the limit: the same request can never pass, so it is not retried."""
+
+    def __init__(self, unary_limit: int | None = None) -> None:
+        self.unary_limit = unary_limit
 
     async def intercept_service(
         self,
@@ -116,12 +166,16 @@ class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(SERVICE_PREFIX) or handler.request_deserializer is None:
             return handler
         method = details.method.rsplit("/", 1)[-1]
+        limit = None if method.endswith(BATCH_SUFFIX) else self.unary_limit
 
         async def refuse(request: Undecodable, context: grpc.aio.ServicerContext) -> None:
-            metrics.REQUESTS.labels(method, "INVALID_ARGUMENT").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            status = status_of(InvalidArgument(request.message), method)
+            metrics.REQUESTS.labels(method, status.code.name).inc()
+            if isinstance(request, TooLong):
+                asyncio.get_running_loop().call_later(0.1, release_memory)
+            await context.abort(status.code, status.message)
 
-        kwargs = {"request_deserializer": safe_deserializer(handler.request_deserializer),
+        kwargs = {"request_deserializer": safe_deserializer(handler.request_deserializer, limit, method),
                   "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
             behaviour = handler.unary_unary
