@@ -8,8 +8,10 @@ One server for the module (an engine start is ~30-60 s); each test ends with ``_
 
 from __future__ import annotations
 
+import base64
 import http.client
 import io
+import json
 import math
 import random
 import re
@@ -425,6 +427,79 @@ def test_unauthenticated_calls_leave_no_engine_work(abuse_server: ServerProc, tl
             assert _code(lambda c=c: c.perceiver.Perceive(_perceive(), timeout=30))[0] == \
                 grpc.StatusCode.UNAUTHENTICATED
     assert client.status().in_flight == 0
+    _alive(client)
+
+
+# ------------------------------------------------------------------------------ issue 25 item 8
+
+
+def _hold(seed: int) -> pb.PerceiveRequest:
+    """A request that keeps MAX_N admission slots for long: sampled completions run to the model
+    length (max_tokens is capped there), so the test controls when they end (it cancels them)."""
+    return pb.PerceiveRequest(image=PNG, question="Describe everything in detail.", sampling=pb.SamplingParams(
+        n=MAX_N, temperature=1.0, max_tokens=1_000_000, seed=seed))
+
+
+def test_bad_input_under_saturation_is_invalid_argument_not_overload(
+        abuse_server: ServerProc, client: Client, tls_certs: Path) -> None:
+    """Issue 25 item 8: with admission full, a bad image or bad sampling on P2R.Answer /
+    AnswerStream, /v1/answer and the chat route got RESOURCE_EXHAUSTED / 429 - which clients
+    retry, in vain - because it was checked only once admitted (and the reasoner's sampling only
+    after the perceiver had generated). Each must be refused before admission, naming its field:
+    ``image``, ``perceive_sampling.*``, ``reason_sampling.*`` (chat: the OpenAI param)."""
+    from p2r.services.client import RetryPolicy
+
+    once = Client(abuse_server.target, timeout_s=60, credentials=_creds(tls_certs),
+                  retry=RetryPolicy(max_attempts=1))  # a RESOURCE_EXHAUSTED is seen, not retried
+    holds = [client.perceiver.Perceive.future(_hold(seed), timeout=600) for seed in range(MAX_IN_FLIGHT // MAX_N)]
+
+    def saturated() -> bool:
+        code, _ = _code(lambda: once.perceiver.Perceive(_perceive(), timeout=60))
+        return code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    try:
+        deadline = time.monotonic() + 300
+        while once.status().in_flight < MAX_IN_FLIGHT:
+            assert time.monotonic() < deadline and not any(f.done() for f in holds), "the load never filled admission"
+            time.sleep(0.05)
+        assert saturated()
+        fine = {"image": PNG, "question": "What is it?", "answer_form": pb.ANSWER_FORM_MCA}
+        answers = [
+            ({"image": b"GIF89a, not really"}, "image: cannot decode"),
+            ({"image": random.Random(2).randbytes(MAX_IMAGE_BYTES + 1)}, "image: image is"),
+            ({"image": _png(4000, 10)}, "image: image is 4000x10"),
+            ({"reason_sampling": pb.SamplingParams(temperature=math.nan)}, "reason_sampling.temperature"),
+            ({"reason_sampling": pb.SamplingParams(top_p=0.0)}, "reason_sampling: top_p"),
+            ({"perceive_sampling": pb.SamplingParams(repetition_penalty=0.0)}, "perceive_sampling.repetition_penalty"),
+            ({"perceive_sampling": pb.SamplingParams(n=MAX_N + 1)}, "perceive_sampling.n"),
+        ]
+        for fields, prefix in answers:
+            request = pb.AnswerRequest(**{**fine, **fields})
+            for call in (lambda r=request: once.answer(r), lambda r=request: list(once.answer_stream(r))):
+                code, message = _code(call)
+                assert code == grpc.StatusCode.INVALID_ARGUMENT and message.startswith(prefix), (prefix, code, message)
+        for image in (b"GIF89a, not really", _png(4000, 10)):
+            body, content_type = _multipart({"question": b"What is it?"}, image)
+            status, text = _http(abuse_server, tls_certs, body, content_type)
+            assert status == 400 and '"image: ' in text, (status, text)
+        url = "data:image/png;base64," + base64.b64encode(PNG).decode()
+        chat = {"model": "p2r", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]}]}
+        for extra, param in [({"top_p": 1e-300}, "top_p"), ({"p2r": {"perceive": {"top_p": 1e-300}}},
+                                                           "p2r.perceive.top_p"),
+                             ({"max_tokens": 2**32}, "max_tokens")]:
+            status, text = _http(abuse_server, tls_certs, json.dumps({**chat, **extra}).encode(), "application/json",
+                                 path="/v1/chat/completions")
+            assert status == 400 and json.loads(text)["error"]["param"] == param, (status, text)
+        assert saturated(), "the load ended before the checks did: they proved nothing"
+    finally:
+        for hold in holds:
+            hold.cancel()
+        once.close()
+    deadline = time.monotonic() + 120
+    while client.status().in_flight > 0:  # the module's server back to idle
+        assert time.monotonic() < deadline, "the cancelled load kept running"
+        time.sleep(0.05)
     _alive(client)
 
 
