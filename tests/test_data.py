@@ -127,6 +127,19 @@ def _mutations() -> list[tuple[str, Any]]:
     def inf_box(r: dict) -> None:
         r["extra_info"]["gt_bboxes"] = [[0.0, 0.0, float("inf"), 4.0]]
 
+    # Issue 25 item 13: these were accepted (an absolute path was read wherever it pointed).
+    def no_image_tag(r: dict) -> None:
+        r["prompt"] = [{"role": "user", "content": "What is the colour of the bag?"}]
+
+    def two_images_one_tag(r: dict) -> None:
+        r["images"] = r["images"] * 2
+
+    def absolute_path(r: dict) -> None:
+        r["images"] = [{"bytes": None, "path": "/etc/hostname"}]
+
+    def escaping_path(r: dict) -> None:
+        r["images"] = [{"bytes": None, "path": "sub/../../../etc/hostname"}]
+
     return [
         ("field 'extra_info.gt_bboxes[1]' must be [x1, y1, x2, y2], got [1.0, 2.0, 3.0]", short_box),
         ("field 'extra_info.gt_bboxes' must be a list of [x1, y1, x2, y2] boxes, got str", text_boxes),
@@ -138,6 +151,12 @@ def _mutations() -> list[tuple[str, Any]]:
         ("field 'extra_info.answer_form': unknown answer form 'mcq' (expected one of: mca, na, free_form)", bad_form),
         ("field 'extra_info.answer_form' is missing", no_form),
         ("field 'prompt' holds no question text", only_image_tag),
+        ("field 'prompt' has 0 <image> tag(s) for 1 image(s); the layout has one tag per image", no_image_tag),
+        ("field 'prompt' has 1 <image> tag(s) for 2 image(s); the layout has one tag per image", two_images_one_tag),
+        ("field 'images[0].path': '/etc/hostname' is outside the image prefix (absolute or '..'); image paths are "
+         "relative to --image-prefix", absolute_path),
+        ("field 'images[0].path': 'sub/../../../etc/hostname' is outside the image prefix (absolute or '..'); "
+         "image paths are relative to --image-prefix", escaping_path),
     ]
 
 

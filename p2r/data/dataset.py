@@ -1,9 +1,12 @@
 """The P2R-10k training layout (veRL parquet): writing it, and reading it strictly.
 
-Columns: ``data_source``; ``prompt`` (chat messages whose user content holds ``<image>`` tags
-and the question); ``images`` (a list of ``{"bytes": ...}`` or ``{"path": ...}``, paths relative
-to an image prefix); ``reward_model.ground_truth``; ``extra_info.answer_form`` and
-``extra_info.index``. Synthetic rows add ``extra_info.gt_bboxes`` and ``extra_info.category``.
+Columns: ``data_source``; ``prompt`` (chat messages whose user content holds one ``<image>`` tag
+per image and the question); ``images`` (a list of ``{"bytes": ...}`` or ``{"path": ...}``, paths
+relative to an image prefix and never leaving it: an absolute path or a ``..`` segment is refused,
+so a data file cannot make the trainer read ``/etc`` or another tenant's files; the check is on
+the path as written, so a prefix may hold symlinks to the disk the images live on);
+``reward_model.ground_truth``; ``extra_info.answer_form`` and ``extra_info.index``. Synthetic rows
+add ``extra_info.gt_bboxes`` and ``extra_info.category``.
 
 A malformed row is a ``DataError`` that names the row and the field, because a training run
 that silently skips or mis-reads rows corrupts its reward signal without anyone noticing.
@@ -14,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
@@ -32,7 +35,7 @@ from p2r.core.images import (
     encode_image,
     model_size,
 )
-from p2r.core.prompts import AnswerForm, question_from_prompt
+from p2r.core.prompts import IMAGE_TAG, AnswerForm, question_from_prompt
 from p2r.data.synth import DATA_SOURCE, make_sample
 
 REQUIRED_COLUMNS = ("prompt", "images", "reward_model", "extra_info")
@@ -175,7 +178,13 @@ def _image_ref(item: Any, i: int, j: int, prefix: Path) -> ImageRef:
             raise DataError(f"row {i}: field '{name}.bytes' must be binary")
         return ImageRef(data=bytes(data))
     if path:
-        full = Path(path) if Path(path).is_absolute() else prefix / path
+        if not isinstance(path, str):
+            raise DataError(f"row {i}: field '{name}.path' must be a string")
+        parts = PurePosixPath(path).parts
+        if path.startswith("/") or ".." in parts or "\\" in path or "\x00" in path:
+            raise DataError(f"row {i}: field '{name}.path': {path!r} is outside the image prefix (absolute or "
+                            "'..'); image paths are relative to --image-prefix")
+        full = prefix / path
         if not full.is_file():
             raise DataError(f"row {i}: field '{name}.path': no file at {full}")
         return ImageRef(path=full)
@@ -210,13 +219,19 @@ def _boxes(value: Any, i: int) -> list[list[float]]:
 
 
 def parse_row(row: dict[str, Any], i: int, image_prefix: Path) -> Sample:
-    """Validate one row and turn it into a Sample."""
-    question = question_from_prompt(_user_text(row.get("prompt"), i))
+    """Validate one row and turn it into a Sample: ``p2r data check``, the trainer and the
+    evaluation of the synthetic set all read rows through here, so they refuse the same rows."""
+    user_text = _user_text(row.get("prompt"), i)
+    question = question_from_prompt(user_text)
     if not question:
         raise DataError(f"row {i}: field 'prompt' holds no question text")
     images = row.get("images")
     if not isinstance(images, (list, tuple)) or not images:
         raise DataError(f"row {i}: field 'images' must be a non-empty list")
+    tags = user_text.count(IMAGE_TAG)
+    if tags != len(images):
+        raise DataError(f"row {i}: field 'prompt' has {tags} {IMAGE_TAG} tag(s) for {len(images)} image(s); "
+                        "the layout has one tag per image")
     refs = [_image_ref(item, i, j, image_prefix) for j, item in enumerate(images)]
     truth = _get(row, i, "reward_model.ground_truth", (str, int, float))
     if isinstance(truth, bool) or not str(truth).strip():
