@@ -10,8 +10,9 @@ reasoner's reply and ``usage`` counts the tokens of both stages.
 Request fields: ``model`` (``openai_model``, default ``p2r``), ``messages``, and optionally
 ``temperature``, ``top_p``, ``max_tokens`` (or ``max_completion_tokens``), ``seed`` - the
 reasoner's sampling; unset ones take the role defaults (greedy, ``reason_max_tokens``) - plus
-``n`` (1 only), ``stream``, ``stream_options.include_usage``, ``user`` (accepted, no effect) and
-the extension object ``p2r``::
+``n`` (1 only), ``stream``, ``stream_options.include_usage``, ``user`` (accepted, no effect), an
+image part's ``detail`` (``auto`` only: the resolution is the server's pixel bounds) and the
+extension object ``p2r``::
 
     "p2r": {"answer_form": "mca" | "na" | "free_form",      # default free_form
             "variant": "train" | "eval",                   # prompt wording, default train
@@ -355,6 +356,11 @@ async def parse(body: Any, server: Server) -> Parsed:
     param = f"messages[0].content[{i}].image_url"
     if content[i].image_url is None:
         raise OpenAIError(400, f"{param}: required for a part of type image_url", param)
+    detail = content[i].image_url.detail
+    if detail not in (None, "auto") and not req.p2r.ignore_unsupported:  # the image's resolution is the server's
+        raise OpenAIError(400, f"{param}.detail: {detail!r} is not supported (the resolution is the server's "
+                          'pixel bounds); send "auto", or "p2r": {"ignore_unsupported": true}', f"{param}.detail",
+                          "unsupported_parameter")
     url = content[i].image_url.url
     param += ".url"
     if url.startswith("data:"):

@@ -537,6 +537,10 @@ def test_unimplemented_openai_parameters_are_refused_by_name(base: str) -> None:
         error = r.json()["error"]
         assert (error["param"], error["code"]) == (name, "unsupported_parameter"), error
         assert error["message"].startswith(f"{name}: not supported") and "ignore_unsupported" in error["message"]
+    low = {"model": "p2r", "messages": user({"type": "image_url", "image_url": {"url": data_url(png()),
+                                                                            "detail": "low"}}, text_part())}
+    r = _post(base, low)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0].image_url.detail", r.text
     one_token = {"max_tokens": 1, "p2r": {"perceive": {"max_tokens": 1}}}
     asked_nothing = _post(base, _chat_body(stop=None, logprobs=False, tools=[], user="u-1", **one_token))
     assert asked_nothing.status_code == 200, asked_nothing.text[:300]
