@@ -3,6 +3,7 @@ reflection, bad input, deadlines, overload, reload under load, metrics, HTTP, SI
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
@@ -515,21 +516,69 @@ def test_remote_gateway_composes_remote_roles(role_server: ServerProc, synth_ima
         assert gateway.stop() == 0
 
 
+def _chat_body(stream: bool, seed: int, max_tokens: int) -> dict[str, object]:
+    url = "data:image/png;base64," + base64.b64encode(png()).decode()
+    sampling = {"temperature": 1.0, "max_tokens": max_tokens, "seed": seed}
+    return {"model": "p2r", "stream": stream, **sampling,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": "Q?"}]}],
+            "p2r": {"answer_form": "na", "perceive": sampling}}
+
+
 def test_sigterm_drains_in_flight_requests(tiny_model_dir: Path, serve_config: Path) -> None:
-    server = start_server(["reasoner", "--model", str(tiny_model_dir)], config=serve_config)
+    """SIGTERM stops accepting on every port and drains gRPC *and* HTTP work in flight: a gRPC
+    batch, OpenAI unary chats, SSE streams (each to its finish chunk and [DONE]) and /v1/answer
+    all complete with 200 / OK; new connections are refused (issue 25 finding 1: HTTP requests
+    got 500 and streams were cut)."""
+    import httpx
+
+    # /v1/answer takes the server's default sampling: long enough to be in flight at SIGTERM.
+    server = start_server(["perceiver", "reasoner", "gateway", "--model", str(tiny_model_dir), "--http-port", "0"],
+                          config=serve_config, env={"P2R_PERCEIVE_MAX_TOKENS": "300", "P2R_REASON_MAX_TOKENS": "300"})
+    base = f"http://127.0.0.1:{server.http_port}"
+
+    def chat(stream: bool, seed: int) -> tuple[int, list[str]]:
+        body = _chat_body(stream, seed, 300)
+        if not stream:
+            r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=180)
+            return r.status_code, [r.text]
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=180) as r:
+            return r.status_code, [line for line in r.iter_lines() if line]
+
+    def answer() -> tuple[int, list[str]]:
+        r = httpx.post(f"{base}/v1/answer", files={"image": ("a.png", png(), "image/png")},
+                       data={"question": "Q?", "answer_form": "na"}, timeout=180)
+        return r.status_code, [r.text]
+
     try:
         c = Client(server.target, timeout_s=120)
         c.wait_ready()
         reqs = [pb.ReasonRequest(image=png(), question="Q?", answer_form=1,
-                                 sampling=sampling(temperature=1.0, max_tokens=1500, seed=i)) for i in range(4)]
-        with ThreadPoolExecutor(1) as pool:
+                                 sampling=sampling(temperature=1.0, max_tokens=600, seed=i)) for i in range(4)]
+        with ThreadPoolExecutor(6) as pool:
             running = pool.submit(c.reason_batch, reqs)
-            deadline = time.monotonic() + 20
-            while c.status().in_flight < 4 and time.monotonic() < deadline:
+            http = [pool.submit(chat, False, 1), pool.submit(chat, True, 2), pool.submit(chat, True, 3),
+                    pool.submit(chat, False, 4), pool.submit(answer)]
+            deadline = time.monotonic() + 60
+            while c.status().in_flight < 9 and time.monotonic() < deadline:
                 time.sleep(0.05)
+            assert c.status().in_flight == 9  # all five HTTP requests and the four batch items
             server.proc.terminate()  # SIGTERM
+            time.sleep(1.0)
+            draining = server.proc.poll() is None
+            with pytest.raises(httpx.ConnectError):  # the HTTP port stopped accepting
+                httpx.get(f"{base}/healthz", timeout=5)
             results = running.result(timeout=120)
+            answers = [f.result(timeout=120) for f in http]
+        assert draining, "the server exited before its in-flight work could have finished"
         assert len(results) == 4 and all(r.completions[0].num_tokens > 0 for r in results)
+        assert [code for code, _ in answers] == [200] * 5, answers
+        for _status, lines in answers[1:3]:  # the streams: every chunk, the finish, then [DONE]
+            assert lines[-1] == "data: [DONE]", lines[-3:]
+            last = json.loads(lines[-2].removeprefix("data: "))
+            assert last["choices"][0]["finish_reason"] in ("stop", "length"), last
+        assert json.loads(answers[0][1][0])["choices"][0]["finish_reason"] in ("stop", "length")
+        assert "answer" in json.loads(answers[4][1][0])
         assert server.proc.wait(60) == 0
         code, _ = _code(lambda: Client(server.target, timeout_s=2).status())
         assert code == grpc.StatusCode.UNAVAILABLE
