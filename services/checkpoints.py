@@ -101,10 +101,10 @@ def safe_relative(key: str, where: str) -> str:
     if (not key or key.startswith("/") or "\\" in key or "\x00" in key
             or any(p in ("", ".", "..") for p in parts)):
         raise CheckpointError(f"{where}: key {key!r} is not a safe relative path "
-                              "(absolute, '..', '.' or empty segment); refused, nothing written")
+                              "(absolute, '..', '.' or empty segment); refused, nothing read or written")
     if any(len(p.encode()) > MAX_SEGMENT_BYTES for p in parts):
         raise CheckpointError(f"{where}: key {key!r} has a path segment over {MAX_SEGMENT_BYTES} bytes "
-                              "(longer than a local file name may be); refused, nothing written")
+                              "(longer than a local file name may be); refused, nothing read or written")
     return key
 
 
@@ -115,7 +115,7 @@ def destination(root: Path, key: str, where: str) -> Path:
     base = root.resolve()
     path = (base / key).resolve()
     if not path.is_relative_to(base) or path == base:
-        raise CheckpointError(f"{where}: key {key!r} resolves outside {root}; refused, nothing written")
+        raise CheckpointError(f"{where}: key {key!r} resolves outside {root}; refused, nothing read or written")
     return path
 
 

@@ -123,7 +123,7 @@ def test_data_check_decodes_every_image_and_checks_boxes(tmp_path: Path) -> None
     good, truncated = buf.getvalue(), buf.getvalue()[: len(buf.getvalue()) // 2]
 
     def row(i: int, images: list[bytes], boxes: list[list[float]] | None = None) -> dict[str, object]:
-        return {"prompt": [{"role": "user", "content": "<image>Q?"}],
+        return {"prompt": [{"role": "user", "content": "<image>" * len(images) + "Q?"}],
                 "images": [{"bytes": b, "path": None} for b in images], "reward_model": {"ground_truth": "A"},
                 "extra_info": {"answer_form": "mca", "index": i, "gt_bboxes": boxes or [[1.0, 2.0, 3.0, 4.0]]}}
 
@@ -145,6 +145,42 @@ def test_data_check_decodes_every_image_and_checks_boxes(tmp_path: Path) -> None
     assert out.returncode == 0 and out.stdout.strip() == "2 valid rows, 3 images decoded: mca=2", out.stderr
 
 
+def test_data_check_refuses_paths_outside_the_prefix_and_prompts_without_a_tag(tmp_path: Path) -> None:
+    """Issue 25 item 13: a real PNG reached by ``..`` or by an absolute path, and a prompt with no
+    ``<image>`` tag, passed ``p2r data check`` (exit 0); each is one line naming row and field,
+    exit 2. The trainer reads rows through the same parser (``load_samples``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    prefix = tmp_path / "data"
+    (prefix / "images").mkdir(parents=True)
+    Image.new("RGB", (32, 32), "red").save(prefix / "images" / "ok.png")
+    Image.new("RGB", (32, 32), "blue").save(tmp_path / "outside.png")
+
+    def row(i: int, path: str, content: str = "<image>Q?") -> dict[str, object]:
+        return {"prompt": [{"role": "user", "content": content}], "images": [{"bytes": None, "path": path}],
+                "reward_model": {"ground_truth": "A"}, "extra_info": {"answer_form": "mca", "index": i}}
+
+    cases = [
+        ([row(0, "images/ok.png"), row(1, "../outside.png")],
+         "row 1: field 'images[0].path': '../outside.png' is outside the image prefix"),
+        ([row(0, str(tmp_path / "outside.png"))],
+         f"row 0: field 'images[0].path': '{tmp_path / 'outside.png'}' is outside the image prefix"),
+        ([row(0, "images/ok.png"), row(1, "images/ok.png", "Q without a tag?")],
+         "row 1: field 'prompt' has 0 <image> tag(s) for 1 image(s)"),
+    ]
+    for k, (rows, message) in enumerate(cases):
+        pq.write_table(pa.Table.from_pylist(rows), prefix / f"{k}.parquet")
+        out = run("data", "check", str(prefix / f"{k}.parquet"), "--image-prefix", str(prefix))
+        assert out.returncode == 2 and out.stderr.startswith(f"p2r: error: {message}"), (message, out.stdout,
+                                                                                           out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    pq.write_table(pa.Table.from_pylist([row(0, "images/ok.png")]), prefix / "ok.parquet")
+    out = run("data", "check", str(prefix / "ok.parquet"), "--image-prefix", str(prefix))
+    assert out.returncode == 0 and out.stdout.strip() == "1 valid rows, 1 images decoded: mca=1", out.stderr
+
+
 @pytest.mark.engine
 def test_demo_answers_one_question_through_a_real_engine(tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
@@ -163,3 +199,47 @@ def test_demo_answers_one_question_through_a_real_engine(tmp_path: Path,
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("answer   :") for line in lines)
     assert any(line.startswith("regions  :") for line in lines)
+
+
+def test_train_resume_refuses_a_tampered_checkpoint_in_one_line(tmp_path: Path, tiny_model_dir: Path,
+                                                                synthetic_dir: Path) -> None:
+    """Issue 25 items 3 and 11 through ``p2r train --resume``: a checkpoint whose manifest was
+    regenerated over a ``train_state/.metadata`` pointing at ``../../../outside/x.distcp`` (a real
+    shard there: stock DCP read it and resumed, exit 0), and one whose ``trainer_state.json``
+    says step 10**30 (a ValueError in seeding), each exit 2 with one line naming the path or
+    the field - before any engine starts."""
+    import shutil
+
+    import yaml
+
+    from p2r.services.checkpoints import MANIFEST, write_manifest
+    from p2r.trainer.state import STATE_FILE, PositionState, TrainerState, capture_rng, write_state
+    from tests.test_resume_state import _optimiser, rewrite_storage, saved_train_state
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "role": "perceiver", "model": str(tiny_model_dir), "data": str(synthetic_dir / "train.parquet"),
+        "output": str(tmp_path / "out"), "workdir": str(tmp_path / "work"),
+        "reward_plugin": "tests.plugins:starts_with_digit", "max_pixels": 65536, "max_model_len": 2048}))
+    outside = tmp_path / "outside" / "x.distcp"
+    for case, named in (("path", "key '../../../outside/x.distcp' is not a safe relative path"),
+                        ("step", "trainer_state.json: field 'position.step'")):
+        ckpt = tmp_path / case / "step-1"
+        shutil.copytree(tiny_model_dir, ckpt)
+        write_state(ckpt, TrainerState(position=PositionState(step=1, epoch=0, offset=2),
+                                       scheduler=_optimiser()[2].state_dict(), rng=capture_rng(), world_size=1))
+        directory = saved_train_state(ckpt / "train_state")
+        if case == "path":
+            outside.parent.mkdir()
+            outside.write_bytes(next(directory.glob("*.distcp")).read_bytes())
+            rewrite_storage(directory, "../../../outside/x.distcp")
+        else:
+            state = json.loads((ckpt / STATE_FILE).read_text())
+            state["position"]["step"] = 10**30
+            (ckpt / STATE_FILE).write_text(json.dumps(state))
+        (ckpt / MANIFEST).unlink()
+        write_manifest(ckpt, step=1, role="perceiver")  # what someone with write access would do
+        out = run("train", "--config", str(config), "--role", "perceiver", "--resume", str(ckpt), timeout=300)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and lines[-1].startswith("p2r: error: ") and named in lines[-1], out.stderr[-2000:]
+        assert "Traceback" not in out.stderr and "vLLM" not in out.stderr, out.stderr[-2000:]

@@ -8,22 +8,22 @@ import json
 import os
 import pickle
 import random
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from p2r.services.checkpoints import CheckpointError
+from p2r.trainer.dcp_reader import SafeFileSystemReader, SafeLoadPlanner, check_train_state
 from p2r.trainer.state import (
     LEGACY_STATE_FILE,
     STATE_FILE,
     PositionState,
-    SafeFileSystemReader,
-    SafeLoadPlanner,
     TrainerState,
     capture_rng,
-    check_train_state,
     read_state,
     restore_rng,
     trim_metrics,
@@ -50,6 +50,13 @@ def _optimiser() -> tuple[torch.nn.Linear, torch.optim.AdamW, torch.optim.lr_sch
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+
+
+def _state_json() -> dict[str, Any]:
+    """A valid ``trainer_state.json`` as the trainer writes it (``write_state``), as JSON values."""
+    _, _, sched = _optimiser()
+    return TrainerState(position=PositionState(step=1, epoch=0, offset=1), scheduler=sched.state_dict(),
+                        rng=capture_rng(), world_size=1).model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def test_json_state_restores_scheduler_and_rng_exactly(tmp_path: Path) -> None:
@@ -80,7 +87,7 @@ def test_json_state_restores_scheduler_and_rng_exactly(tmp_path: Path) -> None:
     restore_rng(state.rng)
     assert _draws() == expected
     _, opt2, sched2 = _optimiser()
-    sched2.load_state_dict(state.scheduler)
+    sched2.load_state_dict(state.scheduler.state_dict())
     assert [sched2.get_last_lr()] == expected_lr[:1]
     opt2.step()
     sched2.step()
@@ -98,8 +105,7 @@ def test_pickle_in_place_of_the_state_is_refused_and_never_runs(tmp_path: Path) 
         read_state(tmp_path)
     assert not marker.exists()
     # Well-formed JSON with a wrong value names the field.
-    good = TrainerState(position=PositionState(step=1, epoch=0, offset=1), scheduler={}, rng=capture_rng(),
-                        world_size=1).model_dump(mode="json")
+    good = _state_json()
     good["position"]["step"] = "2; rm -rf /"
     (tmp_path / STATE_FILE).write_text(json.dumps(good))
     with pytest.raises(CheckpointError, match=r"field 'position\.step'"):
@@ -162,3 +168,127 @@ def test_metrics_rows_past_the_resumed_step_are_dropped(tmp_path: Path) -> None:
     steps = [r["step"] for r in map(json.loads, path.read_text().splitlines()) if "val/accuracy" not in r]
     assert steps == [1, 2, 3, 4, 5, 6, 7]
     assert trim_metrics(path, 7) == 0 and trim_metrics(tmp_path / "absent.jsonl", 3) == 0
+
+
+# ----------------------------------------------------------- tampered train state (issue 25)
+
+
+def saved_train_state(directory: Path) -> Path:
+    """``train_state/`` as the trainer writes it (``Actor.save_train_state``: ``dcp.save`` of
+    the model and AdamW state dicts), for a small model after one step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, opt, _ = _optimiser()
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optimiser": optim_sd}, checkpoint_id=str(directory), no_dist=True)
+    return directory
+
+
+def rewrite_storage(directory: Path, relative_path: str) -> None:
+    """Point every storage item of ``.metadata`` at ``relative_path`` (what someone who can write
+    the checkpoint, and regenerate its manifest, can do)."""
+    import dataclasses
+
+    metadata = pickle.loads((directory / ".metadata").read_bytes())  # our own file, just written
+    metadata.storage_data = {k: dataclasses.replace(v, relative_path=relative_path)
+                             for k, v in metadata.storage_data.items()}
+    (directory / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+def load_into_fresh_state(directory: Path) -> None:
+    """What ``Actor.load_train_state`` does, on a fresh model and optimiser."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from p2r.trainer.dcp_reader import load_train_state
+
+    state = dict(zip(("model", "optimiser"), get_state_dict(*_optimiser()[:2]), strict=True))
+    load_train_state(state, directory, no_dist=True)
+
+
+@pytest.mark.parametrize("how", ["relative", "absolute", "symlink"])
+def test_dcp_reads_are_confined_to_the_train_state_directory(how: str, tmp_path: Path) -> None:
+    """Issue 25 item 3: a ``relative_path`` of ``../../../outside/x.distcp`` (a real shard there,
+    so stock DCP loads it and resumes), an absolute path, or a symlink out of the directory is
+    refused by name from ``.metadata`` alone, before any shard is read."""
+    directory = saved_train_state(tmp_path / "a" / "ckpt" / "train_state")
+    outside = tmp_path / "outside" / "x.distcp"
+    outside.parent.mkdir()
+    shard = next(directory.glob("*.distcp"))
+    outside.write_bytes(shard.read_bytes())
+    if how == "relative":
+        path, named = os.path.relpath(outside, directory), r"key '\.\./\.\./\.\./outside/x\.distcp' is not a safe"
+    elif how == "absolute":
+        path, named = str(outside), f"key '{outside}' is not a safe relative path"
+    else:
+        (directory / "link.distcp").symlink_to(outside)
+        path, named = "link.distcp", f"key 'link.distcp' resolves outside {directory}"
+    rewrite_storage(directory, path)
+    with pytest.raises(CheckpointError, match=rf"\.metadata: storage item '.+' relative_path: {named}"):
+        check_train_state(directory)
+    with pytest.raises(CheckpointError, match=named):
+        load_into_fresh_state(directory)
+
+
+def test_a_truncated_or_corrupt_shard_is_a_checkpoint_error_naming_the_file(tmp_path: Path) -> None:
+    """Issue 25 item 11: a shard cut short is refused from ``.metadata`` and the file's size,
+    before anything is read; one of the right size holding garbage fails while it is read - both
+    a CheckpointError naming the file (was: torch's RuntimeError inside a CheckpointException)."""
+    directory = saved_train_state(tmp_path / "train_state")
+    load_into_fresh_state(directory)  # intact: loads
+    shard = next(directory.glob("*.distcp"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"{shard}: truncated: storage item '.+' needs bytes up to \d+, "
+                                              rf"the file has {len(data) // 2}"):
+        check_train_state(directory)
+    shard.write_bytes(bytes(len(data)))
+    check_train_state(directory)  # the sizes agree: caught while reading
+    with pytest.raises(CheckpointError, match=rf"{shard}: not a readable train-state shard \(\w+Error: "):
+        load_into_fresh_state(directory)
+
+
+def _tamper(path: str, value: Any) -> Any:
+    def change(state: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node: Any = state
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return change
+
+
+TAMPERED_STATES = {
+    # name -> (change to a valid trainer_state.json, the field its error names)
+    "garbage scheduler key": (_tamper("scheduler.garbage", 1), "scheduler.garbage"),
+    "base_lrs NaN string": (_tamper("scheduler.base_lrs.0", "NaN-string"), "scheduler.base_lrs.0"),
+    "base_lrs NaN": (_tamper("scheduler.base_lrs.0", float("nan")), "scheduler.base_lrs.0"),
+    "negative last lr": (_tamper("scheduler._last_lr.0", -1.0), "scheduler._last_lr.0"),
+    "lr_lambdas dict": (_tamper("scheduler.lr_lambdas.0", {"__code__": 1}), "scheduler.lr_lambdas.0"),
+    "step 10**30": (_tamper("position.step", 10**30), "position.step"),
+    "RNG word over 32 bits": (_tamper("rng.python.1.0", 2**40), "rng.python.1.0"),
+    "RNG gauss inf": (_tamper("rng.numpy.4", float("inf")), "rng.numpy.4"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERED_STATES))
+def test_trainer_state_has_a_closed_schema(case: str, tmp_path: Path) -> None:
+    """Issue 25 item 11: unknown keys, strings or NaN where numbers go, and numbers out of range
+    were resumed (or crashed the seeding); each is refused naming the field."""
+    change, field = TAMPERED_STATES[case]
+    state = _state_json()
+    change(state)
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=rf"trainer_state\.json: field '{re.escape(field)}'"):
+        read_state(tmp_path)
+
+
+def test_an_oversized_trainer_state_is_refused_unread(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE).write_text(json.dumps(_state_json()) + " " * (1 << 20))
+    with pytest.raises(CheckpointError, match=r"trainer_state\.json: over 1048576 bytes"):
+        read_state(tmp_path)

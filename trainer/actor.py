@@ -474,15 +474,15 @@ class Actor:
 
     def load_train_state(self, directory: Path) -> None:
         """The shards ``save_train_state`` wrote (at any world size), read without unpickling
-        anything the files name (trainer/state.py)."""
-        import torch.distributed.checkpoint as dcp
+        anything the files name and without reading outside ``directory``
+        (trainer/dcp_reader.py); a bad shard is a CheckpointError naming the file."""
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        from p2r.trainer.state import SafeFileSystemReader, SafeLoadPlanner
+        from p2r.trainer.dcp_reader import load_train_state
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimiser)
         state = {"model": model_sd, "optimiser": optim_sd}
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), planner=SafeLoadPlanner())
+        load_train_state(state, directory)
         set_state_dict(self.model, self.optimiser, model_state_dict=state["model"],
                        optim_state_dict=state["optimiser"])
 

@@ -11,7 +11,8 @@ log-probs are the detached current ones.
 
 A checkpoint is the full Hugging Face model (gathered to rank 0, in the compute dtype: what the
 services load), ``train_state/`` (fp32 model and AdamW shards through torch.distributed.checkpoint,
-each rank uploading its own files, so ``--resume auto`` works on another world size too),
+each rank uploading its own files, so ``--resume auto`` works on another world size too; read
+back through trainer/dcp_reader.py),
 ``trainer_state.json`` (position, scheduler, RNG: JSON, never a pickle - trainer/state.py) and
 the manifest over all of them, written last. A resume drops ``metrics.jsonl`` rows past its step.
 """
@@ -49,6 +50,7 @@ from p2r.services.checkpoints import (
 from p2r.services.engine import EngineLimits
 from p2r.trainer.actor import Actor, PromptGroup, compute_dtype, init_distributed
 from p2r.trainer.config import TrainConfig
+from p2r.trainer.dcp_reader import check_train_state
 from p2r.trainer.failures import JobWatch
 from p2r.trainer.grpo import group_advantages
 from p2r.trainer.lengths import counter_for, filter_overlong
@@ -58,7 +60,6 @@ from p2r.trainer.state import (
     PositionState,
     TrainerState,
     capture_rng,
-    check_train_state,
     read_state,
     restore_rng,
     trim_metrics,
@@ -375,7 +376,7 @@ class Trainer:
     def _load_state(self, checkpoint: Path, state: TrainerState) -> None:
         """Continue from ``checkpoint``: its train-state shards and its ``trainer_state.json``."""
         self.actor.load_train_state(checkpoint / TRAIN_STATE_DIR)
-        self.actor.scheduler.load_state_dict(state.scheduler)
+        self.actor.scheduler.load_state_dict(state.scheduler.state_dict())
         self.actor.skipped_steps = state.skipped_steps
         self.pos = Position(**state.position.model_dump())
         restore_rng(state.rng)

@@ -1,38 +1,29 @@
 """The trainer's resume state, read without running anything a checkpoint file says.
 
 A checkpoint is data from object storage; whoever can write there must not be able to run code
-in the trainer. ``torch.load(weights_only=False)`` and ``pickle.load`` do exactly that (a pickle
-calls whatever callable it names), and a manifest regenerated next to the replaced file does
-not help. So:
+in the trainer, nor steer it with values no run writes. ``torch.load(weights_only=False)`` and
+``pickle.load`` run code (a pickle calls whatever callable it names), and a manifest
+regenerated next to the replaced file does not help. So ``trainer_state.json`` holds the data
+position, the LR scheduler, the RNG states and the counters as JSON, checked against a closed
+schema (``TrainerState``): every key known (an extra or misspelt one is refused), every number
+finite and in range (a step of 10**30 used to crash the seeding; ``base_lrs: ['NaN-string']``
+was resumed), each error naming the field. Anything that is not such JSON - a pickle, the old
+``trainer_state.pt`` - is refused with a ``CheckpointError``, never unpickled.
 
-- ``trainer_state.json`` holds the data position, the LR scheduler, the RNG states and the
-  counters as JSON, checked against ``TrainerState`` (a wrong or extra field is an error naming
-  it). Anything that is not such JSON - a pickle, the old ``trainer_state.pt`` - is refused
-  with a ``CheckpointError``, never unpickled.
-- ``train_state/`` (fp32 model and AdamW shards) stays a ``torch.distributed.checkpoint``
-  directory (any world size), but is read through ``SafeFileSystemReader`` and
-  ``SafeLoadPlanner``: stock DCP unpickles ``.metadata`` with ``pickle.load`` and every
-  non-tensor item with ``torch.load(weights_only=False)``. Here ``.metadata`` goes through an
-  unpickler that only builds DCP's own metadata classes (the "restricting globals" recipe of
-  the ``pickle`` docs) and the non-tensor items through ``torch.load(weights_only=True)``;
-  tensors DCP already reads with ``weights_only=True``.
+``train_state/`` (fp32 model and AdamW shards) is read by trainer/dcp_reader.py.
 """
 
 from __future__ import annotations
 
 import base64
-import io
 import json
-import pickle
 import random
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from p2r.services.checkpoints import CheckpointError
 
@@ -41,21 +32,58 @@ LEGACY_STATE_FILE = "trainer_state.pt"  # a pickle: never read
 STATE_VERSION = 1
 
 
+MAX_STATE_BYTES = 1 << 20
+"""A trainer state is a few KiB (the RNG states dominate); a larger file is not one, unread."""
+MAX_COUNT = 10**12
+"""The bound on steps, epochs, offsets and counters: far past any run, and small enough that the
+seeds derived from the step (``seed + 1000 * step``) stay inside the 64-bit range torch, NumPy
+and vLLM take."""
+
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+U32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
+"""A word of a Mersenne Twister state (Python's and NumPy's generators)."""
+LearningRate = Annotated[float, Field(ge=0)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    """Closed (unknown keys refused), strict (no coercion from strings) and finite (no NaN or
+    infinity in any float)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class PositionState(_Strict):
-    step: int = Field(ge=0)
-    epoch: int = Field(ge=0)
-    offset: int = Field(ge=0)
+    step: Count
+    epoch: Count
+    offset: Count
+
+
+class SchedulerState(_Strict):
+    """``LambdaLR.state_dict()`` (trainer/actor.py's scheduler), field by field. ``lr_lambdas``
+    holds only None: a dict there would be copied into the lambda's ``__dict__`` on load."""
+
+    base_lrs: list[LearningRate] = Field(max_length=1024)
+    last_lr: list[LearningRate] = Field(alias="_last_lr", max_length=1024)
+    last_epoch: int = Field(ge=-1, le=MAX_COUNT)
+    step_count: Count = Field(alias="_step_count")
+    is_initial: bool | None = Field(None, alias="_is_initial")
+    get_lr_called_within_step: bool = Field(alias="_get_lr_called_within_step")
+    verbose: bool | None = None
+    lr_lambdas: list[None] = Field(max_length=1024)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What ``LambdaLR.load_state_dict`` takes (the keys this torch wrote, no others)."""
+        return self.model_dump(by_alias=True, exclude_none=True) | {"lr_lambdas": list(self.lr_lambdas)}
 
 
 class RNGState(_Strict):
-    torch: str = Field(description="torch.get_rng_state(), base64")
-    cuda: list[str] = Field(default_factory=list, description="torch.cuda.get_rng_state_all(), base64 each")
-    python: tuple[int, list[int], float | None] = Field(description="random.getstate()")
-    numpy: tuple[str, list[int], int, int, float] = Field(description="np.random.get_state()")
+    torch: str = Field(max_length=1 << 16, description="torch.get_rng_state(), base64")
+    cuda: list[Annotated[str, Field(max_length=1 << 12)]] = Field(
+        default_factory=list, max_length=1024, description="torch.cuda.get_rng_state_all(), base64 each")
+    python: tuple[Annotated[int, Field(ge=0, le=16)], list[U32], float | None] = Field(
+        description="random.getstate()")
+    numpy: tuple[str, list[U32], Annotated[int, Field(ge=0, le=1 << 16)], Annotated[int, Field(ge=0, le=1)], float] \
+        = Field(description="np.random.get_state()")
 
 
 class TrainerState(_Strict):
@@ -63,13 +91,13 @@ class TrainerState(_Strict):
 
     version: int = STATE_VERSION
     position: PositionState
-    scheduler: dict[str, Any] = Field(description="the LR scheduler's state_dict (plain JSON values)")
+    scheduler: SchedulerState
     rng: RNGState
-    world_size: int = Field(ge=1)
-    skipped_steps: int = Field(0, ge=0)
-    overlong_dropped: int = Field(0, ge=0)
-    unreadable_dropped: int = Field(0, ge=0)
-    overlong_fallbacks: int = Field(0, ge=0)
+    world_size: int = Field(ge=1, le=1 << 20)
+    skipped_steps: Count = 0
+    overlong_dropped: Count = 0
+    unreadable_dropped: Count = 0
+    overlong_fallbacks: Count = 0
 
 
 # ------------------------------------------------------------------------------------ RNG
@@ -102,7 +130,7 @@ def restore_rng(rng: RNGState) -> None:
         random.setstate((version, tuple(internal), gauss))
         name, keys, pos, has_gauss, cached = rng.numpy
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    except (ValueError, TypeError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError, OverflowError) as e:
         raise CheckpointError(f"{STATE_FILE}: field 'rng' is not a valid generator state: {e}") from None
 
 
@@ -111,7 +139,7 @@ def restore_rng(rng: RNGState) -> None:
 
 def write_state(checkpoint: Path, state: TrainerState) -> None:
     """``trainer_state.json`` into a checkpoint directory being staged."""
-    (checkpoint / STATE_FILE).write_text(state.model_dump_json(indent=1))
+    (checkpoint / STATE_FILE).write_text(state.model_dump_json(indent=1, by_alias=True, exclude_none=True))
 
 
 def read_state(checkpoint: Path) -> TrainerState:
@@ -123,6 +151,8 @@ def read_state(checkpoint: Path) -> TrainerState:
             raise CheckpointError(f"{checkpoint}: holds only {LEGACY_STATE_FILE}, a pickle this trainer never loads "
                                   f"(it could run code); resume from a checkpoint written with {STATE_FILE}")
         raise CheckpointError(f"{checkpoint}: no {STATE_FILE}; not a training checkpoint (resume needs one)")
+    if path.stat().st_size > MAX_STATE_BYTES:
+        raise CheckpointError(f"{path}: over {MAX_STATE_BYTES} bytes; not a trainer state, refused unread")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -139,79 +169,6 @@ def read_state(checkpoint: Path) -> TrainerState:
     if state.version != STATE_VERSION:
         raise CheckpointError(f"{path}: field 'version': {state.version}, this trainer reads {STATE_VERSION}")
     return state
-
-
-# ---------------------------------------------------------------------- DCP without pickle
-
-_DCP_METADATA = "torch.distributed.checkpoint.metadata"
-_ALLOWED: dict[str, set[str]] = {
-    _DCP_METADATA: {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-                    "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
-    "collections": {"OrderedDict"},
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds only DCP metadata objects, torch sizes / dtypes / layouts and paths; any other
-    global (``os.system``, ``builtins.eval``, ...) stops the load before it is called."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if name in _ALLOWED.get(module, set()):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not DCP metadata")
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """``FileSystemReader`` whose ``.metadata`` goes through ``_MetadataUnpickler``."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-
-        rank = kwargs.get("rank")
-        path = self._get_metadata_path(rank)
-        try:
-            with self.fs.create_stream(path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, ImportError) as e:
-            raise CheckpointError(f"{path}: not torch.distributed.checkpoint metadata, refused: {e}") from None
-        if not isinstance(metadata, Metadata):
-            raise CheckpointError(f"{path}: not torch.distributed.checkpoint metadata "
-                                  f"(a {type(metadata).__name__}), refused")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """``DefaultLoadPlanner`` reading non-tensor items (AdamW's param_groups: numbers, tuples,
-    names) with ``torch.load(weights_only=True)`` instead of ``weights_only=False``."""
-
-    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        try:
-            loaded = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(f"train_state item '{read_item.dest_index.fqn}' refused: {e}") from None
-        if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes does
-            from torch.distributed.checkpoint._traverse import set_element
-
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = loaded
-
-
-def check_train_state(directory: Path) -> None:
-    """Read ``train_state/.metadata`` the safe way now (before any engine starts), so a tampered
-    one is refused in seconds with its name."""
-    if not (directory / ".metadata").is_file():
-        raise CheckpointError(f"{directory}: no .metadata; not a torch.distributed.checkpoint train state")
-    SafeFileSystemReader(str(directory)).read_metadata()
 
 
 # ------------------------------------------------------------------------- metrics.jsonl
