@@ -1,4 +1,5 @@
-"""Storage abuse against a real ``p2r serve`` (issue 14 items 1-4 and 10, issue 17 items 1 and 6).
+"""Storage abuse against a real ``p2r serve`` (issue 14 items 1-4 and 10, issue 17 items 1 and 6,
+issue 25 items 10 and 13).
 
 One server on the tiny model, started from ``hf://`` out of a pre-populated Hugging Face cache
 in offline mode (the bootstrap path of a fresh cluster), with its object store reached through
@@ -169,6 +170,27 @@ def test_wrong_shape_or_dtype_is_refused_before_the_engine_is_touched(
         still_serving(client, image, served)
 
 
+def test_non_finite_weights_are_refused_naming_the_tensor(
+        client: Client, tiny_model_dir: Path, image: bytes, served: list[str], tmp_path: Path) -> None:
+    """Issue 25 item 13: an all-NaN checkpoint (manifest and layout fine) was loaded and then
+    answered empty completions with status OK. Now FAILED_PRECONDITION names the first tensor
+    (read one slice at a time before the engine is touched) and the old weights keep serving."""
+    from safetensors.torch import load_file, save_file
+
+    bad = copy_model(tiny_model_dir, tmp_path / "nan")
+    tensors = load_file(bad / "model.safetensors")
+    for t in tensors.values():
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    write_manifest(bad)
+    code, message = refused(lambda: client.load_checkpoint(str(bad)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, message
+    first = min(k for k, t in tensors.items() if t.is_floating_point())
+    assert f"tensor {first} holds non-finite values" in message, message
+    still_serving(client, image, served)
+
+
 @pytest.mark.parametrize("case", ["unlisted weights", "empty manifest", "non-JSON manifest", "corrupt safetensors"])
 def test_checkpoints_the_manifest_does_not_bind_are_refused(
         case: str, client: Client, tiny_model_dir: Path, second_model_dir: Path, image: bytes,
@@ -212,6 +234,28 @@ def test_absolute_object_key_is_refused_and_nothing_is_written_outside(
     assert f"key 'abs/{outside}' is not a safe relative path" in message, message
     assert not outside.parent.exists()
     assert not (cache / "perceiver" / "s3" / "evil" / "ckpt" / "model.safetensors").exists()
+    still_serving(client, image, served)
+
+
+@pytest.mark.parametrize("case", ["300-character key", "file and directory"])
+def test_s3_keys_the_cache_cannot_hold_are_failed_precondition(
+        case: str, client: Client, s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+        tiny_model_dir: Path, image: bytes, served: list[str]) -> None:
+    """Issue 25 item 10: a manifest-listed key of 300 characters (OSError errno 36 in the cache)
+    and keys ``extra`` plus ``extra/b.json`` (FileExistsError) answered INTERNAL. Both are
+    FAILED_PRECONDITION naming the key, and the old weights keep serving."""
+    from tests.storage_support import s3_checkpoint_with_keys
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    long_key = "w" * 288 + ".safetensors"
+    extra = {long_key: b"w"} if case == "300-character key" else {"extra": b"file", "extra/b.json": b"{}"}
+    uri = f"s3://keys-{case.split()[0].replace('-', '')}/ckpt"
+    s3_checkpoint_with_keys(tiny_model_dir, uri, extra)
+    code, message = refused(lambda: client.load_checkpoint(uri))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, message
+    assert (long_key if case == "300-character key" else "'extra' cannot be a file and a directory") in message, \
+        message
     still_serving(client, image, served)
 
 
