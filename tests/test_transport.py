@@ -275,6 +275,19 @@ def test_unauthenticated_message_is_refused_before_it_is_read(gateway: ServerPro
                         metadata=tuple(AUTH.items()), timeout=60)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "max_unary_receive_bytes" in (e.value.details() or "")
+        # With the key, gRPC buffers a message up to the server-wide (batch) limit before the
+        # unary limit can refuse it; what that took is handed back to the OS afterwards.
+        resident = gateway.rss()
+        for _ in range(4):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Answer(pb.AnswerRequest(image=b"\0" * 250_000_000, question="Q"),
+                            metadata=tuple(AUTH.items()), timeout=60)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        deadline = time.monotonic() + 10
+        while gateway.rss() - resident > 60_000_000 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        kept = gateway.rss() - resident
+        assert kept < 60_000_000, f"{kept / 1e6:.0f} MB still resident after four refused 250 MB messages"
 
 
 @pytest.mark.engine
