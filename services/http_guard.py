@@ -120,18 +120,26 @@ class Guard:
     @staticmethod
     async def _refuse(send: Callable[[dict[str, Any]], Awaitable[None]], path: str, exc: Exception,
                       extra: list[tuple[bytes, bytes]] | None = None) -> None:
-        """Answer ``exc`` before the route runs, mapped by the one table (``services/errors.py``)
-        and counted under its code: an OpenAI error object on the OpenAI routes, else
-        ``{"detail": ...}`` as FastAPI's own errors."""
-        method = openai_api.METHOD if path.startswith("/v1/chat/") else "http"  # as the route counts it
-        status = status_of(exc, method)
-        metrics.REQUESTS.labels(method, status.code.name).inc()
-        if path.startswith(openai_api.PATHS):
-            content = openai_api.from_status(status, "request_too_large" if isinstance(exc, TooLarge) else None).body()
-        else:
-            content = {"detail": status.message}
-        body = JSONResponse(content).body
-        await send({"type": "http.response.start", "status": status.http,
+        """Answer ``exc`` before the route runs (``refusal``)."""
+        status, body = refusal(path, exc)
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 *(extra or [])]})
         await send({"type": "http.response.body", "body": body})
+
+
+def refusal(path: str | None, exc: Exception, http_status: int | None = None) -> tuple[int, bytes]:
+    """HTTP status and JSON body of a request refused before its route ran, mapped by the one
+    table (``services/errors.py``) and counted under its code: an OpenAI error object on the
+    OpenAI routes, else ``{"detail": ...}`` as FastAPI's own errors (also when the path is not
+    known: a request head that never parsed). ``http_status`` overrides the table's HTTP status
+    where HTTP has a more precise one (431 for header fields)."""
+    path = path or ""
+    method = openai_api.METHOD if path.startswith("/v1/chat/") else "http"  # as the route counts it
+    status = status_of(exc, method)
+    metrics.REQUESTS.labels(method, status.code.name).inc()
+    if path.startswith(openai_api.PATHS):
+        content = openai_api.from_status(status, "request_too_large" if isinstance(exc, TooLarge) else None).body()
+    else:
+        content = {"detail": status.message}
+    return http_status or status.http, JSONResponse(content).body

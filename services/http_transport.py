@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 import h11
 from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 
-from p2r.services import metrics
-from p2r.services.errors import InvalidArgument, TooLarge, Unavailable, status_of
+from p2r.services.errors import InvalidArgument, TooLarge, Unavailable
+from p2r.services.http_guard import refusal
 
 if TYPE_CHECKING:
     from p2r.services.config import ServeConfig
@@ -76,11 +76,13 @@ class _Connection(h11.Connection):
         self.owner = owner
         self.max_headers = max_headers
         self.last_error: h11.RemoteProtocolError | None = None
+        self.last_path: str | None = None
 
     def next_event(self) -> Any:
         try:
             event = super().next_event()
             if isinstance(event, h11.Request):
+                self.last_path = event.target.partition(b"?")[0].decode("latin-1")
                 self._check_head(event)
         except h11.RemoteProtocolError as e:
             self.last_error = e
@@ -169,23 +171,21 @@ class GuardedH11Protocol(H11Protocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request h11 refuses, with h11's status (431 for header fields
-        over the bounds, else 400), counted in the one table (services/errors.py)."""
+        over the bounds, else 400) and a JSON error (``http_guard.refusal``: the one table,
+        an OpenAI error object on the OpenAI routes)."""
         self._disarm()
         error = self.conn.last_error
-        hint = error.error_status_hint if error is not None else 400
-        if hint == 431:
+        if error is not None and error.error_status_hint == 431:
             detail = str(error) if "fields:" in str(error) else \
                 f"request header fields: over the limit http_max_header_bytes={self.policy.max_header_bytes}"
-            status = status_of(TooLarge(detail), "http")
+            status, body = refusal(self.conn.last_path, TooLarge(detail), 431)
         else:
-            status = status_of(InvalidArgument(f"request: not valid HTTP/1.1: {error or msg}"), "http")
-            hint = status.http
-        metrics.REQUESTS.labels("http", status.code.name).inc()
-        log.warning("refused a request from %s: %d %s", _peer(self), hint, status.message)
-        body = status.message.encode()
+            status, body = refusal(self.conn.last_path,
+                                   InvalidArgument(f"request: not valid HTTP/1.1: {error or msg}"))
+        log.warning("refused a request from %s: %d %s", _peer(self), status, body.decode(errors="replace"))
         try:
-            for event in (h11.Response(status_code=hint, reason=STATUS_PHRASES[hint], headers=[
-                              (b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close"),
+            for event in (h11.Response(status_code=status, reason=STATUS_PHRASES[status], headers=[
+                              (b"content-type", b"application/json"), (b"connection", b"close"),
                               (b"content-length", str(len(body)).encode())]),
                           h11.Data(data=body), h11.EndOfMessage()):
                 self.transport.write(self.conn.send(event))
@@ -213,12 +213,10 @@ class GuardedH11Protocol(H11Protocol):
 
 async def _unavailable(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """The answer on a connection past the bound when it asks anything but a probe."""
-    status = status_of(Unavailable("too many connections: only /healthz and /readyz are served on this one; "
-                                   "retry with backoff"), "http")
-    metrics.REQUESTS.labels("http", status.code.name).inc()
-    body = status.message.encode()
-    await send({"type": "http.response.start", "status": status.http,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close"),
+    status, body = refusal(scope.get("path"), Unavailable(
+        "too many connections: only /healthz and /readyz are served on this one; retry with backoff"))
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
