@@ -115,6 +115,11 @@ class SafeFileSystemReader(FileSystemReader):
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
+    def set_up_storage_reader(self, metadata: Any, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        # Every rank, not only the one that read .metadata: each checks the files it will read.
+        check_storage(Path(self.path), metadata, str(self._get_metadata_path(kwargs.get("rank"))))
+        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+
     def _slice_file(self, file: Any, sinfo: Any) -> Any:
         self._reading = os.fspath(sinfo.relative_path)  # which file a failure below is in
         return super()._slice_file(file, sinfo)
