@@ -174,7 +174,9 @@ class ServeConfig(YamlSettings):
         "(the TLS handshake included) or after its previous response has been sent and it sends a byte; "
         "else it is closed")
     http_keep_alive_s: float = Field(
-        15.0, gt=0, description="an idle keep-alive connection (no byte since its last response) is closed after this")
+        75.0, gt=0, description="an idle keep-alive connection (no byte since its last response) is closed after "
+        "this; longer than a proxy's own idle timeout for its upstream connections (ingress-nginx: 60 s), so a "
+        "proxy never sends a request on a connection the server is closing (a 502)")
     http_body_timeout_s: float = Field(
         120.0, gt=0, description="a request's whole body must arrive within this after its head (a maximal "
         "chat body, ~45 MB, needs 3 Mbit/s); else the connection is closed")
