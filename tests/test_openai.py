@@ -153,6 +153,28 @@ def test_allowlist_matches_scheme_host_port_and_path_prefix() -> None:
     assert not allowed("https://img.example.com/p2r/a.png", [])
 
 
+def test_json_depth_is_bounded_from_the_bytes() -> None:
+    """Issue 25 item 7: the depth bound counts brackets of the JSON structure only - not those
+    inside strings, escaped quotes and backslashes included - and refuses 100,000-deep input
+    (which the parser's recursion turned into a 500) as a 400."""
+    from p2r.services.openai_api import MAX_JSON_DEPTH, load_json
+
+    def nested(depth: int) -> Any:
+        value: Any = 'in "a string" [[[{{ \\" \\'
+        for i in range(depth):
+            value = [value] if i % 2 else {"k[\"{": value}
+        return value
+
+    noise = json.dumps({"text": "[" * 500 + '\\"' + "{" * 500, "items": [[]] * 1000})
+    assert load_json(noise.encode()) == json.loads(noise)
+    assert load_json(json.dumps(nested(MAX_JSON_DEPTH)).encode()) == nested(MAX_JSON_DEPTH)
+    for body in (json.dumps(nested(MAX_JSON_DEPTH + 1)).encode(), _DEEP_BODY):
+        with pytest.raises(OpenAIError) as e:
+            load_json(body)
+        assert e.value.status == 400
+        assert e.value.message == f"request body: JSON nested deeper than {MAX_JSON_DEPTH} levels"
+
+
 @pytest.fixture(scope="module")
 def image_host() -> Iterator[str]:
     """A loopback HTTP server: /a.png an image, /big 5000 bytes, /moved a redirect to /a.png."""
@@ -506,8 +528,8 @@ def test_client_mistakes_are_400_naming_the_field_and_counted(base: str, role_se
         (_chat_body(top_p=1e-300), "top_p"),
         (_chat_body(p2r={"perceive": {"top_p": 1e-300}}), "p2r.perceive.top_p"),
         (_SURROGATE_BODY, "messages[0].content[1].text"),
-        (_chat_body(extra=json.loads("[" * 80 + "]" * 80)), "extra"),
-        (_DEEP_BODY, None),  # no field to name: the body itself
+        (_chat_body(extra=json.loads("[" * 80 + "]" * 80)), None),  # over MAX_JSON_DEPTH: the body's fault
+        (_DEEP_BODY, None),
     ]
     before = _value(_scrape(role_server.metrics_port), "p2r_requests_total", method="openai.chat",
                     code="INVALID_ARGUMENT")
