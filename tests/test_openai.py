@@ -25,7 +25,7 @@ from PIL import Image
 
 from p2r.services.client import Client
 from p2r.services.launch import ServerProc
-from p2r.services.openai_api import OpenAIError, allowed, fetch_image
+from p2r.services.openai_request import OpenAIError, allowed, fetch_image
 from p2r.v1 import p2r_pb2 as pb
 
 QUESTION = "Which shape is red? (A) square (B) circle"
@@ -157,7 +157,7 @@ def test_json_depth_is_bounded_from_the_bytes() -> None:
     """Issue 25 item 7: the depth bound counts brackets of the JSON structure only - not those
     inside strings, escaped quotes and backslashes included - and refuses 100,000-deep input
     (which the parser's recursion turned into a 500) as a 400."""
-    from p2r.services.openai_api import MAX_JSON_DEPTH, load_json
+    from p2r.services.openai_request import MAX_JSON_DEPTH, load_json
 
     def nested(depth: int) -> Any:
         value: Any = 'in "a string" [[[{{ \\" \\'
