@@ -54,7 +54,7 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/answer")
     async def answer_http(http_request: Request) -> Any:
         """multipart/form-data: ``image`` (file: JPEG, PNG or WebP), ``question``, ``answer_form``
-        (mca | na | free_form, default mca), ``timeout_s`` (default 300).
+        (mca | na | free_form, default mca), ``timeout_s`` (default 300); each field once.
 
         Every outcome - a refusal of the form before admission included - is mapped by the one
         table (``services/errors.py``) to ``{"detail": message}`` with its HTTP status and counted
