@@ -62,6 +62,11 @@ class TooLarge(Exception):
     an over-limit message, and HTTP 413 - not 429, since retrying the same request cannot help."""
 
 
+class HeadersTooLarge(TooLarge):
+    """Request header fields over their bound (bytes or count): HTTP 431, which names the part
+    of the request that is too large; RESOURCE_EXHAUSTED as any other size limit."""
+
+
 class Unavailable(Exception):
     """The server cannot serve now (starting, draining, engine gone); retry elsewhere or later."""
 
@@ -76,6 +81,7 @@ ERRORS: dict[type[BaseException], tuple[grpc.StatusCode, int]] = {
     CheckpointError: (grpc.StatusCode.FAILED_PRECONDITION, 409),
     Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     TooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    HeadersTooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 431),
     asyncio.CancelledError: (grpc.StatusCode.CANCELLED, 499),  # nginx's "client closed request"
     Unavailable: (grpc.StatusCode.UNAVAILABLE, 503),
     TimeoutError: (grpc.StatusCode.DEADLINE_EXCEEDED, 504),

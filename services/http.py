@@ -26,7 +26,7 @@ from p2r.core.prompts import AnswerForm
 from p2r.services import metrics, openai_api
 from p2r.services.errors import InvalidArgument, TooLarge, Unavailable, UnsupportedMediaType
 from p2r.services.handlers import answer, validate_answer
-from p2r.services.http_guard import Guard
+from p2r.services.http_guard import ANSWER_METHOD, Guard
 from p2r.services.protocol import FORM_TO_PB
 from p2r.v1 import p2r_pb2 as pb
 
@@ -70,20 +70,16 @@ def create_app(server: Server) -> FastAPI:
             code = "CANCELLED"
             raise
         except Exception as e:
-            status = server.status_of(METHOD, e)
+            status = server.status_of(ANSWER_METHOD, e)
             code = status.code.name
             return JSONResponse({"detail": status.message}, status_code=status.http)
         finally:
-            metrics.REQUESTS.labels(METHOD, code).inc()
+            metrics.REQUESTS.labels(ANSWER_METHOD, code).inc()
 
     # The OpenAI-compatible chat API, and the page at / that uses its streaming form.
     openai_api.mount(app, server)
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="page")
     return app
-
-
-METHOD = "http_answer"
-"""The method label of ``POST /v1/answer`` in the metrics."""
 
 
 async def _answer(server: Server, http_request: Request) -> pb.AnswerResponse | None:

@@ -111,7 +111,8 @@ class Guard:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    status = status_of(TooLarge(f"request body: over the limit of {self.limit} bytes"), "http")
+                    status = status_of(TooLarge(f"request body: over the limit of {self.limit} bytes"),
+                                       method_of(scope.get("path", "")))
                     raise HTTPException(status.http, status.message)
             return message
 
@@ -128,18 +129,29 @@ class Guard:
         await send({"type": "http.response.body", "body": body})
 
 
-def refusal(path: str | None, exc: Exception, http_status: int | None = None) -> tuple[int, bytes]:
+ANSWER_METHOD = "http_answer"
+"""The ``method`` label of ``POST /v1/answer`` in ``p2r_requests_total``."""
+
+
+def method_of(path: str) -> str:
+    """The ``method`` label a request to ``path`` is counted under, by the route and by every
+    refusal in front of it alike: one series per route."""
+    if path.startswith("/v1/chat/"):
+        return openai_api.METHOD
+    return ANSWER_METHOD if path.rstrip("/") == "/v1/answer" else "http"
+
+
+def refusal(path: str | None, exc: Exception) -> tuple[int, bytes]:
     """HTTP status and JSON body of a request refused before its route ran, mapped by the one
     table (``services/errors.py``) and counted under its code: an OpenAI error object on the
     OpenAI routes, else ``{"detail": ...}`` as FastAPI's own errors (also when the path is not
-    known: a request head that never parsed). ``http_status`` overrides the table's HTTP status
-    where HTTP has a more precise one (431 for header fields)."""
+    known: a request head that never parsed)."""
     path = path or ""
-    method = openai_api.METHOD if path.startswith("/v1/chat/") else "http"  # as the route counts it
+    method = method_of(path)
     status = status_of(exc, method)
     metrics.REQUESTS.labels(method, status.code.name).inc()
     if path.startswith(openai_api.PATHS):
         content = openai_api.from_status(status, "request_too_large" if isinstance(exc, TooLarge) else None).body()
     else:
         content = {"detail": status.message}
-    return http_status or status.http, JSONResponse(content).body
+    return status.http, JSONResponse(content).body

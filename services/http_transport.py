@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import h11
 from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 
-from p2r.services.errors import InvalidArgument, TooLarge, Unavailable
+from p2r.services.errors import HeadersTooLarge, InvalidArgument, Unavailable
 from p2r.services.http_guard import refusal
 
 if TYPE_CHECKING:
@@ -178,7 +178,7 @@ class GuardedH11Protocol(H11Protocol):
         if error is not None and error.error_status_hint == 431:
             detail = str(error) if "fields:" in str(error) else \
                 f"request header fields: over the limit http_max_header_bytes={self.policy.max_header_bytes}"
-            status, body = refusal(self.conn.last_path, TooLarge(detail), 431)
+            status, body = refusal(self.conn.last_path, HeadersTooLarge(detail))
         else:
             status, body = refusal(self.conn.last_path,
                                    InvalidArgument(f"request: not valid HTTP/1.1: {error or msg}"))

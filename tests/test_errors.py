@@ -20,6 +20,7 @@ from p2r.services.checkpoints import CheckpointError
 from p2r.services.errors import (
     ERRORS,
     FailedPrecondition,
+    HeadersTooLarge,
     InvalidArgument,
     NotFound,
     Overloaded,
@@ -52,6 +53,7 @@ class _Subclassed(InvalidArgument):
     (CheckpointError("s3://b/p/: no manifest.json"), C.FAILED_PRECONDITION, 409, "s3://b/p/: no manifest.json"),
     (Overloaded("at capacity"), C.RESOURCE_EXHAUSTED, 429, "at capacity"),
     (TooLarge("request body: over the limit"), C.RESOURCE_EXHAUSTED, 413, "request body: over the limit"),
+    (HeadersTooLarge("request header fields: 101"), C.RESOURCE_EXHAUSTED, 431, "request header fields: 101"),
     (asyncio.CancelledError(), C.CANCELLED, 499, ""),
     (Unavailable("draining"), C.UNAVAILABLE, 503, "draining"),
     (TimeoutError(), C.DEADLINE_EXCEEDED, 504, "Perceive: deadline exceeded; engine request aborted"),
@@ -113,9 +115,11 @@ def test_bug_tracebacks_are_rate_limited(caplog: pytest.LogCaptureFixture, fresh
 
 def test_every_row_is_a_distinct_code() -> None:
     # CheckpointError is FailedPrecondition's alias; RESOURCE_EXHAUSTED is gRPC's code both for
-    # overload (429, retry later) and for an over-limit message (413, retrying cannot help);
-    # INVALID_ARGUMENT both for a bad field (400) and a body in the wrong format (415).
-    rows = {k: v for k, v in ERRORS.items() if k not in (CheckpointError, TooLarge, UnsupportedMediaType)}
+    # overload (429, retry later) and for an over-limit message (413, retrying cannot help) or
+    # header fields (431); INVALID_ARGUMENT both for a bad field (400) and a body in the wrong
+    # format (415).
+    rows = {k: v for k, v in ERRORS.items()
+            if k not in (CheckpointError, TooLarge, HeadersTooLarge, UnsupportedMediaType)}
     assert len({code for code, _ in rows.values()}) == len(rows)
     assert len({http for _, http in ERRORS.values() if http != 409}) == len(ERRORS) - 2
     assert all(400 <= http < 600 for _, http in ERRORS.values())

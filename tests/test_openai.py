@@ -131,10 +131,10 @@ def test_guard_refusals_are_openai_errors_on_openai_routes() -> None:
                                   "type": "invalid_request_error", "param": None, "code": "request_too_large"}}
     assert _requests_total("openai.chat", "RESOURCE_EXHAUSTED") == before + 1
     # The plain routes keep FastAPI's shape, from the same table.
-    before = _requests_total("http", "RESOURCE_EXHAUSTED")
+    before = _requests_total("http_answer", "RESOURCE_EXHAUSTED")  # the route's own series
     r = http.post("/v1/answer", content=b"x", headers={**auth, "content-length": over})
     assert r.status_code == 413 and r.json()["detail"].startswith(f"request body: {over} bytes")
-    assert _requests_total("http", "RESOURCE_EXHAUSTED") == before + 1
+    assert _requests_total("http_answer", "RESOURCE_EXHAUSTED") == before + 1
     r = http.post("/v1/answer")
     assert r.status_code == 401 and "API key" in r.json()["detail"]
     assert http.get("/healthz").status_code == 200  # the probes stay open

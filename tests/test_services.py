@@ -510,8 +510,13 @@ def test_remote_gateway_composes_remote_roles(role_server: ServerProc, synth_ima
                                           perceive_sampling=sampling(max_tokens=8),
                                           reason_sampling=sampling(max_tokens=8)))
             assert r.perceiver_output and r.reasoner_output
+            # A bad image is refused by the gateway itself, before admission; vLLM's own sampling
+            # rules are the roles' to check, and their refusal passes through as theirs.
             code, message = _code(lambda: c.answer(pb.AnswerRequest(image=b"xx", question="Q", answer_form=1)))
-            assert code == grpc.StatusCode.INVALID_ARGUMENT and "upstream" in message
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and message.startswith("image:")
+            code, message = _code(lambda: c.answer(pb.AnswerRequest(
+                image=synth_image, question="Q", answer_form=1, perceive_sampling=sampling(repetition_penalty=0.0))))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "upstream" in message, message
     finally:
         assert gateway.stop() == 0
 
