@@ -124,6 +124,9 @@ class GuardedH11Protocol(H11Protocol):
         self.conn = _Connection(self, self.policy.max_header_bytes, self.policy.max_headers)
         self._deadline: asyncio.TimerHandle | None = None
         self.probe_only = False
+        self.requests = 0
+        """Request heads read on this connection."""
+        self.draining = False
 
     # ------------------------------------------------------------------- connection lifecycle
 
@@ -154,6 +157,24 @@ class GuardedH11Protocol(H11Protocol):
             self._arm(self.policy.header_timeout_s, "no complete request head")
         super().data_received(data)
 
+    def shutdown(self) -> None:
+        """The drain (uvicorn's shutdown, on SIGTERM). uvicorn closes every connection with no
+        request in progress at once, which drops a request the peer has already sent on a
+        connection just accepted but not yet read: the client sees its request cut with no
+        answer. Such a new connection (no request read yet) gets the head deadline to send its
+        head, as Go's ``http.Server.Shutdown`` gives new connections; its request is answered and
+        the connection then closes. A kept-alive one that has served requests closes at once, as
+        before (a client reusing it retries, the usual keep-alive race)."""
+        if self.requests == 0 and self.cycle is None and not self.transport.is_closing():
+            self.draining = True
+            return
+        super().shutdown()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # one request, then the connection closes
+
     @property
     def idle(self) -> bool:
         """No request in progress: waiting for a head, or kept alive after a response."""
@@ -162,6 +183,7 @@ class GuardedH11Protocol(H11Protocol):
     # ------------------------------------------------------------------- request events
 
     def head_received(self, event: h11.Request) -> None:
+        self.requests += 1
         self._arm(self.policy.body_timeout_s, "request body incomplete")
         if self.probe_only and event.target.partition(b"?")[0] not in PROBE_PATHS:
             self.app = _unavailable

@@ -155,6 +155,43 @@ def test_silent_slow_and_idle_connections_are_closed_at_their_deadlines(gateway:
     assert closes, "".join(gateway.log[-20:])
 
 
+def test_drain_answers_a_request_on_a_connection_accepted_before_sigterm(tmp_path: Path) -> None:
+    """Finding 1, the accept race: a connection the server accepted before SIGTERM but whose
+    request it had not read yet was closed by uvicorn's drain with the request unanswered (seen
+    in bench/soak.py's HTTP-only SIGTERM phase). It now gets the head deadline to send its
+    request, which is answered, and then the connection closes; the listening socket is closed
+    at once; a silent one is closed at its deadline, and the process exits 0."""
+    server = start_server(["gateway"], config=_config(tmp_path, "drain", http_header_timeout_s=5.0), timeout=120)
+    try:
+        port = server.http_port
+        assert port
+        accepted, silent = _connect(port), _connect(port)
+        assert _healthz(port) == 200  # both connections are accepted (the loop has run since)
+        server.proc.terminate()  # SIGTERM
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the listening socket goes at once
+            try:
+                _connect(port).close()
+            except OSError:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the HTTP port still accepts connections after SIGTERM")
+        accepted.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.endswith(b"}"):
+            chunk = accepted.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+        assert _closed_by([accepted], SLACK_S) == [True]  # answered, then closed
+        assert _closed_by([silent], 5.0 + SLACK_S) == [True]
+        assert server.proc.wait(30) == 0
+    finally:
+        server.stop(timeout=10)
+
+
 def test_oversized_and_too_many_headers_get_431(gateway: ServerProc) -> None:
     """Finding 5: headers are bounded in bytes (however fast they arrive) and in count, before
     any key is checked; a 20 MB header is cut off, and the server keeps answering."""
