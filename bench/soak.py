@@ -67,6 +67,9 @@ BAD = {"INVALID_ARGUMENT"}
 BUSY = {"RESOURCE_EXHAUSTED"}
 GONE = {"UNAVAILABLE", "HTTP_CONNECTION", "CANCELLED"}
 """How a call the server never accepted ends once it is draining or gone: refused, not lost."""
+HTTP_BAD = BAD | BUSY
+"""A bad HTTP body: INVALID_ARGUMENT naming its field, or 429 when it arrives while the bodies in
+progress fill ``http_body_budget_bytes`` - refused before it is read, so not yet known to be bad."""
 LOST = {"HTTP_CONNECTION", "STREAM_CUT", "HTTP_500", "HTTP_502", "HTTP_503", "UNAVAILABLE", "CANCELLED", "INTERNAL"}
 """How an accepted call ends when the drain dropped it."""
 HTTP_CODES = {200: OK, 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 413: "INVALID_ARGUMENT",
@@ -157,6 +160,8 @@ class Soak:
         self.rss_samples = 0
         self.phases: dict[str, dict[str, Any]] = {}
         self.sigterm_at = math.inf
+        self.started_at = time.monotonic()
+        self.failure_samples: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------ server
 
@@ -201,13 +206,25 @@ limits:
             accepted_at = time.monotonic()
             response = conn.getresponse()
             text = response.read()
-        except (OSError, http.client.HTTPException):
-            return ("STREAM_CUT" if stream and accepted_at < math.inf else "HTTP_CONNECTION"), accepted_at
+        except (OSError, http.client.HTTPException) as e:
+            code = "STREAM_CUT" if stream and accepted_at < math.inf else "HTTP_CONNECTION"
+            self.sample_failure(path, code, accepted_at, repr(e))
+            return code, accepted_at
         finally:
             conn.close()
         if response.status == 200 and stream and b"data: [DONE]" not in text:
+            self.sample_failure(path, "STREAM_CUT", accepted_at, text[-300:].decode(errors="replace"))
             return "STREAM_CUT", accepted_at
         return HTTP_CODES.get(response.status, f"HTTP_{response.status}"), accepted_at
+
+    def sample_failure(self, path: str, code: str, accepted_at: float, detail: str) -> None:
+        """Keep the first few cut or failed HTTP calls with what the client saw, to explain them."""
+        with self.lock:
+            if len(self.failure_samples) < 40:
+                self.failure_samples.append({"path": path, "code": code, "phase": self.phase,
+                                             "at_s": round(time.monotonic() - self.started_at, 1),
+                                             "accepted_before_sigterm": accepted_at < self.sigterm_at,
+                                             "detail": detail})
 
     def build_calls(self) -> list[tuple[str, set[str], Callable[[], str | tuple[str, float] | None]]]:
         import grpc
@@ -310,7 +327,7 @@ limits:
             ("question_over_model_len", BAD,
              lambda: rpc(lambda: c.perceiver.Perceive(pb.PerceiveRequest(image=small, question=long_question)))),
             ("invalid_utf8_grpc", BAD, lambda: rpc(lambda: raw_perceive(bad_utf8, timeout=60))),
-            ("invalid_utf8_http", BAD, lambda: self.http("/v1/answer", *bad_http)),
+            ("invalid_utf8_http", HTTP_BAD, lambda: self.http("/v1/answer", *bad_http)),
             ("unknown_variant", BAD,
              lambda: rpc(lambda: c.perceiver.Perceive(pb.PerceiveRequest(image=small, question="q", variant=9)))),
             ("aspect_ratio", BAD,
@@ -320,13 +337,13 @@ limits:
                 pb.PerceiveBatchRequest(requests=[perceive(n=8)] * 8)))),
             ("answer_garbage_image", BAD, lambda: rpc(lambda: c.answer(garbage_answer))),
             ("answer_nan_reason_sampling", BAD, lambda: rpc(lambda: c.answer(bad_reason_sampling))),
-            ("chat_max_tokens_2_32", BAD, chat(max_tokens=2**32)),
-            ("chat_seed_over_int64", BAD, chat(seed=2**64)),
-            ("chat_perceive_seed_10_20", BAD,
+            ("chat_max_tokens_2_32", HTTP_BAD, chat(max_tokens=2**32)),
+            ("chat_seed_over_int64", HTTP_BAD, chat(seed=2**64)),
+            ("chat_perceive_seed_10_20", HTTP_BAD,
              chat(p2r={"answer_form": "mca", "perceive": {"max_tokens": 8, "seed": 10**20}})),
-            ("chat_surrogate", BAD, chat_raw(surrogate)),
-            ("chat_deep_json", BAD, chat_raw(deep)),
-            ("chat_unsupported_stop", BAD, chat(stop=["\n"])),
+            ("chat_surrogate", HTTP_BAD, chat_raw(surrogate)),
+            ("chat_deep_json", HTTP_BAD, chat_raw(deep)),
+            ("chat_unsupported_stop", HTTP_BAD, chat(stop=["\n"])),
             ("max_tokens_huge", BUSY, lambda: rpc(lambda: c.perceiver.Perceive(perceive(max_tokens=10**9)))),
             ("unary_over_limit", {"RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"}, over_limit_call),
             ("body_over_limit", BAD, body_over_limit),
@@ -548,7 +565,7 @@ limits:
                     code = e.code().name
                 self.record("reload", code, time.perf_counter() - started, sent)
 
-        start = time.monotonic()
+        start = self.started_at = time.monotonic()
         self.stop_at = start + self.args.duration_s
         threads = [threading.Thread(target=sample, daemon=True)]
         threads += [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(self.args.concurrency)]
@@ -612,6 +629,7 @@ limits:
             "cache_budget_mib": self.args.cache_budget_mib, "rss_margin_mib": self.args.rss_margin_mib,
             "rss_within_budget": rss_ok and (self.max_rss["all"] - baseline) <= bound * mib,
             "server_exit_code": exit_code, "load_average": [round(x, 2) for x in os.getloadavg()],
+            "http_failure_samples": self.failure_samples,
         }
 
 
