@@ -65,13 +65,16 @@ ADMIN_TOKEN = "soak-admin-token"
 OK = "OK"
 BAD = {"INVALID_ARGUMENT"}
 BUSY = {"RESOURCE_EXHAUSTED"}
-GONE = {"UNAVAILABLE", "HTTP_CONNECTION", "CANCELLED"}
-"""How a call the server never accepted ends once it is draining or gone: refused, not lost."""
+GONE = {"UNAVAILABLE", "HTTP_CONNECTION", "STREAM_CUT", "CANCELLED"}
+"""How a call sent after SIGTERM ends: refused (503 / UNAVAILABLE while draining, or the port
+closed: refused or reset at connect), not lost."""
 HTTP_BAD = BAD | BUSY
 """A bad HTTP body: INVALID_ARGUMENT naming its field, or 429 when it arrives while the bodies in
 progress fill ``http_body_budget_bytes`` - refused before it is read, so not yet known to be bad."""
-LOST = {"HTTP_CONNECTION", "STREAM_CUT", "HTTP_500", "HTTP_502", "HTTP_503", "UNAVAILABLE", "CANCELLED", "INTERNAL"}
-"""How an accepted call ends when the drain dropped it."""
+LOST = {"HTTP_CONNECTION", "STREAM_CUT", "HTTP_500", "HTTP_502", "CANCELLED", "INTERNAL"}
+"""How a call sent before SIGTERM ends when the drain dropped it: cut, reset or a 500. (A 503 /
+UNAVAILABLE is an answer - the server is draining and has not started the request; retry
+elsewhere - as gRPC answers new calls during its drain.)"""
 HTTP_CODES = {200: OK, 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 413: "INVALID_ARGUMENT",
               429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 PHASES = ("unauthenticated", "slow", "max_body", "http_sigterm")
@@ -597,12 +600,16 @@ limits:
         by_kind: dict[str, Counter[str]] = defaultdict(Counter)
         unexpected: Counter[str] = Counter()
         lost: Counter[str] = Counter()
+        refused_draining: Counter[str] = Counter()
         valid_latency: list[float] = []
         may_pass = ("max_tokens_huge", "large_pixels", "reload", "max_body_chat")
         for kind, code, seconds, accepted_at in self.results:
             by_kind[kind][code] += 1
             allowed = expected[kind] | {OK} if kind.startswith("valid") or kind in may_pass else expected[kind]
-            if accepted_at >= self.sigterm_at and code in GONE:  # never accepted: the server was going
+            if accepted_at >= self.sigterm_at and code in GONE:  # sent after SIGTERM: refused
+                continue
+            if accepted_at < self.sigterm_at <= accepted_at + seconds and code == "UNAVAILABLE":
+                refused_draining[kind] += 1  # sent before SIGTERM, read after it: 503 draining
                 continue
             if accepted_at < self.sigterm_at and seconds > 0 and code in LOST and \
                     accepted_at + seconds >= self.sigterm_at:  # accepted, then dropped by the drain
@@ -622,6 +629,7 @@ limits:
             "requests_sent": len(self.results), "failed_by_code": dict(failed),
             "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
             "unexpected": dict(unexpected), "lost_on_sigterm": dict(lost),
+            "refused_while_draining": dict(refused_draining),
             "p99_valid_ms": None if p99 is None else round(p99 * 1000, 1), "valid_ok": len(valid_latency),
             "rss_baseline_mib": round(baseline / mib), "rss_max_mib": round(self.max_rss["all"] / mib),
             "rss_max_by_phase_mib": {k: round(v / mib) for k, v in self.max_rss.items()},
@@ -641,7 +649,8 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"{kind:<28} {sum(codes.values()):>7}  " + ", ".join(f"{c} {n}" for c, n in sorted(codes.items())))
     print(f"failed by code: {r['failed_by_code']}")
     print(f"unexpected failures: {r['unexpected'] or 'none'}")
-    print(f"requests lost on SIGTERM: {r['lost_on_sigterm'] or 'none'}")
+    print(f"requests lost on SIGTERM: {r['lost_on_sigterm'] or 'none'}; sent before it and answered 503 "
+          f"(draining, not started): {r['refused_while_draining'] or 'none'}")
     print(f"p99 of valid calls: {r['p99_valid_ms']} ms over {r['valid_ok']} OK")
     print(f"RSS (server + engine): baseline {r['rss_baseline_mib']} MiB, max {r['rss_max_mib']} MiB; "
           f"cache budget {r['cache_budget_mib']} MiB + margin {r['rss_margin_mib']} MiB: "
