@@ -114,6 +114,9 @@ class GuardedH11Protocol(H11Protocol):
 
     policy: ConnectionPolicy
     registry: dict[GuardedH11Protocol, None]
+    closing: bool = False
+    """Set when the server drains: a connection made from then on (accepted from the kernel's
+    queue as the port closed) is draining from the start."""
 
     @classmethod
     def bound(cls, policy: ConnectionPolicy) -> type[GuardedH11Protocol]:
@@ -133,6 +136,7 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.registry[self] = None
+        self.draining = type(self).closing
         self._arm(self.policy.header_timeout_s, "no complete request head")
         open_ = [p for p in self.registry if not p.transport.is_closing()]
         if len(open_) <= self.policy.max_connections:
@@ -291,6 +295,34 @@ def rate_limit_logs(*names: str) -> None:
 
 
 # ------------------------------------------------------------------------------- uvicorn
+
+
+def close_listeners(server: Any) -> None:
+    """Stop accepting on the HTTP port without dropping what the kernel has already accepted.
+
+    Closing a listening socket resets every connection still in its accept queue: connections
+    whose handshake the kernel completed, and whose clients have sent their requests, but that
+    the event loop had not yet taken (under a burst of new connections, tens of them; seen in
+    bench/soak.py's SIGTERM phase). So the queue is emptied first, through asyncio's own accept
+    path, and the sockets are closed in the same step, leaving no window for more. The
+    connections taken this way are draining from the start (``GuardedH11Protocol.shutdown``):
+    their request is answered, then they close. Uses asyncio's ``Server`` internals (Python 3.11
+    ``base_events.Server`` and the selector loop's ``_accept_connection``); where they differ,
+    the port is just closed, as uvicorn would."""
+    loop = asyncio.get_running_loop()
+    protocol_class = server.config.http_protocol_class
+    if isinstance(protocol_class, type) and issubclass(protocol_class, GuardedH11Protocol):
+        protocol_class.closing = True
+    accept = getattr(loop, "_accept_connection", None)
+    for listener in server.servers:
+        for sock in listener._sockets or ():
+            if accept is not None:
+                try:
+                    accept(listener._protocol_factory, sock, listener._ssl_context, None, listener._backlog,
+                           listener._ssl_handshake_timeout)
+                except OSError as e:  # out of fds: what is queued stays queued, and is reset below
+                    log.warning("draining: could not empty the accept queue: %s", e)
+        listener.close()
 
 
 def configure_tls_handshake(timeout_s: float) -> None:

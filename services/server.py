@@ -283,6 +283,9 @@ class Server:
         lets each request in progress finish its response (a stream to its ``[DONE]``) and closes
         its connection after it, for at most ``grace`` seconds; then it cancels what is left."""
         assert self._http is not None and self._http_task is not None
+        from p2r.services.http_transport import close_listeners
+
+        close_listeners(self._http)
         self._http.config.timeout_graceful_shutdown = grace
         self._http.should_exit = True
         try:
