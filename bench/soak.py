@@ -65,7 +65,7 @@ ADMIN_TOKEN = "soak-admin-token"
 OK = "OK"
 BAD = {"INVALID_ARGUMENT"}
 BUSY = {"RESOURCE_EXHAUSTED"}
-GONE = {"UNAVAILABLE", "HTTP_CONNECTION", "STREAM_CUT", "CANCELLED"}
+GONE = {"UNAVAILABLE", "HTTP_REFUSED", "HTTP_CONNECTION", "STREAM_CUT", "CANCELLED"}
 """How a call sent after SIGTERM ends: refused (503 / UNAVAILABLE while draining, or the port
 closed: refused or reset at connect), not lost."""
 HTTP_BAD = BAD | BUSY
@@ -75,6 +75,11 @@ LOST = {"HTTP_CONNECTION", "STREAM_CUT", "HTTP_500", "HTTP_502", "CANCELLED", "I
 """How a call sent before SIGTERM ends when the drain dropped it: cut, reset or a 500. (A 503 /
 UNAVAILABLE is an answer - the server is draining and has not started the request; retry
 elsewhere - as gRPC answers new calls during its drain.)"""
+CROWDED = {"UNAVAILABLE", "HTTP_REFUSED", "HTTP_CONNECTION"}
+"""How a valid HTTP call may end while the slow phase holds ``http_max_connections`` full: 503
+(only the probes are served past the bound), or its new connection closed as the oldest idle one
+before its request was read (the bound evicts idle connections for new ones). Counted apart."""
+HTTP_KINDS = ("valid_http_answer", "valid_chat", "valid_chat_stream")
 HTTP_CODES = {200: OK, 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 413: "INVALID_ARGUMENT",
               429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 PHASES = ("unauthenticated", "slow", "max_body", "http_sigterm")
@@ -163,6 +168,7 @@ class Soak:
         self.rss_samples = 0
         self.phases: dict[str, dict[str, Any]] = {}
         self.sigterm_at = math.inf
+        self.windows: dict[str, tuple[float, float]] = {}
         self.started_at = time.monotonic()
         self.failure_samples: list[dict[str, Any]] = []
 
@@ -199,26 +205,28 @@ limits:
 
     def http(self, path: str, body: bytes, content_type: str, *, stream: bool = False,
              key: str | None = API_KEY) -> tuple[str, float]:
-        """POST and read the whole reply; (code, accepted_at). A stream counts as answered only
-        with its ``[DONE]``."""
+        """POST and read the whole reply; (code, sent_at). A stream counts as answered only with
+        its ``[DONE]``. ``HTTP_REFUSED``: the connection failed before the request was sent;
+        ``HTTP_CONNECTION`` / ``STREAM_CUT``: after it was."""
         conn = http.client.HTTPConnection("127.0.0.1", self.server.http_port, timeout=120)
-        accepted_at = math.inf
+        sent_at, sent = time.monotonic(), False
         try:
+            conn.connect()
             conn.request("POST", path, body=body,
                          headers={"Content-Type": content_type, **({"Authorization": f"Bearer {key}"} if key else {})})
-            accepted_at = time.monotonic()
+            sent_at, sent = time.monotonic(), True
             response = conn.getresponse()
             text = response.read()
         except (OSError, http.client.HTTPException) as e:
-            code = "STREAM_CUT" if stream and accepted_at < math.inf else "HTTP_CONNECTION"
-            self.sample_failure(path, code, accepted_at, repr(e))
-            return code, accepted_at
+            code = ("STREAM_CUT" if stream else "HTTP_CONNECTION") if sent else "HTTP_REFUSED"
+            self.sample_failure(path, code, sent_at, repr(e))
+            return code, sent_at
         finally:
             conn.close()
         if response.status == 200 and stream and b"data: [DONE]" not in text:
-            self.sample_failure(path, "STREAM_CUT", accepted_at, text[-300:].decode(errors="replace"))
-            return "STREAM_CUT", accepted_at
-        return HTTP_CODES.get(response.status, f"HTTP_{response.status}"), accepted_at
+            self.sample_failure(path, "STREAM_CUT", sent_at, text[-300:].decode(errors="replace"))
+            return "STREAM_CUT", sent_at
+        return HTTP_CODES.get(response.status, f"HTTP_{response.status}"), sent_at
 
     def sample_failure(self, path: str, code: str, accepted_at: float, detail: str) -> None:
         """Keep the first few cut or failed HTTP calls with what the client saw, to explain them."""
@@ -226,7 +234,7 @@ limits:
             if len(self.failure_samples) < 40:
                 self.failure_samples.append({"path": path, "code": code, "phase": self.phase,
                                              "at_s": round(time.monotonic() - self.started_at, 1),
-                                             "accepted_before_sigterm": accepted_at < self.sigterm_at,
+                                             "sent_before_sigterm": accepted_at < self.sigterm_at,
                                              "detail": detail})
 
     def build_calls(self) -> list[tuple[str, set[str], Callable[[], str | tuple[str, float] | None]]]:
@@ -363,10 +371,15 @@ limits:
     def settle(self, name: str, started: float, extra: dict[str, Any]) -> None:
         """Close a phase: RSS and fds a few seconds after its last request."""
         time.sleep(self.args.settle_s)
+        self.windows[name] = (started, time.monotonic())
         self.phases[name] = {"seconds": round(time.monotonic() - started, 1),
                              "rss_peak_mib": round(self.max_rss[name] / 2**20),
                              "rss_after_mib": round(self.server.rss() / 2**20),
                              "fds_after": open_fds(self.server.proc.pid), **extra}
+
+    def in_phase(self, name: str, at: float) -> bool:
+        start, end = self.windows.get(name, (math.inf, math.inf))
+        return start <= at <= end
 
     def phase_unauthenticated(self, until: float) -> None:
         """Clients without a key send a near-limit batch message and a one-image unary message,
@@ -523,8 +536,7 @@ limits:
 
     def run(self) -> dict[str, Any]:
         calls = self.build_calls()
-        http_kinds = [i for i, (kind, _, _) in enumerate(calls)
-                      if kind in ("valid_http_answer", "valid_chat", "valid_chat_stream")]
+        http_kinds = [i for i, (kind, _, _) in enumerate(calls) if kind in HTTP_KINDS]
         expected = {kind: allowed for kind, allowed, _ in calls}
         expected |= {"unauth_batch": {"UNAUTHENTICATED"}, "unauth_unary": {"UNAUTHENTICATED"},
                      "healthz_during_slow": {OK}, "max_body_chat": BUSY, "reload": set()}
@@ -601,6 +613,7 @@ limits:
         unexpected: Counter[str] = Counter()
         lost: Counter[str] = Counter()
         refused_draining: Counter[str] = Counter()
+        crowded: Counter[str] = Counter()
         valid_latency: list[float] = []
         may_pass = ("max_tokens_huge", "large_pixels", "reload", "max_body_chat")
         for kind, code, seconds, accepted_at in self.results:
@@ -610,6 +623,9 @@ limits:
                 continue
             if accepted_at < self.sigterm_at <= accepted_at + seconds and code == "UNAVAILABLE":
                 refused_draining[kind] += 1  # sent before SIGTERM, read after it: 503 draining
+                continue
+            if code in CROWDED and kind in HTTP_KINDS and self.in_phase("slow", accepted_at):
+                crowded[kind] += 1  # the slow phase holds the connection bound full
                 continue
             if accepted_at < self.sigterm_at and seconds > 0 and code in LOST and \
                     accepted_at + seconds >= self.sigterm_at:  # accepted, then dropped by the drain
@@ -629,7 +645,7 @@ limits:
             "requests_sent": len(self.results), "failed_by_code": dict(failed),
             "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
             "unexpected": dict(unexpected), "lost_on_sigterm": dict(lost),
-            "refused_while_draining": dict(refused_draining),
+            "refused_while_draining": dict(refused_draining), "crowded_out_in_slow_phase": dict(crowded),
             "p99_valid_ms": None if p99 is None else round(p99 * 1000, 1), "valid_ok": len(valid_latency),
             "rss_baseline_mib": round(baseline / mib), "rss_max_mib": round(self.max_rss["all"] / mib),
             "rss_max_by_phase_mib": {k: round(v / mib) for k, v in self.max_rss.items()},
@@ -651,6 +667,8 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"unexpected failures: {r['unexpected'] or 'none'}")
     print(f"requests lost on SIGTERM: {r['lost_on_sigterm'] or 'none'}; sent before it and answered 503 "
           f"(draining, not started): {r['refused_while_draining'] or 'none'}")
+    print(f"valid HTTP calls crowded out while the slow phase held the connection bound: "
+          f"{r['crowded_out_in_slow_phase'] or 'none'}")
     print(f"p99 of valid calls: {r['p99_valid_ms']} ms over {r['valid_ok']} OK")
     print(f"RSS (server + engine): baseline {r['rss_baseline_mib']} MiB, max {r['rss_max_mib']} MiB; "
           f"cache budget {r['cache_budget_mib']} MiB + margin {r['rss_margin_mib']} MiB: "

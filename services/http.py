@@ -86,7 +86,7 @@ async def _answer(server: Server, http_request: Request) -> pb.AnswerResponse | 
     """``POST /v1/answer``: the form checked completely (``validate_answer``: image header,
     question, form) before admission, so a bad request is a 400 under any load; then the P2R
     flow under admission and the form's deadline. None when the client disconnected."""
-    if not server.ready:
+    if not server.serving:
         raise Unavailable("not ready")
     fields = await read_form(http_request, server.config.max_image_bytes)
     question = _text(fields, "question", None)

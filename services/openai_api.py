@@ -200,7 +200,7 @@ def mount(app: FastAPI, server: Server) -> None:
             raise error from None
 
     async def completions(request: Request, counted: list[bool]) -> JSONResponse | StreamingResponse:
-        if not server.ready:
+        if not server.serving:
             raise Unavailable("the server is not ready")
         parsed = await parse(await read_body(request), server)
         assert server.handlers is not None

@@ -125,6 +125,12 @@ class Server:
         self.health = health_aio.HealthServicer()
         self.checkpoint = ""
         self.ready = False
+        """Health and /readyz: SERVING between start-up and SIGTERM (load balancers take the pod
+        out of rotation as soon as it drains)."""
+        self.serving = False
+        """Requests that reach a route are served: from start-up until the drain has ended. A
+        request read during the drain (its connection was accepted before SIGTERM) is answered,
+        not refused: the engine is up until then."""
         self.failed = False
         self.port = 0
         self.metrics_port: int | None = None
@@ -212,7 +218,7 @@ class Server:
             await self._start_http()
         for name in ["", *names, ADMIN_SERVICE]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.ready = True
+        self.ready = self.serving = True
         log.info("p2r serve: %s on %s:%d ready", ",".join(self.config.roles), self.config.host, self.port)
 
     def _tls(self) -> TLSFiles | None:
@@ -274,6 +280,7 @@ class Server:
         if self._http is not None:
             drains.append(self._drain_http(grace))
         await asyncio.gather(*drains)
+        self.serving = False
         if self.engine is not None:
             self.engine.shutdown()
         self._stopped.set()

@@ -159,8 +159,9 @@ def test_drain_answers_a_request_on_a_connection_accepted_before_sigterm(tmp_pat
     """Finding 1, the accept race: a connection the server accepted before SIGTERM but whose
     request it had not read yet was closed by uvicorn's drain with the request unanswered (seen
     in bench/soak.py's HTTP-only SIGTERM phase). It now gets the head deadline to send its
-    request, which is answered, and then the connection closes; the listening socket is closed
-    at once; a silent one is closed at its deadline, and the process exits 0."""
+    request, which its route answers (not a 503: the engine is up until the drain ends), and
+    then the connection closes; the listening socket is closed at once; a silent one is closed
+    at its deadline, and the process exits 0."""
     server = start_server(["gateway"], config=_config(tmp_path, "drain", http_header_timeout_s=5.0), timeout=120)
     try:
         port = server.http_port
@@ -177,14 +178,16 @@ def test_drain_answers_a_request_on_a_connection_accepted_before_sigterm(tmp_pat
             time.sleep(0.05)
         else:
             pytest.fail("the HTTP port still accepts connections after SIGTERM")
-        accepted.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        # The route runs (a 400 for this empty chat body), where a draining server said 503.
+        accepted.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: 2\r\n\r\n{}")
         reply = b""
         while b"\r\n\r\n" not in reply or not reply.endswith(b"}"):
             chunk = accepted.recv(65536)
             if not chunk:
                 break
             reply += chunk
-        assert reply.startswith(b"HTTP/1.1 200"), reply
+        assert reply.startswith(b"HTTP/1.1 400") and b'"param"' in reply, reply
         assert _closed_by([accepted], SLACK_S) == [True]  # answered, then closed
         assert _closed_by([silent], 5.0 + SLACK_S) == [True]
         assert server.proc.wait(30) == 0
