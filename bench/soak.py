@@ -207,18 +207,20 @@ limits:
              key: str | None = API_KEY) -> tuple[str, float]:
         """POST and read the whole reply; (code, sent_at). A stream counts as answered only with
         its ``[DONE]``. ``HTTP_REFUSED``: the connection failed before the request was sent;
-        ``HTTP_CONNECTION`` / ``STREAM_CUT``: after it was."""
+        ``HTTP_CONNECTION``: after it was, with no answer; ``STREAM_CUT``: the answer started and
+        did not end (a stream without its ``[DONE]``)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.server.http_port, timeout=120)
-        sent_at, sent = time.monotonic(), False
+        sent_at, sent, answered = time.monotonic(), False, False
         try:
             conn.connect()
             conn.request("POST", path, body=body,
                          headers={"Content-Type": content_type, **({"Authorization": f"Bearer {key}"} if key else {})})
             sent_at, sent = time.monotonic(), True
             response = conn.getresponse()
+            answered = True
             text = response.read()
         except (OSError, http.client.HTTPException) as e:
-            code = ("STREAM_CUT" if stream else "HTTP_CONNECTION") if sent else "HTTP_REFUSED"
+            code = ("STREAM_CUT" if answered else "HTTP_CONNECTION") if sent else "HTTP_REFUSED"
             self.sample_failure(path, code, sent_at, repr(e))
             return code, sent_at
         finally:
