@@ -379,9 +379,10 @@ limits:
                              "rss_after_mib": round(self.server.rss() / 2**20),
                              "fds_after": open_fds(self.server.proc.pid), **extra}
 
-    def in_phase(self, name: str, at: float) -> bool:
+    def in_phase(self, name: str, sent: float, ended: float) -> bool:
+        """Whether a call that ran from ``sent`` to ``ended`` overlapped the phase ``name``."""
         start, end = self.windows.get(name, (math.inf, math.inf))
-        return start <= at <= end
+        return sent <= end and ended >= start
 
     def phase_unauthenticated(self, until: float) -> None:
         """Clients without a key send a near-limit batch message and a one-image unary message,
@@ -626,7 +627,7 @@ limits:
             if accepted_at < self.sigterm_at <= accepted_at + seconds and code == "UNAVAILABLE":
                 refused_draining[kind] += 1  # sent before SIGTERM, read after it: 503 draining
                 continue
-            if code in CROWDED and kind in HTTP_KINDS and self.in_phase("slow", accepted_at):
+            if code in CROWDED and kind in HTTP_KINDS and self.in_phase("slow", accepted_at, accepted_at + seconds):
                 crowded[kind] += 1  # the slow phase holds the connection bound full
                 continue
             if accepted_at < self.sigterm_at and seconds > 0 and code in LOST and \

@@ -30,7 +30,10 @@ Repeated failures (a flood of bad connections) log once per window, not once eac
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import struct
+import termios
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -141,7 +144,7 @@ class GuardedH11Protocol(H11Protocol):
         open_ = [p for p in self.registry if not p.transport.is_closing()]
         if len(open_) <= self.policy.max_connections:
             return
-        victim = next((p for p in open_ if p is not self and p.idle), None)
+        victim = next((p for p in open_ if p is not self and p.idle and not p.request_waiting()), None)
         if victim is not None:
             _closed("connection limit: closed the oldest idle connection", victim)
             victim.transport.close()
@@ -178,6 +181,18 @@ class GuardedH11Protocol(H11Protocol):
         super().handle_events()
         if self.draining and self.cycle is not None:
             self.cycle.keep_alive = False  # one request, then the connection closes
+
+    def request_waiting(self) -> bool:
+        """Bytes have arrived that the loop has not read yet: under a burst of new connections,
+        a client's request sits in the socket while the loop is busy accepting. Such a connection
+        is not evicted for a newcomer (that would reset a request already sent); a silent one is."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0] > 0
+        except OSError:
+            return False
 
     @property
     def idle(self) -> bool:

@@ -291,6 +291,36 @@ def test_connection_bound_closes_idle_ones_and_keeps_probes_answering(bounded: S
         time.sleep(0.1)
 
 
+def test_connection_bound_spares_a_connection_whose_request_has_arrived(bounded: ServerProc) -> None:
+    """Under a burst of new connections the loop accepts many before it reads any: the oldest
+    idle connection then may hold a request already sent, and evicting it reset that request
+    (7 valid requests in bench/soak.py's slow phase). The server is stopped while one client
+    sends its request and 8 silent ones connect, so all 9 are accepted in one go past the bound
+    of 8: the silent one is evicted, the request is answered. SIGCONT restores the server."""
+    import os
+    import signal
+
+    port = bounded.http_port
+    assert port
+    os.kill(bounded.proc.pid, signal.SIGSTOP)
+    try:
+        first = _connect(port)  # the kernel completes the handshakes of a stopped server
+        first.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        silent = [_connect(port) for _ in range(8)]
+    finally:
+        os.kill(bounded.proc.pid, signal.SIGCONT)
+    try:
+        try:
+            reply = first.recv(65536)
+        except OSError as e:
+            reply = repr(e).encode()
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+        assert any(_closed_by(silent, 5))  # a silent one made room instead
+    finally:
+        for s in [first, *silent]:
+            s.close()
+
+
 # ------------------------------------------------------------------------------- HTTP body, /docs
 
 
