@@ -126,26 +126,10 @@ def chat_body(image: bytes, **fields: Any) -> dict[str, Any]:
             **fields}
 
 
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (vLLM's engine core is a child of the API server)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, stack = [], [pid]
-    while stack:
-        p = stack.pop()
-        out.append(p)
-        stack.extend(children.get(p, []))
-    return out
-
-
 def open_fds(pid: int) -> int:
     """Open file descriptors of the server's process tree (sockets included)."""
+    from p2r.services.launch import descendants
+
     total = 0
     for p in descendants(pid):
         with contextlib.suppress(OSError):

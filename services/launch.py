@@ -57,8 +57,9 @@ def proc_status_bytes(pid: int, field: str) -> int:
     return 0
 
 
-def tree_rss(pid: int) -> int:
-    """RSS bytes of ``pid`` and all its descendants (Linux /proc)."""
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (Linux /proc; vLLM's engine core is a child of the
+    server)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -67,12 +68,17 @@ def tree_rss(pid: int) -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    total, stack = 0, [pid]
+    out, stack = [], [pid]
     while stack:
         p = stack.pop()
-        total += proc_status_bytes(p, "VmRSS")
+        out.append(p)
         stack.extend(children.get(p, []))
-    return total
+    return out
+
+
+def tree_rss(pid: int) -> int:
+    """RSS bytes of ``pid`` and all its descendants (Linux /proc)."""
+    return sum(proc_status_bytes(p, "VmRSS") for p in descendants(pid))
 
 
 def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 60) -> int:
