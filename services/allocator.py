@@ -20,6 +20,7 @@ import ctypes
 import ctypes.util
 import logging
 import sys
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +30,34 @@ MMAP_THRESHOLD_BYTES = 1024 * 1024
 rises to 32 MiB; 1 MiB keeps gRPC's and protobuf's medium buffers on the heaps)."""
 
 
+def _glibc(name: str) -> Any:
+    """A glibc function by name; None where the C library is not glibc (musl has no ``mallopt``
+    or ``malloc_trim``) or the platform is not Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def return_large_frees_to_os(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     """Fix glibc's mmap threshold at ``threshold`` bytes; False where that is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl and others have no mallopt
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     done = mallopt(M_MMAP_THRESHOLD, threshold) == 1
     if not done:
         log.warning("mallopt(M_MMAP_THRESHOLD, %d) failed: freed image memory may stay resident", threshold)
     return done
+
+
+def trim_heap() -> None:
+    """Hand the heaps' free pages back to the OS (glibc ``malloc_trim``). The mmap threshold
+    above covers blocks of 1 MiB and more; a refused large gRPC message leaves many small receive
+    slices free but resident in the heaps, which only a trim returns."""
+    trim = _glibc("malloc_trim")
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+        trim(0)
