@@ -81,20 +81,59 @@ class Prepare(Strict):
     tiny_model: bool = Field(False, description="write the tiny Qwen3-VL checkpoint at base_model if absent")
     train_samples: int = Field(0, ge=0, description="write this many synthetic samples at data's folder if absent")
     eval_samples: int = Field(0, ge=0, description="write this many synthetic samples at eval.data if absent")
+    task: Literal["objects", "stripes"] = Field("objects", description="which synthetic task (p2r.data.synth.TASKS) the "
+                                            "prepared sets hold")
     seed: int = 0
 
 
+MATRIX_ROWS: dict[str, tuple[str, str, str, str]] = {
+    "base-default": ("base / default", "default", "base", "base"),
+    "base-p2r": ("base / p2r", "p2r", "base", "base"),
+    "stage1-base-p2r": ("stage-1 perceiver + base reasoner / p2r", "p2r", "base", "stage1"),
+    "final-default": ("final / default", "default", "final", "final"),
+    "final-p2r": ("final / p2r", "p2r", "final", "final"),
+}
+"""The evaluation matrix that measures the P2R claim: row name (its folder under the eval output)
+-> (label, mode, answering model, perceiver model); models are ``base`` (base_model), ``stage1``
+(the verified stage-1 checkpoint) and ``final`` (the verified stage-2 one). In this order the
+rows of one checkpoint follow each other, so the shared engine reloads weights least."""
+
+
 class Eval(Strict):
-    """The evaluation step: ``p2r eval`` on the final checkpoint (both roles, as in production)."""
+    """The evaluation step: ``p2r eval`` on the final checkpoint (both roles, as in production),
+    or the evaluation matrix (``matrix``) that compares it with the base model and stage 1."""
 
     task: str = "synthetic"
     grade_free_form: bool = Field(
         True, description="grade free_form answers with the running verifier service (--verifier-endpoint)")
     args: list[str] = Field(default_factory=list, description="extra p2r eval flags (e.g. --max-new-tokens 32)")
     data: str | None = Field(None, description="DIR for --data; default: the folder of the training parquet")
-    mode: Literal["default", "thinking", "p2r"] = "p2r"
+    mode: Literal["default", "thinking", "p2r"] = Field("p2r", description="the single evaluation's mode (the "
+                                                        "matrix rows name their own)")
+    matrix: bool | list[str] | None = Field(
+        None, description="evaluate the matrix rows (MATRIX_ROWS: base-default, base-p2r, stage1-base-p2r, "
+        "final-default, final-p2r) in one p2r eval into EVAL/ROW/, and report them with the training curves: "
+        "true (all), a list of row names, false (the single evaluation); default: true on backend local")
     limit: int | None = Field(None, ge=1)
     timeout_s: float = Field(3600.0, gt=0)
+
+    @field_validator("matrix")
+    @classmethod
+    def _rows(cls, value: bool | list[str] | None) -> bool | list[str] | None:
+        if isinstance(value, list):
+            unknown = [r for r in value if r not in MATRIX_ROWS]
+            if unknown:
+                raise ValueError(f"unknown row {unknown[0]!r} (rows: {', '.join(MATRIX_ROWS)})")
+            if not value:
+                raise ValueError("an empty list: use false for the single evaluation")
+        return value
+
+    def matrix_rows(self, backend: str) -> list[str]:
+        """The matrix rows this run evaluates, in MATRIX_ROWS order; [] for the single evaluation."""
+        chosen = self.matrix if self.matrix is not None else backend == "local"
+        if chosen is True:
+            return list(MATRIX_ROWS)
+        return [r for r in MATRIX_ROWS if r in chosen] if isinstance(chosen, list) else []
 
 
 class Kubernetes(Strict):

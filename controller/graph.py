@@ -9,8 +9,11 @@ the base model up as the frozen reasoner and the verifier; ``stage1``
 trains the perceiver against them; ``verify_stage1`` checks the newest stage-1 checkpoint file by
 file against its manifest (stage 2 never starts from an incomplete one); ``serve_perceiver`` serves
 that checkpoint as the frozen perceiver; ``stage2`` trains the reasoner from it; ``eval`` runs
-``p2r eval`` on the final checkpoint (which serves both roles, as in production); ``report``
-reads the evaluation summary back into the run state. With ``baseline:`` in the config,
+``p2r eval`` on the final checkpoint (which serves both roles, as in production) or, with
+``eval.matrix`` (the local default), the matrix that measures the P2R claim - base, stage-1
+perceiver and final checkpoint, direct and p2r (config.MATRIX_ROWS) - in one process; ``report``
+reads the evaluation summaries back into the run state and, after a matrix, writes the pipeline
+report (report.py: accuracy table, reward curves, the claims met or not). With ``baseline:`` in the config,
 ``baseline`` trains the reference's plain single-turn GRPO baseline from the base model on the same
 data (graded by the verifier service, no frozen role) and ``verify_baseline`` checks its checkpoint.
 
@@ -35,7 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from p2r.controller import metrics
-from p2r.controller.config import PipelineConfig
+from p2r.controller.config import MATRIX_ROWS, PipelineConfig
 from p2r.controller.state import (
     CANCELLED,
     FAILED,
@@ -190,10 +193,10 @@ def _prepare(ctx: Context) -> dict[str, Any]:
         write_tiny_model(Path(cfg.base_model), seed=prep.seed)
         made["base_model"] = cfg.base_model
     if prep.train_samples and not Path(cfg.data).is_file():
-        made["data"] = str(write_synthetic(Path(cfg.data).parent, prep.train_samples, seed=prep.seed))
+        made["data"] = str(write_synthetic(Path(cfg.data).parent, prep.train_samples, seed=prep.seed, task=prep.task))
     eval_dir = Path(cfg.eval_data)
     if prep.eval_samples and not any(eval_dir.glob("*.parquet")):
-        made["eval_data"] = str(write_synthetic(eval_dir, prep.eval_samples, seed=prep.seed + 1))
+        made["eval_data"] = str(write_synthetic(eval_dir, prep.eval_samples, seed=prep.seed + 1, task=prep.task))
     return made
 
 
@@ -243,29 +246,75 @@ def _verify(stage: str) -> Callable[[Context], dict[str, Any]]:
 
 
 def _eval(ctx: Context) -> dict[str, Any]:
+    """``p2r eval`` on the final checkpoint, or (``eval.matrix``) one ``p2r eval --row ...`` over
+    the matrix rows: a single process whose one engine reloads weights between the checkpoints,
+    as an engine start costs more than a small evaluation. Each row's summary goes into the
+    outputs (``rows``)."""
     cfg = ctx.config
     final = ctx.outputs("verify_stage2")["checkpoint"]
-    args = ["--model", final, "--perceiver-model", final, "--task", cfg.eval.task, "--data", cfg.eval_data,
-            "--mode", cfg.eval.mode, "--out", cfg.eval_out]
+    rows = cfg.eval.matrix_rows(cfg.backend)
+    if rows:
+        args = ["--task", cfg.eval.task, "--data", cfg.eval_data, "--out", cfg.eval_out]
+        models = {"base": cfg.base_model, "stage1": ctx.outputs("verify_stage1")["checkpoint"], "final": final}
+        for name in rows:
+            _, mode, answering, perceiving = MATRIX_ROWS[name]
+            args += ["--row", name, mode, models[answering], models[perceiving]]
+    else:
+        args = ["--model", final, "--perceiver-model", final, "--task", cfg.eval.task, "--data", cfg.eval_data,
+                "--mode", cfg.eval.mode, "--out", cfg.eval_out]
     if cfg.eval.limit:
         args += ["--limit", str(cfg.eval.limit)]
     if cfg.eval.grade_free_form:  # the verifier service that graded training grades the evaluation
         args += ["--verifier-endpoint", ctx.backend.endpoint(ctx, "verifier")]
     args += cfg.eval.args
-    return {"model": final, "out": cfg.eval_out, **ctx.backend.evaluate(ctx, args)}
+    outputs = {"model": final, "out": cfg.eval_out, **ctx.backend.evaluate(ctx, args)}
+    if rows:
+        outputs["rows"] = {name: _row_summary(cfg.eval_out, name) for name in rows}
+    return outputs
 
 
-def _report(ctx: Context) -> dict[str, Any]:
-    out = ctx.outputs("eval")["out"]
+def _summary(uri: str) -> dict[str, Any]:
+    """An evaluation's ``summary.json``, with the fields the report reads (StepFailed otherwise)."""
     try:
-        summary = read_json(f"{out}/summary.json")
+        summary: dict[str, Any] = read_json(uri)
     except (FileNotFoundError, CheckpointError) as e:
         raise StepFailed(f"evaluation summary: {e}") from None
     missing = [k for k in ("n", "overall", "categories") if k not in summary]
     if missing:
-        raise StepFailed(f"{out}/summary.json lacks {', '.join(missing)}")
-    return {"summary": f"{out}/summary.json", "report": f"{out}/report.md", "n": summary["n"],
-            "overall": summary["overall"], "categories": summary["categories"]}
+        raise StepFailed(f"{uri} lacks {', '.join(missing)}")
+    return summary
+
+
+def _row_summary(out: str, name: str) -> dict[str, Any]:
+    summary = _summary(f"{out}/{name}/summary.json")
+    label, mode, _, _ = MATRIX_ROWS[name]
+    return {"label": label, "mode": mode, "model": summary.get("model"),
+            "perceiver_model": summary.get("perceiver_model"), "out": f"{out}/{name}",
+            "summary": f"{out}/{name}/summary.json", "n": summary["n"], "overall": summary["overall"],
+            "categories": summary["categories"]}
+
+
+def _report(ctx: Context) -> dict[str, Any]:
+    """The evaluation's numbers into the run state; after a matrix, also the pipeline report
+    (report.md / report.html / the reward curves, controller/report.py) in the eval output."""
+    out = ctx.outputs("eval")["out"]
+    rows: dict[str, dict[str, Any]] | None = ctx.outputs("eval").get("rows")
+    if not rows:
+        summary = _summary(f"{out}/summary.json")
+        return {"summary": f"{out}/summary.json", "report": f"{out}/report.md", "n": summary["n"],
+                "overall": summary["overall"], "categories": summary["categories"]}
+    from p2r.controller.report import build_report, write_report
+    from p2r.trainer.state import METRICS, read_metrics
+
+    curves = {}
+    for stage in ("stage1", "stage2"):
+        path = ctx.outputs(stage).get("metrics") or str(Path(ctx.backend.train_workdir(stage)) / METRICS)
+        curves[stage] = read_metrics(Path(path))
+    report = build_report(rows, curves)
+    files = write_report(report, ctx.config.workdir_path / "report", out)
+    headline = rows.get("final-p2r") or list(rows.values())[-1]  # the production configuration
+    return {"summary": headline["summary"], "n": headline["n"], "overall": headline["overall"],
+            "categories": headline["categories"], **files, **report.outputs()}
 
 
 def build_graph(config: PipelineConfig) -> list[Step]:

@@ -93,12 +93,29 @@ MODEL_PRESETS = ("tiny", "qwen3-vl-4b", "qwen3-vl-8b", "qwen3-vl-2b")
               help="tiny: the 2-layer test model; qwen3-vl-2b / 4b / 8b: the real architecture, random bf16 "
                    "weights (4B: 8.9 GB, 8B: 17.5 GB), tokenizer padded to the real vocabulary and special-token "
                    "ids; 2b fits one 80 GiB GPU for the device check (bench/gpu_step.py).")
-def models_tiny(out_arg: Path | None, out: Path | None, seed: int, preset: str) -> None:
-    """Write a random-initialised Qwen3-VL checkpoint: the tiny one (tests, demo) or a real-size preset."""
+@click.option("--pretrain", is_flag=True,
+              help="tiny only: train it supervised on the synthetic dot task (perceiver boxes, reasoner answers "
+                   "from crops, direct answers, verifier verdicts) - the local stand-in for Qwen3-VL-Instruct; "
+                   "cached by the digest of its inputs.")
+@click.option("--time-budget-s", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="With --pretrain: stop training after this long (the record says so).")
+def models_tiny(out_arg: Path | None, out: Path | None, seed: int, preset: str, pretrain: bool,
+                time_budget_s: float) -> None:
+    """Write a random-initialised Qwen3-VL checkpoint: the tiny one (tests, demo) or a real-size preset;
+    with --pretrain, the tiny one trained on the synthetic dot task."""
     if (out_arg is None) == (out is None):
         raise UserError("give the output directory once: OUT or --out")
     target = out_arg or out
     assert target is not None
+    if pretrain:
+        if preset != "tiny":
+            raise UserError("--pretrain trains the tiny preset only")
+        from p2r.models.pretrain import PretrainConfig, install_pretrained
+
+        record = install_pretrained(target, PretrainConfig(seed=seed), time_budget_s=time_budget_s)
+        click.echo(f"wrote pretrained tiny Qwen3-VL checkpoint to {target} ({record['steps_run']} steps, "
+                   f"digest {record['digest']})")
+        return
     if preset == "tiny":
         from p2r.models.tiny import write_tiny_model
 

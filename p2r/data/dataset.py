@@ -36,7 +36,7 @@ from p2r.core.images import (
     model_size,
 )
 from p2r.core.prompts import IMAGE_TAG, AnswerForm, question_from_prompt
-from p2r.data.synth import DATA_SOURCE, make_sample
+from p2r.data.synth import DATA_SOURCE, make_task_sample
 
 REQUIRED_COLUMNS = ("prompt", "images", "reward_model", "extra_info")
 
@@ -93,14 +93,14 @@ class Sample:
 
 
 def synth_rows(
-    out: Path, n: int, seed: int = 0, image_mode: str = "path", progress: bool = False
+    out: Path, n: int, seed: int = 0, image_mode: str = "path", progress: bool = False, task: str = "objects"
 ) -> list[dict[str, Any]]:
     """Build ``n`` synthetic rows; with ``image_mode="path"`` the PNGs go to ``out/images``."""
     if image_mode not in ("path", "bytes"):
         raise ValueError(f"image_mode must be 'path' or 'bytes', got {image_mode!r}")
     rows = []
     for i in tqdm(range(n), desc="synthesising", disable=not progress, unit="sample"):
-        s = make_sample(i, seed)
+        s = make_task_sample(task, i, seed)
         png = encode_image(s.image)
         if image_mode == "path":
             rel = f"images/{i:06d}.png"
@@ -129,14 +129,15 @@ def synth_rows(
 
 
 def write_synthetic(
-    out: Path | str, n: int, seed: int = 0, image_mode: str = "path", progress: bool = False
+    out: Path | str, n: int, seed: int = 0, image_mode: str = "path", progress: bool = False, task: str = "objects"
 ) -> Path:
-    """Write ``out/train.parquet`` (and ``out/images/`` for path mode); return the parquet path."""
+    """Write ``out/train.parquet`` (and ``out/images/`` for path mode) of synthetic ``task``
+    (``p2r.data.synth.TASKS``); return the parquet path."""
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(synth_rows(out, n, seed, image_mode, progress))
+    table = pa.Table.from_pylist(synth_rows(out, n, seed, image_mode, progress, task))
     path = out / "train.parquet"
     pq.write_table(table, path)
     return path

@@ -1,6 +1,10 @@
 """Synthetic fine-grained VQA in the P2R-10k layout, for tests, the demo and the local pipeline.
 
-Each sample is a high-resolution canvas (long side >= 2048 px) scattered with small objects -
+Two tasks. ``objects`` (``make_sample``) mixes the three answer forms over coloured shapes and
+words. ``stripes`` (``make_stripes_sample``) is the task the local pipeline trains and measures on: it
+is built so that the P2R claim holds by construction (see the section's comment).
+
+In the ``objects`` task each sample is a high-resolution canvas (long side >= 2048 px) scattered with small objects -
 coloured shapes and short words in boxes - and one question about a few of them, in one of the
 three answer forms, with its ground-truth answer and ground-truth boxes (0-1000 coordinates).
 The objects are small on purpose: at the model's resized resolution they are a handful of
@@ -10,8 +14,9 @@ patches, which is exactly the regime where perceive-then-crop should help.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from p2r.core.bbox import COORD_SCALE
@@ -173,3 +178,91 @@ def make_sample(index: int, seed: int = 0) -> SynthSample:
         category=category,
         gt_boxes=[_normalised(t.box, w, h) for t in targets],
     )
+
+
+# -------------------------------------------------------------------------------- stripes task
+#
+# A 2,048-px canvas with four squares on a 3 x 3 grid, one of them red, each striped with white in
+# one of four directions - the four squares, four different directions. "Which way do the stripes
+# on the red square run?" The stripes repeat every 8 px (along x, y, x + y or x - y), exactly the
+# factor by which the canvas shrinks to the pipeline's 65,536 model pixels (256 x 256): every model
+# pixel's resize filter then sees the same phases, so each square becomes a flat tint - the squares
+# and their colours show, their stripes do not, whatever the model. The perceiver's crop of the
+# red square (10 % padding of the image per side) shrinks only ~1.9x, to a 4-px period, several
+# periods per vision patch. Direct answering
+# sees *where* but not *what*; the crop of the right square answers, and a crop of any other square
+# shows another direction - a wrong answer.
+
+TASKS = ("objects", "stripes")
+STRIPES_CANVAS = 2048
+STRIPES_GRID = 3  # cells per side; squares sit at cell centres
+STRIPES_SQUARE_HALF = 24  # half the square's side in 0-1000 units (98 px on the canvas)
+STRIPES_PERIOD_PX = 8  # = STRIPES_CANVAS / 256: flat at the model's 65,536 pixels
+STRIPES_TARGET = "red"
+STRIPES_DISTRACTORS = ("green", "blue", "yellow")
+STRIPES_OPTIONS = ("horizontal", "vertical", "rising diagonal", "falling diagonal")  # fixed order: A is horizontal
+STRIPES_QUESTION = with_options(
+    f"Which way do the stripes on the {STRIPES_TARGET} square run?",
+    [f"{letter}. {way}" for letter, way in zip(OPTION_LETTERS, STRIPES_OPTIONS, strict=True)],
+)
+STRIPES_CATEGORY = "stripes"
+STRIPES_LABEL = f"{STRIPES_TARGET} square"
+
+
+@dataclass
+class StripesSample(SynthSample):
+    """A stripes-task sample: the squares' boxes by colour (0-1000) and each square's direction."""
+
+    squares: dict[str, list[float]] = field(default_factory=dict)
+    directions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def direction(self) -> str:
+        return self.directions[STRIPES_TARGET]
+
+
+def stripes_cell_box(cell: int) -> list[float]:
+    """The square's box (0-1000) in grid cell ``cell`` (row-major): one of ``STRIPES_GRID ** 2``."""
+    step = COORD_SCALE / STRIPES_GRID
+    cx, cy = (cell % STRIPES_GRID + 0.5) * step, (cell // STRIPES_GRID + 0.5) * step
+    return [cx - STRIPES_SQUARE_HALF, cy - STRIPES_SQUARE_HALF, cx + STRIPES_SQUARE_HALF, cy + STRIPES_SQUARE_HALF]
+
+
+def _stripes(colour: tuple[int, int, int], direction: str, size: int, phase: int) -> Image.Image:
+    """A ``size`` square of ``colour`` striped with white, half the period each, in ``direction``."""
+    y, x = np.mgrid[0:size, 0:size]
+    along = {"horizontal": y, "vertical": x, "rising diagonal": x + y, "falling diagonal": x - y}[direction]
+    white = ((along + phase) % STRIPES_PERIOD_PX) < STRIPES_PERIOD_PX // 2
+    pixels = np.where(white[..., None], np.uint8(255), np.array(colour, dtype=np.uint8))
+    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+
+
+def make_stripes_sample(index: int, seed: int = 0) -> StripesSample:
+    """Sample ``index`` of the stripes task; the same (index, seed) always gives the same sample."""
+    rng = random.Random(seed * 1_000_003 + index + 7_919)
+    size = STRIPES_CANVAS
+    background = tuple(rng.randrange(215, 245) for _ in range(3))
+    image = Image.new("RGB", (size, size), background)
+    cells = rng.sample(range(STRIPES_GRID * STRIPES_GRID), 1 + len(STRIPES_DISTRACTORS))
+    ways = rng.sample(STRIPES_OPTIONS, len(cells))
+    squares: dict[str, list[float]] = {}
+    directions: dict[str, str] = {}
+    for colour, cell, way in zip((STRIPES_TARGET, *STRIPES_DISTRACTORS), cells, ways, strict=True):
+        box = stripes_cell_box(cell)
+        x1, y1, x2, _ = (round(v / COORD_SCALE * size) for v in box)
+        image.paste(_stripes(COLOURS[colour], way, x2 - x1, rng.randrange(STRIPES_PERIOD_PX)), (x1, y1))
+        squares[colour], directions[colour] = box, way
+    answer = OPTION_LETTERS[STRIPES_OPTIONS.index(directions[STRIPES_TARGET])]
+    return StripesSample(
+        index=index, image=image, question=STRIPES_QUESTION, answer=answer, form=AnswerForm.MCA,
+        category=STRIPES_CATEGORY, gt_boxes=[squares[STRIPES_TARGET]], squares=squares, directions=directions,
+    )
+
+
+def make_task_sample(task: str, index: int, seed: int = 0) -> SynthSample:
+    """Sample ``index`` of ``task`` (one of ``TASKS``)."""
+    if task == "stripes":
+        return make_stripes_sample(index, seed)
+    if task == "objects":
+        return make_sample(index, seed)
+    raise ValueError(f"unknown synthetic task {task!r} (expected one of: {', '.join(TASKS)})")
