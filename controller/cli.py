@@ -110,6 +110,11 @@ def run(config_path: Path) -> None:
     except StepFailed as e:
         raise UserError(str(e)) from None
     click.echo(format_status(state, store.describe()))
+    report = state["steps"].get("report", {}).get("outputs", {})
+    if report.get("rows"):  # the eval matrix's table, the reward trends and the claims
+        from p2r.controller.report import format_outputs
+
+        click.echo(f"\n{format_outputs(report)}\nreport: {report.get('report_html') or report.get('report')}")
     if state["status"] != SUCCEEDED:
         raise PipelineEnded(f"run {config.name} {state['status']}: {state['reason']}")
 

@@ -31,6 +31,7 @@ import yaml
 from p2r.controller.config import PipelineConfig
 from p2r.controller.graph import Context, StepFailed
 from p2r.services.launch import ServerProc, start_server, stop_process
+from p2r.trainer.state import METRICS
 
 log = logging.getLogger("p2r.pipeline.local")
 PR_SET_PDEATHSIG = 1
@@ -231,7 +232,7 @@ class LocalBackend:
         except (IndexError, json.JSONDecodeError):
             raise StepFailed(f"p2r train printed no result line (log: {log_path})") from None
         return {"checkpoint": result["checkpoint"], "steps": result["steps"], "param_digest": result["param_digest"],
-                "config": str(path)}
+                "config": str(path), "metrics": str(Path(train_config["workdir"]) / METRICS)}
 
     def evaluate(self, ctx: Context, args: list[str]) -> dict[str, Any]:
         _, log_path = self._run(ctx, args, "eval")

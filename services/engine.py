@@ -166,6 +166,7 @@ class OfflineEngine:
         from vllm import LLM
 
         self.model = model
+        self._layout: TensorLayout | None = None  # the running model's, read at the first reload
         self.llm = LLM(**engine_kwargs(model, self.limits, seed))
         self.renderer = PromptRenderer(self.llm.get_tokenizer(), self.limits.max_images_per_prompt)
 
@@ -175,6 +176,22 @@ class OfflineEngine:
         prompts = [self.renderer.render(r) for r in requests]
         outputs = self.llm.generate(prompts, sampling_params(sampling), use_tqdm=False)
         return [[c.text for c in o.outputs] for o in outputs]
+
+    def reload_weights(self, checkpoint_dir: str) -> None:
+        """Swap in the weights of another checkpoint of the same architecture, in place.
+
+        An evaluation over several checkpoints (``p2r eval --row``) then pays one engine start,
+        not one per checkpoint - on CPU the start is most of a small evaluation's time. The
+        layout is checked first (a wrong shape inside vLLM's loader kills the engine), and the
+        caches that depend on the weights - prefix KV blocks, vision-encoder outputs - are reset,
+        so nothing computed with the old weights is reused (same sequence as ``AsyncEngine``)."""
+        if self._layout is None:
+            self._layout = checkpoint_layout(Path(self.model))
+        check_layout(checkpoint_layout(Path(checkpoint_dir)), self._layout, checkpoint_dir)
+        self.llm.collective_rpc("p2r_reload_from_dir", args=(checkpoint_dir,))
+        self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+        self.model = checkpoint_dir
 
 
 # ------------------------------------------------------------------------------------- async

@@ -135,3 +135,38 @@ def test_role_services_as_backend(role_server, synthetic_dir: Path, tmp_path: Pa
     for mode in ("default", "thinking"):
         with pytest.raises(ValueError, match="--mode default and --mode thinking run in process"):
             evaluate(samples, spec, {mode: tmp_path / mode}, spec_meta(spec, "synthetic"))
+
+
+def test_matrix_rows_share_one_engine_and_match_fresh_engines(engine, lively_model: Path,  # type: ignore[no-untyped-def]
+                                                              tiny_model_dir: Path, local_run: Path,
+                                                              synthetic_dir: Path, tmp_path: Path) -> None:
+    """``p2r eval --row``'s evaluation matrix on the session's running engine: its weights are
+    reloaded in place between checkpoints, and a row on reloaded weights gives, per sample, the
+    rows a fresh engine on that checkpoint gave (``local_run``); a row whose perceiver and
+    reasoner differ perceives with the one and answers with the other."""
+    from p2r.eval.matrix import MATRIX, evaluate_rows, parse_rows
+    from p2r.services.engine import EngineLimits
+
+    lively, tiny = str(lively_model), str(tiny_model_dir)
+    rows = parse_rows([("lively-default", "default", lively, lively), ("lively-p2r", "p2r", lively, lively),
+                       ("mixed-p2r", "p2r", tiny, lively), ("tiny-default", "default", tiny, tiny)])
+    samples = load_benchmark("synthetic", synthetic_dir)
+    try:
+        summaries = evaluate_rows(samples, rows, tmp_path, "synthetic", SETTINGS,
+                                  EngineLimits(max_model_len=8192, max_num_seqs=8), batch_size=2, engine=engine)
+    finally:
+        engine.reload_weights(tiny)  # the session's engine goes back to its own weights whatever happened
+    got = {r.name: _rows(tmp_path / r.name / "results.jsonl") for r in rows}
+    assert got["lively-default"] == _rows(local_run / "default" / "results.jsonl")
+    assert got["lively-p2r"] == _rows(local_run / "p2r" / "results.jsonl")
+    assert {u: r["perceiver_output"] for u, r in got["mixed-p2r"].items()} == \
+        {u: r["perceiver_output"] for u, r in got["lively-p2r"].items()}
+    assert {u: r["raw_output"] for u, r in got["tiny-default"].items()} != \
+        {u: r["raw_output"] for u, r in got["lively-default"].items()}  # the weights did change
+    record = json.loads((tmp_path / MATRIX).read_text())
+    # tiny -> lively once; the mixed row's 3 chunks perceive (lively) then answer (tiny): 5 more.
+    assert (record["reloads"], record["engine_start_s"]) == (6, 0.0)
+    assert [(r["out"], r["n"]) for r in record["rows"]] == [(r.name, len(samples)) for r in rows]
+    assert all(summaries[r.name]["n"] == len(samples) for r in rows)
+    meta = json.loads((tmp_path / "mixed-p2r" / "results.jsonl").read_text().splitlines()[0])["meta"]
+    assert (meta["model"], meta["perceiver_model"]) == (tiny, lively)

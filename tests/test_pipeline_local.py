@@ -152,18 +152,37 @@ def test_full_graph_on_the_tiny_model_through_s3_with_a_controller_kill(
     train2 = yaml.safe_load((work / "stage2" / "train.yaml").read_text())
     assert train2["model"] == stage1 and train2["role"] == "reasoner"
 
-    # The evaluation report: every question answered, accuracy per category.
+    # The evaluation matrix (the local default): every row's questions answered by its models,
+    # in one p2r eval (one engine), each row's outputs in its own folder.
     out = tmp_path / "eval-copy"
-    files = {p.name for p in download_prefix(f"s3://{bucket}/tiny-demo/eval", out)}
-    assert {"summary.json", "results.jsonl", "report.md", "report.html"} <= files
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["n"] == 6 and summary["mode"] == "p2r" and summary["model"] == stage2
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len([r for r in rows if "meta" not in r]) == 6  # a header line, then one row per question
+    files = {str(p.relative_to(out)) for p in download_prefix(f"s3://{bucket}/tiny-demo/eval", out)}
+    assert {"report.md", "report.html", "reward-curves.png", "matrix.json"} <= files
+    base = str(tiny_model_dir)
+    models = {"base-default": (base, None), "base-p2r": (base, base), "stage1-base-p2r": (base, stage1),
+              "final-default": (stage2, None), "final-p2r": (stage2, stage2)}
+    evaluated = state["steps"]["eval"]["outputs"]["rows"]
+    assert list(evaluated) == list(models)
+    for name, (model, perceiver) in models.items():
+        assert {f"{name}/{f}" for f in ("summary.json", "results.jsonl", "report.md", "report.html")} <= files
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert (summary["n"], summary["model"], summary["perceiver_model"]) == (6, model, perceiver), name
+        assert summary["mode"] == evaluated[name]["mode"] == name.rsplit("-", 1)[1]
+        assert evaluated[name]["overall"] == summary["overall"]
+        rows = [json.loads(line) for line in (out / name / "results.jsonl").read_text().splitlines()]
+        assert len([r for r in rows if "meta" not in r]) == 6  # a header line, then one row per question
+    printed = (work / "logs" / "eval-attempt-1.out").read_text().splitlines()  # one p2r eval, a line per row
+    assert [json.loads(line)["row"] for line in printed] == list(models)
+    # The report: the final p2r row's numbers in the state, the table and both stages' curves.
+    final = json.loads((out / "final-p2r" / "summary.json").read_text())
     report = state["steps"]["report"]["outputs"]
-    assert report["categories"] == summary["categories"] and set(report["categories"]) >= {"attribute", "count"}
+    assert report["categories"] == final["categories"] and set(report["categories"]) >= {"attribute", "count"}
+    assert {r: v["overall"] for r, v in report["rows"].items()} == {r: v["overall"] for r, v in evaluated.items()}
+    assert {s: r["steps"] for s, r in report["rewards"].items()} == {"stage1": 2, "stage2": 2}
+    assert set(report["claims"]) == {"stage1_reward", "p2r_accuracy"}
+    assert (out / "reward-curves.png").read_bytes().startswith(b"\x89PNG")
+    assert "stage1 reward " in output and "stage-1 perceiver + base reasoner / p2r" in output  # printed at the end
     status = p2r("pipeline", "status", "--config", str(config))
-    assert status.returncode == 0 and "succeeded" in status.stdout and f"overall={summary['overall']:.1f}" \
+    assert status.returncode == 0 and "succeeded" in status.stdout and f"overall={final['overall']:.1f}" \
         in status.stdout
 
 

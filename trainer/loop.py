@@ -57,8 +57,10 @@ from p2r.trainer.lengths import counter_for, filter_overlong
 from p2r.trainer.rewards import PerceiverCache, PerceiverReward, PluginReward, ReasonerReward, RewardStats
 from p2r.trainer.rollout import RolloutEngine, RolloutTopology
 from p2r.trainer.state import (
+    METRICS,
     PositionState,
     TrainerState,
+    append_metrics,
     capture_rng,
     read_state,
     restore_rng,
@@ -215,7 +217,7 @@ class Trainer:
         if cfg.val_data is not None:
             self.val_samples = filter_overlong(load_samples(cfg.val_data, cfg.image_prefix), self.counter, cfg.role,
                                                self.bounds, cfg.max_prompt_tokens).kept
-        self.metrics_path = cfg.workdir / "metrics.jsonl"
+        self.metrics_path = cfg.workdir / METRICS
         if state is not None and self.rank == 0:
             dropped = trim_metrics(self.metrics_path, self.pos.step)
             if dropped:
@@ -410,8 +412,7 @@ class Trainer:
             with self.watch.phase("step"):
                 last = self.step(batch)
             if self.rank == 0:
-                with self.metrics_path.open("a") as f:
-                    f.write(json.dumps(last) + "\n")
+                append_metrics(self.metrics_path, last)
                 self.export(last)
                 log.info("step %d reward %.3f", last["step"], last["reward_mean"] or 0.0)
             if self.val_samples and self.pos.step % self.cfg.val_every == 0:
@@ -435,8 +436,7 @@ class Trainer:
                               self.cfg.max_response_tokens, self.topology, self.cfg.val_batch_size)
         row = {"step": self.pos.step, **result, "val/seconds": round(time.perf_counter() - started, 3)}
         if self.rank == 0:
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_metrics(self.metrics_path, row)
             self.export_validation(row)
             log.info("validation at step %d: accuracy %s over %s samples", self.pos.step, row["val/accuracy"],
                      row["val/samples"])

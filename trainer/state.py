@@ -173,6 +173,34 @@ def read_state(checkpoint: Path) -> TrainerState:
 
 # ------------------------------------------------------------------------- metrics.jsonl
 
+METRICS = "metrics.jsonl"
+"""The trainer's per-step record in its workdir: one JSON object per line, a training step's
+(``reward_mean``, ``dropped``, ``skipped_steps``, ...) or a validation's (``val/...``) - read
+back by the pipeline's report (controller/report.py)."""
+
+
+def append_metrics(path: Path, row: dict[str, Any]) -> None:
+    """Append one step's (or validation's) row: one line, flushed at once, so a killed trainer
+    leaves at most one torn last line (which ``trim_metrics`` and ``read_metrics`` drop)."""
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The training steps' rows of ``metrics.jsonl`` (validation rows left out), in step order;
+    a torn line is skipped. A missing file is no rows."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row and "reward_mean" in row:
+            rows.append(row)
+    return sorted(rows, key=lambda r: int(r["step"]))
+
 
 def trim_metrics(path: Path, step: int) -> int:
     """Drop the rows of ``metrics.jsonl`` past ``step`` (a resume's step): the run that wrote them

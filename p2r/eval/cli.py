@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -59,16 +60,34 @@ def _local_data(uri: str) -> Path:
 @click.option("--max-pixels", type=click.IntRange(min=1024), default=None, help="Override 4096×32×32.")
 @click.option("--max-model-len", type=click.IntRange(min=256), default=16384, show_default=True)
 @click.option("--max-num-seqs", type=click.IntRange(min=1), default=16, show_default=True)
-def eval_command(task: str, data_uri: str, modes: tuple[str, ...], model: str | None, perceiver_model: str | None,
-                 verifier_model: str | None, reasoner_endpoint: str | None, perceiver_endpoint: str | None,
-                 verifier_endpoint: str | None, out_uri: str, limit: int | None, batch_size: int,
-                 ray_workers: int, gpus_per_worker: float, skip_bad_rows: bool, max_new_tokens: int | None,
-                 perceive_max_tokens: int | None, max_pixels: int | None, max_model_len: int,
-                 max_num_seqs: int) -> None:
+@click.option("--row", "rows", type=(str, str, str, str), multiple=True, metavar="NAME MODE MODEL PERCEIVER",
+              help="An evaluation matrix instead of --mode/--model: each row evaluates MODE answered by MODEL "
+                   "(PERCEIVER perceives in p2r mode) into OUT/NAME/; all rows share one engine whose weights "
+                   "are reloaded in place between checkpoints (same architecture). Repeat per row.")
+@click.pass_context
+def eval_command(click_ctx: click.Context, task: str, data_uri: str, modes: tuple[str, ...], model: str | None,
+                 perceiver_model: str | None, verifier_model: str | None, reasoner_endpoint: str | None,
+                 perceiver_endpoint: str | None, verifier_endpoint: str | None, out_uri: str, limit: int | None,
+                 batch_size: int, ray_workers: int, gpus_per_worker: float, skip_bad_rows: bool,
+                 max_new_tokens: int | None, perceive_max_tokens: int | None, max_pixels: int | None,
+                 max_model_len: int, max_num_seqs: int, rows: tuple[tuple[str, str, str, str], ...]) -> None:
     """Evaluate a model on a benchmark (V*, HR-Bench, MME-RealWorld, synthetic) in one mode.
 
     Writes results.jsonl, summary.json, report.md and report.html to --out and prints the
-    accuracy table. Re-running with the same --out skips the samples already evaluated."""
+    accuracy table. Re-running with the same --out skips the samples already evaluated.
+    With --row, evaluates each row into OUT/NAME/ instead (and OUT/matrix.json)."""
+    if rows:
+        from click.core import ParameterSource
+
+        given = [f"--{name.replace('_', '-')}" for name in ("model", "perceiver_model", "reasoner_endpoint",
+                                                             "perceiver_endpoint") if click_ctx.params[name]]
+        if click_ctx.get_parameter_source("modes") != ParameterSource.DEFAULT:
+            given.append("--mode")
+        if ray_workers:
+            given.append("--ray-workers")
+        if given:
+            raise UserError(f"--row names each row's mode and models: drop {', '.join(given)}")
+        model = rows[0][2]  # the spec below carries the shared settings; each row names its own models
     from dataclasses import replace
 
     from tqdm import tqdm
@@ -104,6 +123,9 @@ def eval_command(task: str, data_uri: str, modes: tuple[str, ...], model: str | 
         if out_uri.startswith("s3://"):
             out_dir = _cache("eval", out_uri)
             download_prefix(out_uri, out_dir)  # resume from what an earlier run uploaded
+        if rows:
+            _matrix(task, samples, rows, spec, out_dir, out_uri, batch_size)
+            return
         outputs = {m: out_dir if len(modes) == 1 else out_dir / m for m in modes}
         bar = tqdm(total=len(samples) * len(modes), desc=f"{task} {'+'.join(modes)}", unit="sample",
                    dynamic_ncols=True)
@@ -129,5 +151,43 @@ def eval_command(task: str, data_uri: str, modes: tuple[str, ...], model: str | 
     for m, summary in summaries.items():
         click.echo(f"\n{task} — {m} mode\n{text_table(summary)}", err=True)
         click.echo(json.dumps({"mode": m, "out": str(outputs[m]) if not out_uri.startswith("s3://") else out_uri,
+                               "n": summary["n"], "overall": summary["overall"],
+                               "categories": summary["categories"]}))
+
+
+def _matrix(task: str, samples: list[Any], values: tuple[tuple[str, str, str, str], ...], spec: Any, out_dir: Path,
+            out_uri: str, batch_size: int) -> None:
+    """``--row``: every row on one shared engine (p2r.eval.matrix); outputs as for one mode, per row."""
+    from tqdm import tqdm
+
+    from p2r.eval.matrix import MATRIX, evaluate_rows, parse_rows
+    from p2r.eval.report import text_table
+    from p2r.services.checkpoints import put_files
+
+    rows = parse_rows(values)
+    bar = tqdm(total=len(samples) * len(rows), desc=f"{task} {len(rows)} rows", unit="sample", dynamic_ncols=True)
+    last = [0]
+
+    def progress(done: int, _total: int) -> None:
+        bar.update(done - last[0])
+        last[0] = done
+
+    try:
+        summaries = evaluate_rows(samples, rows, out_dir, task, spec.settings, spec.limits,
+                                  verifier_model=spec.verifier_model, verifier_endpoint=spec.verifier_endpoint,
+                                  batch_size=batch_size, seed=spec.seed, progress=progress)
+    finally:
+        bar.close()
+        if out_uri.startswith("s3://"):
+            for row in rows:
+                names = [n for n in _OUTPUTS if (out_dir / row.name / n).is_file()]
+                if names:
+                    put_files(out_dir / row.name, names, f"{out_uri.rstrip('/')}/{row.name}")
+            if (out_dir / MATRIX).is_file():
+                put_files(out_dir, [MATRIX], out_uri)
+    for row in rows:
+        summary = summaries[row.name]
+        click.echo(f"\n{task} — {row.name} ({row.mode} mode)\n{text_table(summary)}", err=True)
+        click.echo(json.dumps({"row": row.name, "mode": row.mode, "out": f"{out_uri.rstrip('/')}/{row.name}",
                                "n": summary["n"], "overall": summary["overall"],
                                "categories": summary["categories"]}))

@@ -121,10 +121,13 @@ def _ray(spec: BackendSpec, work: Work, workers: int, gpus_per_worker: float) ->
 
 def evaluate(samples: Sequence[EvalSample], spec: BackendSpec, outputs: dict[Mode, Path], meta: dict[str, Any], *,
              batch_size: int = 16, ray_workers: int = 0, gpus_per_worker: float = 0.0,
-             progress: Callable[[int, int], None] | None = None) -> dict[Mode, dict[str, Any]]:
+             progress: Callable[[int, int], None] | None = None,
+             backend: Backend | None = None) -> dict[Mode, dict[str, Any]]:
     """Evaluate ``samples`` in every mode of ``outputs`` (mode -> output directory), sharing the
     engines across modes; returns each mode's summary. Samples already in a mode's
-    ``results.jsonl`` are skipped (resume)."""
+    ``results.jsonl`` are skipped (resume). ``backend``: one already built (several evaluations
+    sharing one engine, ``p2r.eval.matrix``) instead of building ``spec``'s; ``spec`` then only
+    names what is evaluated."""
     if spec.reasoner_endpoint is not None and set(IN_PROCESS_MODES) & set(outputs):
         raise UserError(NEEDS_MODEL)  # before any work, not at the first default-mode chunk
     files: dict[Mode, ResultsFile] = {}
@@ -137,7 +140,12 @@ def evaluate(samples: Sequence[EvalSample], spec: BackendSpec, outputs: dict[Mod
     total = sum(len(c) for _, c in work)
     started = time.perf_counter()
     if work:
-        stream, verifier = _ray(spec, work, ray_workers, gpus_per_worker) if ray_workers else _local(spec, work)
+        if backend is not None:
+            stream, verifier = ((mode, run_chunk(backend, mode, c)) for mode, c in work), backend.verifier()
+        elif ray_workers:
+            stream, verifier = _ray(spec, work, ray_workers, gpus_per_worker)
+        else:
+            stream, verifier = _local(spec, work)
         finished = 0
         for mode, rows in stream:
             grade_rows(rows, verifier)
