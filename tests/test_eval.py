@@ -336,3 +336,23 @@ def test_bbox_count_averaged_over_nonempty_perceiver_outputs_per_category(tmp_pa
     assert summary["mean_bbox_count"] == 1.0  # (2 + 0) / 2: the empty output is not counted
     assert summary["category_bbox_count"] == {"attribute": 1.0, "spatial": None}
     assert summary["subsets"]["V*"]["category_bbox_count"] == {"attribute": 1.0, "spatial": None}
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--row", "a", "default", "m", "m", "--mode", "p2r"], "--row names each row's mode and models: drop --mode"),
+    (["--row", "a", "default", "m", "m", "--model", "m"], "drop --model"),
+    (["--row", "a/b", "default", "m", "m"], "--row a/b: a row name is letters"),
+    (["--row", "a", "nope", "m", "m"], "--row a: mode 'nope' is not one of default, thinking, p2r"),
+    (["--row", "a", "p2r", "m", "m", "--row", "a", "default", "m", "m"], "--row a: given twice"),
+])
+def test_matrix_rows_are_checked_before_any_engine(synthetic_dir: Path, tmp_path: Path, extra: list[str],
+                                                   message: str) -> None:
+    """``p2r eval --row``: a row that cannot run fails in one line before an engine starts."""
+    from click.testing import CliRunner
+
+    from p2r.eval.cli import eval_command
+
+    result = CliRunner().invoke(eval_command, ["--task", "synthetic", "--data", str(synthetic_dir),
+                                               "--out", str(tmp_path / "out"), *extra])
+    assert result.exit_code != 0 and message in str(result.exception), result.output
+    assert not (tmp_path / "out").exists()
