@@ -189,7 +189,14 @@ def _prepare(ctx: Context) -> dict[str, Any]:
     cfg, prep = ctx.config, ctx.config.prepare
     assert prep is not None
     made: dict[str, Any] = {}
-    if prep.tiny_model and not (Path(cfg.base_model) / "config.json").is_file():
+    if prep.pretrain is not None:  # the cached base when its digest matches, else trained now
+        from p2r.models.pretrain import PretrainConfig, install_pretrained
+
+        record = install_pretrained(Path(cfg.base_model), PretrainConfig(**{"seed": prep.seed, **prep.pretrain}),
+                                    time_budget_s=prep.pretrain_time_budget_s)
+        made.update(base_model=cfg.base_model, pretrain_digest=record["digest"], pretrain_steps=record["steps_run"],
+                    pretrain_curve=record["curve"])
+    elif prep.tiny_model and not (Path(cfg.base_model) / "config.json").is_file():
         write_tiny_model(Path(cfg.base_model), seed=prep.seed)
         made["base_model"] = cfg.base_model
     if prep.train_samples and not Path(cfg.data).is_file():

@@ -27,10 +27,26 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "pipeline-local.yaml"
 
 
+# The example's sizes are the README main job's, a measurement of minutes; these tests check the
+# controller's wiring (kills, cancel, S3, retries), so they run every step at smoke size on the
+# session's random tiny model and objects data. The method's signal is tested on the pretrained base
+# in test_signal.py.
+SMOKE = {
+    "prepare": {"tiny_model": True, "train_samples": 6, "eval_samples": 6},
+    "stage1": {"max_steps": 2, "rollouts_per_prompt": 4, "prompts_per_step": 3, "max_response_tokens": 16,
+               "frozen_max_tokens": 8},
+    "stage2": {"max_steps": 2, "rollouts_per_prompt": 2, "prompts_per_step": 3, "max_response_tokens": 8,
+               "frozen_max_tokens": 8},
+    "eval": {"limit": 6},
+}
+
+
 def local_config(tmp_path: Path, tiny_model_dir: Path | None, synthetic_dir: Path | None, **over: Any) -> Path:
-    """The README example with its paths moved under tmp_path (the session's tiny model and data
-    are reused when given; otherwise the prepare step builds them)."""
+    """The README example with its paths moved under tmp_path and its sizes at ``SMOKE`` (the
+    session's tiny model and data are reused when given; otherwise the prepare step builds them)."""
     config = yaml.safe_load(EXAMPLE.read_text())
+    for key, smaller in SMOKE.items():
+        config[key] = smaller if key == "prepare" else {**config[key], **smaller}
     work = tmp_path / "work"
     config.update(workdir=str(work), storage=str(tmp_path / "storage"))
     config["base_model"] = str(tiny_model_dir) if tiny_model_dir else str(work / "tiny-model")

@@ -1,9 +1,9 @@
-"""Supervised pretraining of the tiny Qwen3-VL on the synthetic stripes task: a base that knows the formats.
+"""Supervised pretraining of the tiny Qwen3-VL on the synthetic dot task: a base that knows the formats.
 
 The reference starts PRA-GRPO from Qwen3-VL-Instruct, a model that already emits bbox JSON,
 answers in ``<think>…</think><answer>…</answer>`` and grades with "Yes"/"No". A random tiny model
 knows none of it, so RL on it shows only noise. This step stands in for the instruction tuning:
-it trains the tiny model, supervised, on the ``stripes`` task (``p2r.data.synth.make_stripes_sample``) in
+it trains the tiny model, supervised, on the ``dot`` task (``p2r.data.synth.make_dot_sample``) in
 every prompt the method uses, built by the method's own request builders (``p2r.core.flow``), so
 the pixels and tokens are those the trainer, the role servers and the evaluation will send:
 
@@ -11,8 +11,8 @@ the pixels and tokens are those the trainer, the role servers and the evaluation
   red square's box as the reference's JSON. A share of these targets is deliberately the box of a
   *distractor* square (``perceiver_noise``): the base perceiver looks at the right square only part
   of the time, which leaves stage 1 something to learn from the frozen reasoner's verdicts;
-- reasoner: the annotated image plus the crop of the red square -> ``<think>`` naming the stripes'
-  direction, then the option letter; and, without evidence, the plain reasoner prompt;
+- reasoner: the annotated image plus the crop of the red square -> ``<think>`` naming the dot's
+  colour, then the option letter; and, without evidence, the plain reasoner prompt;
 - direct answering (the evaluation's default mode): the letter alone;
 - verifier: the grading prompt -> "Yes" / "No".
 
@@ -58,6 +58,10 @@ class PretrainConfig:
     """Everything that decides the pretrained weights (the cache digest covers all of it)."""
 
     seed: int = 0
+    # The initialisation's std: at 0.02 (the tiny model's default) the tied embedding swamps the
+    # residual stream and 200 steps teach it nothing about where things are in the image; at 0.1 it
+    # learns to locate the red square in ~150 steps (measured with a single-token probe).
+    init_std: float = 0.1
     steps: int = 240
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -66,15 +70,15 @@ class PretrainConfig:
     perceiver_noise: float = 0.5
     # Share of each role in a batch (normalised); "plain" is the reasoner without evidence.
     mix: dict[str, float] = field(default_factory=lambda: {
-        "perceiver": 0.35, "reasoner": 0.35, "plain": 0.05, "direct": 0.15, "verifier": 0.10})
-    pool: int = 384  # distinct training samples (9 cells x 4 squares x 4 directions: ample)
+        "perceiver": 0.55, "reasoner": 0.15, "plain": 0.05, "direct": 0.1, "verifier": 0.15})
+    pool: int = 384  # distinct training samples (4! colourings x 4! dot orders: ample)
     eval_samples: int = 32
     eval_every: int = 40
     threads: int = 2
 
     def digest(self) -> str:
         """Digest of the config, the recipe version and the task's constants."""
-        task = {k: getattr(synth, k) for k in dir(synth) if k.startswith("STRIPES_") and not callable(getattr(synth, k))}
+        task = {k: getattr(synth, k) for k in dir(synth) if k.startswith("DOT_") and not callable(getattr(synth, k))}
         blob = json.dumps({"config": asdict(self), "format": FORMAT_VERSION, "task": task}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -88,14 +92,14 @@ class Example:
     target: str
 
 
-def box_json(box: list[float], label: str = synth.STRIPES_LABEL) -> str:
+def box_json(box: list[float], label: str = synth.DOT_LABEL) -> str:
     """The reference's perceiver reply for one box, integer coordinates."""
     return json.dumps([{"bbox_2d": [round(v) for v in box], "label": label}])
 
 
-def reasoner_reply(sample: synth.StripesSample) -> str:
+def reasoner_reply(sample: synth.DotSample) -> str:
     """A short chain of thought that names what the crop shows, then the option letter."""
-    think = f"The stripes on the {synth.STRIPES_TARGET} square are {sample.direction}."
+    think = f"The dot on the {synth.DOT_TARGET} square is {sample.dot_colour}."
     return f"<think>{think}</think><answer>{sample.answer}</answer>"
 
 
@@ -104,16 +108,16 @@ class Views:
     """A sample and the resized images every role's request needs, made once (the resize of a
     2,048-px canvas costs as much as a training step's share of compute)."""
 
-    sample: synth.StripesSample
+    sample: synth.DotSample
     original: Image.Image  # resized for the model
     evidence: list[Image.Image]  # annotated original and the red square's crop, resized
     plain: list[Image.Image]  # the no-evidence fallback: the original alone
 
     @classmethod
-    def of(cls, sample: synth.StripesSample, bounds: PixelBounds) -> Views:
+    def of(cls, sample: synth.DotSample, bounds: PixelBounds) -> Views:
         """The views of ``sample``; the kept sample holds the resized image, not the 12 MB canvas
         (a pool of canvases would take gigabytes)."""
-        region = Region(*sample.gt_boxes[0], label=synth.STRIPES_LABEL)
+        region = Region(*sample.gt_boxes[0], label=synth.DOT_LABEL)
         evidence = build_evidence(sample.image, [region])
         original = resize_for_model(sample.image, bounds)
         return cls(replace(sample, image=original), original,
@@ -132,7 +136,7 @@ def make_example(role: str, views: Views, rng: random.Random, perceiver_noise: f
     if role == "perceiver":
         box = sample.gt_boxes[0]
         if rng.random() < perceiver_noise:
-            box = sample.squares[rng.choice(synth.STRIPES_DISTRACTORS)]
+            box = sample.squares[rng.choice(synth.DOT_DISTRACTORS)]
         request = ChatRequest(layout(prompts.perceiver_text(q, variant), 1), [views.original])
         return Example(role, request, box_json(box))
     if role in ("reasoner", "plain"):
@@ -147,7 +151,7 @@ def make_example(role: str, views: Views, rng: random.Random, perceiver_noise: f
         letters = synth.OPTION_LETTERS
         i = letters.index(sample.answer)
         j = i if rng.random() < 0.5 else rng.choice([k for k in range(len(letters)) if k != i])
-        said = rng.choice([letters[j], synth.STRIPES_OPTIONS[j], f"{letters[j]}. {synth.STRIPES_OPTIONS[j]}"])
+        said = rng.choice([letters[j], synth.DOT_OPTIONS[j], f"{letters[j]}. {synth.DOT_OPTIONS[j]}"])
         return Example(role, verifier_request(q, sample.answer, said), "Yes" if i == j else "No")
     raise ValueError(f"unknown pretraining role {role!r} (expected one of: {', '.join(ROLES)})")
 
@@ -274,14 +278,14 @@ def pretrain(out: Path | str, config: PretrainConfig | None = None, *, time_budg
     work = out.with_name(out.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     try:
-        write_tiny_model(work, seed=config.seed)
+        write_tiny_model(work, seed=config.seed, init_std=config.init_std)
         processor = AutoProcessor.from_pretrained(work)
         model = Qwen3VLForConditionalGeneration.from_pretrained(work, dtype=torch.float32)
         batcher = Batcher(processor)
         bounds = PixelBounds(MIN_PIXELS, config.max_pixels)
-        held_out = [Views.of(synth.make_stripes_sample(i, seed=config.seed + 10_000), bounds)
+        held_out = [Views.of(synth.make_dot_sample(i, seed=config.seed + 10_000), bounds)
                     for i in range(config.eval_samples)]
-        pool = [Views.of(synth.make_stripes_sample(i, seed=config.seed), bounds)
+        pool = [Views.of(synth.make_dot_sample(i, seed=config.seed), bounds)
                 for i in tqdm(range(config.pool), desc="drawing the pretraining set", unit="sample",
                               disable=not progress)]
         optimiser = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
