@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from p2r.models.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def pretrained_base() -> tuple[Path, dict[str, Any]]:
+    """The tiny model pretrained on the dot task and its record, with the config the README's
+    pipeline uses (examples/pipeline-local.yaml ``prepare.pretrain: {}``). Built once per config
+    digest into ``$P2R_CACHE`` (default ~/.cache/p2r) and kept across sessions, so the pipeline
+    test's prepare step and the signal tests share one build of a few minutes instead of paying it
+    each run; a changed recipe changes the digest and builds afresh."""
+    from p2r.models.pretrain import PretrainConfig
+    from p2r.models.pretrain import pretrained_base as build
+
+    return build(PretrainConfig(), progress=False)
 
 
 @pytest.fixture(scope="session")
