@@ -73,6 +73,14 @@ def test_examples_use_the_methods_prompts_and_reference_formats() -> None:
     reasoner = pretrain.make_example("reasoner", views, rng, 0.0)
     assert len(reasoner.request.images) == 2 and reasoner.target.endswith(f"<answer>{s.answer}</answer>")
     assert s.dot_colour in reasoner.target
+    assert reasoner.request.images == views.evidence["red"]
+    misses = [pretrain.make_example("reasoner", views, rng, 0.0, reasoner_miss=1.0) for _ in range(8)]
+    for miss in misses:  # another square's crop, answered with that square's dot: a wrong answer
+        colour = next(c for c, ims in views.evidence.items() if ims == miss.request.images)
+        assert colour != "red" and miss.target.endswith(
+            f"<answer>{synth.OPTION_LETTERS[synth.DOT_OPTIONS.index(s.dots[colour])]}</answer>")
+    plain = pretrain.make_example("plain", views, rng, 0.0, reasoner_miss=1.0)
+    assert plain.request.images == views.plain and plain.target.endswith(f"<answer>{s.answer}</answer>")
     assert pretrain.make_example("direct", views, rng, 0.0).target == s.answer
     verdicts = {pretrain.make_example("verifier", views, rng, 0.0).target for _ in range(20)}
     assert verdicts == {"Yes", "No"}
