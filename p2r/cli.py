@@ -185,11 +185,14 @@ def data() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--image-mode", type=click.Choice(["path", "bytes"]), default="path", show_default=True,
               help="Store images as files under out/images (path) or inline in the parquet (bytes).")
-def data_synth(out: Path, n: int, seed: int, image_mode: str) -> None:
+@click.option("--task", type=click.Choice(["objects", "dot"]), default="objects", show_default=True,
+              help="objects: shapes and words in three answer forms; dot: the pipeline's 'colour of the dot on "
+                   "the red square' (legible only in a crop).")
+def data_synth(out: Path, n: int, seed: int, image_mode: str, task: str) -> None:
     """Write a synthetic fine-grained VQA set with ground-truth answers and boxes."""
     from p2r.data.dataset import write_synthetic
 
-    path = write_synthetic(out, n, seed=seed, image_mode=image_mode, progress=True)
+    path = write_synthetic(out, n, seed=seed, image_mode=image_mode, progress=True, task=task)
     click.echo(f"wrote {n} samples to {path}")
 
 

@@ -145,3 +145,15 @@ def test_pipeline_config_checks_the_pretrain_block(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="set tiny_model: true"):
         Prepare(tiny_model=False, pretrain={})
     assert Prepare(tiny_model=True, pretrain={}, task="dot").pretrain == {}
+
+
+def test_cli_writes_the_dot_task(tmp_path: Path) -> None:
+    """`p2r data synth --task dot` writes the pipeline's task in the P2R-10k layout."""
+    from p2r.data.dataset import load_samples
+
+    result = subprocess.run([sys.executable, "-m", "p2r.cli", "data", "synth", "--out", str(tmp_path), "--n", "2",
+                             "--task", "dot"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    samples = load_samples(tmp_path / "train.parquet")
+    assert [s.category for s in samples] == [synth.DOT_CATEGORY] * 2
+    assert [s.gt_bboxes for s in samples] == [synth.make_dot_sample(i).gt_boxes for i in range(2)]
