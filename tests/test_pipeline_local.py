@@ -1,7 +1,8 @@
 """The local pipeline: the whole graph on the tiny model and synthetic data with real services,
 trainers and evaluation (a controller SIGKILL in the middle), cancel, retries, and config errors.
 
-The full-graph test is the README's main command with test paths: examples/pipeline-local.yaml.
+The full-graph test is the README's main command (examples/pipeline-local.yaml) with test paths and
+smoke sizes (``SMOKE``); the sizes of the measurement itself run in the main command.
 """
 
 from __future__ import annotations
