@@ -81,14 +81,22 @@ class Prepare(Strict):
     tiny_model: bool = Field(False, description="write the tiny Qwen3-VL checkpoint at base_model if absent")
     train_samples: int = Field(0, ge=0, description="write this many synthetic samples at data's folder if absent")
     eval_samples: int = Field(0, ge=0, description="write this many synthetic samples at eval.data if absent")
-    task: Literal["objects", "dot"] = Field("objects", description="which synthetic task (p2r.data.synth.TASKS) the "
-                                            "prepared sets hold")
+    task: str = Field("objects", description="which synthetic task (p2r.data.synth.TASKS) the prepared sets hold")
     pretrain: dict[str, Any] | None = Field(
         None, description="with tiny_model: train the tiny model supervised on the dot task first "
         "(p2r.models.pretrain.PretrainConfig fields; {} for the defaults), the stand-in for an instruction-tuned "
         "base; cached by the digest of its inputs. null: the random tiny model")
     pretrain_time_budget_s: float = Field(600.0, gt=0, description="the pretraining stops after this long")
     seed: int = 0
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, value: str) -> str:
+        from p2r.data.synth import TASKS
+
+        if value not in TASKS:
+            raise ValueError(f"unknown synthetic task {value!r} (expected one of: {', '.join(TASKS)})")
+        return value
 
     @model_validator(mode="after")
     def _pretrain(self) -> Prepare:

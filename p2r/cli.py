@@ -20,6 +20,7 @@ import click
 
 from p2r.core.errors import USER_ERROR_EXIT, UserError
 from p2r.core.exiting import skip_exit_collection
+from p2r.data.synth import TASKS as SYNTH_TASKS
 
 
 class _Group(click.Group):
@@ -185,7 +186,7 @@ def data() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--image-mode", type=click.Choice(["path", "bytes"]), default="path", show_default=True,
               help="Store images as files under out/images (path) or inline in the parquet (bytes).")
-@click.option("--task", type=click.Choice(["objects", "dot"]), default="objects", show_default=True,
+@click.option("--task", type=click.Choice(SYNTH_TASKS), default="objects", show_default=True,
               help="objects: shapes and words in three answer forms; dot: the pipeline's 'colour of the dot on "
                    "the red square' (legible only in a crop).")
 def data_synth(out: Path, n: int, seed: int, image_mode: str, task: str) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -368,8 +369,6 @@ def pretrain(out: Path | str, config: PretrainConfig | None = None, *, time_budg
 
 def cache_root() -> Path:
     """Where pretrained bases are kept between runs: ``$P2R_CACHE``, else ``~/.cache/p2r``."""
-    import os
-
     return Path(os.environ.get("P2R_CACHE") or Path.home() / ".cache" / "p2r")
 
 
